@@ -1,0 +1,171 @@
+"""Data specs shared by training and FID references.
+
+A spec is a string:
+
+* ``toy:gaussians8``  8 equal isotropic Gaussians, means 2 (cos 2 pi k/8, sin 2 pi k/8), std 0.1, label k
+* ``toy:gaussians25`` 25 Gaussians on the grid {-2,-1,0,1,2}^2, std 0.1, label = grid index
+* ``toy:swissroll``   2-D swiss roll (scaled to about [-2, 2]), no labels
+* ``sklearn:digits``  the 1,797 8x8 sklearn digits, resized to ``resolution`` (default 16), labels 0-9
+* a local folder       an ``imagefolder`` (class sub-folders become labels)
+* ``owner/name``       a Hugging Face dataset (image column auto-detected, label column optional)
+
+Every dataset yields ``{"x": float tensor in [-1, 1] (images CxHxW, toys (2,)), "label": int}``
+(label -1 when the data has none) and exposes ``sample_shape`` and ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+TOY_SPECS = ("toy:gaussians8", "toy:gaussians25", "toy:swissroll")
+
+
+class TensorData(Dataset):
+    """In-memory data set of samples x (N, ...) and integer labels (N,)."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, spec: str):
+        self.x = x.float()
+        self.labels = labels.long() if labels is not None else torch.full((len(x),), -1, dtype=torch.long)
+        self.num_classes = num_classes
+        self.spec = spec
+
+    @property
+    def sample_shape(self) -> list[int]:
+        return list(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "label": self.labels[i]}
+
+
+def toy_mixture(name: str) -> dict:
+    """Means, stds and component classes of the Gaussian-mixture toys (for the exact teacher)."""
+    if name == "gaussians8":
+        ang = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+        means = 2 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    elif name == "gaussians25":
+        g = torch.arange(-2, 3, dtype=torch.float64)
+        means = torch.cartesian_prod(g, g)
+    else:
+        raise ValueError(f"No mixture for toy {name!r}; mixtures exist for gaussians8 and gaussians25.")
+    k = len(means)
+    return {"means": means.tolist(), "stds": [0.1] * k, "component_classes": list(range(k))}
+
+
+def _toy(name: str, n: int, seed: int) -> TensorData:
+    gen = torch.Generator().manual_seed(seed)
+    if name in ("gaussians8", "gaussians25"):
+        mix = toy_mixture(name)
+        means = torch.tensor(mix["means"], dtype=torch.float32)
+        labels = torch.randint(len(means), (n,), generator=gen)
+        x = means[labels] + 0.1 * torch.randn(n, 2, generator=gen)
+        return TensorData(x, labels, len(means), f"toy:{name}")
+    if name == "swissroll":
+        u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=gen))
+        x = torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / 7.0 + 0.05 * torch.randn(n, 2, generator=gen)
+        return TensorData(x, None, 0, "toy:swissroll")
+    raise ValueError(f"Unknown toy data {('toy:' + name)!r}; choose one of {', '.join(TOY_SPECS)}.")
+
+
+def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    if resolution is None or x.shape[-1] == resolution:
+        return x
+    return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
+def digits(resolution: int = 16) -> TensorData:
+    """sklearn's 8x8 digits in [-1, 1], bilinearly resized to ``resolution`` (1 channel)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0 * 2 - 1
+    return TensorData(_resize(x, resolution).clamp(-1, 1), torch.tensor(d.target), 10, "sklearn:digits")
+
+
+class ImageData(Dataset):
+    """A Hugging Face / imagefolder data set, decoded and resized on access."""
+
+    def __init__(self, ds, image_col: str, label_col: str | None, resolution: int, channels: int, spec: str):
+        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+        self.resolution, self.channels, self.spec = resolution, channels, spec
+        self.num_classes = ds.features[label_col].num_classes if label_col else 0
+
+    @property
+    def sample_shape(self) -> list[int]:
+        return [self.channels, self.resolution, self.resolution]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        img = row[self.image_col].convert("RGB" if self.channels == 3 else "L")
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        img = img.resize((self.resolution, self.resolution), resample=3)  # bicubic
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
+        x = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+        label = int(row[self.label_col]) if self.label_col else -1
+        return {"x": x, "label": torch.tensor(label)}
+
+
+def _hf_images(spec: str, resolution: int | None, channels: int, split: str) -> ImageData:
+    import datasets
+
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"Data folder {spec!r} not found (resolved to {str(path.resolve())!r}). Pass an existing image "
+                f"folder, a Hub dataset id 'owner/name', or one of: {', '.join(TOY_SPECS)}, sklearn:digits.")
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    else:
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except (ConnectionError, OSError) as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+                "HF_DATASETS_OFFLINE", "0") not in ("", "0")
+            raise ConnectionError(
+                f"Could not load the Hub dataset {spec!r}: {err}. "
+                + ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; unset it to download, " if offline else "")
+                + "or point data.spec at a local image folder.") from err
+    image_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if not image_cols:
+        raise ValueError(f"Data set {spec!r} has no image column (columns: {list(ds.features)}).")
+    label_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    res = resolution or ds[0][image_cols[0]].size[0]
+    return ImageData(ds, image_cols[0], label_cols[0] if label_cols else None, res, channels, spec)
+
+
+def load_data(spec: str, resolution: int | None = None, num_samples: int = 20000, seed: int = 0,
+              channels: int = 3, split: str = "train") -> Dataset:
+    """Build the data set named by ``spec`` (see the module docstring)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"data spec must be a non-empty string, got {spec!r}.")
+    if spec.startswith("toy:"):
+        return _toy(spec[4:], num_samples, seed)
+    if spec == "sklearn:digits":
+        return digits(resolution or 16)
+    if spec.startswith("sklearn:"):
+        raise ValueError(f"Unknown sklearn data {spec!r}; only sklearn:digits is provided.")
+    return _hf_images(spec, resolution, channels, split)
+
+
+def as_tensor(ds: Dataset, max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (or the first max_items) samples and labels of a data set as two tensors."""
+    if isinstance(ds, TensorData):
+        n = len(ds) if max_items is None else min(max_items, len(ds))
+        return ds.x[:n], ds.labels[:n]
+    n = len(ds) if max_items is None else min(max_items, len(ds))
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it["x"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])

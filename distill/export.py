@@ -1,0 +1,139 @@
+"""Writing and reading self-contained pipeline folders (DESIGN.md s5, loading contract).
+
+``export_pipeline`` writes a diffusers folder whose ``model_index.json`` names
+``[module, Class]`` for the pipeline (source file at the root) and ``[distill_<file>, Class]`` for each
+distill model (source file inside its component folder). Such a folder loads
+
+* with ``distill.load_pipeline(path)`` or ``OneStepPipeline.from_pretrained(path)`` where distill is
+  installed, and
+* with ``diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`` in a Python that
+  never imported distill (the Hub layout; ``push_to_hub`` needs nothing more).
+
+Weights are safetensors only. The folder is written next to its destination and renamed into
+place, so an interrupted export never leaves a half-written pipeline behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import diffusers
+
+from . import models as _models
+from . import pipelines as _pipelines
+
+
+def _source_files(module) -> list[Path]:
+    """The module's file plus the sibling files it imports relatively (``from .x import``)."""
+    import re
+
+    path = Path(inspect.getfile(module))
+    files, todo = [], [path]
+    while todo:
+        f = todo.pop()
+        if f in files:
+            continue
+        files.append(f)
+        for rel in re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read_text(), flags=re.MULTILINE):
+            todo.append(f.with_name(rel + ".py"))
+    return files
+
+
+def model_card(info: dict) -> str:
+    """A Hub-style README: YAML metadata plus a table of what made the model."""
+    tags = ["diffusers", "distill", "diffusion-distillation"] + ([info["method"]] if info.get("method") else [])
+    lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
+    if info.get("teacher") and not os.path.isdir(str(info["teacher"])) and "/" in str(info["teacher"]):
+        lines.append(f"base_model: {info['teacher']}")
+    lines += ["---", "", f"# {info.get('title', 'distill student')}", "",
+              "Made with [distill](https://github.com/) (diffusion distillation on diffusers).", "",
+              "| field | value |", "|---|---|"]
+    for key, value in info.items():
+        if key in ("title", "fid_report_md"):
+            continue
+        lines.append(f"| {key} | {json.dumps(value) if isinstance(value, (dict, list)) else value} |")
+    lines += ["", "## Load", "", "```python",
+              "import distill", "pipe = distill.load_pipeline('PATH')",
+              "# or, without distill installed:",
+              "from diffusers import DiffusionPipeline",
+              "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)", "```", ""]
+    if info.get("fid_report_md"):
+        lines += ["## FID report", "", info["fid_report_md"], ""]
+    return "\n".join(lines)
+
+
+def export_pipeline(pipe, path, card: dict | None = None) -> Path:
+    """Save ``pipe`` as a self-contained diffusers folder at ``path`` (replacing what is there)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    index_file = tmp / "model_index.json"
+    index = json.loads(index_file.read_text())
+    pipe_module = sys.modules[type(pipe).__module__]
+    if pipe_module.__name__.startswith(_pipelines.__name__ + "."):
+        for f in _source_files(pipe_module):
+            shutil.copy(f, tmp / f.name)
+        index["_class_name"] = [Path(inspect.getfile(pipe_module)).stem, type(pipe).__name__]
+    for name, component in pipe.components.items():
+        module = sys.modules.get(type(component).__module__)
+        if module in _models.EXPORT_NAMES:
+            lib = _models.EXPORT_NAMES[module]
+            shutil.copy(inspect.getfile(module), tmp / name / f"{lib}.py")
+            index[name] = [lib, type(component).__name__]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(model_card(card or {}))
+    for pickled in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")) + list(tmp.rglob("*.pkl")):
+        raise RuntimeError(f"export wrote a pickle file {pickled}; only safetensors are allowed.")
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(path)
+    return path
+
+
+def resolve_pretrained(path_or_id: str) -> Path:
+    """A local folder, or a Hub id downloaded to the cache; a clear error when neither works."""
+    p = Path(str(path_or_id)).expanduser()
+    if p.is_dir():
+        return p
+    looks_local = str(path_or_id).startswith((".", "/", "~")) or os.sep in str(path_or_id).strip("/").split("/", 1)[-1]
+    if p.exists() or looks_local or str(path_or_id).count("/") != 1:
+        raise FileNotFoundError(
+            f"No pipeline folder at {str(p)!r} (resolved to {str(p.resolve())!r}). Pass an existing local "
+            "folder that holds model_index.json, or a Hub id of the form 'owner/name'.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as err:  # offline, unknown repo, no network
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise OSError(
+            f"Could not fetch {path_or_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            + ("HF_HUB_OFFLINE is set: unset it, or " if offline else "Check the network and the id, or ")
+            + "download the folder elsewhere and pass its local path.") from err
+
+
+def load_pipeline(path_or_id: str, **kwargs):
+    """Load any folder exported by distill (or a stock diffusers pipeline folder)."""
+    folder = resolve_pretrained(path_or_id)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no model_index.json: it is not a diffusers pipeline folder.")
+    name = json.loads(index_file.read_text())["_class_name"]
+    name = name[1] if isinstance(name, list) else name
+    cls = getattr(_pipelines, name, None) or getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"Unknown pipeline class {name!r} in {index_file}; distill knows "
+                         f"{', '.join(_pipelines.__all__)} and the diffusers pipelines.")
+    return cls.from_pretrained(folder, **kwargs)
