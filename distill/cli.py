@@ -1,0 +1,146 @@
+"""Command line: ``distill train | teacher | sample | fid | quickstart`` (also ``python -m distill``).
+
+Training commands run unchanged under ``accelerate launch -m distill train CONFIG ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_path(path: str) -> str:
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (REPO_CONFIGS / p.name).is_file() and p.parent == Path("configs"):
+        return str(REPO_CONFIGS / p.name)
+    return path
+
+
+def cmd_train(args, force_method: str | None = None) -> int:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if force_method:
+        overrides.append(f"method={force_method}")
+    cfg = load_config(_config_path(args.config), overrides)
+    if args.dry_run:
+        print(cfg.to_yaml())
+        return 0
+    from .trainers import trainer_class
+
+    trainer = trainer_class(cfg.method)(cfg)
+    path = trainer.train()
+    if cfg.eval.enabled and trainer.accelerator.is_main_process:
+        from .eval.fid import report_after_training
+
+        report_after_training(trainer, path)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .eval.report import save_grid
+    from .export import load_pipeline
+
+    pipe = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {}
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    if args.class_labels:
+        labels = [int(v) for v in args.class_labels.split(",")]
+        kwargs["class_labels"] = (labels * args.num_images)[: args.num_images]
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    x = pipe(batch_size=args.num_images, generator=torch.Generator().manual_seed(args.seed), output_type="pt",
+             **kwargs).images
+    out = save_grid(x, args.out)
+    print(f"Wrote {args.num_images} samples to {out}")
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from .eval.fid import fid_command
+
+    return fid_command(args)
+
+
+def cmd_quickstart(args) -> int:
+    args.config = str(REPO_CONFIGS / "quickstart.yaml") if (REPO_CONFIGS / "quickstart.yaml").is_file() else \
+        "configs/quickstart.yaml"
+    return cmd_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distil a diffusion teacher into a one-/few-step "
+                                "diffusers pipeline and measure its FID.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def train_like(name, help_text):
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("config", help="YAML config (see configs/)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 optim.lr=1e-4")
+        sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        return sp
+
+    train_like("train", "Train (distil) with a config; run under `accelerate launch -m distill train` to scale.")
+    train_like("teacher", "Train a teacher by denoising score matching (method=teacher).")
+    q = sub.add_parser("quickstart", help="The main job: configs/quickstart.yaml (digits teacher -> one-step "
+                       "student -> FID report).")
+    q.add_argument("overrides", nargs="*", help="dotted overrides")
+    q.add_argument("--dry-run", action="store_true")
+
+    s = sub.add_parser("sample", help="Sample a grid from a pipeline folder.")
+    s.add_argument("pipeline", help="pipeline folder (or Hub id)")
+    s.add_argument("--num-images", type=int, default=64)
+    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--steps", type=int, default=None, help="num_inference_steps (few-step pipelines)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
+    s.add_argument("--guidance-scale", type=float, default=None)
+
+    f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
+    f.add_argument("source", help="pipeline folder or image folder")
+    f.add_argument("--reference", required=True, help="data spec (e.g. sklearn:digits) or a saved stats file")
+    f.add_argument("--num-samples", type=int, default=2000)
+    f.add_argument("--steps", default=None, help="comma-separated step counts, e.g. 1,2,4")
+    f.add_argument("--compare", default=None, help="a teacher pipeline folder to evaluate at the same steps")
+    f.add_argument("--feature-extractor", default="digits", choices=["digits", "inception-v3-compat"])
+    f.add_argument("--feature-extractor-weights", default=None)
+    f.add_argument("--metrics", default="fid,kid,prc")
+    f.add_argument("--batch-size", type=int, default=250)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--resolution", type=int, default=None, help="reference resolution (default: the source's)")
+    f.add_argument("--out", required=True, help="report folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "teacher":
+            return cmd_train(args, force_method="teacher")
+        if args.command == "quickstart":
+            return cmd_quickstart(args)
+        if args.command == "sample":
+            return cmd_sample(args)
+        if args.command == "fid":
+            return cmd_fid(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Typed configuration: YAML in, dotted overrides, strict validation (DESIGN.md s7).
+
+A config maps onto :class:`Config`: shared sections (``teacher``, ``data``, ``student``, ``optim``,
+``train``, ``eval``) plus one section per method. Unknown keys, wrong types and impossible values
+raise :class:`ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+METHODS = ("teacher", "sim", "uni_instruct", "progressive", "guided")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and the allowed values."""
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from: a diffusers folder or Hub id, ``builtin:digits``, or
+    ``analytic:gaussians8`` / ``analytic:gaussians25`` (the exact Gaussian-mixture teacher)."""
+
+    path: str = "builtin:digits"
+    guidance_scale: float | None = None  # CFG of the teacher (diffusers convention); None = no guidance
+    # analytic teachers only:
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    conditional: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data (and the default FID reference): see :mod:`distill.data` for specs."""
+
+    spec: str = "sklearn:digits"
+    resolution: int | None = None
+    channels: int = 1
+    num_samples: int = 20000  # toy data sets only
+
+
+@dataclass
+class StudentConfig:
+    """The network trained as student / generator / fake score."""
+
+    arch: Literal["copy", "mlp", "unet"] = "copy"  # copy = the teacher's own architecture and weights
+    hidden: int = 256  # mlp
+    num_layers: int = 3  # mlp
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # unet
+    layers_per_block: int = 1  # unet
+    attention: bool = True  # unet: attention in the lowest-resolution blocks
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None  # None = the teacher's
+    conditional: bool = False  # class-conditional student (null class added for CFG)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 64  # per process
+    seed: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_accumulation_steps: int = 1
+    ema_decay: float = 0.999
+    log_every: int = 10
+    sample_every: int = 0  # 0: a sample grid at the end only
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """FID report written at the end of training (``distill fid`` has the same options)."""
+
+    enabled: bool = False
+    reference: str | None = None  # data spec; default: data.spec
+    num_samples: int = 1000
+    feature_extractor: Literal["digits", "inception-v3-compat"] = "digits"
+    feature_extractor_weights: str | None = None
+    teacher_steps: list[int] = field(default_factory=list)  # also evaluate the teacher at these step counts
+    batch_size: int = 250
+    seed: int = 0
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
+
+
+@dataclass
+class TeacherTrainConfig:
+    """TeacherTrainer: plain denoising score matching (Ho et al. 2020, eq. 14)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999 (ecosystem_api.md gotcha 6)
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
+    label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
+    curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
+    curriculum_patience: int = 200
+
+
+@dataclass
+class SIMConfig:
+    """Score Implicit Matching (Luo et al. 2024) and the score-distillation family."""
+
+    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    huber_c: float = 1.0  # pseudo-Huber constant, applied to the per-sample RMS of delta (see docs)
+    fake_steps_per_generator_step: int = 1
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
+    t_max: float = 0.98
+    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
+    fake_pretrain_steps: int = 0  # analytic teachers: fit the fake score to the initial generator first
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class UniInstructConfig(SIMConfig):
+    """Uni-Instruct (Wang et al. 2025): f-divergence expansion, s5.2 of score_distillation.md."""
+
+    divergence: Literal["rkl", "fkl", "jeffreys", "js", "chi2", "di", "dmd"] = "fkl"
+    gan_weight: float = 0.0  # generator GAN term weight (0 = off)
+    discriminator_weight: float = 1.0
+    ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)
+    normalize_ratio: bool = True  # divide h(r) by its batch mean (variance reduction)
+    ratio_warmup_steps: int = 0  # h = 1 (pure SIM) before this step
+
+
+@dataclass
+class ProgressiveConfig:
+    """Progressive distillation (Salimans & Ho 2022)."""
+
+    start_steps: int = 64
+    target_steps: int = 1
+    steps_per_round: int = 500
+    final_rounds_multiplier: float = 2.0  # the 2- and 1-step rounds train this much longer (paper s5.2)
+    loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
+    parameterization: Literal["sample", "v_prediction"] = "v_prediction"
+
+
+@dataclass
+class GuidedConfig(ProgressiveConfig):
+    """Guided distillation (Meng et al. 2023)."""
+
+    guidance_min: float = 1.0  # diffusers guidance_scale range (w_paper = guidance_scale - 1)
+    guidance_max: float = 4.0
+    stage_one_steps: int = 1000
+
+
+@dataclass
+class Config:
+    method: Literal["teacher", "sim", "uni_instruct", "progressive", "guided"] = "sim"
+    output_dir: str = "outputs/run"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    sim: SIMConfig = field(default_factory=SIMConfig)
+    uni_instruct: UniInstructConfig = field(default_factory=UniInstructConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    guided: GuidedConfig = field(default_factory=GuidedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_yaml())
+
+
+# ---------------------------------------------------------------------- parsing
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}.")
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}.")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}.")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}.")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}.")
+
+
+def _build(cls, data, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"Unknown config key {full!r}; allowed keys here: {', '.join(names)}.")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {dotted!r}: {p!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like key.sub=value (e.g. train.max_steps=200).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or nothing), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {str(p)!r} not found. The configs shipped with distill are in configs/.")
+        data = yaml.safe_load(p.read_text()) or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Values that parse but cannot work."""
+    t = cfg.train
+    checks = [
+        (t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1"),
+        (t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", t.gradient_accumulation_steps,
+         "an integer >= 1"),
+        (t.checkpointing_steps >= 1, "train.checkpointing_steps", t.checkpointing_steps, "an integer >= 1"),
+        (t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit",
+         t.checkpoints_total_limit, "null or an integer >= 1"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a number in [0, 1)"),
+        (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
+         "two numbers in [0, 1)"),
+        (0 <= cfg.sim.generator_timestep < 1000, "sim.generator_timestep", cfg.sim.generator_timestep,
+         "a training index in [0, 999]"),
+        (0 <= cfg.sim.t_min < cfg.sim.t_max <= 1, "sim.t_min/t_max", (cfg.sim.t_min, cfg.sim.t_max),
+         "0 <= t_min < t_max <= 1"),
+        (cfg.sim.huber_c > 0, "sim.huber_c", cfg.sim.huber_c, "a positive number"),
+        (0 <= cfg.uni_instruct.generator_timestep < 1000, "uni_instruct.generator_timestep",
+         cfg.uni_instruct.generator_timestep, "a training index in [0, 999]"),
+        (0 <= cfg.teacher_train.label_dropout < 1, "teacher_train.label_dropout", cfg.teacher_train.label_dropout,
+         "a number in [0, 1)"),
+        (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
+        (_pow2(cfg.progressive.start_steps) and _pow2(cfg.progressive.target_steps)
+         and cfg.progressive.target_steps < cfg.progressive.start_steps, "progressive.start_steps/target_steps",
+         (cfg.progressive.start_steps, cfg.progressive.target_steps), "powers of two with target < start"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0

@@ -1,0 +1,1 @@
+"""FID / KID / precision-recall through torch-fidelity, offline feature extractors, reports."""

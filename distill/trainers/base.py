@@ -1,0 +1,378 @@
+"""DistillationTrainer: the one Accelerate training loop (DESIGN.md s4).
+
+A method subclasses it and supplies
+
+    build(self)                   networks and optimizers, registered with ``self.add(...)``
+    train_step(self, batch, step) one update; returns a dict of scalar logs
+    export(self)                  the student as a diffusers pipeline object
+
+The base class owns everything else: the ``Accelerator`` (data parallel, gradient accumulation,
+mixed precision), ``prepare``, the EMA of the student (diffusers ``EMAModel``), atomic
+pickle-free checkpoints with ``checkpoints_total_limit`` and exact resume, trackers, the progress
+bar, sample grids, the export with a model card, and the optional FID report at the end.
+
+Reproducibility: data indices and noise of step s, micro-step m on rank r come from generators
+seeded by (seed, s, m, r). A resumed run therefore sees exactly the batches and noise of an
+uninterrupted one, and its final weights are bitwise equal on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import Config, ConfigError
+from ..data import load_data
+from ..export import export_pipeline
+from ..models import MLPDenoiser
+from ..teachers import Teacher, analytic_teacher
+
+logger = logging.getLogger("distill")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for this config; refuses set-ups that would silently misbehave."""
+    mp = cfg.train.mixed_precision
+    cuda = torch.cuda.is_available()
+    if mp == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision: 'fp16' needs CUDA (on CPU it silently does nothing); "
+                          "use 'bf16' or 'no'.")
+    report = cfg.train.report_to
+    log_with = None
+    if report == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to the console only (pip install tensorboard).")
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=mp,
+        cpu=not cuda,  # CPU data parallel: `accelerate launch --multi_gpu` then runs MULTI_CPU over gloo
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but Accelerate set up a single unsynchronised process: the copies would train "
+            "independently. On a CPU machine launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m distill train ...`.")
+    return acc
+
+
+def load_teacher(cfg: Config, device) -> Teacher:
+    path = cfg.teacher.path
+    if path.startswith("analytic:"):
+        teacher = analytic_teacher(path, prediction_type=cfg.teacher.prediction_type,
+                                   beta_schedule=cfg.teacher.beta_schedule, conditional=cfg.teacher.conditional)
+        teacher.model.to(device)
+        return teacher
+    return Teacher.from_pretrained(path, device=device)
+
+
+def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int], num_classes: int):
+    """A student / generator / fake-score network as ``student.arch`` says."""
+    s = cfg.student
+    if s.arch == "copy":
+        if teacher is None or not any(True for _ in teacher.model.parameters()):
+            raise ConfigError("student.arch: 'copy' needs a teacher with weights; the analytic teacher has none. "
+                              "Use student.arch=mlp or student.arch=unet.")
+        return copy.deepcopy(teacher.model).requires_grad_(True).train()
+    n_embeds = num_classes + 1 if (s.conditional and num_classes) else None
+    if s.arch == "mlp":
+        return MLPDenoiser(data_dim=math.prod(sample_shape), hidden=s.hidden, num_layers=s.num_layers,
+                           num_class_embeds=n_embeds, sample_shape=sample_shape if len(sample_shape) > 1 else None)
+    if len(sample_shape) != 3:
+        raise ConfigError(f"student.arch: 'unet' needs image data (C, H, W); the data has shape {sample_shape}.")
+    chans = list(s.block_out_channels)
+    down = ["DownBlock2D"] * len(chans)
+    up = ["UpBlock2D"] * len(chans)
+    if s.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return diffusers.UNet2DModel(sample_size=sample_shape[1], in_channels=sample_shape[0],
+                                 out_channels=sample_shape[0], block_out_channels=chans,
+                                 layers_per_block=s.layers_per_block, down_block_types=down, up_block_types=up,
+                                 norm_num_groups=8, attention_head_dim=8, num_class_embeds=n_embeds)
+
+
+class DistillationTrainer:
+    """The shared loop. Subclasses implement ``build``, ``train_step`` and ``export``."""
+
+    method = "base"
+    student_name = "student"  # the registered module that is exported (with EMA)
+
+    def __init__(self, config: Config, accelerator: Accelerator | None = None):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.accelerator = accelerator or make_accelerator(config)
+        self.device = self.accelerator.device
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.emas: dict[str, EMAModel] = {}
+        self._base_lr: dict[str, float] = {}
+        self.rng: torch.Generator | None = None
+        self.step = 0
+        self.history: list[dict] = []
+        self.teacher: Teacher | None = None
+        self.data = None
+        self._built = False
+
+    # ------------------------------------------------------------------ hooks for methods
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict, step: int) -> dict:
+        raise NotImplementedError
+
+    def export(self) -> diffusers.DiffusionPipeline:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-able method state saved in checkpoints (curricula, counters)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def card_info(self) -> dict:
+        return {"method": self.method, "teacher": self.config.teacher.path}
+
+    # ------------------------------------------------------------------ helpers for methods
+    def add(self, name: str, module: torch.nn.Module, lr: float | None = None, ema: bool = False,
+            betas: list[float] | None = None) -> None:
+        """Register a network; with ``lr`` it gets an Adam(W) optimizer, with ``ema`` an EMA copy."""
+        module = module.to(self.device)
+        self.modules[name] = module
+        if lr is not None:
+            o = self.config.optim
+            self.optimizers[name] = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(betas or o.betas),
+                                                      weight_decay=o.weight_decay, eps=o.eps)
+            self._base_lr[name] = lr
+        if ema:
+            self.emas[name] = EMAModel(module.parameters(), decay=self.config.train.ema_decay)
+
+    def unwrap(self, name: str) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    def step_optimizer(self, name: str, loss: torch.Tensor) -> float | None:
+        """backward, clip, step, zero_grad for one registered network; returns the gradient norm."""
+        opt = self.optimizers[name]
+        self.accelerator.backward(loss)
+        norm = None
+        if self.accelerator.sync_gradients:
+            params = [p for p in self.modules[name].parameters() if p.grad is not None]
+            for p in params:  # NaN hygiene (score_distillation.md s8.9)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            max_norm = self.config.optim.max_grad_norm
+            if max_norm is not None and params:
+                norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
+            elif params:
+                norm = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = like.dtype if like is not None else torch.float32
+        return torch.randn(*shape, generator=self.rng, device="cpu", dtype=dtype).to(self.device)
+
+    def rand(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.rng, device="cpu").to(self.device)
+
+    def step_generator(self, step: int, micro: int) -> torch.Generator:
+        seed = (self.config.train.seed * 1_000_003 + step * 1009 + micro * 17 + self.accelerator.process_index * 7919)
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        if self._built:
+            return
+        cfg = self.config
+        torch.manual_seed(cfg.train.seed)
+        self.data = load_data(cfg.data.spec, resolution=cfg.data.resolution, num_samples=cfg.data.num_samples,
+                              seed=cfg.train.seed, channels=cfg.data.channels)
+        self.build()
+        names = list(self.modules)
+        prepared = self.accelerator.prepare(*[self.modules[n] for n in names],
+                                            *[self.optimizers[n] for n in self.optimizers])
+        if not isinstance(prepared, (list, tuple)):
+            prepared = [prepared]
+        for i, n in enumerate(names):
+            self.modules[n] = prepared[i]
+        for j, n in enumerate(list(self.optimizers)):
+            self.optimizers[n] = prepared[len(names) + j]
+        for ema in self.emas.values():
+            ema.to(self.device)
+        self._built = True
+
+    def _batch(self, gen: torch.Generator) -> dict:
+        idx = torch.randint(len(self.data), (self.config.train.batch_size,), generator=gen)
+        if hasattr(self.data, "x"):
+            x, y = self.data.x[idx], self.data.labels[idx]
+        else:
+            items = [self.data[int(i)] for i in idx]
+            x = torch.stack([it["x"] for it in items])
+            y = torch.stack([torch.as_tensor(it["label"]) for it in items])
+        return {"x": x.to(self.device), "label": y.to(self.device)}
+
+    def _set_lr(self, step: int) -> None:
+        warm = self.config.optim.lr_warmup_steps
+        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        for name, opt in self.optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = self._base_lr[name] * scale
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            models = {n: self.unwrap(n) for n in self.modules}
+            opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
+            path = save_checkpoint(self.checkpoint_dir, self.step, models, opts, self.emas,
+                                   {"method": self.method, "history_tail": self.history[-5:], "state": self.state()},
+                                   self.config.train.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> None:
+        which = self.config.train.resume_from_checkpoint
+        if not which:
+            return
+        path = latest_checkpoint(self.checkpoint_dir) if which == "latest" else Path(which)
+        if path is None:
+            self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting a new run.")
+            return
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume_from_checkpoint: {which!r} is not a checkpoint folder; use "
+                                    f"'latest' or one of {[p.name for p in self.checkpoint_dir.glob('checkpoint-*')]}.")
+        models = {n: self.unwrap(n) for n in self.modules}
+        opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
+        state = load_checkpoint(path, models, opts, self.emas)
+        if state.get("method", self.method) != self.method:
+            raise ValueError(f"Checkpoint {path} was written by method {state['method']!r}, not {self.method!r}.")
+        self.step = int(state["step"])
+        self.load_state(state.get("state", {}))
+        self.accelerator.print(f"Resumed from {path} at step {self.step}.")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path | None:
+        """Run to ``train.max_steps``; returns the exported pipeline folder (main process)."""
+        self.setup()
+        cfg, acc = self.config, self.accelerator
+        self.resume()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            acc.init_trackers(f"distill-{self.method}", config=_flat(cfg.to_dict()))
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"{self.method}", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.train.progress_bar))
+        start = time.time()
+        while self.step < cfg.train.max_steps:
+            step = self.step
+            self._set_lr(step)
+            logs: dict = {}
+            for micro in range(cfg.train.gradient_accumulation_steps):
+                self.rng = self.step_generator(step, micro)
+                batch = self._batch(self.rng)
+                with acc.accumulate(*self.modules.values()):
+                    logs = self.train_step(batch, step)
+            for name, ema in self.emas.items():
+                ema.step(self.unwrap(name).parameters())
+            self.step += 1
+            logs = {k: float(v) for k, v in logs.items() if v is not None}
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                acc.log(logs, step=self.step)
+                self.history.append({"step": self.step, **logs})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
+            bar.update(1)
+            if self.step % cfg.train.checkpointing_steps == 0 or self.step == cfg.train.max_steps:
+                self.save_checkpoint()
+            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                self.save_samples(f"step-{self.step:06d}")
+        bar.close()
+        seconds = time.time() - start
+        return self.finish(seconds)
+
+    def finish(self, seconds: float) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            self.save_samples("final")
+            info = {**self.card_info(), "steps": self.step, "train_seconds": round(seconds, 1),
+                    "config": self.config.to_dict()}
+            with self.ema_weights():
+                path = export_pipeline(self.export(), self.out / "pipeline", {"title": f"distill {self.method} student",
+                                                                             **info})
+            (self.out / "train_history.json").write_text(json.dumps(self.history, indent=1))
+            acc.print(f"Pipeline written to {path}")
+        acc.end_training()
+        return path
+
+    # ------------------------------------------------------------------ EMA and samples
+    class _EMAContext:
+        def __init__(self, trainer):
+            self.t = trainer
+
+        def __enter__(self):
+            for name, ema in self.t.emas.items():
+                params = list(self.t.unwrap(name).parameters())
+                ema.store(params)
+                ema.copy_to(params)
+
+        def __exit__(self, *exc):
+            for name, ema in self.t.emas.items():
+                ema.restore(list(self.t.unwrap(name).parameters()))
+
+    def ema_weights(self):
+        """Context in which the EMA-tracked networks hold their EMA weights."""
+        return self._EMAContext(self)
+
+    @torch.no_grad()
+    def save_samples(self, tag: str, n: int = 64) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        with self.ema_weights():
+            pipe = self.export()
+            pipe.set_progress_bar_config(disable=True)
+            x = pipe(batch_size=n, generator=torch.Generator().manual_seed(self.config.train.seed),
+                     output_type="pt").images
+        from ..eval.report import save_grid
+
+        path = self.out / "samples" / f"{tag}.png"
+        save_grid(x, path)
+        return path
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

@@ -1,0 +1,111 @@
+"""TeacherTrainer: plain denoising score matching, to make teachers for builtin data.
+
+Loss (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 14, L_simple):
+``E_{k, x0, eps} || net(sqrt(abar_k) x0 + sqrt(1 - abar_k) eps, k) - target ||^2`` with ``k``
+uniform over the training indices and target eps, x0 or v per ``teacher_train.prediction_type``.
+
+Options:
+* ``label_dropout > 0``: class-conditional training with a null class (label ``num_classes``) in
+  place of the true label with that probability, for classifier-free guidance (Ho & Salimans 2022).
+* ``curriculum_clusters = N > 0``: the task-difficulty curriculum of Kim et al. 2024
+  ("Denoising Task Difficulty-based Curriculum for Training Diffusion Models"; step_reduction.md
+  s6.1): indices split into N uniform clusters, training starts on the highest-noise (easiest)
+  cluster and adds the next harder one whenever the smoothed loss has not improved for
+  ``curriculum_patience`` steps; after N stages all indices are used.
+
+Export: image teachers as a stock ``DDPMPipeline`` folder (loadable by any diffusers tool); an
+MLP teacher for 2-D data as a ``FewStepPipeline`` (DDPMPipeline assumes images).
+"""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+
+from ..noise import NoiseSchedule
+from ..pipelines import FewStepPipeline
+from .base import DistillationTrainer, build_network
+
+
+class TeacherTrainer(DistillationTrainer):
+    method = "teacher"
+
+    def build(self) -> None:
+        tc = self.config.teacher_train
+        self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=tc.num_train_timesteps,
+                                                 beta_schedule=tc.beta_schedule, prediction_type=tc.prediction_type)
+        self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
+        self.num_classes = self.data.num_classes if tc.label_dropout > 0 else 0
+        if tc.label_dropout > 0 and not self.data.num_classes:
+            raise ValueError(f"teacher_train.label_dropout={tc.label_dropout} needs labelled data; "
+                             f"{self.config.data.spec!r} has no labels.")
+        self.config.student.conditional = self.num_classes > 0
+        net = build_network(self.config, None, self.data.sample_shape, self.num_classes)
+        self.add("student", net, lr=self.config.optim.lr, ema=True)
+        self.stage = 1 if tc.curriculum_clusters else 0
+        self.best, self.since, self.smooth = float("inf"), 0, None
+
+    # ------------------------------------------------------------------ curriculum
+    def _index_range(self) -> tuple[int, int]:
+        tc = self.config.teacher_train
+        T, n = tc.num_train_timesteps, tc.curriculum_clusters
+        if not n or self.stage > n:
+            return 0, T
+        return (n - self.stage) * T // n, T
+
+    def _update_curriculum(self, loss: float) -> None:
+        tc = self.config.teacher_train
+        if not tc.curriculum_clusters or self.stage > tc.curriculum_clusters:
+            return
+        self.smooth = loss if self.smooth is None else 0.98 * self.smooth + 0.02 * loss
+        if self.smooth < self.best - 1e-6:
+            self.best, self.since = self.smooth, 0
+        else:
+            self.since += 1
+        if self.since >= tc.curriculum_patience:
+            self.stage += 1
+            self.best, self.since, self.smooth = float("inf"), 0, None
+
+    def state(self) -> dict:
+        return {"stage": self.stage, "best": self.best if self.best != float("inf") else None,
+                "since": self.since, "smooth": self.smooth}
+
+    def load_state(self, state: dict) -> None:
+        self.stage = state.get("stage", self.stage)
+        self.best = state["best"] if state.get("best") is not None else float("inf")
+        self.since, self.smooth = state.get("since", 0), state.get("smooth")
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, batch: dict, step: int) -> dict:
+        tc = self.config.teacher_train
+        x0 = batch["x"]
+        b = x0.shape[0]
+        lo, hi = self._index_range()
+        k = torch.randint(lo, hi, (b,), generator=self.rng).to(self.device)
+        eps = self.randn(*x0.shape)
+        t = self.schedule.t_from_timestep(k.cpu()).to(self.device)
+        x_t = self.schedule.add_noise(x0, eps, t)
+        target = self.schedule.from_x0_eps(x0, eps, t, tc.prediction_type)
+        kwargs = {}
+        if self.num_classes:
+            drop = self.rand(b) < tc.label_dropout
+            kwargs["class_labels"] = torch.where(drop, torch.full_like(batch["label"], self.num_classes),
+                                                 batch["label"])
+        with self.accelerator.autocast():
+            pred = self.modules["student"](x_t, k, **kwargs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        norm = self.step_optimizer("student", loss)
+        self._update_curriculum(loss.item())
+        return {"loss": loss.item(), "grad_norm": norm, "curriculum_stage": self.stage or None}
+
+    def export(self):
+        net = self.unwrap("student")
+        if isinstance(net, diffusers.UNet2DModel) and not self.num_classes:
+            return diffusers.DDPMPipeline(unet=net, scheduler=self.scheduler)
+        return FewStepPipeline(net, self.scheduler, num_inference_steps=50, num_classes=self.num_classes)
+
+    def card_info(self) -> dict:
+        tc = self.config.teacher_train
+        return {"method": "teacher (denoising score matching)", "data": self.config.data.spec,
+                "prediction_type": tc.prediction_type, "beta_schedule": tc.beta_schedule,
+                "num_classes": self.num_classes}

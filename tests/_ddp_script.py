@@ -1,0 +1,24 @@
+"""Launched by test_framework under `accelerate launch --multi_gpu --num_processes 2`."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from distill.config import load_config
+from distill.trainers import TeacherTrainer
+
+out = sys.argv[1]
+cfg = load_config(None, [f"output_dir={out}", "method=teacher", "data.spec=toy:gaussians8", "student.arch=mlp",
+                         "student.hidden=32", "student.num_layers=1", "train.max_steps=15", "train.batch_size=32",
+                         "train.progress_bar=false", "train.report_to=none", "train.checkpointing_steps=100"])
+trainer = TeacherTrainer(cfg)
+trainer.setup()
+acc = trainer.accelerator
+first = trainer._batch(trainer.step_generator(0, 0))["x"]
+trainer.train()
+params = torch.cat([p.detach().flatten() for p in trainer.unwrap("student").parameters()])
+digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
+Path(out, f"rank{acc.process_index}.txt").write_text(
+    f"{acc.num_processes} {acc.distributed_type} {digest} {first[0, 0].item():.6f}\n")

@@ -1,0 +1,114 @@
+"""The training framework: configs, the loop, checkpoints and exact resume, multi-process, CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.checkpoint import latest_checkpoint, list_checkpoints
+from distill.cli import main
+from distill.config import ConfigError, load_config
+from distill.teachers import Teacher
+from distill.trainers import TeacherTrainer
+
+TOY = ["method=teacher", "data.spec=toy:gaussians8", "student.arch=mlp", "student.hidden=64", "student.num_layers=2",
+       "train.batch_size=128", "train.progress_bar=false", "train.report_to=none", "optim.lr=2e-3"]
+
+
+def test_bad_config_fails_fast_with_key_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"Unknown config key 'train.max_step'.*max_steps"):
+        load_config(None, ["train.max_step=5"])
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected an integer, got 'big'"):
+        load_config(None, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: 'fp32' is not allowed; choose one of 'no', 'bf16'"):
+        load_config(None, ["train.mixed_precision=fp32"])
+    with pytest.raises(ConfigError, match=r"train.max_steps: 0 is impossible"):
+        load_config(None, ["train.max_steps=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: sim\nsim: {distance: l3}\n")
+    with pytest.raises(ConfigError, match=r"sim.distance: 'l3'.*'pseudo_huber', 'l2'"):
+        load_config(bad)
+    assert main(["train", str(bad)]) == 2
+    cfg = load_config(None, ["optim.betas=[0.0, 0.99]", "eval.teacher_steps=1,2,4", "train.checkpoints_total_limit=null"])
+    assert cfg.optim.betas == [0.0, 0.99] and cfg.eval.teacher_steps == [1, 2, 4]
+    assert cfg.train.checkpoints_total_limit is None
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "configs/teacher_gaussians8.yaml", "train.max_steps=7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "method: teacher" in out
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16.*needs CUDA"):
+        TeacherTrainer(cfg)
+
+
+def test_teacher_on_gaussians8_covers_all_modes(tmp_path):
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=400", "train.ema_decay=0.99"])
+    path = TeacherTrainer(cfg).train()
+    teacher = Teacher.from_pretrained(str(path))
+    x = teacher.sample(2000, num_steps=50, generator=torch.Generator().manual_seed(0))
+    means = torch.tensor([[2 * torch.cos(torch.tensor(2 * torch.pi * k / 8)), 2 * torch.sin(torch.tensor(
+        2 * torch.pi * k / 8))] for k in range(8)])
+    d = torch.cdist(x, means)
+    near = d.min(1).values < 0.5
+    counts = torch.bincount(d.argmin(1)[near], minlength=8)
+    assert near.float().mean() > 0.5, near.float().mean()
+    assert (counts > 0.5 * 2000 / 8 * near.float().mean()).all(), counts
+    assert (tmp_path / "samples" / "final.png").is_file() and (tmp_path / "config.yaml").is_file()
+
+
+def test_resume_gives_bitwise_identical_weights(tmp_path):
+    common = TOY + ["train.checkpointing_steps=10", "train.gradient_accumulation_steps=2", "optim.lr_warmup_steps=5"]
+    full = load_config(None, common + [f"output_dir={tmp_path / 'full'}", "train.max_steps=30"])
+    TeacherTrainer(full).train()
+    part = load_config(None, common + [f"output_dir={tmp_path / 'part'}", "train.max_steps=20"])
+    TeacherTrainer(part).train()
+    # a half-written checkpoint from a killed run must be ignored
+    shutil.copytree(tmp_path / "part/checkpoints/checkpoint-20", tmp_path / "part/checkpoints/checkpoint-25.partial")
+    os.remove(tmp_path / "part/checkpoints/checkpoint-25.partial/trainer_state.json")
+    assert latest_checkpoint(tmp_path / "part/checkpoints").name == "checkpoint-20"
+    resumed = load_config(None, common + [f"output_dir={tmp_path / 'part'}", "train.max_steps=30",
+                                          "train.resume_from_checkpoint=latest"])
+    trainer = TeacherTrainer(resumed)
+    trainer.train()
+    assert trainer.step == 30
+    for stem in ("model_student", "ema_student", "optim_student"):
+        a = load_file(tmp_path / f"full/checkpoints/checkpoint-30/{stem}.safetensors")
+        b = load_file(tmp_path / f"part/checkpoints/checkpoint-30/{stem}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stem, k)
+    # checkpoints_total_limit=2 (default) keeps the two newest
+    assert [p.name for p in list_checkpoints(tmp_path / "full/checkpoints")] == ["checkpoint-20", "checkpoint-30"]
+    assert not list((tmp_path / "full").rglob("*.pkl")) and not list((tmp_path / "full").rglob("*.bin"))
+
+
+def test_resume_from_missing_path_is_clear(tmp_path):
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=2",
+                                   f"train.resume_from_checkpoint={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        TeacherTrainer(cfg).train()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).with_name("_ddp_script.py")
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0 = (tmp_path / "rank0.txt").read_text().split()
+    r1 = (tmp_path / "rank1.txt").read_text().split()
+    assert r0[0] == r1[0] == "2" and "MULTI_CPU" in r0[1]
+    assert r0[2] == r1[2], "parameters differ between ranks"
+    assert r0[3] != r1[3], "both ranks saw the same data"
