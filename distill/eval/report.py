@@ -53,3 +53,61 @@ def write_json(obj, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
     return path
+
+
+def markdown_table(report: dict) -> str:
+    """The results of a report as a Markdown table."""
+    cols = [("model", "model"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
+            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("num_samples", "samples"),
+            ("seconds", "seconds"), ("samples_per_second", "samples/s")]
+    rows = report["results"]
+    cols = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, grids: dict, out_dir) -> dict:
+    """fid_report.json + fid_report.md + one sample grid per model/steps + FID-vs-steps plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "fid_report.json")
+    head = ["# FID report", "",
+            f"- feature extractor: `{report.get('feature_extractor')}` (sha256 {str(report.get('feature_extractor_sha256'))[:12]}…)"
+            + (" — NOT comparable with Inception FIDs" if report.get("feature_extractor") == "digits" else ""),
+            f"- reference: `{report.get('reference')}` ({report.get('reference_num_images')} images)",
+            f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}", ""]
+    md = "\n".join(head) + markdown_table(report) + "\n"
+    for name, imgs in grids.items():
+        save_grid(torch.as_tensor(imgs).float() / 255.0, out / f"samples_{name}.png")
+        md += f"\n![{name}](samples_{name}.png)"
+    by_model: dict = {}
+    for r in report["results"]:
+        if r.get("fid") is not None and r.get("steps"):
+            by_model.setdefault(r["model"], []).append((r["steps"], r["fid"]))
+    if any(len(v) > 1 for v in by_model.values()) or (len(by_model) > 1):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+        for name, pts in by_model.items():
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("steps (NFE)")
+        ax.set_ylabel(f"FID ({report.get('feature_extractor')})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "fid_vs_steps.png")
+        plt.close(fig)
+        md += "\n\n![FID vs steps](fid_vs_steps.png)\n"
+    (out / "fid_report.md").write_text(md + "\n")
+    return report

@@ -152,6 +152,10 @@ class DistillationTrainer:
     def card_info(self) -> dict:
         return {"method": self.method, "teacher": self.config.teacher.path}
 
+    def sample_kwargs(self) -> dict:
+        """Extra arguments for the exported pipeline when drawing sample grids."""
+        return {}
+
     # ------------------------------------------------------------------ helpers for methods
     def add(self, name: str, module: torch.nn.Module, lr: float | None = None, ema: bool = False,
             betas: list[float] | None = None) -> None:
@@ -357,7 +361,7 @@ class DistillationTrainer:
             pipe = self.export()
             pipe.set_progress_bar_config(disable=True)
             x = pipe(batch_size=n, generator=torch.Generator().manual_seed(self.config.train.seed),
-                     output_type="pt").images
+                     output_type="pt", **self.sample_kwargs()).images
         from ..eval.report import save_grid
 
         path = self.out / "samples" / f"{tag}.png"

@@ -104,6 +104,9 @@ class TeacherTrainer(DistillationTrainer):
             return diffusers.DDPMPipeline(unet=net, scheduler=self.scheduler)
         return FewStepPipeline(net, self.scheduler, num_inference_steps=50, num_classes=self.num_classes)
 
+    def sample_kwargs(self) -> dict:
+        return {"num_inference_steps": 50}
+
     def card_info(self) -> dict:
         tc = self.config.teacher_train
         return {"method": "teacher (denoising score matching)", "data": self.config.data.spec,

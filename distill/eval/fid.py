@@ -1,0 +1,353 @@
+"""FID, KID, IS and precision/recall through torch-fidelity (DESIGN.md s6).
+
+distill feeds torch-fidelity and reports; the metric arithmetic is torch-fidelity's own
+(``fid_features_to_statistics`` / ``fid_statistics_to_metric``, ``kid_features_to_metric``,
+``prc_features_to_metric``, ``isc_features_to_metric``), applied to features that its own
+``get_featuresdict_from_dataset`` extracts. What distill adds:
+
+* sources: a pipeline (generated in seeded batches, sharded over Accelerate processes and gathered,
+  class labels balanced over classes), a folder of images, or a tensor; images are quantised to
+  uint8 exactly as saved PNGs are (``round(255 x)``), grayscale repeated to RGB;
+* references: a data spec (same syntax as training data) or a saved feature file;
+* a reference cache keyed by a hash of the reference pixels, the extractor and its weights
+  (torch-fidelity keys its cache by name only, ecosystem_api.md s4d), stored as safetensors;
+* ``cuda`` only when CUDA exists; FID clamped at 0; KID subset size capped by the sample counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .extractors import file_sha256, make_extractor
+
+FIDELITY_VERSION = None
+
+
+def fidelity_version() -> str:
+    import torch_fidelity
+
+    return getattr(torch_fidelity, "__version__", "unknown")
+
+
+class _UInt8Images(Dataset):
+    """torch-fidelity input: a Dataset of bare uint8 CHW tensors."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Float images (B, C, H, W) in value_range -> uint8 RGB, as a PNG of them would hold."""
+    if x.dtype == torch.uint8:
+        out = x
+    else:
+        lo, hi = value_range
+        x01 = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
+        out = (x01 * 255).round().to(torch.uint8)
+    if out.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(out.shape)}.")
+    if out.shape[1] == 1:
+        out = out.repeat(1, 3, 1, 1)
+    return out.contiguous()
+
+
+def load_image_folder(folder) -> torch.Tensor:
+    """All PNG/JPG files of a folder (sorted by name) as uint8 RGB (B, 3, H, W)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"No PNG/JPG images in {str(folder)!r}.")
+    arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def save_image_folder(images_u8: torch.Tensor, folder) -> Path:
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_u8.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------- generation
+def pipeline_nfe(pipe, steps: int | None) -> int:
+    if type(pipe).__name__ == "OneStepPipeline":
+        return 1
+    if steps is not None:
+        return int(steps)
+    cfg = pipe.config
+    if getattr(cfg, "timesteps", None):
+        return len(cfg.timesteps)
+    return int(getattr(cfg, "num_inference_steps", 1))
+
+
+@torch.no_grad()
+def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps: int | None = None,
+             desc: str = "generating", **call_kwargs) -> torch.Tensor:
+    """uint8 samples of a pipeline. Batch b uses seed + b, so results do not depend on how many
+    Accelerate processes share the work (batches are dealt round-robin and gathered)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = int(getattr(pipe.config, "num_classes", 0) or 0)
+    n_batches = math.ceil(num_samples / batch_size)
+    mine = list(range(state.process_index, n_batches, state.num_processes))
+    kwargs = dict(call_kwargs)
+    if steps is not None and type(pipe).__name__ != "OneStepPipeline":
+        kwargs["num_inference_steps"] = steps
+    out = {}
+    for b in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False):
+        n = min(batch_size, num_samples - b * batch_size)
+        if num_classes:
+            kwargs["class_labels"] = torch.arange(b * batch_size, b * batch_size + n) % num_classes
+        x = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed + b), output_type="pt", **kwargs).images
+        out[b] = to_uint8(x)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([out]):
+            merged.update(part)
+        out = merged
+    return torch.cat([out[b] for b in range(n_batches)])
+
+
+# ---------------------------------------------------------------------- features and metrics
+def extract_features(images_u8: torch.Tensor, extractor, batch_size: int = 250, verbose: bool = True) -> dict:
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    return get_featuresdict_from_dataset(_UInt8Images(images_u8), extractor, batch_size, False, True, verbose)
+
+
+def metrics_from_features(gen: dict, ref: dict, metrics, fid_layer: str, seed: int = 0) -> dict:
+    """torch-fidelity's metric functions on feature dicts (gen = input1, ref = input2)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = {}
+    f1, f2 = gen[fid_layer], ref[fid_layer]
+    if "fid" in metrics:
+        fid = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), False)
+        out["fid"] = max(0.0, fid["frechet_inception_distance"])
+    if "kid" in metrics:
+        size = min(1000, len(f1), len(f2))
+        kid = kid_features_to_metric(f1, f2, kid_subset_size=size, verbose=False)  # torch-fidelity rng_seed
+        out["kid"], out["kid_std"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+    if "prc" in metrics:
+        prc = prc_features_to_metric(f1, f2, save_cpu_ram=True, verbose=False)
+        out.update(precision=prc["precision"], recall=prc["recall"], f_score=prc["f_score"])
+    if "isc" in metrics and "logits_unbiased" in gen:
+        isc = isc_features_to_metric(gen["logits_unbiased"])
+        out["isc"], out["isc_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "fid_refs"
+
+
+def reference_images(reference: str, resolution: int | None = None) -> torch.Tensor:
+    """uint8 images of a data spec or image folder."""
+    from ..data import as_tensor, load_data
+
+    ref = Path(reference)
+    if ref.is_dir() and not any(ref.glob("*/")) and any(ref.glob("*.png")):
+        return load_image_folder(ref)
+    ds = load_data(reference, resolution=resolution, channels=3 if not reference.startswith("sklearn:") else 1)
+    x, _ = as_tensor(ds)
+    if x.ndim != 4:
+        raise ValueError(f"FID needs image data; {reference!r} has samples of shape {tuple(x.shape[1:])}. "
+                         "Use the toy metrics (distill.eval.toy) for 2-D data.")
+    return to_uint8(x, (-1.0, 1.0))
+
+
+def reference_features(reference, extractor, ext_name: str, weights_path, resolution: int | None = None,
+                       batch_size: int = 250, use_cache: bool = True) -> tuple[dict, dict]:
+    """Features of the reference (cached) and a description for the report."""
+    from safetensors.torch import load_file, save_file
+
+    if isinstance(reference, (str, Path)) and str(reference).endswith(".safetensors") and Path(reference).is_file():
+        return load_file(str(reference)), {"reference": str(reference), "reference_file": True}
+    images = reference if isinstance(reference, torch.Tensor) else reference_images(str(reference), resolution)
+    images = to_uint8(images)
+    key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:20]
+    wsha = file_sha256(weights_path)[:20]
+    path = cache_dir() / f"ref-{key}-{ext_name}-{wsha}.safetensors"
+    info = {"reference": str(reference) if not isinstance(reference, torch.Tensor) else "tensor",
+            "reference_num_images": len(images), "reference_sha256": key, "reference_resolution": images.shape[-1]}
+    if use_cache and path.is_file():
+        return load_file(str(path)), {**info, "reference_cached": True}
+    feats = extract_features(images, extractor, batch_size)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        os.replace(tmp, path)
+    return feats, {**info, "reference_cached": False}
+
+
+def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000, feature_extractor: str = "digits",
+                    feature_extractor_weights: str | None = None, batch_size: int = 250, seed: int = 0,
+                    steps: int | None = None, resolution: int | None = None, use_cache: bool = True,
+                    return_images: bool = False, **pipeline_kwargs) -> dict:
+    """Metrics of ``source`` (pipeline, pipeline/image folder, or tensor) against ``reference``.
+
+    Returns a dict with the metrics and ``num_samples``, ``nfe``, ``seconds``, ``samples_per_second``,
+    ``feature_extractor``, ``feature_extractor_sha256``, ``torch_fidelity_version`` and the reference info.
+    """
+    metrics = tuple(metrics)
+    unknown = set(metrics) - {"fid", "kid", "prc", "isc"}
+    if unknown:
+        raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from fid, kid, prc, isc.")
+    extractor, ext_name, weights = make_extractor(feature_extractor, feature_extractor_weights)
+    layer = "feat64" if feature_extractor == "digits" else "2048"
+    start = time.time()
+    nfe = None
+    if isinstance(source, (str, Path)):
+        src = Path(source)
+        if (src / "model_index.json").is_file():
+            from ..export import load_pipeline
+
+            source = teacher_as_sampler(load_pipeline(str(src)))
+        else:
+            source = load_image_folder(src)
+    if isinstance(source, torch.Tensor):
+        images = to_uint8(source)
+    else:
+        images = generate(source, num_samples, batch_size, seed, steps, **pipeline_kwargs)
+        nfe = pipeline_nfe(source, steps)
+    gen_seconds = time.time() - start
+    ref_feats, ref_info = reference_features(reference, extractor, ext_name, weights,
+                                             resolution or images.shape[-1], batch_size, use_cache)
+    gen_feats = extract_features(images, extractor, batch_size)
+    result = metrics_from_features(gen_feats, ref_feats, metrics, layer, seed)
+    seconds = time.time() - start
+    result.update(num_samples=len(images), nfe=nfe, seconds=round(seconds, 3),
+                  generation_seconds=round(gen_seconds, 3),
+                  samples_per_second=round(len(images) / max(seconds, 1e-9), 2),
+                  feature_extractor=feature_extractor, feature_extractor_sha256=file_sha256(weights),
+                  torch_fidelity_version=fidelity_version(), seed=seed, **ref_info)
+    if return_images:
+        result["images"] = images
+    return result
+
+
+def teacher_as_sampler(pipe):
+    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid."""
+    if type(pipe).__name__ == "DDPMPipeline":
+        from ..pipelines import FewStepPipeline
+
+        return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50)
+    return pipe
+
+
+# ---------------------------------------------------------------------- reports
+def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: int = 1000,
+                    feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
+                    metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None):
+    """Evaluate several pipelines at several step counts and write the report folder.
+
+    ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own).
+    """
+    from .report import write_report
+
+    results, grids = [], {}
+    for name, pipe in models.items():
+        for k in steps.get(name) or [None]:
+            r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
+                                batch_size, seed, steps=k, return_images=True)
+            images = r.pop("images")
+            grids[f"{name}-{r['nfe']}step"] = images[:64]
+            results.append({"model": name, "steps": r["nfe"], **r})
+    common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
+              "reference_num_images", "reference_sha256", "reference_resolution")
+    report = {k: results[0].get(k) for k in common}
+    report.update(meta or {})
+    report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
+                         for r in results]
+    return write_report(report, grids, out_dir)
+
+
+def report_after_training(trainer, pipeline_path) -> dict:
+    """The ``eval:`` section of a config: student (and teacher at eval.teacher_steps) -> report."""
+    from ..export import load_pipeline
+    from ..pipelines import FewStepPipeline
+
+    ev, cfg = trainer.config.eval, trainer.config
+    student = load_pipeline(str(pipeline_path))
+    models, steps = {"student": student}, {"student": [None]}
+    if ev.teacher_steps and trainer.teacher is not None:
+        t = trainer.teacher
+        models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50, sample_shape=t.sample_shape,
+                                            num_classes=t.num_classes)
+        steps["teacher"] = list(ev.teacher_steps)
+    out = Path(cfg.output_dir) / "report"
+    report = evaluate_models(models, ev.reference or cfg.data.spec, steps, out, ev.num_samples, ev.feature_extractor,
+                             ev.feature_extractor_weights, tuple(ev.metrics), ev.batch_size, ev.seed,
+                             meta={"method": cfg.method, "teacher": cfg.teacher.path,
+                                   "student_pipeline": str(pipeline_path)})
+    card = Path(pipeline_path) / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text() + "\n## FID report\n\n" + (out / "fid_report.md").read_text())
+    return report
+
+
+def fid_command(args) -> int:
+    """``distill fid SOURCE --reference SPEC ...``"""
+    from ..export import load_pipeline
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
+    src = Path(args.source)
+    if (src / "model_index.json").is_file():
+        models = {"model": teacher_as_sampler(load_pipeline(str(src)))}
+        step_map = {"model": steps}
+    else:
+        models = {"images": load_image_folder(src)}
+        step_map = {"images": [None]}
+    if args.compare:
+        models["teacher"] = teacher_as_sampler(load_pipeline(args.compare))
+        step_map["teacher"] = [s for s in steps if s is not None] or [50]
+    results, grids = [], {}
+    for name, m in models.items():
+        for k in step_map[name]:
+            r = compute_metrics(m, args.reference, metrics, args.num_samples, args.feature_extractor,
+                                args.feature_extractor_weights, args.batch_size, args.seed,
+                                steps=k if not isinstance(m, torch.Tensor) else None, resolution=args.resolution,
+                                return_images=True)
+            grids[f"{name}-{r['nfe'] or 0}step"] = r.pop("images")[:64]
+            results.append({"model": name, "steps": r["nfe"], **r})
+    from .report import write_report
+
+    common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
+              "reference_num_images", "reference_sha256", "reference_resolution")
+    report = {k: results[0].get(k) for k in common}
+    report["source"] = str(src)
+    report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
+                         for r in results]
+    write_report(report, grids, args.out)
+    print((Path(args.out) / "fid_report.md").read_text())
+    print(json.dumps({"report": str(Path(args.out) / "fid_report.json")}))
+    return 0
