@@ -37,8 +37,30 @@ def cmd_train(args, force_method: str | None = None) -> int:
     if cfg.eval.enabled and trainer.accelerator.is_main_process:
         from .eval.fid import report_after_training
 
-        report_after_training(trainer, path)
+        report = report_after_training(trainer, path)
+        print(headline(report, cfg.output_dir))
     return 0
+
+
+def headline(report: dict, output_dir: str) -> str:
+    """The closing lines of a run: where everything is, student vs teacher FID, speed-up."""
+    rows = report["results"]
+    student = next((r for r in rows if r["model"] == "student"), None)
+    teacher = sorted((r for r in rows if r["model"] == "teacher"), key=lambda r: r["steps"])
+    out = Path(output_dir)
+    lines = ["", "=" * 72, f"pipeline: {out / 'pipeline'}", f"report:   {out / 'report' / 'fid_report.md'}",
+             f"samples:  {out / 'samples'}"]
+    if student:
+        lines.append(f"student FID ({report['feature_extractor']} extractor, {student['num_samples']} samples): "
+                     f"{student['fid']:.3g} at {student['steps']} step")
+    if teacher:
+        lines.append("teacher FID: " + ", ".join(f"{r['fid']:.3g} @ {r['steps']}" for r in teacher))
+        best = teacher[-1]
+        if student and student.get("samples_per_second"):
+            speed = best["generation_seconds"] / max(student["generation_seconds"], 1e-9)
+            lines.append(f"speed-up vs teacher at {best['steps']} steps: {speed:.1f}x (generation time)")
+    lines.append("=" * 72)
+    return "\n".join(lines)
 
 
 def cmd_sample(args) -> int:

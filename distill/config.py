@@ -127,7 +127,9 @@ class SIMConfig:
     t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
     t_max: float = 0.98
     fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
-    fake_pretrain_steps: int = 0  # analytic teachers: fit the fake score to the initial generator first
+    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
+    sid_alpha: float | None = None  # SiD(alpha) (Zhou et al. 2024): needs distance=l2; 1.0 = SIM-L2
+    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
     gradient_checkpointing: bool = False
 
 
@@ -136,6 +138,7 @@ class UniInstructConfig(SIMConfig):
     """Uni-Instruct (Wang et al. 2025): f-divergence expansion, s5.2 of score_distillation.md."""
 
     divergence: Literal["rkl", "fkl", "jeffreys", "js", "chi2", "di", "dmd"] = "fkl"
+    sampling: Literal["full", "fixed"] = "full"  # (a) exact expanded-divergence gradient / (b) SIM convention
     gan_weight: float = 0.0  # generator GAN term weight (0 = off)
     discriminator_weight: float = 1.0
     ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)

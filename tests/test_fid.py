@@ -11,8 +11,14 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from distill.cli import main
 from distill.data import digits
 from distill.eval.extractors import DIGITS_NAME, DIGITS_WEIGHTS, digits_accuracy, make_extractor
-from distill.eval.fid import (compute_metrics, extract_features, metrics_from_features, reference_features,
-                              save_image_folder, to_uint8)
+from distill.eval.fid import (
+    compute_metrics,
+    extract_features,
+    metrics_from_features,
+    reference_features,
+    save_image_folder,
+    to_uint8,
+)
 
 
 class TableExtractor(FeatureExtractorBase):

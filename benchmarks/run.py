@@ -1,0 +1,235 @@
+"""distill benchmarks: every figure is a ratio measured side by side in the same run.
+
+    python benchmarks/run.py [--only sampling,training,fid,quality] [--quick]
+
+Prints Markdown tables and writes them, with the machine description, to benchmarks/results.md.
+These are not tests: nothing here asserts; goals are printed next to the measured values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import diffusers  # noqa: E402
+
+diffusers.utils.logging.disable_progress_bar()
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeat` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- (a) sampling
+def bench_sampling(quick: bool) -> str:
+    from distill import FewStepPipeline, OneStepPipeline
+    from distill.teachers import Teacher
+
+    teacher = Teacher.from_pretrained("builtin:digits")
+    pipe_t = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=50)
+    pipe_s = OneStepPipeline(teacher.model, teacher.scheduler, generator_timestep=625)
+    for p in (pipe_t, pipe_s):
+        p.set_progress_bar_config(disable=True)
+    b = 64
+    reps = 3 if quick else 5
+    one = timeit(lambda: pipe_s(batch_size=b, output_type="pt"), reps)
+    x = torch.randn(b, 1, 8, 8)
+    ts = torch.full((b,), 625)
+    with torch.no_grad():
+        bare = timeit(lambda: teacher.model(x, ts).sample, reps)
+    rows = [["student (1 step)", 1, b / one, 1.0]]
+    for n in (1, 2, 4, 8, 16, 50):
+        t = timeit(lambda n=n: pipe_t(batch_size=b, num_inference_steps=n, output_type="pt"), reps if n < 16 else 2)
+        rows.append([f"teacher DDIM {n}", n, b / t, t / one])
+    out = "### (a) Sampling, batch 64 (digits, 8x8)\n\n" + table(
+        ["sampler", "NFE", "samples/s", "time / student time"], rows)
+    out += (f"\n\nPipeline overhead: OneStepPipeline call / bare network forward = **{one / bare:.3f}** "
+            f"(goal <= 1.05; {one * 1e3:.2f} ms vs {bare * 1e3:.2f} ms).\n")
+    return out
+
+
+# ---------------------------------------------------------------------- (b) training overhead
+def _bare_teacher_loop(net, opt, x, k, target):
+    out = net(x, k).sample
+    loss = torch.nn.functional.mse_loss(out, target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_training(quick: bool) -> str:
+    from distill.config import load_config
+    from distill.trainers import trainer_class
+
+    rows = []
+    steps = 8 if quick else 20
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [
+            ("teacher", "configs/teacher_digits.yaml", 1, []),
+            ("sim", "configs/sim_digits.yaml", None, []),
+            ("uni_instruct (fkl)", "configs/uni_instruct_digits.yaml", None, []),
+        ]
+        for name, cfg_path, _, extra in specs:
+            cfg = load_config(HERE.parent / cfg_path, [f"output_dir={tmp}/{name.split()[0]}", "train.progress_bar=false",
+                                                       "train.report_to=none", "train.checkpointing_steps=100000",
+                                                       *extra])
+            trainer = trainer_class(cfg.method)(cfg)
+            trainer.setup()
+
+            def one_step(s=[0]):
+                trainer.rng = trainer.step_generator(s[0], 0)
+                batch = trainer._batch(trainer.rng)
+                trainer.train_step(batch, s[0] + 1000)
+                for n, ema in trainer.emas.items():
+                    ema.step(trainer.unwrap(n).parameters())
+                s[0] += 1
+
+            t_trainer = timeit(one_step, steps, warmup=2)
+            # the network passes the method needs, in a bare loop of the same networks
+            net = trainer.unwrap("student")
+            b = cfg.train.batch_size
+            x = torch.randn(b, *trainer.data.sample_shape)
+            k = torch.randint(0, 1000, (b,))
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+            target = torch.randn_like(x)
+            t_fb = timeit(lambda: _bare_teacher_loop(net, opt, x, k, target), steps, warmup=2)
+            with torch.no_grad():
+                t_f = timeit(lambda: net(x, k).sample, steps, warmup=1)
+            if cfg.method == "teacher":
+                passes, bare = "1 fwd+bwd", t_fb
+            else:
+                # fake DSM (fwd+bwd), generator no-grad fwd, generator fwd+bwd, teacher and fake
+                # fwd+bwd through their inputs: 4 fwd+bwd + 1 fwd (+ discriminator head: negligible;
+                # uni_instruct also runs the fake network on real data: +1 fwd+bwd)
+                n_fb = 5 if cfg.method == "uni_instruct" else 4
+                passes, bare = f"{n_fb} fwd+bwd + 1 fwd", n_fb * t_fb + t_f
+            rows.append([name, b, passes, t_trainer * 1e3, bare * 1e3, t_trainer / bare])
+    return "### (b) Training: per-iteration time / time of the network passes it needs (goal <= 1.10 for the " \
+           "teacher loop, <= 1.15 for the distillation trainers)\n\n" + table(
+               ["trainer", "batch", "network passes", "trainer ms/it", "bare passes ms", "ratio"], rows) + "\n"
+
+
+# ---------------------------------------------------------------------- (c) quality (toy)
+def bench_quality(quick: bool) -> str:
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.eval.toy import toy_report
+    from distill.teachers import analytic_teacher
+    from distill.trainers import trainer_class
+
+    teacher = analytic_teacher("gaussians8")
+    ref, _ = teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for n in (1, 2, 4, 8, 16):
+        x = teacher.sample(8000, num_steps=n, generator=torch.Generator().manual_seed(0))
+        r = toy_report(x, teacher.model, ref)
+        rows.append([f"teacher DDIM {n} steps", n, r["swd"], f"{r['modes']}/8", r["nll"], r["nll_true_samples"], "-"])
+    runs = [("SIM (pseudo-Huber)", "configs/sim_gaussians8.yaml", [])]
+    for f in ("rkl", "fkl", "jeffreys"):
+        runs.append((f"Uni-Instruct {f}", "configs/uni_instruct_gaussians8.yaml", [f"uni_instruct.divergence={f}"]))
+    if quick:
+        runs = runs[:1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg_path, extra in runs:
+            cfg = load_config(HERE.parent / cfg_path, [f"output_dir={tmp}/{len(rows)}", "train.progress_bar=false",
+                                                       "train.report_to=none", *extra])
+            t0 = time.time()
+            path = trainer_class(cfg.method)(cfg).train()
+            secs = time.time() - t0
+            pipe = load_pipeline(str(path))
+            pipe.set_progress_bar_config(disable=True)
+            x = pipe(batch_size=8000, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            r = toy_report(x, teacher.model, ref)
+            rows.append([name, 1, r["swd"], f"{r['modes']}/8", r["nll"], r["nll_true_samples"], f"{secs:.0f}"])
+    return ("### (c) Quality on toy:gaussians8 (exact teacher; 8,000 samples; SWD noise floor ~0.055)\n\n" +
+            table(["model", "steps", "sliced W2", "modes", "NLL of samples", "NLL of true samples", "train s"],
+                  rows) + "\n")
+
+
+# ---------------------------------------------------------------------- (d) FID evaluation
+def bench_fid(quick: bool) -> str:
+    from distill import OneStepPipeline
+    from distill.eval.fid import compute_metrics
+    from distill.teachers import Teacher
+
+    n = 1000 if quick else 2000
+    teacher = Teacher.from_pretrained("builtin:digits")
+    pipe = OneStepPipeline(teacher.model, teacher.scheduler, generator_timestep=625)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["DISTILL_CACHE"] = cache
+        t0 = time.time()
+        first = compute_metrics(pipe, "sklearn:digits", ("fid",), n, batch_size=500)
+        t1 = time.time() - t0
+        t0 = time.time()
+        second = compute_metrics(pipe, "sklearn:digits", ("fid",), n, batch_size=500)
+        t2 = time.time() - t0
+        # the reference part alone, cold vs cached
+        from distill.eval.extractors import make_extractor
+        from distill.eval.fid import reference_features
+
+        ext, name, w = make_extractor("digits")
+        os.environ["DISTILL_CACHE"] = cache + "/cold"
+        t0 = time.time()
+        reference_features("sklearn:digits", ext, name, w, 8)
+        cold = time.time() - t0
+        t0 = time.time()
+        reference_features("sklearn:digits", ext, name, w, 8)
+        warm = time.time() - t0
+    rows = [["first evaluation", n, t1, n / t1, first["fid"]], ["second (cached reference)", n, t2, n / t2,
+                                                                second["fid"]]]
+    return (f"### (d) FID evaluation throughput ({n} one-step samples, digits extractor)\n\n"
+            + table(["run", "samples", "seconds", "images/s (generation + features)", "FID"], rows)
+            + f"\n\nReference features: cold {cold:.3f} s, cached {warm:.4f} s -> **{cold / max(warm, 1e-9):.0f}x**; "
+              f"whole evaluation speed-up {t1 / t2:.2f}x (goal >= 5x for the reference part; the whole "
+              "evaluation is bounded by generating the new samples).\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="sampling,training,fid,quality")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    parts = [p.strip() for p in args.only.split(",")]
+    out = ["# distill benchmark results", "",
+           f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+           f"(threads {torch.get_num_threads()}), CUDA {'yes' if torch.cuda.is_available() else 'no'}. "
+           f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
+    funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality}
+    for p in parts:
+        t0 = time.time()
+        section = funcs[p](args.quick)
+        print(section, flush=True)
+        out += [section, f"_({p}: {time.time() - t0:.0f} s)_", ""]
+    (HERE / "results.md").write_text("\n".join(out))
+    print(f"written to {HERE / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""ScoreImplicitMatchingTrainer: one-step SIM distillation (Luo et al. 2024, "One-Step Diffusion
+Distillation through Score Implicit Matching", NeurIPS 2024; score_distillation.md s4).
+
+Networks (s0.2): the frozen teacher D_p; a fake score D_psi (a copy of the teacher, or for the
+analytic teacher an MLP initialised like the generator); the one-step generator G, the denoiser
+evaluated at the fixed index t* (``sim.generator_timestep``) on sigma(t*) z, read in its
+prediction type (SiD-LSG parameterisation, s0.2), exported as :class:`OneStepPipeline`.
+
+Each step: ``fake_steps_per_generator_step`` fake-score updates by denoising score matching on
+detached generator samples (s0.3), then one generator update on the SIM surrogate
+
+    L = <grad g(D_p - D_psi), D_psi - x0>   at x_t = alpha G(z) + sigma eps,   t ~ U[t_min, t_max]
+
+with gradients through the INPUT of the frozen teacher and fake networks (objectives.score.SIMLoss).
+Defaults follow the SiD/DI code the SIM authors build on (paper_checks.md s1): Adam betas (0, 0.999)
+(set optim.betas), 1:1 updates, generator EMA. ``distance: l2`` with ``sid_alpha: A`` is SiD(alpha)
+(Zhou et al. 2024); ``sid_alpha: 1`` equals SIM-L2.
+
+The loss is not a convergence signal (it oscillates around zero, s8.6): watch ``grad_norm``,
+``fake_loss`` and the FID / toy metrics instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import diffusers
+import torch
+
+from ..objectives.score import SIMLoss, fake_score_loss
+from ..pipelines import OneStepPipeline
+from .base import DistillationTrainer, build_network, load_teacher
+
+
+class ScoreImplicitMatchingTrainer(DistillationTrainer):
+    method = "sim"
+
+    @property
+    def section(self):
+        return self.config.sim
+
+    def make_loss(self):
+        s = self.section
+        return SIMLoss(distance=s.distance, huber_c=s.huber_c, sid_alpha=s.sid_alpha, sample_weight=s.sample_weight)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        cfg, sec = self.config, self.section
+        self.teacher = load_teacher(cfg, self.device)
+        t = self.teacher
+        if cfg.teacher.guidance_scale is not None and not t.num_classes:
+            raise ValueError("teacher.guidance_scale needs a class-conditional teacher.")
+        shape, ncls = t.sample_shape, t.num_classes
+        if cfg.student.arch == "copy":
+            gen = build_network(cfg, t, shape, ncls)
+            self.gen_pred = t.prediction_type
+        else:
+            cfg.student.conditional = bool(ncls)
+            gen = build_network(cfg, t, shape, ncls)
+            self.gen_pred = cfg.student.prediction_type or t.prediction_type
+            if sec.init_denoiser_steps:
+                self._pretrain_denoiser(gen, sec.init_denoiser_steps)
+        fake = copy.deepcopy(gen).requires_grad_(True).train()
+        self.fake_pred = self.gen_pred
+        if sec.gradient_checkpointing:
+            for net in (t.model, fake, gen):
+                if hasattr(net, "enable_gradient_checkpointing"):
+                    net.enable_gradient_checkpointing()
+        self.add("student", gen, lr=cfg.optim.lr, ema=True)
+        self.add("fake", fake, lr=sec.lr_fake or cfg.optim.lr)
+        self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
+        self.loss = self.make_loss()
+        self.num_classes = ncls
+
+    def _pretrain_denoiser(self, net, steps: int) -> None:
+        """Analytic teachers have no weights to copy: fit ``net`` to the teacher by regressing the
+        teacher's own prediction on noised data (the stand-in for "copy the teacher", s9.2)."""
+        t, cfg = self.teacher, self.config
+        net.to(self.device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
+        n = len(self.data)
+        for _ in range(steps):
+            idx = torch.randint(n, (cfg.train.batch_size,), generator=gen)
+            x0 = self.data.x[idx].to(self.device)
+            labels = self._labels_from(self.data.labels[idx].to(self.device))
+            tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
+            eps = torch.randn(x0.shape, generator=gen).to(self.device)
+            x_t = t.schedule.add_noise(x0, eps, tt)
+            with torch.no_grad():
+                target = t.network_output(x_t, tt, labels)
+                target = t.schedule.convert(target, x_t, tt, t.prediction_type, self.gen_pred)
+            kw = {"class_labels": labels} if labels is not None else {}
+            pred = net(x_t, t.schedule.timestep(tt), **kw).sample
+            loss = (pred - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    # ------------------------------------------------------------------ pieces
+    def _labels_from(self, labels):
+        if not self.teacher.num_classes:
+            return None
+        bad = labels < 0
+        if bad.any():
+            labels = torch.where(bad, torch.randint(self.teacher.num_classes, labels.shape, generator=self.rng)
+                                 .to(labels.device), labels)
+        return labels
+
+    def _net_kwargs(self, labels):
+        return {"class_labels": labels} if labels is not None else {}
+
+    def generate(self, net, z: torch.Tensor, labels) -> torch.Tensor:
+        """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
+        sched = self.teacher.schedule
+        sigma = sched.sigma(self.t_star).item()
+        x_in = sigma * z
+        ts = sched.timestep(self.t_star).expand(z.shape[0]).to(z.device)
+        with self.accelerator.autocast():
+            out = net(x_in, ts, **self._net_kwargs(labels)).sample.float()
+        return sched.to_x0_eps(out, x_in, self.t_star, self.gen_pred)[0]
+
+    def sample_t(self, n: int) -> torch.Tensor:
+        s = self.section
+        return (s.t_min + (s.t_max - s.t_min) * torch.rand(n, generator=self.rng, dtype=torch.float64)).to(self.device)
+
+    def fake_x0(self, net, x_t, t, labels) -> torch.Tensor:
+        sched = self.teacher.schedule
+        with self.accelerator.autocast():
+            out = net(x_t, sched.timestep(t), **self._net_kwargs(labels)).sample.float()
+        return sched.to_x0_eps(out, x_t, t, self.fake_pred)[0]
+
+    def teacher_x0(self, x_t, t, labels) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.teacher.predict_x0(x_t, t, labels, self.config.teacher.guidance_scale).float()
+
+    def fake_step(self, labels, b: int) -> dict:
+        sched = self.teacher.schedule
+        z = self.randn(b, *self.teacher.sample_shape)
+        with torch.no_grad():
+            x_g = self.generate(self.unwrap("student"), z, labels)
+        t = self.sample_t(b)
+        eps = self.randn(*x_g.shape)
+        x_t = sched.add_noise(x_g, eps, t)
+        target = sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+        with self.accelerator.autocast():
+            pred = self.modules["fake"](x_t, sched.timestep(t), **self._net_kwargs(labels)).sample
+        loss = fake_score_loss(pred, target).mean()
+        norm = self.step_optimizer("fake", loss)
+        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
+
+    def generator_terms(self, labels, b: int):
+        """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
+        sched = self.teacher.schedule
+        z = self.randn(b, *self.teacher.sample_shape)
+        x0 = self.generate(self.modules["student"], z, labels)
+        t = self.sample_t(b)
+        eps = self.randn(*x0.shape)
+        x_t = sched.add_noise(x0, eps, t)
+        fake = self.unwrap("fake")
+        fake.requires_grad_(False)
+        d_fake = self.fake_x0(fake, x_t, t, labels)
+        fake.requires_grad_(True)
+        d_real = self.teacher_x0(x_t, t, labels)
+        a, s = sched.alpha_sigma(t, x_t)
+        coef = (a / (s * s)).float()
+        return x0, x_t, t, d_real, d_fake, coef
+
+    def generator_step(self, labels, b: int, batch: dict) -> dict:
+        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
+        per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
+        keep = torch.isfinite(per_sample)
+        loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
+        norm = self.step_optimizer("student", loss)
+        return {"gen_loss": loss.item(), "grad_norm": norm,
+                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
+
+    # ------------------------------------------------------------------ step / export
+    def train_step(self, batch: dict, step: int) -> dict:
+        sec = self.section
+        b = batch["x"].shape[0]
+        labels = self._labels_from(batch["label"])
+        logs = {}
+        for _ in range(sec.fake_steps_per_generator_step):
+            logs.update(self.fake_step(labels, b))
+        if step >= sec.fake_warmup_steps:
+            logs.update(self.generator_step(labels, b, batch))
+        return logs
+
+    def export_scheduler(self):
+        return diffusers.DDPMScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.gen_pred)
+
+    def export(self):
+        return OneStepPipeline(self.unwrap("student"), self.export_scheduler(),
+                               generator_timestep=self.section.generator_timestep,
+                               sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)
+
+    def card_info(self) -> dict:
+        s = self.section
+        return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
+                "generator_timestep (t*)": s.generator_timestep, "distance": s.distance, "huber_c": s.huber_c,
+                "sid_alpha": s.sid_alpha}
