@@ -14,6 +14,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,6 +85,21 @@ def _bare_teacher_loop(net, opt, x, k, target):
     opt.zero_grad(set_to_none=True)
 
 
+def _trainer_iteration(trainer):
+    """One full trainer iteration (batch, train_step, EMA) as the loop runs it."""
+    counter = [0]
+
+    def run():
+        trainer.rng = trainer.step_generator(counter[0], 0)
+        batch = trainer._batch(trainer.rng)
+        trainer.train_step(batch, counter[0] + 1000)
+        for n, ema in trainer.emas.items():
+            ema.step(trainer.unwrap(n).parameters())
+        counter[0] += 1
+
+    return run
+
+
 def bench_training(quick: bool) -> str:
     from distill.config import load_config
     from distill.trainers import trainer_class
@@ -103,25 +119,16 @@ def bench_training(quick: bool) -> str:
             trainer = trainer_class(cfg.method)(cfg)
             trainer.setup()
 
-            def one_step(s=[0]):
-                trainer.rng = trainer.step_generator(s[0], 0)
-                batch = trainer._batch(trainer.rng)
-                trainer.train_step(batch, s[0] + 1000)
-                for n, ema in trainer.emas.items():
-                    ema.step(trainer.unwrap(n).parameters())
-                s[0] += 1
-
-            t_trainer = timeit(one_step, steps, warmup=2)
+            t_trainer = timeit(_trainer_iteration(trainer), steps, warmup=2)
             # the network passes the method needs, in a bare loop of the same networks
             net = trainer.unwrap("student")
             b = cfg.train.batch_size
             x = torch.randn(b, *trainer.data.sample_shape)
             k = torch.randint(0, 1000, (b,))
             opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
-            target = torch.randn_like(x)
-            t_fb = timeit(lambda: _bare_teacher_loop(net, opt, x, k, target), steps, warmup=2)
+            t_fb = timeit(partial(_bare_teacher_loop, net, opt, x, k, torch.randn_like(x)), steps, warmup=2)
             with torch.no_grad():
-                t_f = timeit(lambda: net(x, k).sample, steps, warmup=1)
+                t_f = timeit(partial(net, x, k), steps, warmup=1)
             if cfg.method == "teacher":
                 passes, bare = "1 fwd+bwd", t_fb
             else:

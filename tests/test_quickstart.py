@@ -1,0 +1,96 @@
+"""The builtin teacher, the main job and every command of the README."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+from distill.eval.extractors import DigitsNet, make_extractor
+from distill.pipelines import FewStepPipeline
+from distill.teachers import ASSETS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TRAIN = ["train.max_steps=3", "eval.num_samples=100", "eval.teacher_steps=[1,2]", "eval.batch_size=50",
+              "train.progress_bar=false"]
+
+
+def test_builtin_teacher_is_a_stock_ddpm_folder_with_recognisable_digits():
+    pipe = diffusers.DDPMPipeline.from_pretrained(ASSETS / "digits_teacher")
+    assert isinstance(pipe.unet, diffusers.UNet2DModel)
+    sampler = FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50)
+    sampler.set_progress_bar_config(disable=True)
+    x = sampler(batch_size=200, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    ext, _, _ = make_extractor("digits")
+    u8 = (x * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = ext.net(DigitsNet.preprocess(u8))[1].softmax(1)
+    assert probs.max(1).values.mean() > 0.9
+    assert len(set(probs.argmax(1).tolist())) == 10
+
+
+def _readme_commands():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    cmds = []
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                cmds.append(line)
+    return cmds
+
+
+def _run(cmd: list[str], cwd, expect_ok=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if expect_ok:
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-3000:])
+    return res
+
+
+def test_every_readme_command_runs(tmp_path):
+    cmds = _readme_commands()
+    assert "make quickstart" in cmds and "make test" in cmds  # CI runs `make test` itself (.ci/run)
+    main_job = "accelerate launch -m distill train configs/quickstart.yaml"
+    assert main_job in cmds
+    out = tmp_path / "outputs" / "quickstart"
+    # the main job, with tiny overrides
+    res = _run(main_job.split() + [f"output_dir={out}", *TINY_TRAIN], ROOT)
+    assert "student FID" in res.stdout and (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "report" / "fid_report.json").is_file()
+    ran = {main_job}
+    for cmd in cmds:
+        if cmd in ran or cmd.startswith("make "):
+            continue
+        ran.add(cmd)
+        args = cmd.replace("outputs/quickstart", str(out)).split()
+        args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/") else a for a in args]
+        if "--num-samples" in args:
+            args[args.index("--num-samples") + 1] = "100"
+        if args[:2] == ["accelerate", "launch"]:
+            # the real-teacher example: offline it must fail fast with a message naming the fix
+            res = _run(args + ["train.max_steps=1", f"output_dir={tmp_path / 'cifar'}"], ROOT, expect_ok=False)
+            assert res.returncode != 0 and "HF_HUB_OFFLINE" in res.stderr + res.stdout
+            continue
+        _run(args, ROOT)
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
+    # the Python block of "Use the result"
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    code = "import torch\n" + code.replace("outputs/quickstart", str(out))
+    _run([sys.executable, "-c", code], ROOT)
+
+
+@pytest.mark.slow
+def test_full_quickstart_student_beats_teacher_4_steps(tmp_path):
+    res = _run([sys.executable, "-m", "distill", "quickstart", f"output_dir={tmp_path}", "train.progress_bar=false"],
+               ROOT)
+    import json
+
+    report = json.loads((tmp_path / "report" / "fid_report.json").read_text())
+    fid = {(r["model"], r["steps"]): r["fid"] for r in report["results"]}
+    assert fid[("student", 1)] < fid[("teacher", 4)], (fid, res.stdout[-1000:])
