@@ -155,7 +155,7 @@ class ProgressiveConfig:
     steps_per_round: int = 500
     final_rounds_multiplier: float = 2.0  # the 2- and 1-step rounds train this much longer (paper s5.2)
     loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
-    parameterization: Literal["sample", "v_prediction"] = "v_prediction"
+    init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
 
 
 @dataclass

@@ -279,8 +279,9 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
             r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
                                 batch_size, seed, steps=k, return_images=True)
             images = r.pop("images")
-            grids[f"{name}-{r['nfe']}step"] = images[:64]
-            results.append({"model": name, "steps": r["nfe"], **r})
+            model = name.split("@")[0]
+            grids[f"{model}-{r['nfe']}step"] = images[:64]
+            results.append({"model": model, "steps": r["nfe"], **r})
     common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
               "reference_num_images", "reference_sha256", "reference_resolution")
     report = {k: results[0].get(k) for k in common}
@@ -298,6 +299,11 @@ def report_after_training(trainer, pipeline_path) -> dict:
     ev, cfg = trainer.config.eval, trainer.config
     student = load_pipeline(str(pipeline_path))
     models, steps = {"student": student}, {"student": [None]}
+    rounds = sorted((Path(cfg.output_dir) / "rounds").glob("steps-*"), key=lambda p: int(p.name.split("-")[1]))
+    for folder in rounds:  # progressive: every round's student at its own step count
+        if int(folder.name.split("-")[1]) != pipeline_nfe(student, None):
+            models[f"student@{folder.name}"] = load_pipeline(str(folder))  # reported as model "student"
+            steps[f"student@{folder.name}"] = [None]
     if ev.teacher_steps and trainer.teacher is not None:
         t = trainer.teacher
         models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50, sample_shape=t.sample_shape,

@@ -191,6 +191,33 @@ class DistillationTrainer:
         opt.zero_grad(set_to_none=True)
         return norm
 
+    def fit_to_teacher(self, net, steps: int, prediction_type: str) -> None:
+        """Regress ``net`` on the teacher's own prediction at noised data for ``steps`` Adam steps.
+
+        The stand-in for "start from a copy of the teacher" when the teacher has no weights to copy
+        (the analytic Gaussian-mixture teacher; score_distillation.md s9.2). Seeded, deterministic.
+        """
+        t, cfg = self.teacher, self.config
+        net.to(self.device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
+        for _ in range(steps):
+            idx = torch.randint(len(self.data), (cfg.train.batch_size,), generator=gen)
+            x0 = self.data.x[idx].to(self.device)
+            labels = self.data.labels[idx].to(self.device) if t.num_classes else None
+            if labels is not None and (labels < 0).any():
+                labels = None
+            tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
+            x_t = t.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(self.device), tt)
+            with torch.no_grad():
+                target = t.schedule.convert(t.network_output(x_t, tt, labels), x_t, tt, t.prediction_type,
+                                            prediction_type)
+            kw = {"class_labels": labels} if labels is not None else {}
+            loss = (net(x_t, t.schedule.timestep(tt), **kw).sample - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
         dtype = like.dtype if like is not None else torch.float32
         return torch.randn(*shape, generator=self.rng, device="cpu", dtype=dtype).to(self.device)

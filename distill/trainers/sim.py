@@ -59,7 +59,7 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
             gen = build_network(cfg, t, shape, ncls)
             self.gen_pred = cfg.student.prediction_type or t.prediction_type
             if sec.init_denoiser_steps:
-                self._pretrain_denoiser(gen, sec.init_denoiser_steps)
+                self.fit_to_teacher(gen, sec.init_denoiser_steps, self.gen_pred)
         fake = copy.deepcopy(gen).requires_grad_(True).train()
         self.fake_pred = self.gen_pred
         if sec.gradient_checkpointing:
@@ -71,31 +71,6 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
         self.loss = self.make_loss()
         self.num_classes = ncls
-
-    def _pretrain_denoiser(self, net, steps: int) -> None:
-        """Analytic teachers have no weights to copy: fit ``net`` to the teacher by regressing the
-        teacher's own prediction on noised data (the stand-in for "copy the teacher", s9.2)."""
-        t, cfg = self.teacher, self.config
-        net.to(self.device)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
-        n = len(self.data)
-        for _ in range(steps):
-            idx = torch.randint(n, (cfg.train.batch_size,), generator=gen)
-            x0 = self.data.x[idx].to(self.device)
-            labels = self._labels_from(self.data.labels[idx].to(self.device))
-            tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
-            eps = torch.randn(x0.shape, generator=gen).to(self.device)
-            x_t = t.schedule.add_noise(x0, eps, tt)
-            with torch.no_grad():
-                target = t.network_output(x_t, tt, labels)
-                target = t.schedule.convert(target, x_t, tt, t.prediction_type, self.gen_pred)
-            kw = {"class_labels": labels} if labels is not None else {}
-            pred = net(x_t, t.schedule.timestep(tt), **kw).sample
-            loss = (pred - target).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
 
     # ------------------------------------------------------------------ pieces
     def _labels_from(self, labels):

@@ -1,0 +1,187 @@
+"""ProgressiveDistillationTrainer (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
+Diffusion Models", ICLR 2022, Algorithm 2; step_reduction.md s1, paper_checks.md s5).
+
+Rounds N -> N/2 -> ... -> ``target_steps``. In each round the student starts as a copy of the
+current teacher (round 0: the teacher's network, or for the analytic teacher an MLP fitted to it),
+the optimizer is reset and the learning rate decays linearly to 0 within the round; the target is
+the closed-form x-tilde of two teacher DDIM steps on the student's own grid (the teacher's second
+x-prediction on the last interval; objectives.progressive). Loss: truncated SNR (default) or SNR+1.
+
+Grids live on the discrete 1000-entry diffusers table with trailing spacing (so t = 999 is trained
+and every grid is nested: the N/2 grid is every other point of the N grid; ``start_steps`` is
+capped by the table). The 2- and 1-step rounds train ``final_rounds_multiplier`` times longer
+(the paper: 100k instead of 50k updates, paper_checks.md s5). Each round's student is exported
+to ``output_dir/rounds/steps-N`` as a FewStepPipeline with its step count and grid stored in the
+pipeline config, so ``pipe()`` with no arguments samples correctly; the last is ``output_dir/pipeline``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import diffusers
+import torch
+
+from ..config import ConfigError
+from ..export import export_pipeline
+from ..objectives.progressive import progressive_loss, progressive_target
+from ..pipelines import FewStepPipeline, trailing_timesteps
+from .base import DistillationTrainer, build_network, load_teacher
+
+
+def round_plan(start_steps: int, target_steps: int, steps_per_round: int, multiplier: float) -> list[tuple[int, int]]:
+    """[(student steps, training updates)] for every halving round."""
+    plan, n = [], start_steps
+    while n > target_steps:
+        n //= 2
+        plan.append((n, int(round(steps_per_round * (multiplier if n <= 2 else 1.0)))))
+    return plan
+
+
+class ProgressiveDistillationTrainer(DistillationTrainer):
+    method = "progressive"
+
+    @property
+    def section(self):
+        return self.config.progressive
+
+    def build(self) -> None:
+        cfg, sec = self.config, self.section
+        self.teacher = load_teacher(cfg, self.device)
+        t = self.teacher
+        T = t.schedule.num_train_timesteps
+        if sec.start_steps > T // 2 + 1 and sec.start_steps > 512:
+            raise ConfigError(f"progressive.start_steps: {sec.start_steps} exceeds what the {T}-entry table "
+                              "supports with nested trailing grids; use 512 or fewer.")
+        self.plan = round_plan(sec.start_steps, sec.target_steps, sec.steps_per_round, sec.final_rounds_multiplier)
+        self.bounds = [0]
+        for _, n in self.plan:
+            self.bounds.append(self.bounds[-1] + n)
+        if cfg.train.max_steps != self.bounds[-1]:
+            self.accelerator.print(f"progressive: {len(self.plan)} rounds {[n for n, _ in self.plan]} steps, "
+                                   f"train.max_steps set to {self.bounds[-1]} updates")
+            cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
+        if cfg.student.arch == "copy":
+            net = build_network(cfg, t, t.sample_shape, t.num_classes)
+            self.pred = t.prediction_type
+        else:
+            cfg.student.conditional = bool(t.num_classes)
+            net = build_network(cfg, t, t.sample_shape, t.num_classes)
+            self.pred = cfg.student.prediction_type or "v_prediction"
+            self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)
+        self.add("student", net, lr=cfg.optim.lr, ema=True)
+        self.add("round_teacher", copy.deepcopy(net).requires_grad_(False).eval())
+        self.round, self._round_started = 0, -1
+        self.num_classes = t.num_classes
+
+    # ------------------------------------------------------------------ rounds
+    def round_of(self, step: int) -> int:
+        for i in range(len(self.plan)):
+            if step < self.bounds[i + 1]:
+                return i
+        return len(self.plan) - 1
+
+    def grids(self, r: int) -> tuple[list[int], list[int]]:
+        n_student = self.plan[r][0]
+        T = self.teacher.schedule.num_train_timesteps
+        return trailing_timesteps(2 * n_student, T), trailing_timesteps(n_student, T)
+
+    def _start_round(self, r: int) -> None:
+        """New round: the finished student becomes the (frozen) teacher; optimizer and EMA reset."""
+        student = self.unwrap("student")
+        if r > 0:
+            if self.accelerator.is_main_process:
+                self.export_round(r - 1)
+            self.unwrap("round_teacher").load_state_dict(student.state_dict())
+        opt = self.optimizers["student"]
+        inner = getattr(opt, "optimizer", opt)
+        inner.state.clear()
+        ema = self.emas["student"]
+        ema.shadow_params = [p.clone().detach() for p in student.parameters()]
+        ema.optimization_step = 0
+        self.round = r
+
+    def _set_lr(self, step: int) -> None:
+        r = self.round_of(step)
+        lo, hi = self.bounds[r], self.bounds[r + 1]
+        scale = 1.0 - (step - lo) / max(hi - lo, 1)  # linear decay to 0 within the round (s1.5)
+        for g in self.optimizers["student"].param_groups:
+            g["lr"] = self._base_lr["student"] * scale
+
+    def state(self) -> dict:
+        return {"round": self.round}
+
+    def load_state(self, state: dict) -> None:
+        self.round = int(state.get("round", 0))
+
+    # ------------------------------------------------------------------ step
+    def teacher_x0(self, r: int, z, t, labels):
+        if r == 0 and self.config.student.arch == "copy":
+            return self.teacher.predict_x0(z, t, labels, self.config.teacher.guidance_scale).float()
+        if r == 0:
+            return self.teacher.predict_x0(z, t, labels).float()
+        net = self.unwrap("round_teacher")
+        return self._net_x0(net, z, t, labels)
+
+    def _net_x0(self, net, z, t, labels):
+        sched = self.teacher.schedule
+        kw = {"class_labels": labels} if labels is not None else {}
+        with self.accelerator.autocast():
+            out = net(z, sched.timestep(t), **kw).sample.float()
+        return sched.to_x0_eps(out, z, t, self.pred)[0].float()
+
+    def train_step(self, batch: dict, step: int) -> dict:
+        r = self.round_of(step)
+        if r != self._round_started:
+            if step == self.bounds[r]:
+                self._start_round(r)
+            else:  # resumed mid-round: networks, optimizer and EMA came from the checkpoint
+                self.round = r
+            self._round_started = r
+        sched = self.teacher.schedule
+        T = sched.num_train_timesteps
+        teacher_grid, student_grid = self.grids(r)
+        x0 = batch["x"]
+        b = x0.shape[0]
+        labels = batch["label"] if self.num_classes else None
+        if labels is not None and (labels < 0).any():
+            labels = torch.randint(self.num_classes, (b,), generator=self.rng).to(self.device)
+        j = torch.randint(len(student_grid), (b,), generator=self.rng).tolist()
+        grid = teacher_grid + [-1]  # -1: the interval ends at the data
+        k0, k1, k2 = (torch.tensor([grid[2 * i + d] for i in j], dtype=torch.float64) for d in (0, 1, 2))
+        t, t1 = (k0 / (T - 1)).to(self.device), (k1 / (T - 1)).to(self.device)
+        t2 = torch.where(k2 >= 0, k2 / (T - 1), torch.tensor(float("nan"), dtype=torch.float64)).to(self.device)
+        z = sched.add_noise(x0, self.randn(*x0.shape), t)
+        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, labels), z, t, t1, t2)
+        x_pred = self._net_x0(self.modules["student"], z, t, labels)
+        loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
+        norm = self.step_optimizer("student", loss)
+        return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+
+    # ------------------------------------------------------------------ export
+    def export_scheduler(self):
+        return diffusers.DDIMScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.pred,
+                                                   timestep_spacing="trailing", clip_sample=False,
+                                                   set_alpha_to_one=True)
+
+    def export(self, r: int | None = None):
+        r = self.round_of(self.step - 1) if r is None else r
+        n = self.plan[r][0]
+        return FewStepPipeline(self.unwrap("student"), self.export_scheduler(), num_inference_steps=n,
+                               timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
+                               num_classes=self.num_classes)
+
+    def export_round(self, r: int):
+        with self.ema_weights():
+            return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",
+                                   {**self.card_info(), "steps": self.plan[r][0]})
+
+    def finish(self, seconds: float):
+        if self.accelerator.is_main_process:
+            self.export_round(len(self.plan) - 1)
+        return super().finish(seconds)
+
+    def card_info(self) -> dict:
+        s = self.section
+        return {"method": self.method, "teacher": self.config.teacher.path, "start_steps": s.start_steps,
+                "target_steps": s.target_steps, "loss_weighting": s.loss_weighting, "prediction_type": self.pred}
