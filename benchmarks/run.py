@@ -100,6 +100,51 @@ def _trainer_iteration(trainer):
     return run
 
 
+def _bare_sim_step(trainer):
+    """The SIM iteration written as plain torch on the same networks: fake DSM update, then the
+    generator update through the inputs of the frozen teacher and fake networks. No Accelerate,
+    no EMA, no logging: the denominator of the overhead ratio."""
+    teacher = trainer.teacher.model
+    gen, fake = trainer.unwrap("student"), trainer.unwrap("fake")
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-7, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-7, betas=(0.0, 0.999))
+    ac = trainer.teacher.scheduler.alphas_cumprod
+    b = trainer.config.train.batch_size
+    shape = (b, *trainer.teacher.sample_shape)
+    a_star, s_star = ac[625].sqrt(), (1 - ac[625]).sqrt()
+
+    def x0_of(out, x, a, s):  # v-prediction
+        return a * x - s * out
+
+    def run():
+        k = torch.randint(20, 980, (b,))
+        a, s = ac[k].sqrt().view(-1, 1, 1, 1), (1 - ac[k]).sqrt().view(-1, 1, 1, 1)
+        z = torch.randn(shape)
+        with torch.no_grad():
+            xg = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
+        eps = torch.randn(shape)
+        xt = a * xg + s * eps
+        loss_f = (fake(xt, k).sample - (a * eps - s * xg)).pow(2).mean()
+        opt_f.zero_grad()
+        loss_f.backward()
+        opt_f.step()
+        z = torch.randn(shape)
+        x0 = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
+        xt = a * x0 + s * torch.randn(shape)
+        fake.requires_grad_(False)
+        d_fake = x0_of(fake(xt, k).sample, xt, a, s)
+        fake.requires_grad_(True)
+        d_real = x0_of(teacher(xt, k).sample, xt, a, s)
+        d = (d_real - d_fake).flatten(1)
+        g = d / torch.sqrt(d.pow(2).mean(1, keepdim=True) + 0.01)
+        loss_g = (g * (d_fake - x0).flatten(1)).mean()
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+
+    return run
+
+
 def bench_training(quick: bool) -> str:
     from distill.config import load_config
     from distill.trainers import trainer_class
@@ -131,6 +176,9 @@ def bench_training(quick: bool) -> str:
                 t_f = timeit(partial(net, x, k), steps, warmup=1)
             if cfg.method == "teacher":
                 passes, bare = "1 fwd+bwd", t_fb
+            elif cfg.method == "sim":
+                passes = "bare torch SIM step (same passes)"
+                bare = timeit(_bare_sim_step(trainer), steps, warmup=2)
             else:
                 # fake DSM (fwd+bwd), generator no-grad fwd, generator fwd+bwd, teacher and fake
                 # fwd+bwd through their inputs: 4 fwd+bwd + 1 fwd (+ discriminator head: negligible;
@@ -180,6 +228,38 @@ def bench_quality(quick: bool) -> str:
                   rows) + "\n")
 
 
+# ---------------------------------------------------------------------- (e) progressive (toy)
+def bench_progressive(quick: bool) -> str:
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.eval.toy import toy_report
+    from distill.teachers import analytic_teacher
+    from distill.trainers import trainer_class
+
+    teacher = analytic_teacher("gaussians8")
+    ref, _ = teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(1))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(HERE.parent / "configs/progressive_gaussians8.yaml",
+                          [f"output_dir={tmp}", "train.progress_bar=false", "train.report_to=none",
+                           "progressive.start_steps=16"])
+        t0 = time.time()
+        trainer_class("progressive")(cfg).train()
+        secs = time.time() - t0
+        for n in (8, 4, 2, 1):
+            pipe = load_pipeline(f"{tmp}/rounds/steps-{n}")
+            pipe.set_progress_bar_config(disable=True)
+            x = pipe(batch_size=8000, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            s = toy_report(x, teacher.model, ref)
+            d = toy_report(teacher.sample(8000, num_steps=n, generator=torch.Generator().manual_seed(0)),
+                           teacher.model, ref)
+            rows.append([n, s["swd"], f"{s['modes']}/8", d["swd"], f"{d['modes']}/8", d["swd"] / s["swd"]])
+    return (f"### (e) Progressive distillation on toy:gaussians8 (16 -> 1 steps, {secs:.0f} s of training; "
+            "goal: student closer to the truth than teacher DDIM at every step count)\n\n"
+            + table(["steps", "student SWD", "student modes", "teacher DDIM SWD", "DDIM modes",
+                     "DDIM SWD / student SWD"], rows) + "\n")
+
+
 # ---------------------------------------------------------------------- (d) FID evaluation
 def bench_fid(quick: bool) -> str:
     from distill import OneStepPipeline
@@ -220,7 +300,7 @@ def bench_fid(quick: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="sampling,training,fid,quality")
+    ap.add_argument("--only", default="sampling,training,fid,quality,progressive")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -228,12 +308,19 @@ def main() -> None:
            f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
            f"(threads {torch.get_num_threads()}), CUDA {'yes' if torch.cuda.is_available() else 'no'}. "
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
-    funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality}
+    funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
+             "progressive": bench_progressive}
+    sections = HERE / "results"
+    sections.mkdir(exist_ok=True)
     for p in parts:
         t0 = time.time()
         section = funcs[p](args.quick)
         print(section, flush=True)
-        out += [section, f"_({p}: {time.time() - t0:.0f} s)_", ""]
+        (sections / f"{p}.md").write_text(f"{section}\n_({p}: {time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}, "
+                                          f"`python benchmarks/run.py --only {p}`)_\n")
+    for name in funcs:  # results.md = every section measured so far, in a fixed order
+        if (sections / f"{name}.md").is_file():
+            out += [(sections / f"{name}.md").read_text(), ""]
     (HERE / "results.md").write_text("\n".join(out))
     print(f"written to {HERE / 'results.md'}")
 

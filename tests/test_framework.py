@@ -112,3 +112,23 @@ def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path):
     assert r0[0] == r1[0] == "2" and "MULTI_CPU" in r0[1]
     assert r0[2] == r1[2], "parameters differ between ranks"
     assert r0[3] != r1[3], "both ranks saw the same data"
+
+
+def test_curriculum_starts_at_high_noise_and_accumulates_harder_clusters(tmp_path):
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=1", "teacher_train.curriculum_clusters=4",
+                                   "teacher_train.curriculum_patience=3"])
+    trainer = TeacherTrainer(cfg)
+    trainer.setup()
+    assert trainer._index_range() == (750, 1000)  # the easiest (noisiest) cluster first
+    for loss in (1.0, 1.0, 1.0, 1.0):  # no improvement for `patience` steps -> next stage
+        trainer._update_curriculum(loss)
+    assert trainer.stage == 2 and trainer._index_range() == (500, 1000)
+    for _ in range(3):
+        for loss in (1.0, 1.0, 1.0, 1.0):
+            trainer._update_curriculum(loss)
+    assert trainer._index_range() == (0, 1000)  # after the last stage: every index
+    state = trainer.state()
+    other = TeacherTrainer(cfg)
+    other.setup()
+    other.load_state(state)
+    assert other._index_range() == (0, 1000) and other.stage == state["stage"]

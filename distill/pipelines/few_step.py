@@ -16,7 +16,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, default_labels, to_output, x0_from_output
+from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
 
 
 def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -96,7 +96,7 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  generator: torch.Generator | list | None = None, class_labels=None,
                  guidance_scale: float | None = None, stochastic: bool = False, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True):
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = device_dtype(self, self.unet)
         ts = self.grid(num_inference_steps, timesteps)
         shape = (batch_size, *self.config.sample_shape)
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,

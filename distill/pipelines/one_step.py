@@ -48,6 +48,16 @@ def to_output(x: torch.Tensor, output_type: str):
     return DiffusionPipeline.numpy_to_pil(arr)
 
 
+def device_dtype(pipe, net):
+    """Execution device and dtype of ``net`` without diffusers' per-call walk over every module
+    (measurable at small batches); with accelerate offload hooks, diffusers' own resolution."""
+    if hasattr(net, "_hf_hook"):
+        return pipe._execution_device, net.dtype
+    t = next(net.parameters(), None)
+    t = t if t is not None else next(net.buffers())
+    return t.device, t.dtype
+
+
 def default_labels(batch_size: int, num_classes: int, class_labels, device):
     """Class labels as a tensor; None on an unconditional model, balanced 0..C-1 when not given."""
     if not num_classes:
@@ -135,7 +145,7 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  return_dict: bool = True, num_inference_steps: int = 1):
         if num_inference_steps != 1:
             raise ValueError(f"OneStepPipeline samples in exactly 1 step, got num_inference_steps={num_inference_steps}.")
-        device, dtype = self._execution_device, self.generator.dtype
+        device, dtype = device_dtype(self, self.generator)
         shape = (batch_size, *self.config.sample_shape)
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
