@@ -175,18 +175,23 @@ class DistillationTrainer:
 
     def step_optimizer(self, name: str, loss: torch.Tensor) -> float | None:
         """backward, clip, step, zero_grad for one registered network; returns the gradient norm."""
-        opt = self.optimizers[name]
         self.accelerator.backward(loss)
+        return self.apply_gradients(name)
+
+    def apply_gradients(self, name: str) -> float | None:
+        """NaN hygiene (score_distillation.md s8.9), clipping, optimizer step and zero_grad of one
+        network whose gradients are already accumulated; returns the (pre-clip) gradient norm."""
         norm = None
         if self.accelerator.sync_gradients:
             params = [p for p in self.modules[name].parameters() if p.grad is not None]
-            for p in params:  # NaN hygiene (score_distillation.md s8.9)
+            for p in params:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
             max_norm = self.config.optim.max_grad_norm
             if max_norm is not None and params:
                 norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
             elif params:
                 norm = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+        opt = self.optimizers[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm

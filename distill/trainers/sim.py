@@ -109,17 +109,20 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         with self.accelerator.autocast():
             return self.teacher.predict_x0(x_t, t, labels, self.config.teacher.guidance_scale).float()
 
-    def fake_step(self, labels, b: int) -> dict:
+    def fake_inputs(self, labels, b: int):
+        """Noised detached generator samples and the fake score's regression target (s0.3)."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
         with torch.no_grad():
             x_g = self.generate(self.unwrap("student"), z, labels)
         t = self.sample_t(b)
         eps = self.randn(*x_g.shape)
-        x_t = sched.add_noise(x_g, eps, t)
-        target = sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+        return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+
+    def fake_step(self, labels, b: int, batch: dict) -> dict:
+        x_t, t, target = self.fake_inputs(labels, b)
         with self.accelerator.autocast():
-            pred = self.modules["fake"](x_t, sched.timestep(t), **self._net_kwargs(labels)).sample
+            pred = self.modules["fake"](x_t, self.teacher.schedule.timestep(t), **self._net_kwargs(labels)).sample
         loss = fake_score_loss(pred, target).mean()
         norm = self.step_optimizer("fake", loss)
         return {"fake_loss": loss.item(), "fake_grad_norm": norm}
@@ -141,7 +144,7 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, labels, b: int, batch: dict) -> dict:
+    def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
         x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
         per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
         keep = torch.isfinite(per_sample)
@@ -157,9 +160,9 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         labels = self._labels_from(batch["label"])
         logs = {}
         for _ in range(sec.fake_steps_per_generator_step):
-            logs.update(self.fake_step(labels, b))
+            logs.update(self.fake_step(labels, b, batch))
         if step >= sec.fake_warmup_steps:
-            logs.update(self.generator_step(labels, b, batch))
+            logs.update(self.generator_step(labels, b, batch, step))
         return logs
 
     def export_scheduler(self):

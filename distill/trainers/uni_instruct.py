@@ -91,17 +91,11 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         head = head or self.modules["disc"]
         return head(self._features.pop("f")).float()
 
-    def fake_step(self, labels, b: int, batch: dict | None = None) -> dict:
+    def fake_step(self, labels, b: int, batch: dict) -> dict:
         if not self.uses_discriminator:
-            return super().fake_step(labels, b)
+            return super().fake_step(labels, b, batch)
         sched = self.teacher.schedule
-        z = self.randn(b, *self.teacher.sample_shape)
-        with torch.no_grad():
-            x_g = self.generate(self.unwrap("student"), z, labels)
-        t = self.sample_t(b)
-        eps = self.randn(*x_g.shape)
-        x_t = sched.add_noise(x_g, eps, t)
-        target = sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+        x_t, t, target = self.fake_inputs(labels, b)
         fake = self.modules["fake"]
         kw = self._net_kwargs(labels)
         with self.accelerator.autocast():
@@ -115,30 +109,11 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         bce = discriminator_loss(logit_real, logit_fake).mean()
         loss = dsm + self.section.discriminator_weight * bce
         self.accelerator.backward(loss)
-        norms = {}
-        for name in ("fake", "disc"):
-            params = [p for p in self.modules[name].parameters() if p.grad is not None]
-            for p in params:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-            if self.accelerator.sync_gradients and self.config.optim.max_grad_norm and params:
-                norms[name] = float(self.accelerator.clip_grad_norm_(params, self.config.optim.max_grad_norm))
-            self.optimizers[name].step()
-            self.optimizers[name].zero_grad(set_to_none=True)
+        norms = {name: self.apply_gradients(name) for name in ("fake", "disc")}
         acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()).item() / 2
         return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms.get("fake")}
 
-    def train_step(self, batch: dict, step: int) -> dict:
-        sec = self.section
-        b = batch["x"].shape[0]
-        labels = self._labels_from(batch["label"])
-        logs = {}
-        for _ in range(sec.fake_steps_per_generator_step):
-            logs.update(self.fake_step(labels, b, batch))
-        if step >= sec.fake_warmup_steps:
-            logs.update(self.generator_step(labels, b, batch, step))
-        return logs
-
-    def generator_step(self, labels, b: int, batch: dict, step: int = 0) -> dict:
+    def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
         sec = self.section
         self._features.clear()
         x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
