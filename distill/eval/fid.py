@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 
 from .extractors import file_sha256, make_extractor
 
-FIDELITY_VERSION = None
-
 
 def fidelity_version() -> str:
     import torch_fidelity

@@ -50,9 +50,9 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         self.teacher = load_teacher(cfg, self.device)
         t = self.teacher
         T = t.schedule.num_train_timesteps
-        if sec.start_steps > T // 2 + 1 and sec.start_steps > 512:
-            raise ConfigError(f"progressive.start_steps: {sec.start_steps} exceeds what the {T}-entry table "
-                              "supports with nested trailing grids; use 512 or fewer.")
+        if sec.start_steps > T:
+            raise ConfigError(f"progressive.start_steps: {sec.start_steps} exceeds the {T}-entry schedule table; "
+                              f"use a power of two <= {T}.")
         self.plan = round_plan(sec.start_steps, sec.target_steps, sec.steps_per_round, sec.final_rounds_multiplier)
         self.bounds = [0]
         for _, n in self.plan:
