@@ -260,6 +260,48 @@ def bench_progressive(quick: bool) -> str:
                      "DDIM SWD / student SWD"], rows) + "\n")
 
 
+# ---------------------------------------------------------------------- (f) guided (toy)
+def bench_guided(quick: bool) -> str:
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.eval.toy import sliced_wasserstein
+    from distill.teachers import analytic_teacher
+    from distill.trainers import trainer_class
+
+    n = 4000 if quick else 8000
+    teacher = analytic_teacher("gaussians8", conditional=True)
+    labels = torch.arange(n) % 8
+    means = teacher.model.mix_means.float()
+
+    def on_class(x):  # share of samples whose nearest mode is their own class
+        return float((torch.cdist(x.float(), means).argmin(1) == labels).float().mean())
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(HERE.parent / "configs/guided_gaussians8.yaml",
+                          [f"output_dir={tmp}", "train.progress_bar=false", "train.report_to=none"])
+        t0 = time.time()
+        trainer_class("guided")(cfg).train()
+        secs = time.time() - t0
+        for s in (1.0, 2.5, 4.0):
+            ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), labels, guidance_scale=s)
+            floor = teacher.sample(n, 256, torch.Generator().manual_seed(2), labels, guidance_scale=s)
+            for k in (4, 2, 1):
+                pipe = load_pipeline(f"{tmp}/rounds/steps-{k}")
+                pipe.set_progress_bar_config(disable=True)
+                x = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels,
+                         guidance_scale=s, output_type="pt").images
+                d = teacher.sample(n, k, torch.Generator().manual_seed(0), labels, guidance_scale=s)
+                rows.append([s, k, sliced_wasserstein(x, ref), sliced_wasserstein(d, ref),
+                             sliced_wasserstein(floor, ref), on_class(x), on_class(ref)])
+    return (f"### (f) Guided distillation on the class-conditional toy:gaussians8 ({secs:.0f} s of training: stage "
+            "one + 16 -> 1 steps, guidance_scale in [1, 4]; distances to 256-step CFG-teacher samples at the same "
+            f"guidance_scale, {n} class-balanced samples; goal: the student tracks the CFG teacher at every scale)\n\n"
+            + table(["guidance_scale", "steps", "student SWD to CFG teacher", "teacher DDIM (same steps) SWD",
+                     "noise floor (256-step, other seed)", "student on-class share", "teacher on-class share"],
+                    rows) + "\n")
+
+
 # ---------------------------------------------------------------------- (d) FID evaluation
 def bench_fid(quick: bool) -> str:
     from distill import OneStepPipeline
@@ -300,7 +342,7 @@ def bench_fid(quick: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="sampling,training,fid,quality,progressive")
+    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -309,7 +351,7 @@ def main() -> None:
            f"(threads {torch.get_num_threads()}), CUDA {'yes' if torch.cuda.is_available() else 'no'}. "
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
     funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
-             "progressive": bench_progressive}
+             "progressive": bench_progressive, "guided": bench_guided}
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     for p in parts:

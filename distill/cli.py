@@ -43,22 +43,26 @@ def cmd_train(args, force_method: str | None = None) -> int:
 
 
 def headline(report: dict, output_dir: str) -> str:
-    """The closing lines of a run: where everything is, student vs teacher FID, speed-up."""
+    """The closing lines of a run: where everything is, student vs teacher FID, speed-up (one block
+    per guidance scale when the report has several)."""
     rows = report["results"]
-    student = next((r for r in rows if r["model"] == "student"), None)
-    teacher = sorted((r for r in rows if r["model"] == "teacher"), key=lambda r: r["steps"])
     out = Path(output_dir)
     lines = ["", "=" * 72, f"pipeline: {out / 'pipeline'}", f"report:   {out / 'report' / 'fid_report.md'}",
              f"samples:  {out / 'samples'}"]
-    if student:
-        lines.append(f"student FID ({report['feature_extractor']} extractor, {student['num_samples']} samples): "
-                     f"{student['fid']:.3g} at {student['steps']} step")
-    if teacher:
-        lines.append("teacher FID: " + ", ".join(f"{r['fid']:.3g} @ {r['steps']}" for r in teacher))
-        best = teacher[-1]
-        if student and student.get("samples_per_second"):
-            speed = best["generation_seconds"] / max(student["generation_seconds"], 1e-9)
-            lines.append(f"speed-up vs teacher at {best['steps']} steps: {speed:.1f}x (generation time)")
+    for gs in dict.fromkeys(r.get("guidance_scale") for r in rows):
+        group = [r for r in rows if r.get("guidance_scale") == gs]
+        tag = "" if gs is None else f" (guidance_scale {gs:g})"
+        student = next((r for r in group if r["model"].split("-s")[0] == "student"), None)
+        teacher = sorted((r for r in group if r["model"].split("-s")[0] == "teacher"), key=lambda r: r["steps"])
+        if student:
+            lines.append(f"student FID{tag} ({report['feature_extractor']} extractor, {student['num_samples']} "
+                         f"samples): {student['fid']:.3g} at {student['steps']} step")
+        if teacher:
+            lines.append(f"teacher FID{tag}: " + ", ".join(f"{r['fid']:.3g} @ {r['steps']}" for r in teacher))
+            best = teacher[-1]
+            if student and student.get("samples_per_second"):
+                speed = best["generation_seconds"] / max(student["generation_seconds"], 1e-9)
+                lines.append(f"speed-up vs teacher at {best['steps']} steps: {speed:.1f}x (generation time)")
     lines.append("=" * 72)
     return "\n".join(lines)
 
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-samples", type=int, default=2000)
     f.add_argument("--steps", default=None, help="comma-separated step counts, e.g. 1,2,4")
     f.add_argument("--compare", default=None, help="a teacher pipeline folder to evaluate at the same steps")
+    f.add_argument("--guidance-scales", default=None,
+                   help="comma-separated guidance scales (diffusers convention, 1 = none) for guidance-conditioned "
+                        "students and class-conditional pipelines (classifier-free guidance)")
     f.add_argument("--feature-extractor", default="digits", choices=["digits", "inception-v3-compat"])
     f.add_argument("--feature-extractor-weights", default=None)
     f.add_argument("--metrics", default="fid,kid,prc")

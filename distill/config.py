@@ -97,6 +97,9 @@ class EvalConfig:
     feature_extractor: Literal["digits", "inception-v3-compat"] = "digits"
     feature_extractor_weights: str | None = None
     teacher_steps: list[int] = field(default_factory=list)  # also evaluate the teacher at these step counts
+    # guidance scales (diffusers convention) at which guidance-conditioned students and a class-conditional
+    # teacher (with classifier-free guidance) are evaluated; empty = each pipeline's default
+    guidance_scales: list[float] = field(default_factory=list)
     batch_size: int = 250
     seed: int = 0
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
@@ -160,11 +163,17 @@ class ProgressiveConfig:
 
 @dataclass
 class GuidedConfig(ProgressiveConfig):
-    """Guided distillation (Meng et al. 2023)."""
+    """Guided distillation (Meng et al. 2023): stage one + progressive rounds from ``start_steps``.
 
-    guidance_min: float = 1.0  # diffusers guidance_scale range (w_paper = guidance_scale - 1)
-    guidance_max: float = 4.0
-    stage_one_steps: int = 1000
+    Guidance scales use diffusers' convention s = 1 + w (w: Meng et al.'s weight, 0 = no guidance).
+    Defaults: s in [1, 5] is the paper's pixel range w in [0, 4] [recall, paper_checks.md s4].
+    """
+
+    guidance_min: float = 1.0  # diffusers guidance_scale range, sampled uniformly per example
+    guidance_max: float = 5.0
+    default_guidance_scale: float = 2.0  # what the exported pipeline uses when guidance_scale is not passed
+    stage_one_steps: int = 1000  # updates of the w-conditioned regression onto the CFG teacher
+    guidance_embed_dim: int = 64  # sinusoidal embedding width of 1000 w
 
 
 @dataclass
@@ -347,6 +356,13 @@ def validate(cfg: Config) -> None:
         (_pow2(cfg.progressive.start_steps) and _pow2(cfg.progressive.target_steps)
          and cfg.progressive.target_steps < cfg.progressive.start_steps, "progressive.start_steps/target_steps",
          (cfg.progressive.start_steps, cfg.progressive.target_steps), "powers of two with target < start"),
+        (_pow2(cfg.guided.start_steps) and _pow2(cfg.guided.target_steps)
+         and cfg.guided.target_steps <= cfg.guided.start_steps, "guided.start_steps/target_steps",
+         (cfg.guided.start_steps, cfg.guided.target_steps), "powers of two with target <= start"),
+        (1.0 <= cfg.guided.guidance_min <= cfg.guided.guidance_max, "guided.guidance_min/guidance_max",
+         (cfg.guided.guidance_min, cfg.guided.guidance_max),
+         "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
+        (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -107,7 +107,8 @@ class Teacher:
         b = x_t.shape[0]
         ts = self._timesteps(t, b, x_t.device)
         labels = self._labels(class_labels, b, x_t.device)
-        guided = guidance_scale is not None and labels is not None and float(guidance_scale) != 1.0
+        guided = guidance_scale is not None and labels is not None and (
+            torch.as_tensor(guidance_scale).numel() > 1 or float(guidance_scale) != 1.0)  # per-sample scales allowed
         if not guided:
             kw = {"class_labels": labels} if labels is not None else {}
             return self.model(x_t, ts, **kw, **cond_kwargs).sample

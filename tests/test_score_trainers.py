@@ -65,3 +65,34 @@ def test_one_step_student_beats_teacher_4_step_ddim(tmp_path, config, overrides)
     student, ddim4 = _toy_metrics(path)
     assert student["modes"] == 8, student
     assert student["swd"] <= ddim4["swd"], (student, ddim4)
+
+
+@pytest.mark.parametrize("method", ["sim", "uni_instruct"])
+def test_gradient_checkpointing_gives_the_same_updates(tmp_path, method):
+    """Checkpointed networks recompute their forward in the backward pass; the fake network must
+    stay frozen through the generator's backward (a requires_grad toggle between forward and
+    backward made the recomputation differ: torch CheckpointError). Same weights with and without."""
+    runs = {}
+    for gc in (False, True):
+        trainer, _ = _run(f"configs/{method}_digits.yaml", tmp_path / str(gc), "train.max_steps=2",
+                          "train.batch_size=4", "eval.enabled=false", f"{method}.gradient_checkpointing={gc}")
+        runs[gc] = {k: v.clone() for k, v in trainer.unwrap("student").state_dict().items()}
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_under_bf16_autocast(tmp_path):
+    """bf16 autocast + checkpointing through the command line (Accelerate's state is per process);
+    CPU autocast here, the CUDA path is in benchmarks/gpu_check.py."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "distill", "train", "configs/uni_instruct_digits.yaml", f"output_dir={tmp_path}",
+           *FAST, "train.max_steps=2", "train.batch_size=4", "eval.enabled=false", "train.log_every=1",
+           "uni_instruct.gradient_checkpointing=true", "train.mixed_precision=bf16"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = json.loads((tmp_path / "train_history.json").read_text())
+    assert history and all(torch.isfinite(torch.tensor(r["gen_loss"])) for r in history if "gen_loss" in r)

@@ -236,6 +236,9 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     else:
         images = generate(source, num_samples, batch_size, seed, steps, **pipeline_kwargs)
         nfe = pipeline_nfe(source, steps)
+        gs, cfg = pipeline_kwargs.get("guidance_scale"), getattr(source, "config", None)
+        if gs is not None and float(gs) != 1.0 and not getattr(cfg, "guidance_conditioned", False):
+            nfe *= 2  # classifier-free guidance: conditional and unconditional evaluation per step
     gen_seconds = time.time() - start
     ref_feats, ref_info = reference_features(reference, extractor, ext_name, weights,
                                              resolution or images.shape[-1], batch_size, use_cache)
@@ -264,22 +267,29 @@ def teacher_as_sampler(pipe):
 # ---------------------------------------------------------------------- reports
 def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: int = 1000,
                     feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
-                    metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None):
+                    metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None,
+                    call_kwargs: dict | None = None, resolution: int | None = None):
     """Evaluate several pipelines at several step counts and write the report folder.
 
-    ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own).
+    ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own);
+    ``call_kwargs``: name -> extra pipeline arguments (e.g. ``guidance_scale``, reported as a column).
+    A name ``model@tag`` is reported as ``model`` (several entries of one model).
     """
     from .report import write_report
 
     results, grids = [], {}
     for name, pipe in models.items():
+        extra = (call_kwargs or {}).get(name, {})
         for k in steps.get(name) or [None]:
             r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
-                                batch_size, seed, steps=k, return_images=True)
+                                batch_size, seed, steps=k if hasattr(pipe, "config") else None,
+                                resolution=resolution, return_images=True, **extra)
             images = r.pop("images")
             model = name.split("@")[0]
-            grids[f"{model}-{r['nfe']}step"] = images[:64]
-            results.append({"model": model, "steps": r["nfe"], **r})
+            n_steps = pipeline_nfe(pipe, k) if hasattr(pipe, "config") else r["nfe"]
+            grids[f"{model}-{n_steps or 0}step"] = images[:64]
+            results.append({"model": model, "steps": n_steps, **{k2: v for k2, v in extra.items()
+                                                                   if k2 == "guidance_scale"}, **r})
     common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
               "reference_num_images", "reference_sha256", "reference_resolution")
     report = {k: results[0].get(k) for k in common}
@@ -287,6 +297,24 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
     report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
                          for r in results]
     return write_report(report, grids, out_dir)
+
+
+def with_guidance_scales(models: dict, steps: dict, scales) -> tuple[dict, dict, dict]:
+    """Each guidance-able model (guidance-conditioned student, or class-conditional pipeline run with
+    classifier-free guidance) once per guidance scale, reported as model ``name-s<scale>``."""
+    if not scales:
+        return models, steps, {}
+    out_models, out_steps, kwargs = {}, {}, {}
+    for name, pipe in models.items():
+        cfg = getattr(pipe, "config", None)
+        guidable = bool(getattr(cfg, "guidance_conditioned", False) or getattr(cfg, "num_classes", 0))
+        model, _, tag = name.partition("@")
+        for s in (scales if guidable else [None]):
+            key = name if s is None else f"{model}-s{s:g}" + (f"@{tag}" if tag else "")
+            out_models[key], out_steps[key] = pipe, steps.get(name)
+            if s is not None:
+                kwargs[key] = {"guidance_scale": float(s)}
+    return out_models, out_steps, kwargs
 
 
 def report_after_training(trainer, pipeline_path) -> dict:
@@ -307,11 +335,12 @@ def report_after_training(trainer, pipeline_path) -> dict:
         models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50, sample_shape=t.sample_shape,
                                             num_classes=t.num_classes)
         steps["teacher"] = list(ev.teacher_steps)
+    models, steps, kwargs = with_guidance_scales(models, steps, ev.guidance_scales)
     out = Path(cfg.output_dir) / "report"
     report = evaluate_models(models, ev.reference or cfg.data.spec, steps, out, ev.num_samples, ev.feature_extractor,
                              ev.feature_extractor_weights, tuple(ev.metrics), ev.batch_size, ev.seed,
                              meta={"method": cfg.method, "teacher": cfg.teacher.path,
-                                   "student_pipeline": str(pipeline_path)})
+                                   "student_pipeline": str(pipeline_path)}, call_kwargs=kwargs)
     card = Path(pipeline_path) / "README.md"
     if card.is_file():
         card.write_text(card.read_text() + "\n## FID report\n\n" + (out / "fid_report.md").read_text())
@@ -334,24 +363,11 @@ def fid_command(args) -> int:
     if args.compare:
         models["teacher"] = teacher_as_sampler(load_pipeline(args.compare))
         step_map["teacher"] = [s for s in steps if s is not None] or [50]
-    results, grids = [], {}
-    for name, m in models.items():
-        for k in step_map[name]:
-            r = compute_metrics(m, args.reference, metrics, args.num_samples, args.feature_extractor,
-                                args.feature_extractor_weights, args.batch_size, args.seed,
-                                steps=k if not isinstance(m, torch.Tensor) else None, resolution=args.resolution,
-                                return_images=True)
-            grids[f"{name}-{r['nfe'] or 0}step"] = r.pop("images")[:64]
-            results.append({"model": name, "steps": r["nfe"], **r})
-    from .report import write_report
-
-    common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
-              "reference_num_images", "reference_sha256", "reference_resolution")
-    report = {k: results[0].get(k) for k in common}
-    report["source"] = str(src)
-    report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
-                         for r in results]
-    write_report(report, grids, args.out)
+    scales = [float(s) for s in args.guidance_scales.split(",")] if getattr(args, "guidance_scales", None) else []
+    models, step_map, kwargs = with_guidance_scales(models, step_map, scales)
+    report = evaluate_models(models, args.reference, step_map, args.out, args.num_samples, args.feature_extractor,
+                             args.feature_extractor_weights, metrics, args.batch_size, args.seed,
+                             meta={"source": str(src)}, call_kwargs=kwargs, resolution=args.resolution)
     print((Path(args.out) / "fid_report.md").read_text())
-    print(json.dumps({"report": str(Path(args.out) / "fid_report.json")}))
+    print(json.dumps({"report": str(Path(args.out) / "fid_report.json"), "results": len(report["results"])}))
     return 0

@@ -57,7 +57,7 @@ def write_json(obj, path) -> Path:
 
 def markdown_table(report: dict) -> str:
     """The results of a report as a Markdown table."""
-    cols = [("model", "model"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
+    cols = [("model", "model"), ("guidance_scale", "guidance"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
             ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("num_samples", "samples"),
             ("seconds", "seconds"), ("samples_per_second", "samples/s")]
     rows = report["results"]

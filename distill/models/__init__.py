@@ -8,12 +8,13 @@ imported distill, and plain diffusers resolves them through ``trust_remote_code=
 
 import sys
 
-from . import gmm, mlp
+from . import gmm, guided_unet, mlp
 from .gmm import GaussianMixtureTeacher
+from .guided_unet import GuidedUNet2DModel
 from .mlp import MLPDenoiser
 
-EXPORT_NAMES = {mlp: "distill_mlp", gmm: "distill_gmm"}
+EXPORT_NAMES = {mlp: "distill_mlp", gmm: "distill_gmm", guided_unet: "distill_guided_unet"}
 for _module, _name in EXPORT_NAMES.items():
     sys.modules.setdefault(_name, _module)
 
-__all__ = ["GaussianMixtureTeacher", "MLPDenoiser", "EXPORT_NAMES"]
+__all__ = ["GaussianMixtureTeacher", "GuidedUNet2DModel", "MLPDenoiser", "EXPORT_NAMES"]

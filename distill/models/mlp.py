@@ -41,14 +41,25 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         num_class_embeds: number of class embeddings (including a null class for CFG), or None.
         sample_shape: optional shape to reshape the output to (e.g. [1, 8, 8]); inputs of that
             shape are flattened on the way in.
+        guidance_embed_dim: width of the sinusoidal embedding of the guidance weight w (guided
+            distillation, Meng et al. 2023 sec. 4.1), or None. The w branch ends in a zero-initialised
+            layer, so a fresh w-conditioned model equals the plain conditional model; ``w = 0`` (the
+            default input) is the conditional model, diffusers' ``guidance_scale = 1 + w``.
     """
 
     @register_to_config
     def __init__(self, data_dim: int = 2, hidden: int = 256, num_layers: int = 3, time_embed_dim: int = 128,
-                 num_class_embeds: int | None = None, sample_shape: list | None = None):
+                 num_class_embeds: int | None = None, sample_shape: list | None = None,
+                 guidance_embed_dim: int | None = None):
         super().__init__()
         self.time_proj = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embedding = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
+        self.guidance_proj = None
+        if guidance_embed_dim:
+            self.guidance_proj = nn.Sequential(nn.Linear(guidance_embed_dim, hidden), nn.SiLU(),
+                                               nn.Linear(hidden, hidden))
+            nn.init.zeros_(self.guidance_proj[-1].weight)
+            nn.init.zeros_(self.guidance_proj[-1].bias)
         self.inp = nn.Linear(data_dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -57,7 +68,7 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, data_dim))
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True):
+                return_dict: bool = True, guidance_weight: torch.Tensor | None = None):
         batch = sample.shape[0]
         x = sample.reshape(batch, -1)
         t = torch.as_tensor(timestep, device=x.device)
@@ -68,6 +79,12 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
             if class_labels is None:
                 raise ValueError("This MLPDenoiser is class-conditional: pass class_labels.")
             emb = emb + self.class_embedding(class_labels.long())
+        if self.guidance_proj is not None:
+            w = torch.zeros(batch, device=x.device) if guidance_weight is None else torch.as_tensor(
+                guidance_weight, device=x.device).float().expand(batch)
+            emb = emb + self.guidance_proj(timestep_embedding(1000.0 * w, self.config.guidance_embed_dim).to(x.dtype))
+        elif guidance_weight is not None:
+            raise ValueError("This MLPDenoiser has no guidance input (guidance_embed_dim is None).")
         h = self.inp(x) + emb
         for block in self.blocks:
             h = h + block(h + emb)

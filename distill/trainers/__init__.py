@@ -21,8 +21,9 @@ def trainer_class(method: str):
 
         return ProgressiveDistillationTrainer
     if method == "guided":
-        raise NotImplementedError("method 'guided' (Meng et al. 2023) is not implemented yet; use 'progressive' "
-                                  "with teacher.guidance_scale=S for a fixed guidance scale.")
+        from .guided import GuidedDistillationTrainer
+
+        return GuidedDistillationTrainer
     raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive or guided.")
 
 

@@ -18,6 +18,7 @@ uninterrupted one, and its final weights are bitwise equal on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,10 +38,24 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..export import export_pipeline
-from ..models import MLPDenoiser
+from ..models import GuidedUNet2DModel, MLPDenoiser
 from ..teachers import Teacher, analytic_teacher
 
 logger = logging.getLogger("distill")
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters of ``modules`` do not require grad inside the block (their flags restored after)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -85,18 +100,28 @@ def load_teacher(cfg: Config, device) -> Teacher:
     return Teacher.from_pretrained(path, device=device)
 
 
-def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int], num_classes: int):
-    """A student / generator / fake-score network as ``student.arch`` says."""
+def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int], num_classes: int,
+                  guidance_embed_dim: int | None = None):
+    """A student / generator / fake-score network as ``student.arch`` says.
+
+    ``guidance_embed_dim``: also take the guidance weight w as input (guided distillation): an
+    ``MLPDenoiser`` with a w embedding, or a ``UNet2DModel`` wrapped in ``GuidedUNet2DModel``; in
+    both the w branch starts at zero, so a copied teacher is unchanged at w = 0.
+    """
     s = cfg.student
     if s.arch == "copy":
         if teacher is None or not any(True for _ in teacher.model.parameters()):
             raise ConfigError("student.arch: 'copy' needs a teacher with weights; the analytic teacher has none. "
                               "Use student.arch=mlp or student.arch=unet.")
-        return copy.deepcopy(teacher.model).requires_grad_(True).train()
+        net = copy.deepcopy(teacher.model)
+        if guidance_embed_dim:
+            net = _with_guidance_input(net, guidance_embed_dim)
+        return net.requires_grad_(True).train()
     n_embeds = num_classes + 1 if (s.conditional and num_classes) else None
     if s.arch == "mlp":
         return MLPDenoiser(data_dim=math.prod(sample_shape), hidden=s.hidden, num_layers=s.num_layers,
-                           num_class_embeds=n_embeds, sample_shape=sample_shape if len(sample_shape) > 1 else None)
+                           num_class_embeds=n_embeds, sample_shape=sample_shape if len(sample_shape) > 1 else None,
+                           guidance_embed_dim=guidance_embed_dim)
     if len(sample_shape) != 3:
         raise ConfigError(f"student.arch: 'unet' needs image data (C, H, W); the data has shape {sample_shape}.")
     chans = list(s.block_out_channels)
@@ -104,10 +129,23 @@ def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int],
     up = ["UpBlock2D"] * len(chans)
     if s.attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return diffusers.UNet2DModel(sample_size=sample_shape[1], in_channels=sample_shape[0],
-                                 out_channels=sample_shape[0], block_out_channels=chans,
-                                 layers_per_block=s.layers_per_block, down_block_types=down, up_block_types=up,
-                                 norm_num_groups=8, attention_head_dim=8, num_class_embeds=n_embeds)
+    net = diffusers.UNet2DModel(sample_size=sample_shape[1], in_channels=sample_shape[0],
+                                out_channels=sample_shape[0], block_out_channels=chans,
+                                layers_per_block=s.layers_per_block, down_block_types=down, up_block_types=up,
+                                norm_num_groups=8, attention_head_dim=8, num_class_embeds=n_embeds)
+    return _with_guidance_input(net, guidance_embed_dim) if guidance_embed_dim else net
+
+
+def _with_guidance_input(net, dim: int):
+    if isinstance(net, MLPDenoiser):
+        out = MLPDenoiser.from_config({**net.config, "guidance_embed_dim": dim})
+        missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("guidance_proj.") for k in missing)
+        return out.to(net.device)
+    if isinstance(net, diffusers.UNet2DModel):
+        return GuidedUNet2DModel.from_unet(net, dim)
+    raise ConfigError(f"A guidance input can be added to MLPDenoiser and UNet2DModel networks, not to "
+                      f"{type(net).__name__}; use student.arch=mlp or student.arch=unet.")
 
 
 class DistillationTrainer:

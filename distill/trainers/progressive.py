@@ -51,28 +51,37 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         t = self.teacher
         T = t.schedule.num_train_timesteps
         if sec.start_steps > T:
-            raise ConfigError(f"progressive.start_steps: {sec.start_steps} exceeds the {T}-entry schedule table; "
+            raise ConfigError(f"{self.method}.start_steps: {sec.start_steps} exceeds the {T}-entry schedule table; "
                               f"use a power of two <= {T}.")
-        self.plan = round_plan(sec.start_steps, sec.target_steps, sec.steps_per_round, sec.final_rounds_multiplier)
+        self.plan = self.make_plan()
         self.bounds = [0]
         for _, n in self.plan:
             self.bounds.append(self.bounds[-1] + n)
         if cfg.train.max_steps != self.bounds[-1]:
-            self.accelerator.print(f"progressive: {len(self.plan)} rounds {[n for n, _ in self.plan]} steps, "
+            self.accelerator.print(f"{self.method}: {len(self.plan)} rounds {[n for n, _ in self.plan]} steps, "
                                    f"train.max_steps set to {self.bounds[-1]} updates")
             cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
-        if cfg.student.arch == "copy":
-            net = build_network(cfg, t, t.sample_shape, t.num_classes)
-            self.pred = t.prediction_type
-        else:
-            cfg.student.conditional = bool(t.num_classes)
-            net = build_network(cfg, t, t.sample_shape, t.num_classes)
-            self.pred = cfg.student.prediction_type or "v_prediction"
-            self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)
+        net = self.make_student()
         self.add("student", net, lr=cfg.optim.lr, ema=True)
         self.add("round_teacher", copy.deepcopy(net).requires_grad_(False).eval())
         self.round, self._round_started = 0, -1
         self.num_classes = t.num_classes
+
+    def make_plan(self) -> list[tuple[int, int]]:
+        sec = self.section
+        return round_plan(sec.start_steps, sec.target_steps, sec.steps_per_round, sec.final_rounds_multiplier)
+
+    def make_student(self):
+        """Round 0's student: a copy of the teacher, or a fresh network fitted to it (``self.pred`` set)."""
+        cfg, t = self.config, self.teacher
+        if cfg.student.arch == "copy":
+            self.pred = t.prediction_type
+            return build_network(cfg, t, t.sample_shape, t.num_classes)
+        cfg.student.conditional = bool(t.num_classes)
+        net = build_network(cfg, t, t.sample_shape, t.num_classes)
+        self.pred = cfg.student.prediction_type or "v_prediction"
+        self.fit_to_teacher(net, self.section.init_denoiser_steps, self.pred)
+        return net
 
     # ------------------------------------------------------------------ rounds
     def round_of(self, step: int) -> int:
@@ -84,7 +93,8 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
     def grids(self, r: int) -> tuple[list[int], list[int]]:
         n_student = self.plan[r][0]
         T = self.teacher.schedule.num_train_timesteps
-        return trailing_timesteps(2 * n_student, T), trailing_timesteps(n_student, T)
+        teacher_grid = trailing_timesteps(2 * n_student, T) if 2 * n_student <= T else None
+        return teacher_grid, trailing_timesteps(n_student, T)
 
     def _start_round(self, r: int) -> None:
         """New round: the finished student becomes the (frozen) teacher; optimizer and EMA reset."""
@@ -115,22 +125,28 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         self.round = int(state.get("round", 0))
 
     # ------------------------------------------------------------------ step
-    def teacher_x0(self, r: int, z, t, labels):
+    def teacher_x0(self, r: int, z, t, labels, w=None):
         if r == 0 and self.config.student.arch == "copy":
             return self.teacher.predict_x0(z, t, labels, self.config.teacher.guidance_scale).float()
         if r == 0:
             return self.teacher.predict_x0(z, t, labels).float()
         net = self.unwrap("round_teacher")
-        return self._net_x0(net, z, t, labels)
+        return self._net_x0(net, z, t, labels, w)
 
-    def _net_x0(self, net, z, t, labels):
+    def guidance_weight(self, batch_size: int):
+        """Per-example guidance weight w fed to student and round teacher (None: not guided)."""
+        return None
+
+    def _net_x0(self, net, z, t, labels, w=None):
         sched = self.teacher.schedule
         kw = {"class_labels": labels} if labels is not None else {}
+        if w is not None:
+            kw["guidance_weight"] = w
         with self.accelerator.autocast():
             out = net(z, sched.timestep(t), **kw).sample.float()
         return sched.to_x0_eps(out, z, t, self.pred)[0].float()
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def enter_round(self, step: int) -> int:
         r = self.round_of(step)
         if r != self._round_started:
             if step == self.bounds[r]:
@@ -138,22 +154,31 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
             else:  # resumed mid-round: networks, optimizer and EMA came from the checkpoint
                 self.round = r
             self._round_started = r
+        return r
+
+    def batch_labels(self, batch: dict):
+        labels = batch["label"] if self.num_classes else None
+        if labels is not None and (labels < 0).any():
+            labels = torch.randint(self.num_classes, (labels.shape[0],), generator=self.rng).to(self.device)
+        return labels
+
+    def train_step(self, batch: dict, step: int) -> dict:
+        r = self.enter_round(step)
         sched = self.teacher.schedule
         T = sched.num_train_timesteps
         teacher_grid, student_grid = self.grids(r)
         x0 = batch["x"]
         b = x0.shape[0]
-        labels = batch["label"] if self.num_classes else None
-        if labels is not None and (labels < 0).any():
-            labels = torch.randint(self.num_classes, (b,), generator=self.rng).to(self.device)
+        labels = self.batch_labels(batch)
+        w = self.guidance_weight(b)
         j = torch.randint(len(student_grid), (b,), generator=self.rng).tolist()
         grid = teacher_grid + [-1]  # -1: the interval ends at the data
         k0, k1, k2 = (torch.tensor([grid[2 * i + d] for i in j], dtype=torch.float64) for d in (0, 1, 2))
         t, t1 = (k0 / (T - 1)).to(self.device), (k1 / (T - 1)).to(self.device)
         t2 = torch.where(k2 >= 0, k2 / (T - 1), torch.tensor(float("nan"), dtype=torch.float64)).to(self.device)
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
-        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, labels), z, t, t1, t2)
-        x_pred = self._net_x0(self.modules["student"], z, t, labels)
+        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, labels, w), z, t, t1, t2)
+        x_pred = self._net_x0(self.modules["student"], z, t, labels, w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
         norm = self.step_optimizer("student", loss)
         return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
@@ -169,7 +194,10 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         n = self.plan[r][0]
         return FewStepPipeline(self.unwrap("student"), self.export_scheduler(), num_inference_steps=n,
                                timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
-                               num_classes=self.num_classes)
+                               num_classes=self.num_classes, **self.pipeline_kwargs())
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
 
     def export_round(self, r: int):
         with self.ema_weights():

@@ -29,7 +29,7 @@ import torch
 
 from ..objectives.score import SIMLoss, fake_score_loss
 from ..pipelines import OneStepPipeline
-from .base import DistillationTrainer, build_network, load_teacher
+from .base import DistillationTrainer, build_network, frozen, load_teacher
 
 
 class ScoreImplicitMatchingTrainer(DistillationTrainer):
@@ -135,21 +135,21 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         t = self.sample_t(b)
         eps = self.randn(*x0.shape)
         x_t = sched.add_noise(x0, eps, t)
-        fake = self.unwrap("fake")
-        fake.requires_grad_(False)
-        d_fake = self.fake_x0(fake, x_t, t, labels)
-        fake.requires_grad_(True)
+        d_fake = self.fake_x0(self.unwrap("fake"), x_t, t, labels)  # the caller holds the fake network frozen
         d_real = self.teacher_x0(x_t, t, labels)
         a, s = sched.alpha_sigma(t, x_t)
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
     def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
-        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
-        per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
-        keep = torch.isfinite(per_sample)
-        loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
-        norm = self.step_optimizer("student", loss)
+        # the fake network stays frozen through the backward pass: toggling requires_grad between forward and
+        # backward would make gradient-checkpoint recomputation differ from the forward
+        with frozen(self.unwrap("fake")):
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
+            per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
+            keep = torch.isfinite(per_sample)
+            loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
+            norm = self.step_optimizer("student", loss)
         return {"gen_loss": loss.item(), "grad_norm": norm,
                 "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
 

@@ -31,6 +31,7 @@ from ..objectives.score import (
     fake_score_loss,
     generator_gan_loss,
 )
+from .base import frozen
 from .sim import ScoreImplicitMatchingTrainer
 
 
@@ -114,6 +115,11 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms.get("fake")}
 
     def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
+        nets = [self.unwrap("fake")] + ([self.unwrap("disc")] if self.uses_discriminator else [])
+        with frozen(*nets):  # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
+            return self._generator_step(labels, b, step)
+
+    def _generator_step(self, labels, b: int, step: int) -> dict:
         sec = self.section
         self._features.clear()
         x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
@@ -121,10 +127,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         ratio = None
         gan = None
         if self.uses_discriminator:
-            head = self.unwrap("disc")
-            head.requires_grad_(False)
-            logit = self._logit(head)  # features of the fake network at x_t (input-differentiable)
-            head.requires_grad_(True)
+            logit = self._logit(self.unwrap("disc"))  # features of the fake network at x_t (input-differentiable)
             log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
             ratio = log_r.exp()
             logs["log_ratio_mean"] = log_r.mean().item()

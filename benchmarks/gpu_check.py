@@ -1,0 +1,113 @@
+"""CUDA / bf16 smoke check of every trainer, run on a GPU machine (not part of CI: CI has no GPU).
+
+    python benchmarks/gpu_check.py OUT_DIR [--full-guided]
+
+For each digits config (SIM, Uni-Instruct, progressive, guided) it runs a short training through
+``accelerate launch -m distill train`` with ``train.mixed_precision=bf16`` (and SIM once more with
+gradient checkpointing), then loads the exported pipeline with ``torch_dtype=torch.bfloat16`` on
+CUDA and samples from it. Each run's exit status, losses, updates/s and sample statistics go to
+``OUT_DIR/gpu_check.md`` (written after every run, so a timeout keeps what finished).
+``--full-guided`` also runs ``configs/guided_digits.yaml`` end to end in fp32 (report included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["train.progress_bar=false", "train.report_to=none", "eval.enabled=false", "train.log_every=5",
+          "train.checkpointing_steps=1000"]
+SMOKE = {
+    "sim bf16": ("configs/sim_digits.yaml", ["train.max_steps=60"]),
+    "sim bf16 + gradient checkpointing": ("configs/sim_digits.yaml",
+                                          ["train.max_steps=60", "sim.gradient_checkpointing=true"]),
+    "uni_instruct bf16": ("configs/uni_instruct_digits.yaml", ["train.max_steps=60"]),
+    "progressive bf16": ("configs/progressive_digits.yaml", ["progressive.start_steps=4",
+                                                             "progressive.steps_per_round=15"]),
+    "guided bf16": ("configs/guided_digits.yaml", ["guided.start_steps=4", "guided.stage_one_steps=15",
+                                                   "guided.steps_per_round=15"]),
+}
+
+
+def sample_check(pipeline: Path) -> dict:
+    import torch
+
+    from distill import load_pipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(str(pipeline), torch_dtype=torch.bfloat16).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"guidance_scale": 2.0} if getattr(pipe.config, "guidance_conditioned", False) else {}
+    t0 = time.time()
+    x = pipe(batch_size=256, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"dtype": str(next(pipe.unet.parameters()).dtype), "finite": bool(torch.isfinite(x).all()),
+            "mean": round(float(x.float().mean()), 4), "std": round(float(x.float().std()), 4),
+            "sample_seconds": round(time.time() - t0, 3)}
+
+
+def train(name: str, config: str, overrides: list[str], out: Path, log) -> dict:
+    run_dir = out / "runs" / name.replace(" ", "_").replace("+", "")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
+           "bf16" if "bf16" in name else "no", "-m", "distill", "train", config, f"output_dir={run_dir}",
+           *COMMON, *overrides]
+    if "bf16" in name:
+        cmd.append("train.mixed_precision=bf16")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    secs = time.time() - t0
+    log.write(f"\n## {name}\n$ {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n")
+    log.flush()
+    row = {"run": name, "rc": proc.returncode, "seconds": round(secs, 1)}
+    hist = run_dir / "train_history.json"
+    if hist.is_file():
+        h = [r for r in json.loads(hist.read_text()) if isinstance(r, dict)]
+        losses = [v for r in h for k, v in r.items() if "loss" in k and isinstance(v, (int, float))]
+        row.update(updates=h[-1].get("step") if h else 0, updates_per_s=round((h[-1].get("step") or 0) / secs, 2)
+                   if h else None, last_loss=round(losses[-1], 5) if losses else None,
+                   all_losses_finite=all(v == v and abs(v) < float("inf") for v in losses))
+    if proc.returncode == 0 and (run_dir / "pipeline").is_dir():
+        try:
+            row.update(sample_check(run_dir / "pipeline"))
+        except Exception as err:  # reported, not raised: the next runs still go
+            row["sample_error"] = f"{type(err).__name__}: {err}"
+    return row
+
+
+def main() -> None:
+    out = Path(sys.argv[1]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    rows = []
+    head = (f"# GPU check\n\ntorch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU'}, "
+            f"bf16 supported: {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}\n\n")
+    jobs = list(SMOKE.items())
+    if os.environ.get("GPU_CHECK_DRY"):  # a seconds-long pass of the script itself on CPU
+        jobs = [(n, (c, [o for o in ov if "steps" not in o] + ["train.max_steps=2", "progressive.steps_per_round=1",
+                                                                "guided.steps_per_round=1", "guided.stage_one_steps=1",
+                                                                "progressive.start_steps=2", "guided.start_steps=2"]))
+                for n, (c, ov) in jobs]
+    if "--full-guided" in sys.argv:
+        jobs.append(("guided_digits fp32 full", ("configs/guided_digits.yaml", ["eval.enabled=true"])))
+    with open(out / "gpu_check.log", "w") as log:
+        for name, (config, overrides) in jobs:
+            rows.append(train(name, config, overrides, out, log))
+            print(json.dumps(rows[-1]), flush=True)
+            (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            table += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+            (out / "gpu_check.md").write_text(head + "\n".join(table) + "\n")
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()
