@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 COMMON = ["train.progress_bar=false", "train.report_to=none", "eval.enabled=false", "train.log_every=5",
           "train.checkpointing_steps=1000"]
 SMOKE = {
@@ -47,7 +48,8 @@ def sample_check(pipeline: Path) -> dict:
     x = pipe(batch_size=256, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"dtype": str(next(pipe.unet.parameters()).dtype), "finite": bool(torch.isfinite(x).all()),
+    net = next(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    return {"dtype": str(next(net.parameters()).dtype), "finite": bool(torch.isfinite(x).all()),
             "mean": round(float(x.float().mean()), 4), "std": round(float(x.float().std()), 4),
             "sample_seconds": round(time.time() - t0, 3)}
 
@@ -90,6 +92,8 @@ def main() -> None:
             f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU'}, "
             f"bf16 supported: {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}\n\n")
     jobs = list(SMOKE.items())
+    if os.environ.get("GPU_CHECK_ONLY"):  # e.g. GPU_CHECK_ONLY=guided: the runs whose name contains it
+        jobs = [j for j in jobs if os.environ["GPU_CHECK_ONLY"] in j[0]]
     if os.environ.get("GPU_CHECK_DRY"):  # a seconds-long pass of the script itself on CPU
         jobs = [(n, (c, [o for o in ov if "steps" not in o] + ["train.max_steps=2", "progressive.steps_per_round=1",
                                                                 "guided.steps_per_round=1", "guided.stage_one_steps=1",

@@ -174,6 +174,7 @@ class GuidedConfig(ProgressiveConfig):
     default_guidance_scale: float = 2.0  # what the exported pipeline uses when guidance_scale is not passed
     stage_one_steps: int = 1000  # updates of the w-conditioned regression onto the CFG teacher
     guidance_embed_dim: int = 64  # sinusoidal embedding width of 1000 w
+    guidance_lr_multiplier: float = 10.0  # learning-rate multiplier of the new (zero-initialised) w embedding
 
 
 @dataclass

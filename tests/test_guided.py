@@ -188,6 +188,20 @@ def test_guided_trainer_exports_stage_one_and_rounds_with_guidance_input(tmp_pat
     assert (a - b).abs().max() > 1e-4  # the guidance input changes the samples
 
 
+def test_new_guidance_embedding_gets_its_learning_rate_multiplier(tmp_path):
+    trainer = trainer_class("guided")(_cfg(tmp_path, "guided.guidance_lr_multiplier=10", "optim.lr=1e-3"))
+    trainer.setup()
+    net = trainer.unwrap("student")
+    groups = trainer.optimizers["student"].param_groups
+    by_mult = {g["lr_mult"]: {id(p) for p in g["params"]} for g in groups}
+    assert set(by_mult) == {1.0, 10.0}
+    assert by_mult[10.0] == {id(p) for n, p in net.named_parameters() if n.startswith("guidance_proj.")}
+    assert len(by_mult[1.0]) + len(by_mult[10.0]) == len(list(net.parameters()))
+    trainer._set_lr(0)
+    lrs = {g["lr_mult"]: g["lr"] for g in groups}
+    assert lrs[10.0] == pytest.approx(10 * lrs[1.0]) and lrs[1.0] == pytest.approx(1e-3)
+
+
 def test_guided_export_loads_in_plain_diffusers(tmp_path):
     cfg = load_config("configs/guided_gaussians8.yaml", [
         f"output_dir={tmp_path}", "guided.start_steps=2", "guided.stage_one_steps=2", "guided.steps_per_round=1",
@@ -233,3 +247,29 @@ def test_guided_student_tracks_the_cfg_teacher_across_scales(tmp_path):
             student, baseline = sliced_wasserstein(x, ref), sliced_wasserstein(ddim, ref)
             assert student < baseline, (s, k, student, baseline)
             assert student < 0.1, (s, k, student)
+
+
+def test_guided_digits_config_and_readme_example_run(tmp_path):
+    """configs/guided_digits.yaml end to end with tiny overrides (its report included), then the
+    README's guided-distillation Python block on the result."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "guided_digits"
+    cmd = [sys.executable, "-m", "distill", "train", "configs/guided_digits.yaml", f"output_dir={out}",
+           "train.progress_bar=false", "train.report_to=none", "guided.start_steps=4", "guided.stage_one_steps=2",
+           "guided.steps_per_round=1", "train.batch_size=8", "eval.num_samples=100", "eval.teacher_steps=[1,4]"]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "student FID (guidance_scale 2)" in res.stdout and "teacher FID (guidance_scale 3)" in res.stdout
+    report = json.loads((out / "report" / "fid_report.json").read_text())
+    rows = {(r["model"], r["guidance_scale"], r["steps"]): r for r in report["results"]}
+    assert ("student-s1", 1.0, 1) in rows and ("student-s3", 3.0, 4) in rows and ("teacher-s2", 2.0, 4) in rows
+    assert rows[("teacher-s2", 2.0, 4)]["nfe"] == 8  # classifier-free guidance: 2 evaluations per step
+    assert rows[("teacher-s1", 1.0, 4)]["nfe"] == 4
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+    code = next(b for b in blocks if "guided_digits" in b)
+    code = "import distill\n" + code.replace("outputs/guided_digits", str(out))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -260,7 +260,9 @@ def teacher_as_sampler(pipe):
     if type(pipe).__name__ == "DDPMPipeline":
         from ..pipelines import FewStepPipeline
 
-        return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50)
+        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)  # distill's CFG teachers: C classes + null
+        return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50,
+                               num_classes=n_embeds - 1 if n_embeds else 0)
     return pipe
 
 

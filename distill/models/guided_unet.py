@@ -47,7 +47,8 @@ class GuidedUNet2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_unet(cls, unet: UNet2DModel, guidance_embed_dim: int = 64) -> GuidedUNet2DModel:
         """Wrap a trained ``UNet2DModel`` (its weights copied); the result equals it at w = 0."""
-        model = cls(unet_config=dict(unet.config), guidance_embed_dim=guidance_embed_dim)
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # no _name_or_path (a Path)
+        model = cls(unet_config=config, guidance_embed_dim=guidance_embed_dim)
         model.unet.load_state_dict(unet.state_dict())
         model.to(unet.device)
         return model if unet.dtype == torch.float32 else model.to(unet.dtype)

@@ -196,13 +196,19 @@ class DistillationTrainer:
 
     # ------------------------------------------------------------------ helpers for methods
     def add(self, name: str, module: torch.nn.Module, lr: float | None = None, ema: bool = False,
-            betas: list[float] | None = None) -> None:
-        """Register a network; with ``lr`` it gets an Adam(W) optimizer, with ``ema`` an EMA copy."""
+            betas: list[float] | None = None, lr_multipliers: dict[str, float] | None = None) -> None:
+        """Register a network; with ``lr`` it gets an Adam(W) optimizer, with ``ema`` an EMA copy.
+        ``lr_multipliers``: parameter-name prefix -> learning-rate multiplier (its own param group)."""
         module = module.to(self.device)
         self.modules[name] = module
         if lr is not None:
             o = self.config.optim
-            self.optimizers[name] = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(betas or o.betas),
+            groups: dict[float, list] = {}
+            for pname, p in module.named_parameters():
+                mult = next((m for prefix, m in (lr_multipliers or {}).items() if pname.startswith(prefix)), 1.0)
+                groups.setdefault(mult, []).append(p)
+            params = [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in groups.items()]
+            self.optimizers[name] = torch.optim.AdamW(params, lr=lr, betas=tuple(betas or o.betas),
                                                       weight_decay=o.weight_decay, eps=o.eps)
             self._base_lr[name] = lr
         if ema:
@@ -309,7 +315,7 @@ class DistillationTrainer:
         scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
         for name, opt in self.optimizers.items():
             for g in opt.param_groups:
-                g["lr"] = self._base_lr[name] * scale
+                g["lr"] = self._base_lr[name] * scale * g.get("lr_mult", 1.0)
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -63,6 +63,11 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
         self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)  # w = 0: the conditional teacher
         return net
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """The new w embedding learns faster than the copied teacher weights (``guided.guidance_lr_multiplier``)."""
+        m = self.section.guidance_lr_multiplier
+        return {"guidance_embedding.": m, "guidance_proj.": m}
+
     def guidance_weight(self, batch_size: int) -> torch.Tensor:
         """Meng's w = s - 1 with s ~ U[guidance_min, guidance_max] per example."""
         sec = self.section

@@ -62,10 +62,13 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
                                    f"train.max_steps set to {self.bounds[-1]} updates")
             cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
         net = self.make_student()
-        self.add("student", net, lr=cfg.optim.lr, ema=True)
+        self.add("student", net, lr=cfg.optim.lr, ema=True, lr_multipliers=self.lr_multipliers())
         self.add("round_teacher", copy.deepcopy(net).requires_grad_(False).eval())
         self.round, self._round_started = 0, -1
         self.num_classes = t.num_classes
+
+    def lr_multipliers(self) -> dict[str, float] | None:
+        return None
 
     def make_plan(self) -> list[tuple[int, int]]:
         sec = self.section
@@ -116,7 +119,7 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         lo, hi = self.bounds[r], self.bounds[r + 1]
         scale = 1.0 - (step - lo) / max(hi - lo, 1)  # linear decay to 0 within the round (s1.5)
         for g in self.optimizers["student"].param_groups:
-            g["lr"] = self._base_lr["student"] * scale
+            g["lr"] = self._base_lr["student"] * scale * g.get("lr_mult", 1.0)
 
     def state(self) -> dict:
         return {"round": self.round}

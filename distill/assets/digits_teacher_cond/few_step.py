@@ -1,0 +1,160 @@
+"""N-step sampler pipeline for progressive / guided students (and for teachers at few steps).
+
+STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` only (exported folders
+carry both files; diffusers copies relative imports of remote code).
+
+Samplers (pure functions of the denoiser's x0 prediction on a descending integer grid):
+* deterministic DDIM (Song et al. 2021, eq. 12, eta = 0), equal to diffusers' ``DDIMScheduler``
+  with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, ``clip_sample=False``;
+* the stochastic N-step sampler of Meng et al. 2023 ("On Distillation of Guided Diffusion Models",
+  sec. 4.2, after the EDM stochastic sampler; step_reduction.md s2.4): from grid time t_i take one
+  deterministic DDIM step of twice the nominal length, to t_{i+2} (the data when t_{i+1} is the
+  last grid time), then go forward to t_{i+1} with the forward marginal,
+  z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi;
+  the last interval is deterministic, so it also costs N network evaluations.
+
+Guided-distillation students take the guidance weight w as a network input. The pipeline speaks
+diffusers' convention, ``guidance_scale = 1 + w`` (w = 0: the conditional model, no guidance), and
+passes ``guidance_weight = guidance_scale - 1`` to the network.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+
+logger = logging.get_logger(__name__)
+
+
+def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
+    if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
+    step = num_train_timesteps / num_inference_steps
+    return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
+
+
+def sample_loop(denoise, x: torch.Tensor, timesteps: list[int], alphas_cumprod: torch.Tensor,
+                stochastic: bool = False, generator=None, callback=None) -> torch.Tensor:
+    """Run a DDIM (or Meng et al.'s stochastic) chain from noise ``x`` at ``timesteps[0]`` to data.
+
+    ``denoise(x, t, alpha, sigma) -> x0`` is the model's clean prediction at integer index t.
+    """
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        ac = alphas_cumprod[t].item()
+        x0 = denoise(x, t, ac**0.5, (1 - ac) ** 0.5)
+        if i + 1 == n:
+            x = x0
+        else:
+            eps = (x - ac**0.5 * x0) / (1 - ac) ** 0.5
+            ac_next = alphas_cumprod[timesteps[i + 1]].item()
+            if stochastic:  # DDIM step of twice the length, to t_{i+2} (or the data), then forward to t_{i+1}
+                ac_k = alphas_cumprod[timesteps[i + 2]].item() if i + 2 < n else 1.0
+                z_k = ac_k**0.5 * x0 + (1 - ac_k) ** 0.5 * eps
+                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                ratio = ac_next / ac_k
+                x = ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
+            else:
+                x = ac_next**0.5 * x0 + (1 - ac_next) ** 0.5 * eps
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
+    """Sample with N network evaluations on a stored or trailing grid.
+
+    Args:
+        unet: the denoiser (``UNet2DModel``, distill's MLP, ...).
+        scheduler: a diffusers VP scheduler (``alphas_cumprod``, ``prediction_type``).
+        num_inference_steps: default number of steps (the student's trained step count).
+        timesteps: the student's own descending grid; overrides the trailing grid when given and
+            ``num_inference_steps`` is not changed by the caller.
+        sample_shape, num_classes: as in ``OneStepPipeline``.
+        guidance_conditioned: the network takes the guidance weight w as ``guidance_weight=``
+            input (guided-distillation students); ``pipe(guidance_scale=s)`` passes w = s - 1.
+        guidance_scale: the default ``guidance_scale`` of a guidance-conditioned student.
+        guidance_range: the [min, max] ``guidance_scale`` range it was trained on (a warning is
+            logged outside it).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler, num_inference_steps: int = 4, timesteps: list | None = None,
+                 sample_shape: list | None = None, num_classes: int = 0, guidance_conditioned: bool = False,
+                 guidance_scale: float = 1.0, guidance_range: list | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        if sample_shape is None:
+            cfg = unet.config
+            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
+                cfg.data_dim]
+        self.register_to_config(num_inference_steps=int(num_inference_steps),
+                                timesteps=list(timesteps) if timesteps is not None else None,
+                                sample_shape=list(sample_shape), num_classes=int(num_classes),
+                                guidance_conditioned=bool(guidance_conditioned), guidance_scale=float(guidance_scale),
+                                guidance_range=list(guidance_range) if guidance_range is not None else None)
+
+    def grid(self, num_inference_steps: int | None = None, timesteps: list | None = None) -> list[int]:
+        if timesteps is not None:
+            ts = [int(t) for t in timesteps]
+        elif num_inference_steps is None and self.config.timesteps is not None:
+            ts = [int(t) for t in self.config.timesteps]
+        else:
+            n = num_inference_steps or self.config.num_inference_steps
+            ts = trailing_timesteps(n, self.scheduler.config.num_train_timesteps)
+        if any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"timesteps must be strictly descending, got {ts}.")
+        return ts
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, timesteps: list | None = None,
+                 generator: torch.Generator | list | None = None, class_labels=None,
+                 guidance_scale: float | None = None, stochastic: bool = False, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        device, dtype = device_dtype(self, self.unet)
+        ts = self.grid(num_inference_steps, timesteps)
+        shape = (batch_size, *self.config.sample_shape)
+        x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
+                                                                                device=device, dtype=dtype)
+        labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
+        kwargs = {"class_labels": labels} if labels is not None else {}
+        if self.config.guidance_conditioned:
+            s = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+            lo_hi = self.config.guidance_range
+            if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
+                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was trained on.")
+            kwargs["guidance_weight"] = torch.full((batch_size,), s - 1.0, device=device)  # Meng's w = s - 1
+        cfg_scale = None
+        if not self.config.guidance_conditioned and guidance_scale is not None and float(guidance_scale) != 1.0:
+            if labels is None:
+                raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
+                                 "model with a null class; this pipeline is unconditional. Leave guidance_scale unset.")
+            cfg_scale = float(guidance_scale)  # classifier-free guidance, 2 evaluations per step
+            kwargs["class_labels"] = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
+        pred_type = self.scheduler.config.prediction_type
+        ac = self.scheduler.alphas_cumprod.to(torch.float64)
+        bar = self.progress_bar(total=len(ts))
+
+        def denoise(x_t, t, alpha, sigma):
+            if cfg_scale is None:
+                out = self.unet(x_t, torch.full((batch_size,), t, device=device), **kwargs).sample
+            else:  # out_uncond + s (out_cond - out_uncond), the diffusers convention
+                cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.full((2 * batch_size,), t, device=device),
+                                         **kwargs).sample.chunk(2)
+                out = uncond + cfg_scale * (cond - uncond)
+            return x0_from_output(out, x_t, alpha, sigma, pred_type)
+
+        x = sample_loop(denoise, x, ts, ac, stochastic=stochastic, generator=generator,
+                        callback=lambda *_: bar.update())
+        bar.close()
+        images = to_output(x, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,165 @@
+"""One-step generator pipeline.
+
+STANDALONE FILE: imports torch, numpy and diffusers only. It is copied to the root of every exported
+one-step folder, so ``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`` works in a
+Python that never imported distill.
+
+The generator is a denoiser evaluated once, at a fixed training index ``generator_timestep`` (t*),
+on pure noise scaled as the forward process would: ``x_in = sigma(t*) z``; its output, read in the
+scheduler's ``prediction_type``, is the sample. This is the generator parameterisation of SiD-LSG
+and Diff-Instruct/SIM on diffusers teachers (score_distillation.md s0.2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
+    """Network output -> clean-sample prediction at coefficients (alpha, sigma)."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * output) / alpha
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * output
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction).")
+
+
+def to_output(x: torch.Tensor, output_type: str):
+    """Samples in model space -> pil / np / pt. Images are mapped from [-1, 1]; vectors are returned as is."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+    if x.ndim == 2:  # low-dimensional data: the samples themselves
+        return x.float().cpu() if output_type == "pt" else x.float().cpu().numpy()
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return x.cpu()
+    arr = x.cpu().permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return arr
+    if arr.shape[-1] == 1:
+        from PIL import Image
+
+        return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L").convert("RGB") for a in arr]
+    return DiffusionPipeline.numpy_to_pil(arr)
+
+
+def device_dtype(pipe, net):
+    """Execution device and dtype of ``net`` without diffusers' per-call walk over every module
+    (measurable at small batches); with accelerate offload hooks, diffusers' own resolution."""
+    if hasattr(net, "_hf_hook"):
+        return pipe._execution_device, net.dtype
+    t = next(net.parameters(), None)
+    t = t if t is not None else next(net.buffers())
+    return t.device, t.dtype
+
+
+def default_labels(batch_size: int, num_classes: int, class_labels, device):
+    """Class labels as a tensor; None on an unconditional model, balanced 0..C-1 when not given."""
+    if not num_classes:
+        if class_labels is not None:
+            raise ValueError("This pipeline is unconditional: do not pass class_labels.")
+        return None
+    if class_labels is None:
+        return torch.arange(batch_size, device=device) % num_classes
+    labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(batch_size)
+    if labels.numel() != batch_size:
+        raise ValueError(f"class_labels has {labels.numel()} entries for batch_size={batch_size}.")
+    if (labels < 0).any() or (labels > num_classes).any():
+        raise ValueError(f"class_labels must lie in [0, {num_classes}] ({num_classes} = null class).")
+    return labels
+
+
+class ExportedPipelineMixin:
+    """Lets ``ThisPipeline.from_pretrained(folder)`` load a self-contained export directly.
+
+    An exported ``model_index.json`` names the pipeline as ``[module, Class]`` (the remote-code
+    layout), which diffusers would otherwise route through ``trust_remote_code``. When the concrete
+    class is already in hand, the stored name is reduced to the class name.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Components whose library is already imported (distill's ``distill_*`` aliases) are
+        loaded from that module instead of from the folder's copy of its source."""
+        import json
+        import os
+        import sys
+
+        folder = str(pretrained_model_name_or_path)
+        index = os.path.join(folder, "model_index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                specs = json.load(f)
+            for name, spec in specs.items():
+                if (name.startswith("_") or name in kwargs or not isinstance(spec, list) or len(spec) != 2
+                        or spec[0] in ("diffusers", "transformers") or spec[0] not in sys.modules):
+                    continue
+                component = getattr(sys.modules[spec[0]], spec[1]).from_pretrained(os.path.join(folder, name))
+                dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+                kwargs[name] = component.to(dtype) if isinstance(dtype, torch.dtype) else component
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][-1]
+        return out
+
+
+class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
+    """Sample with one network evaluation.
+
+    Args:
+        generator: the one-step network (``UNet2DModel``, distill's MLP, ...).
+        scheduler: a diffusers VP scheduler giving ``alphas_cumprod`` and ``prediction_type``.
+        generator_timestep: training index t* at which the generator is evaluated.
+        sample_shape: shape of one sample, e.g. [1, 16, 16] or [2].
+        num_classes: number of classes of a class-conditional generator (0 = unconditional).
+    """
+
+    model_cpu_offload_seq = "generator"
+
+    def __init__(self, generator, scheduler, generator_timestep: int = 999, sample_shape: list | None = None,
+                 num_classes: int = 0):
+        super().__init__()
+        self.register_modules(generator=generator, scheduler=scheduler)
+        if sample_shape is None:
+            cfg = generator.config
+            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
+                cfg.data_dim]
+        self.register_to_config(generator_timestep=int(generator_timestep), sample_shape=list(sample_shape),
+                                num_classes=int(num_classes))
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, generator: torch.Generator | list | None = None,
+                 class_labels=None, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, num_inference_steps: int = 1):
+        if num_inference_steps != 1:
+            raise ValueError(f"OneStepPipeline samples in exactly 1 step, got num_inference_steps={num_inference_steps}.")
+        device, dtype = device_dtype(self, self.generator)
+        shape = (batch_size, *self.config.sample_shape)
+        z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
+                                                                                device=device, dtype=dtype)
+        labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
+        t = self.config.generator_timestep
+        ac = self.scheduler.alphas_cumprod[t].item()
+        alpha, sigma = ac**0.5, (1 - ac) ** 0.5
+        x_in = sigma * z
+        for _ in self.progress_bar(range(1)):
+            kwargs = {"class_labels": labels} if labels is not None else {}
+            out = self.generator(x_in, torch.full((batch_size,), t, device=device), **kwargs).sample
+        x0 = x0_from_output(out, x_in, alpha, sigma, self.scheduler.config.prediction_type)
+        images = to_output(x0, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
