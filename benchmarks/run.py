@@ -1,6 +1,7 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
-    python benchmarks/run.py [--only sampling,training,fid,quality] [--quick]
+    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided] [--quick]
+    python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
 Prints Markdown tables and writes them, with the machine description, to benchmarks/results.md.
 These are not tests: nothing here asserts; goals are printed next to the measured values.
