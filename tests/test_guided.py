@@ -230,12 +230,13 @@ def test_guided_needs_a_class_conditional_teacher(tmp_path):
 
 @pytest.mark.slow
 def test_guided_student_tracks_the_cfg_teacher_across_scales(tmp_path):
-    cfg = _cfg(tmp_path, "guided.stage_one_steps=600", "guided.steps_per_round=150",
-               "guided.init_denoiser_steps=800")
+    cfg = load_config("configs/guided_gaussians8.yaml", [f"output_dir={tmp_path}", "train.progress_bar=false",
+                                                         "train.report_to=none"])  # the benchmark's run (f)
     trainer_class("guided")(cfg).train()
     teacher = analytic_teacher("gaussians8", conditional=True)
     n = 4000
     labels = torch.arange(n) % 8
+    rows = []
     for s in (1.0, 2.5, 4.0):
         ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), labels, guidance_scale=s)
         for k in (2, 1):
@@ -244,9 +245,12 @@ def test_guided_student_tracks_the_cfg_teacher_across_scales(tmp_path):
             x = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels, guidance_scale=s,
                      output_type="pt").images
             ddim = teacher.sample(n, k, torch.Generator().manual_seed(0), labels, guidance_scale=s)
-            student, baseline = sliced_wasserstein(x, ref), sliced_wasserstein(ddim, ref)
-            assert student < baseline, (s, k, student, baseline)
-            assert student < 0.1, (s, k, student)
+            rows.append((s, k, sliced_wasserstein(x, ref), sliced_wasserstein(ddim, ref)))
+    print(rows)
+    assert all(student < baseline for _, _, student, baseline in rows), rows
+    # the benchmark measured 0.02-0.05 with this config; a lighter run (stage one 600 updates, start at 4
+    # steps) was NOT enough at guidance_scale 4 (0.35 vs DDIM's 0.16 at 2 steps)
+    assert all(student < 0.1 for _, _, student, _ in rows), rows
 
 
 def test_guided_digits_config_and_readme_example_run(tmp_path):
