@@ -4,6 +4,13 @@ Affine generator x0 = theta1 + theta2 z, a two-Gaussian teacher, VP noise at one
 closed form. The gradient of each loss class (as the trainers apply it: autograd through the input of
 frozen teacher / fake-score functions) must equal the finite-difference gradient of the divergence it
 claims to minimise, computed by quadrature.
+
+In ``dim`` dimensions the problem is ``dim`` i.i.d. copies of the 1-D one with a SHARED generator
+(x0_i = theta1 + theta2 z_i): teacher and generator densities are products, the density ratio is the
+product of the 1-D ratios, and every loss is a per-value mean. The exact objective is then computed
+two independent ways: on a 2-D grid (``dim`` = 2, any divergence), and for h(r) a polynomial in r
+(rkl, fkl, jeffreys, chi2) by factorising E_pi[r^m sum_i d_i^2] = dim E_pi[r^m d^2] E_pi[r^m]^(dim-1)
+into 1-D quadratures (any ``dim``). A term scaled by the wrong power of ``dim`` fails at dim > 1.
 """
 
 import math
@@ -18,18 +25,21 @@ MU, SD = torch.tensor([-2.0, 2.0], dtype=torch.float64), 0.5
 THETA0 = torch.tensor([0.7, 1.3], dtype=torch.float64)
 GRID = torch.linspace(-12, 12, 200001, dtype=torch.float64)
 DX = GRID[1] - GRID[0]
+GRID2 = torch.linspace(-9, 9, 2401, dtype=torch.float64)  # per axis of the 2-D grid
+DX2 = GRID2[1] - GRID2[0]
+POLY_H = {"rkl": {0: 1.0}, "fkl": {1: 1.0}, "jeffreys": {0: 1.0, 1: 1.0}, "chi2": {2: 2.0}}  # h(r) = sum a_m r^m
 
 
 def log_p(x):
     var = A * A * SD * SD + S * S
-    comps = -0.5 * (x[:, None] - A * MU) ** 2 / var - 0.5 * math.log(2 * math.pi * var) + math.log(0.5)
-    return torch.logsumexp(comps, 1)
+    comps = -0.5 * (x[..., None] - A * MU) ** 2 / var - 0.5 * math.log(2 * math.pi * var) + math.log(0.5)
+    return torch.logsumexp(comps, -1)
 
 
 def score_p(x):
     var = A * A * SD * SD + S * S
-    w = torch.softmax(-0.5 * (x[:, None] - A * MU) ** 2 / var, 1)
-    return (w * (A * MU - x[:, None]) / var).sum(1)
+    w = torch.softmax(-0.5 * (x[..., None] - A * MU) ** 2 / var, -1)
+    return (w * (A * MU - x[..., None]) / var).sum(-1)
 
 
 def log_q(x, th):
@@ -58,10 +68,11 @@ def quad(weight_density, values):
     return (weight_density * values).sum() * DX
 
 
-def surrogate_grad(loss_fn, n=2_000_000, seed=0, with_ratio=False):
+def surrogate_grad(loss_fn, dim=1, n=None, seed=0, with_ratio=False):
+    n = n or 2_000_000 // dim  # 2M values
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, generator=g, dtype=torch.float64)
-    eps = torch.randn(n, generator=g, dtype=torch.float64)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, dim, generator=g, dtype=torch.float64)
     z, eps = torch.cat([z, -z]), torch.cat([eps, -eps])  # antithetic
     th = THETA0.clone().requires_grad_(True)
     x0 = th[0] + th[1] * z
@@ -70,9 +81,9 @@ def surrogate_grad(loss_fn, n=2_000_000, seed=0, with_ratio=False):
     d_fake = denoiser(score_q(x_t, THETA0), x_t)  # fake score frozen at theta0, input-differentiable
     coef = torch.full((len(z),), A / (S * S), dtype=torch.float64)
     kwargs = {}
-    if with_ratio:
-        kwargs["ratio"] = torch.exp(log_p(x_t) - log_q(x_t, THETA0)).detach()
-    loss = loss_fn(x0[:, None], x_t[:, None], d_real[:, None], d_fake[:, None], coef, **kwargs).mean()
+    if with_ratio:  # the product of the per-coordinate ratios
+        kwargs["ratio"] = torch.exp((log_p(x_t) - log_q(x_t, THETA0)).sum(1)).detach()
+    loss = loss_fn(x0, x_t, d_real, d_fake, coef, **kwargs).mean()
     (grad,) = torch.autograd.grad(loss, th)
     return grad
 
@@ -85,37 +96,81 @@ def q0():
     return torch.exp(log_q(GRID, THETA0))
 
 
-@pytest.mark.parametrize("distance,c", [("l2", None), ("pseudo_huber", 0.3), ("pseudo_huber", 3.0)])
-def test_sim_gradient_equals_fixed_pi_divergence_gradient(distance, c):
-    loss = SIMLoss(distance=distance, huber_c=c or 1.0)
-
-    def objective(th):
-        d = d_of(GRID, th)
-        g = d * d / 2 if distance == "l2" else torch.sqrt(d * d + c * c) - c
-        return quad(q0(), g)
-
-    exact = fd(objective, THETA0)
-    got = surrogate_grad(loss)
-    torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * exact.abs().max())
+def grid2_objective(th, sampling, integrand):
+    """(1/2) E_pi[integrand] over the 2-D product density pi (q_theta for full, q_theta0 for fixed);
+    ``integrand(r, mean_d2)`` gets the product ratio r and the per-value mean of d^2 at every grid point."""
+    lq = log_q(GRID2, th)
+    lpi = lq if sampling == "full" else log_q(GRID2, THETA0)
+    lr = log_p(GRID2) - lq
+    d2 = d_of(GRID2, th) ** 2
+    pi = torch.exp(lpi[:, None] + lpi[None, :])
+    vals = integrand(torch.exp(lr[:, None] + lr[None, :]), (d2[:, None] + d2[None, :]) / 2)
+    return (pi * vals).sum() * DX2 * DX2
 
 
-def _expanded(divergence, sampling):
+def _expanded(divergence, sampling, dim=1):
+    """The expanded f-divergence per value, (1/dim) E_pi[h(r) |d|^2 / 2], exactly (see module docstring)."""
+    if dim == 2:
+        return lambda th: grid2_objective(th, sampling, lambda r, md2: h_of(divergence, r)[0] * md2 / 2)
+    if dim > 1:
+        return _factorised(divergence, sampling, dim)
+
     def objective(th):
         d = d_of(GRID, th)
         r = torch.exp(log_p(GRID) - log_q(GRID, th))
-        h, _, _ = h_of(divergence, r)
         density = torch.exp(log_q(GRID, th)) if sampling == "full" else q0()
-        return quad(density, h * d * d / 2)
+        return quad(density, h_of(divergence, r)[0] * d * d / 2)
 
     return objective
 
 
-@pytest.mark.parametrize("divergence", ["rkl", "fkl", "jeffreys", "js", "chi2"])
+def _factorised(divergence, sampling, dim):
+    """For h(r) = sum_m a_m r^m: sum_m a_m E_pi1[r^m d^2 / 2] E_pi1[r^m]^(dim - 1), 1-D quadratures."""
+    def objective(th):
+        d = d_of(GRID, th)
+        r = torch.exp(log_p(GRID) - log_q(GRID, th))
+        density = torch.exp(log_q(GRID, th)) if sampling == "full" else q0()
+        return sum(a * quad(density, r**m * d * d / 2) * quad(density, r**m) ** (dim - 1)
+                   for m, a in POLY_H[divergence].items())
+
+    return objective
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("distance,c", [("l2", None), ("pseudo_huber", 0.3), ("pseudo_huber", 3.0)])
+def test_sim_gradient_equals_fixed_pi_divergence_gradient(distance, c, dim):
+    loss = SIMLoss(distance=distance, huber_c=c or 1.0)
+
+    def g(md2):  # g(d) on the per-value mean of d^2
+        return md2 / 2 if distance == "l2" else torch.sqrt(md2 + c * c) - c
+
+    if dim == 1:
+        exact = fd(lambda th: quad(q0(), g(d_of(GRID, th) ** 2)), THETA0)
+    else:
+        exact = fd(lambda th: grid2_objective(th, "fixed", lambda r, md2: g(md2)), THETA0)
+    got = surrogate_grad(loss, dim=dim)
+    torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * exact.abs().max())
+
+
+UI_CASES = [(f, n) for f in ("rkl", "fkl", "jeffreys", "js", "chi2") for n in (1, 2, 4) if n < 4 or f in POLY_H]
+
+
+@pytest.mark.parametrize("divergence,dim", UI_CASES)
 @pytest.mark.parametrize("sampling", ["full", "fixed"])
-def test_uni_instruct_gradient_equals_expanded_f_divergence_gradient(divergence, sampling):
-    exact = fd(_expanded(divergence, sampling), THETA0)
-    got = surrogate_grad(UniInstructLoss(divergence, sampling), with_ratio=True)
+def test_uni_instruct_gradient_equals_expanded_f_divergence_gradient(divergence, sampling, dim):
+    exact = fd(_expanded(divergence, sampling, dim), THETA0)
+    n = 2_000_000 if divergence == "chi2" else None  # h = 2 r^2 of a product ratio: heavy tails, more samples
+    got = surrogate_grad(UniInstructLoss(divergence, sampling), dim=dim, n=n, with_ratio=True)
     torch.testing.assert_close(got, exact, rtol=0.04, atol=1e-2 * exact.abs().max())
+
+
+def test_the_two_exact_objectives_agree_in_two_dimensions():
+    """The 2-D grid and the factorised 1-D quadratures are independent computations of one number."""
+    th = THETA0 + torch.tensor([0.1, -0.2], dtype=torch.float64)
+    for divergence in POLY_H:
+        for sampling in ("full", "fixed"):
+            grid = _expanded(divergence, sampling, 2)(th)
+            torch.testing.assert_close(grid, _factorised(divergence, sampling, 2)(th), rtol=1e-6, atol=1e-9)
 
 
 def test_detaching_h_inside_the_sim_branch_would_be_wrong():
@@ -130,20 +185,23 @@ def test_detaching_h_inside_the_sim_branch_would_be_wrong():
     assert (wrong - exact).abs().max() > 0.2 * exact.abs().max()
 
 
+@pytest.mark.parametrize("dim", [1, 2, 4])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 1.2])
-def test_sid_alpha_gradient(alpha):
-    full = fd(_expanded("rkl", "full"), THETA0)
-    fixed = fd(_expanded("rkl", "fixed"), THETA0)
+def test_sid_alpha_gradient(alpha, dim):
+    full = fd(_expanded("rkl", "full", dim), THETA0)
+    fixed = fd(_expanded("rkl", "fixed", dim), THETA0)
     exact = (2 * alpha - 1) * fixed + (2 - 2 * alpha) * full
-    got = surrogate_grad(SIMLoss(distance="l2", sid_alpha=alpha))
+    got = surrogate_grad(SIMLoss(distance="l2", sid_alpha=alpha), dim=dim)
     torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * full.abs().max())
 
 
-def test_diff_instruct_gradient_is_ikl_gradient():
+@pytest.mark.parametrize("dim", [1, 2, 4])
+def test_diff_instruct_gradient_is_ikl_gradient(dim):
+    """KL(q || p) of the product densities, per value, is the 1-D KL: its gradient at any dim."""
     def kl(th):
         q = torch.exp(log_q(GRID, th))
         return quad(q, log_q(GRID, th) - log_p(GRID))
 
     exact = fd(kl, THETA0) * S * S / (A * A)
-    got = surrogate_grad(DiffInstructLoss())
+    got = surrogate_grad(DiffInstructLoss(), dim=dim)
     torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * exact.abs().max())

@@ -115,7 +115,9 @@ class UniInstructLoss:
         else:
             score_norm = -r * h1 / 2
             kappa = -r * (h1 + r * h2) * dd + 2 * r * h1 * dk
-        di_branch = (c / 2) * ((kappa.detach()[:, None] * d.detach()) * _flat(x_t)).sum(1) / n
+        # w <sg(kappa_score delta), x_t> with w = 1 / (2 c^2 n), delta = c d and kappa_score = c^2 n kappa
+        # (kappa is built from per-value means): (c / 2) kappa <sg(d), x_t>, a SUM over values, not a mean
+        di_branch = (c / 2) * kappa.detach() * (d.detach() * _flat(x_t)).sum(1)
         loss = h * dk + score_norm * dd + di_branch
         return loss / _sample_norm(self.sample_weight, x0, d_real)
 
