@@ -146,7 +146,10 @@ class UniInstructConfig(SIMConfig):
     discriminator_weight: float = 1.0
     ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)
     normalize_ratio: bool = True  # divide h(r) by its batch mean (variance reduction)
-    ratio_warmup_steps: int = 0  # h = 1 (pure SIM) before this step
+    ratio_warmup_steps: int = 0  # f != rkl: pure SIM-L2 (rkl, sampling fixed) before this step
+    # fake-score updates per generator update; null = the method's published default: 5 for dmd (DMD2's
+    # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
+    fake_steps_per_generator_step: int | None = None
 
 
 @dataclass
@@ -349,6 +352,11 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.sim.t_min < cfg.sim.t_max <= 1, "sim.t_min/t_max", (cfg.sim.t_min, cfg.sim.t_max),
          "0 <= t_min < t_max <= 1"),
         (cfg.sim.huber_c > 0, "sim.huber_c", cfg.sim.huber_c, "a positive number"),
+        (cfg.sim.fake_steps_per_generator_step >= 1, "sim.fake_steps_per_generator_step",
+         cfg.sim.fake_steps_per_generator_step, "an integer >= 1"),
+        (cfg.uni_instruct.fake_steps_per_generator_step in (None,) or cfg.uni_instruct.fake_steps_per_generator_step >= 1,
+         "uni_instruct.fake_steps_per_generator_step", cfg.uni_instruct.fake_steps_per_generator_step,
+         "null (the method's default) or an integer >= 1"),
         (0 <= cfg.uni_instruct.generator_timestep < 1000, "uni_instruct.generator_timestep",
          cfg.uni_instruct.generator_timestep, "a training index in [0, 999]"),
         (0 <= cfg.teacher_train.label_dropout < 1, "teacher_train.label_dropout", cfg.teacher_train.label_dropout,

@@ -6,6 +6,7 @@ import torch
 from distill import load_pipeline
 from distill.config import load_config
 from distill.eval.toy import toy_report
+from distill.objectives.score import SIMLoss
 from distill.teachers import analytic_teacher
 from distill.trainers import trainer_class
 
@@ -96,3 +97,57 @@ def test_gradient_checkpointing_under_bf16_autocast(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     history = json.loads((tmp_path / "train_history.json").read_text())
     assert history and all(torch.isfinite(torch.tensor(r["gen_loss"])) for r in history if "gen_loss" in r)
+
+
+def _setup(config, tmp_path, *overrides):
+    cfg = load_config(config, FAST + [f"output_dir={tmp_path}", *overrides])
+    trainer = trainer_class(cfg.method)(cfg)
+    trainer.setup()
+    return trainer
+
+
+def test_uni_instruct_warmup_is_pure_sim_l2_then_the_f_loss(tmp_path):
+    """Before ratio_warmup_steps an f-divergence run trains on SIM-L2 (= SiD alpha 1), not SiD(0.5)."""
+    trainer = _setup("configs/uni_instruct_gaussians8.yaml", tmp_path, "uni_instruct.ratio_warmup_steps=3",
+                     "uni_instruct.sampling=full", "uni_instruct.init_denoiser_steps=0")
+    g = torch.Generator().manual_seed(0)
+    x0, x_t, d_real, d_fake = (torch.randn(64, 2, generator=g) for _ in range(4))
+    coef, ones = torch.full((64,), 2.0), torch.ones(64)
+    sim_l2 = SIMLoss(distance="l2")(x0, x_t, d_real, d_fake)
+    sid_half = SIMLoss(distance="l2", sid_alpha=0.5)(x0, x_t, d_real, d_fake)
+    warm = trainer.generator_loss(2)(x0, x_t, d_real, d_fake, coef, ones)
+    torch.testing.assert_close(warm, sim_l2)
+    assert not torch.allclose(warm, sid_half)
+    assert trainer.generator_loss(3) is trainer.loss and trainer.loss.divergence == "fkl"
+
+
+def test_dmd_defaults_to_five_fake_updates_per_generator_update(tmp_path):
+    counts = {}
+    for divergence, extra in (("dmd", []), ("di", []), ("dmd", ["uni_instruct.fake_steps_per_generator_step=2"])):
+        trainer = _setup("configs/uni_instruct_gaussians8.yaml", tmp_path / divergence,
+                         f"uni_instruct.divergence={divergence}", "uni_instruct.init_denoiser_steps=0",
+                         "train.batch_size=16", *extra)
+        calls = []
+        inner = trainer.fake_step
+        trainer.fake_step = lambda *a, _inner=inner, _calls=calls: _calls.append(1) or _inner(*a)
+        trainer.rng = trainer.step_generator(0, 0)
+        trainer.train_step(trainer._batch(trainer.rng), 0)
+        counts[(divergence, bool(extra))] = len(calls)
+    assert counts == {("dmd", False): 5, ("di", False): 1, ("dmd", True): 2}
+
+
+def test_f_weights_change_the_update_after_the_warmup_and_the_ratio_moves(tmp_path):
+    """fkl with a 2-step warm-up vs fkl kept in warm-up: bitwise the same generator for 2 steps (same
+    noise streams, the same SIM-L2 loss), different after the f-weights switch on."""
+    def student(tag, warmup, steps):
+        trainer, _ = _run("configs/uni_instruct_gaussians8.yaml", tmp_path / f"{tag}{steps}",
+                          f"train.max_steps={steps}", "uni_instruct.init_denoiser_steps=5", "train.batch_size=128",
+                          f"uni_instruct.ratio_warmup_steps={warmup}", "train.log_every=1")
+        return trainer.unwrap("student").state_dict(), trainer.history
+
+    for steps, same in ((2, True), (5, False)):
+        a, hist = student("f", 2, steps)
+        b, _ = student("sim", 1000, steps)
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, steps
+    log_r = torch.tensor([h["log_ratio_mean"] for h in hist])
+    assert log_r.max() - log_r.min() > 1e-3, log_r

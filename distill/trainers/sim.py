@@ -72,6 +72,10 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         self.loss = self.make_loss()
         self.num_classes = ncls
 
+    @property
+    def fake_steps_per_generator_step(self) -> int:
+        return self.section.fake_steps_per_generator_step
+
     # ------------------------------------------------------------------ pieces
     def _labels_from(self, labels):
         if not self.teacher.num_classes:
@@ -159,7 +163,7 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         b = batch["x"].shape[0]
         labels = self._labels_from(batch["label"])
         logs = {}
-        for _ in range(sec.fake_steps_per_generator_step):
+        for _ in range(self.fake_steps_per_generator_step):
             logs.update(self.fake_step(labels, b, batch))
         if step >= sec.fake_warmup_steps:
             logs.update(self.generator_step(labels, b, batch, step))

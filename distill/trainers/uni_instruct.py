@@ -30,6 +30,7 @@ from ..objectives.score import (
     discriminator_loss,
     fake_score_loss,
     generator_gan_loss,
+    h_of,
 )
 from .base import frozen
 from .sim import ScoreImplicitMatchingTrainer
@@ -71,6 +72,21 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             return DiffInstructLoss(normalize=s.divergence == "dmd")
         return UniInstructLoss(s.divergence, s.sampling, s.sample_weight)
 
+    def generator_loss(self, step: int):
+        """The generator's surrogate at ``step``: before ``ratio_warmup_steps`` an f-divergence run uses
+        pure SIM-L2 (reverse KL with the sampling distribution held fixed, form (b); = SiD alpha = 1), the
+        core the public Uni-Instruct code trains alone first; afterwards the configured loss."""
+        if self.needs_ratio and step < self.section.ratio_warmup_steps:
+            return self.warmup_loss
+        return self.loss
+
+    @property
+    def fake_steps_per_generator_step(self) -> int:
+        """DMD2 (Yin et al. 2024b, sec. 4.1): without DMD's regression loss, 5 fake-score updates per
+        generator update keep the fake score tracking the generator (1:1 is reported unstable)."""
+        n = self.section.fake_steps_per_generator_step
+        return n if n is not None else (5 if self.section.divergence == "dmd" else 1)
+
     @property
     def needs_ratio(self) -> bool:
         return self.section.divergence not in ("di", "dmd", "rkl")
@@ -81,6 +97,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
 
     def build(self) -> None:
         super().build()
+        self.warmup_loss = UniInstructLoss("rkl", "fixed", self.section.sample_weight)
         self._features = {}
         if not self.uses_discriminator:
             return
@@ -133,17 +150,14 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             logs["log_ratio_mean"] = log_r.mean().item()
             if sec.gan_weight > 0:
                 gan = generator_gan_loss(logit)
-        if isinstance(self.loss, UniInstructLoss):
-            use_h = self.needs_ratio and step >= sec.ratio_warmup_steps
-            loss_fn = self.loss if use_h else UniInstructLoss("rkl", sec.sampling, sec.sample_weight)
+        loss_fn = self.generator_loss(step)
+        if isinstance(loss_fn, UniInstructLoss) and loss_fn.divergence != "rkl":
             r = ratio if ratio is not None else torch.ones(b, device=x0.device)
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, r)
-            if use_h and sec.normalize_ratio:
-                from ..objectives.score import h_of
-
+            if sec.normalize_ratio:
                 per_sample = per_sample / h_of(sec.divergence, r)[0].mean().detach().clamp_min(1e-8)
         else:
-            per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
+            per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, torch.ones(b, device=x0.device))
         if gan is not None:
             per_sample = per_sample + sec.gan_weight * gan
         keep = torch.isfinite(per_sample)
