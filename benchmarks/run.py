@@ -1,6 +1,6 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
-    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided] [--quick]
+    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits] [--quick]
     python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
 Prints Markdown tables and writes them, with the machine description, to benchmarks/results.md.
@@ -203,6 +203,10 @@ def bench_quality(quick: bool) -> str:
     teacher = analytic_teacher("gaussians8")
     ref, _ = teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(1))
     rows = []
+    floor = toy_report(teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(2))[0], teacher.model,
+                       ref)
+    rows.append(["exact samples, another seed (noise floor)", "-", floor["swd"], f"{floor['modes']}/8", floor["nll"],
+                 floor["nll_true_samples"], "-"])
     for n in (1, 2, 4, 8, 16):
         x = teacher.sample(8000, num_steps=n, generator=torch.Generator().manual_seed(0))
         r = toy_report(x, teacher.model, ref)
@@ -224,9 +228,44 @@ def bench_quality(quick: bool) -> str:
             x = pipe(batch_size=8000, generator=torch.Generator().manual_seed(0), output_type="pt").images
             r = toy_report(x, teacher.model, ref)
             rows.append([name, 1, r["swd"], f"{r['modes']}/8", r["nll"], r["nll_true_samples"], f"{secs:.0f}"])
-    return ("### (c) Quality on toy:gaussians8 (exact teacher; 8,000 samples; SWD noise floor ~0.055)\n\n" +
+    return (f"### (c) Quality on toy:gaussians8 (exact teacher; 8,000 samples; SWD noise floor {floor['swd']:.3g}, "
+            "measured in this run: two independent sets of exact samples)\n\n" +
             table(["model", "steps", "sliced W2", "modes", "NLL of samples", "NLL of true samples", "train s"],
                   rows) + "\n")
+
+
+# ---------------------------------------------------------------------- (g) Uni-Instruct on digits
+def bench_uni_instruct_digits(quick: bool) -> str:
+    """configs/uni_instruct_digits.yaml end to end: its FID report (student and teacher in one run)."""
+    import json
+
+    from distill.config import load_config
+    from distill.eval.fid import report_after_training
+    from distill.trainers import trainer_class
+
+    rows = []
+    runs = [("fkl", [])] if quick else [("fkl", []), ("rkl", ["uni_instruct.divergence=rkl"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs:
+            cfg = load_config(HERE.parent / "configs/uni_instruct_digits.yaml",
+                              [f"output_dir={tmp}/{name}", "train.progress_bar=false", "train.report_to=none",
+                               "eval.enabled=false", *extra])
+            t0 = time.time()
+            trainer = trainer_class(cfg.method)(cfg)
+            path = trainer.train()
+            secs = time.time() - t0
+            cfg.eval.enabled = True
+            if rows:  # the teacher once
+                cfg.eval.teacher_steps = []
+            report_after_training(trainer, path)
+            rep = json.loads((Path(tmp) / name / "report" / "fid_report.json").read_text())
+            for r in rep["results"]:
+                label = f"Uni-Instruct {name} student" if r["model"] == "student" else f"teacher DDIM {r['steps']}"
+                rows.append([label, r["steps"], r["fid"], r["num_samples"], f"{secs:.0f}" if r["model"] == "student"
+                             else "-"])
+    return ("### (g) Uni-Instruct on digits (`configs/uni_instruct_digits.yaml`, 2,000 updates, batch 32; FID with "
+            "the digits extractor against sklearn digits, teacher measured in the same run)\n\n"
+            + table(["model", "steps", "FID (digits)", "samples", "train s"], rows) + "\n")
 
 
 # ---------------------------------------------------------------------- (e) progressive (toy)
@@ -346,7 +385,7 @@ def bench_fid(quick: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided")
+    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -355,7 +394,7 @@ def main() -> None:
            f"(threads {torch.get_num_threads()}), CUDA {'yes' if torch.cuda.is_available() else 'no'}. "
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
     funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
-             "progressive": bench_progressive, "guided": bench_guided}
+             "progressive": bench_progressive, "guided": bench_guided, "uni_instruct_digits": bench_uni_instruct_digits}
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     for p in parts:
