@@ -266,6 +266,7 @@ class DistillationTrainer:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        net.zero_grad(set_to_none=True)  # a gradient left here would be added to the first training update
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
         dtype = like.dtype if like is not None else torch.float32
@@ -351,6 +352,8 @@ class DistillationTrainer:
         state = load_checkpoint(path, models, opts, self.emas)
         if state.get("method", self.method) != self.method:
             raise ValueError(f"Checkpoint {path} was written by method {state['method']!r}, not {self.method!r}.")
+        for ema in self.emas.values():  # loaded shadow weights are CPU tensors; EMAModel.step needs them on the device
+            ema.to(self.device)
         self.step = int(state["step"])
         self.load_state(state.get("state", {}))
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")

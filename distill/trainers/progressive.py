@@ -13,6 +13,7 @@ capped by the table). The 2- and 1-step rounds train ``final_rounds_multiplier``
 (the paper: 100k instead of 50k updates, paper_checks.md s5). Each round's student is exported
 to ``output_dir/rounds/steps-N`` as a FewStepPipeline with its step count and grid stored in the
 pipeline config, so ``pipe()`` with no arguments samples correctly; the last is ``output_dir/pipeline``.
+No EMA, as in the paper: the exported weights of a round are exactly the next round's teacher.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
                                    f"train.max_steps set to {self.bounds[-1]} updates")
             cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
         net = self.make_student()
-        self.add("student", net, lr=cfg.optim.lr, ema=True, lr_multipliers=self.lr_multipliers())
+        # no EMA (Salimans & Ho use none for distillation): the linear decay of the learning rate to 0 ends
+        # every round on settled weights, and the exported student IS the next round's teacher
+        self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers())
         self.add("round_teacher", copy.deepcopy(net).requires_grad_(False).eval())
         self.round, self._round_started = 0, -1
         self.num_classes = t.num_classes
@@ -100,7 +103,7 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         return teacher_grid, trailing_timesteps(n_student, T)
 
     def _start_round(self, r: int) -> None:
-        """New round: the finished student becomes the (frozen) teacher; optimizer and EMA reset."""
+        """New round: the finished student (as exported) becomes the frozen teacher; optimizer reset."""
         student = self.unwrap("student")
         if r > 0:
             if self.accelerator.is_main_process:
@@ -109,9 +112,6 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         opt = self.optimizers["student"]
         inner = getattr(opt, "optimizer", opt)
         inner.state.clear()
-        ema = self.emas["student"]
-        ema.shadow_params = [p.clone().detach() for p in student.parameters()]
-        ema.optimization_step = 0
         self.round = r
 
     def _set_lr(self, step: int) -> None:
@@ -203,9 +203,8 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         return {}
 
     def export_round(self, r: int):
-        with self.ema_weights():
-            return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",
-                                   {**self.card_info(), "steps": self.plan[r][0]})
+        return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",
+                               {**self.card_info(), "steps": self.plan[r][0]})
 
     def finish(self, seconds: float):
         if self.accelerator.is_main_process:
