@@ -78,7 +78,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 is refused with a message (see validate)
     gradient_accumulation_steps: int = 1
     ema_decay: float = 0.999
     log_every: int = 10
@@ -373,6 +373,11 @@ def validate(cfg: Config) -> None:
          "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
         (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
     ]
+    if t.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision: 'fp16' is refused: its loss scaling needs one GradScaler update per step and "
+            "unscaled gradients before clipping, and distill's trainers step two or three optimizers from one "
+            "backward; use 'bf16' (same speed on Ampere/Hopper GPUs, no loss scaling) or 'no'.")
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")

@@ -45,10 +45,26 @@ def test_dry_run_prints_resolved_config(capsys):
     assert "max_steps: 7" in out and "method: teacher" in out
 
 
-def test_fp16_on_cpu_is_refused(tmp_path):
-    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.mixed_precision=fp16"])
-    with pytest.raises(ConfigError, match="fp16.*needs CUDA"):
+def test_fp16_is_refused_on_every_device_before_any_work(tmp_path, monkeypatch):
+    """fp16 loss scaling with several optimizers per backward was wrong (NaN hygiene on scaled gradients,
+    the scale updated between two optimizers' steps): refused at config time, also where CUDA exists."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="'fp16' is refused.*use 'bf16'"):
+        load_config(None, TOY + [f"output_dir={tmp_path}", "train.mixed_precision=fp16"])
+    assert main(["train", "configs/sim_digits.yaml", "train.mixed_precision=fp16"]) == 2
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="fp16.*refuses.*bf16"):
         TeacherTrainer(cfg)
+
+
+@pytest.mark.parametrize("var,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_launches_are_refused_at_start_up(tmp_path, monkeypatch, var, name):
+    monkeypatch.setenv(var, "true")  # what `accelerate launch --config_file fsdp.yaml` exports
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=2"])
+    with pytest.raises(ConfigError, match=f"uses {name}.*does not support.*--multi_gpu"):
+        TeacherTrainer(cfg)
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 def test_teacher_on_gaussians8_covers_all_modes(tmp_path):

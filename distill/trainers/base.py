@@ -58,13 +58,30 @@ def frozen(*modules: torch.nn.Module):
             p.requires_grad_(f)
 
 
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this config; refuses set-ups that would silently misbehave."""
+    """An Accelerator for this config; refuses set-ups that would silently misbehave.
+
+    Sharded launches (FSDP, DeepSpeed) are refused: distill prepares several models in one
+    ``accelerator.prepare`` call (DeepSpeed takes one model per engine) and saves checkpoints as
+    full state dicts from the main process (wrong for sharded parameters). fp16 is refused (see
+    ``config.validate``); an fp16 launch flag is refused too rather than silently overridden.
+    """
+    for var, name in SHARDED_LAUNCH.items():
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"This launch uses {name} ({var} is set by your Accelerate config), which distill does not "
+                              "support yet: several networks share one prepare() call and checkpoints are saved "
+                              "unsharded. Launch with plain data parallel instead: `accelerate launch --multi_gpu "
+                              "--num_processes N -m distill train CONFIG` (or a config file without fsdp/deepspeed).")
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16":
+        raise ConfigError("The launch asks for fp16 mixed precision (accelerate launch --mixed_precision fp16 or "
+                          "its config file), which distill refuses: use --mixed_precision bf16 together with "
+                          "train.mixed_precision=bf16, or no mixed precision.")
     mp = cfg.train.mixed_precision
     cuda = torch.cuda.is_available()
-    if mp == "fp16" and not cuda:
-        raise ConfigError("train.mixed_precision: 'fp16' needs CUDA (on CPU it silently does nothing); "
-                          "use 'bf16' or 'no'.")
     report = cfg.train.report_to
     log_with = None
     if report == "tensorboard":
