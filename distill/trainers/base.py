@@ -114,7 +114,14 @@ def load_teacher(cfg: Config, device) -> Teacher:
                                    beta_schedule=cfg.teacher.beta_schedule, conditional=cfg.teacher.conditional)
         teacher.model.to(device)
         return teacher
-    return Teacher.from_pretrained(path, device=device)
+    teacher = Teacher.from_pretrained(path, device=device)
+    if teacher.schedule.kind != "vp":
+        name = type(teacher.scheduler).__name__
+        raise ConfigError(f"teacher.path={path!r} comes with a {name} ({teacher.schedule.kind} noise schedule); the "
+                          "trainers, their exported pipelines and the DDIM baselines support variance-preserving "
+                          "schedules only (DDPMScheduler / DDIMScheduler tables, epsilon, sample or v_prediction). "
+                          "EDM and flow-matching teachers are not supported yet.")
+    return teacher
 
 
 def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int], num_classes: int,
