@@ -373,6 +373,9 @@ def validate(cfg: Config) -> None:
          "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
         (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
     ]
+    if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
+        raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation samples its own "
+                          "guidance scales (guided.guidance_min / guidance_max); remove teacher.guidance_scale.")
     if t.mixed_precision == "fp16":
         raise ConfigError(
             "train.mixed_precision: 'fp16' is refused: its loss scaling needs one GradScaler update per step and "

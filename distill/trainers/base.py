@@ -113,8 +113,11 @@ def load_teacher(cfg: Config, device) -> Teacher:
         teacher = analytic_teacher(path, prediction_type=cfg.teacher.prediction_type,
                                    beta_schedule=cfg.teacher.beta_schedule, conditional=cfg.teacher.conditional)
         teacher.model.to(device)
-        return teacher
-    teacher = Teacher.from_pretrained(path, device=device)
+    else:
+        teacher = Teacher.from_pretrained(path, device=device)
+    if cfg.teacher.guidance_scale is not None and not teacher.num_classes:
+        raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale} needs a class-conditional teacher "
+                          f"with a null class; {path!r} is unconditional. Remove teacher.guidance_scale.")
     if teacher.schedule.kind != "vp":
         name = type(teacher.scheduler).__name__
         raise ConfigError(f"teacher.path={path!r} comes with a {name} ({teacher.schedule.kind} noise schedule); the "
@@ -282,9 +285,9 @@ class DistillationTrainer:
                 labels = None
             tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
             x_t = t.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(self.device), tt)
-            with torch.no_grad():
-                target = t.schedule.convert(t.network_output(x_t, tt, labels), x_t, tt, t.prediction_type,
-                                            prediction_type)
+            with torch.no_grad():  # the teacher the trainer distils: with teacher.guidance_scale when set
+                out = t.network_output(x_t, tt, labels, cfg.teacher.guidance_scale)
+                target = t.schedule.convert(out, x_t, tt, t.prediction_type, prediction_type)
             kw = {"class_labels": labels} if labels is not None else {}
             loss = (net(x_t, t.schedule.timestep(tt), **kw).sample - target).pow(2).mean()
             opt.zero_grad()

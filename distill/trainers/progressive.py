@@ -129,10 +129,8 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
 
     # ------------------------------------------------------------------ step
     def teacher_x0(self, r: int, z, t, labels, w=None):
-        if r == 0 and self.config.student.arch == "copy":
+        if r == 0:  # the original teacher, guided when teacher.guidance_scale is set
             return self.teacher.predict_x0(z, t, labels, self.config.teacher.guidance_scale).float()
-        if r == 0:
-            return self.teacher.predict_x0(z, t, labels).float()
         net = self.unwrap("round_teacher")
         return self._net_x0(net, z, t, labels, w)
 

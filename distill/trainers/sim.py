@@ -48,8 +48,6 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         cfg, sec = self.config, self.section
         self.teacher = load_teacher(cfg, self.device)
         t = self.teacher
-        if cfg.teacher.guidance_scale is not None and not t.num_classes:
-            raise ValueError("teacher.guidance_scale needs a class-conditional teacher.")
         shape, ncls = t.sample_shape, t.num_classes
         if cfg.student.arch == "copy":
             gen = build_network(cfg, t, shape, ncls)
