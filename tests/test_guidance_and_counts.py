@@ -42,3 +42,31 @@ def test_guidance_scale_on_an_unconditional_teacher_or_a_guided_run_is_refused(t
         trainer_class(cfg.method)(cfg).train()
     with pytest.raises(ConfigError, match="guided distillation samples its own guidance scales"):
         load_config("configs/guided_gaussians8.yaml", ["teacher.guidance_scale=2"])
+
+
+@pytest.mark.parametrize("config", ["configs/sim_gaussians8.yaml", "configs/uni_instruct_gaussians8.yaml"])
+def test_dropped_samples_and_repaired_gradients_are_counted(tmp_path, config):
+    cfg = load_config(config, FAST + [f"output_dir={tmp_path}", "train.max_steps=4", "train.log_every=2",
+                                      "train.batch_size=32", f"{load_config(config).method}.init_denoiser_steps=0"])
+    trainer = trainer_class(cfg.method)(cfg)
+    trainer.setup()
+    real_loss = trainer.loss
+
+    def two_nan_samples(*args, **kw):
+        out = real_loss(*args, **kw)
+        nan = torch.zeros_like(out, dtype=torch.bool)
+        nan[-2:] = True
+        return torch.where(nan, float("nan"), out)  # no NaN flows back into the kept samples' gradients
+
+    trainer.loss = two_nan_samples
+    if hasattr(trainer, "warmup_loss"):
+        trainer.warmup_loss = two_nan_samples
+    first = next(trainer.unwrap("student").parameters())
+    first.register_hook(lambda g: g.flatten().index_fill(0, torch.tensor([0, 1, 2]), float("nan")).view_as(g))
+    trainer.train()
+    logs = trainer.history
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:  # two generator steps per log window
+        assert h["nonfinite_samples"] == 4 and h["nonfinite_grads/student"] == 6, h
+        assert h["nonfinite_grads/fake"] == 0
+    assert all(torch.isfinite(p).all() for p in trainer.unwrap("student").parameters())

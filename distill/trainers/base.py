@@ -193,6 +193,7 @@ class DistillationTrainer:
         self.rng: torch.Generator | None = None
         self.step = 0
         self.history: list[dict] = []
+        self._counts: dict = {}
         self.teacher: Teacher | None = None
         self.data = None
         self._built = False
@@ -249,12 +250,26 @@ class DistillationTrainer:
         self.accelerator.backward(loss)
         return self.apply_gradients(name)
 
+    def count(self, key: str, n) -> None:
+        """Add ``n`` (a number or a tensor: no host sync here) to a counter that is logged as ``key``,
+        summed over the steps since the last log."""
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Batch mean of the finite per-sample losses; the dropped samples are counted (``nonfinite_samples``)."""
+        keep = torch.isfinite(per_sample)
+        self.count("nonfinite_samples", (~keep).sum())
+        return per_sample[keep].mean() if keep.any() else per_sample[keep].sum()
+
     def apply_gradients(self, name: str) -> float | None:
-        """NaN hygiene (score_distillation.md s8.9), clipping, optimizer step and zero_grad of one
-        network whose gradients are already accumulated; returns the (pre-clip) gradient norm."""
+        """NaN hygiene (non-finite gradient values are zeroed or clamped, and counted as
+        ``nonfinite_grads/NAME``), clipping, optimizer step and zero_grad of one network whose
+        gradients are already accumulated; returns the (pre-clip) gradient norm."""
         norm = None
         if self.accelerator.sync_gradients:
             params = [p for p in self.modules[name].parameters() if p.grad is not None]
+            if params:
+                self.count(f"nonfinite_grads/{name}", sum((~torch.isfinite(p.grad)).sum() for p in params))
             for p in params:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
             max_norm = self.config.optim.max_grad_norm
@@ -412,6 +427,8 @@ class DistillationTrainer:
             self.step += 1
             logs = {k: float(v) for k, v in logs.items() if v is not None}
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                logs.update({k: float(v) for k, v in self._counts.items()})
+                self._counts.clear()
                 acc.log(logs, step=self.step)
                 self.history.append({"step": self.step, **logs})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})

@@ -149,8 +149,7 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         with frozen(self.unwrap("fake")):
             x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
             per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
-            keep = torch.isfinite(per_sample)
-            loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
+            loss = self.finite_mean(per_sample)
             norm = self.step_optimizer("student", loss)
         return {"gen_loss": loss.item(), "grad_norm": norm,
                 "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}

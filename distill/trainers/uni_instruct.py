@@ -160,8 +160,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, torch.ones(b, device=x0.device))
         if gan is not None:
             per_sample = per_sample + sec.gan_weight * gan
-        keep = torch.isfinite(per_sample)
-        loss = per_sample[keep].mean() if keep.any() else per_sample.sum() * 0
+        loss = self.finite_mean(per_sample)
         norm = self.step_optimizer("student", loss)
         logs.update(gen_loss=loss.item(), grad_norm=norm, teacher_gap=(d_real - d_fake).pow(2).mean().sqrt().item())
         return logs
