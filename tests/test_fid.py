@@ -66,8 +66,8 @@ def test_fid_of_gaussian_features_equals_closed_form():
     # and the population closed form within sampling error
     pop = float(((m1 - m2) ** 2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum())
     assert fid == pytest.approx(pop, abs=0.05)
-    # a set against itself is exactly 0, never negative
-    assert metrics_from_features(a, a, ("fid",), "feat")["fid"] == 0.0
+    # a set against itself: 0 up to rounding
+    assert abs(metrics_from_features(a, a, ("fid",), "feat")["fid"]) < 1e-6  # reported unclamped
 
 
 def _noised_digits(sigma, seed):
@@ -83,11 +83,14 @@ def test_distill_fid_equals_torch_fidelity_on_same_pngs(tmp_path, monkeypatch):
     save_image_folder(b, tmp_path / "b")
     ours = compute_metrics(str(tmp_path / "a"), str(tmp_path / "b"), metrics=("fid", "kid", "isc"),
                            feature_extractor="digits")
+    # the report's own names for the extractor, its layer and weights reproduce it in torch-fidelity
+    assert (ours["torch_fidelity_feature_extractor"], ours["feature_layer_fid"]) == (DIGITS_NAME, "feat64")
     ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), cuda=False,
                                            fid=True, kid=True, isc=True, kid_subset_size=600,
-                                           feature_extractor=DIGITS_NAME, feature_extractor_weights_path=str(
-                                               DIGITS_WEIGHTS), cache=False, verbose=False, save_cpu_ram=True,
-                                           samples_find_ext="png")
+                                           feature_extractor=ours["torch_fidelity_feature_extractor"],
+                                           feature_layer_fid=ours["feature_layer_fid"],
+                                           feature_extractor_weights_path=ours["feature_extractor_weights"],
+                                           cache=False, verbose=False, save_cpu_ram=True, samples_find_ext="png")
     assert abs(ours["fid"] - ref["frechet_inception_distance"]) < 1e-6
     assert ours["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-6, abs=1e-6)
     assert ours["isc"] == pytest.approx(ref["inception_score_mean"], rel=1e-6, abs=1e-6)
@@ -120,7 +123,7 @@ def test_digits_extractor_accuracy_and_noise_monotonic(tmp_path, monkeypatch):
     assert digits_accuracy() >= 0.97
     ref = _noised_digits(0.0, 0)
     fids = [compute_metrics(_noised_digits(s, 3), ref, ("fid",))["fid"] for s in (0.0, 0.05, 0.1, 0.2, 0.4)]
-    assert fids[0] == 0.0
+    assert abs(fids[0]) < 1e-6  # the set against itself, unclamped
     assert all(x < y for x, y in zip(fids, fids[1:])), fids
 
 
@@ -138,9 +141,26 @@ def test_fid_cli_on_image_folder_writes_report(tmp_path, monkeypatch):
     import json
 
     rep = json.loads((tmp_path / "rep" / "fid_report.json").read_text())
-    for key in ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed"):
+    for key in ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
+                "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights"):
         assert key in rep
+    assert "feature_layer_fid='feat64'" in (tmp_path / "rep" / "fid_report.md").read_text()
     r = rep["results"][0]
     assert r["model"] == "images" and r["fid"] > 0 and r["num_samples"] == 400
     assert (tmp_path / "rep" / "fid_report.md").read_text().count("|") > 10
     assert Image.open(tmp_path / "rep" / "samples_images-0step.png").size[0] > 0
+
+
+def test_readme_torch_fidelity_reproduction_snippet_runs(tmp_path, monkeypatch):
+    """The README's FID-protocol snippet: a report's names reproduce its FID in torch-fidelity."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "calculate_metrics" in b)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    save_image_folder(_noised_digits(0.1, 1)[:300], tmp_path / "samples")
+    save_image_folder(_noised_digits(0.0, 2)[300:600], tmp_path / "reference")
+    exec(textwrap.dedent(block), {})

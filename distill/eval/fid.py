@@ -11,7 +11,13 @@ distill feeds torch-fidelity and reports; the metric arithmetic is torch-fidelit
 * references: a data spec (same syntax as training data) or a saved feature file;
 * a reference cache keyed by a hash of the reference pixels, the extractor and its weights
   (torch-fidelity keys its cache by name only, ecosystem_api.md s4d), stored as safetensors;
-* ``cuda`` only when CUDA exists; FID clamped at 0; KID subset size capped by the sample counts.
+* ``cuda`` only when CUDA exists; KID subset size capped by the sample counts. FID is torch-fidelity's
+  value as computed (not clamped: a set against itself gives a rounding-level number such as 5e-15);
+* reports name the extractor as torch-fidelity knows it (``torch_fidelity_feature_extractor``,
+  ``feature_layer_fid``, ``feature_extractor_weights``), so ``torch_fidelity.calculate_metrics(input1,
+  input2, fid=True, feature_extractor=..., feature_layer_fid=..., feature_extractor_weights_path=...)``
+  on the same PNGs reproduces the report's FID (after ``import distill.eval.extractors``, which
+  registers ``distill-digits`` with torch-fidelity).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .extractors import file_sha256, make_extractor
+from .extractors import fid_layer, file_sha256, make_extractor
 
 
 def fidelity_version() -> str:
@@ -148,7 +154,7 @@ def metrics_from_features(gen: dict, ref: dict, metrics, fid_layer: str, seed: i
     f1, f2 = gen[fid_layer], ref[fid_layer]
     if "fid" in metrics:
         fid = fid_statistics_to_metric(fid_features_to_statistics(f1), fid_features_to_statistics(f2), False)
-        out["fid"] = max(0.0, fid["frechet_inception_distance"])
+        out["fid"] = fid["frechet_inception_distance"]
     if "kid" in metrics:
         size = min(1000, len(f1), len(f2))
         kid = kid_features_to_metric(f1, f2, kid_subset_size=size, verbose=False)  # torch-fidelity rng_seed
@@ -213,14 +219,16 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     """Metrics of ``source`` (pipeline, pipeline/image folder, or tensor) against ``reference``.
 
     Returns a dict with the metrics and ``num_samples``, ``nfe``, ``seconds``, ``samples_per_second``,
-    ``feature_extractor``, ``feature_extractor_sha256``, ``torch_fidelity_version`` and the reference info.
+    ``feature_extractor``, ``feature_extractor_sha256``, ``torch_fidelity_version``, the extractor as
+    torch-fidelity names it (``torch_fidelity_feature_extractor``, ``feature_layer_fid``,
+    ``feature_extractor_weights``) and the reference info.
     """
     metrics = tuple(metrics)
     unknown = set(metrics) - {"fid", "kid", "prc", "isc"}
     if unknown:
         raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from fid, kid, prc, isc.")
     extractor, ext_name, weights = make_extractor(feature_extractor, feature_extractor_weights)
-    layer = "feat64" if feature_extractor == "digits" else "2048"
+    layer = fid_layer(feature_extractor)
     start = time.time()
     nfe = None
     if isinstance(source, (str, Path)):
@@ -248,7 +256,9 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     result.update(num_samples=len(images), nfe=nfe, seconds=round(seconds, 3),
                   generation_seconds=round(gen_seconds, 3),
                   samples_per_second=round(len(images) / max(seconds, 1e-9), 2),
-                  feature_extractor=feature_extractor, feature_extractor_sha256=file_sha256(weights),
+                  feature_extractor=feature_extractor, torch_fidelity_feature_extractor=ext_name,
+                  feature_layer_fid=layer, feature_extractor_weights=str(Path(weights).resolve()),
+                  feature_extractor_sha256=file_sha256(weights),
                   torch_fidelity_version=fidelity_version(), seed=seed, **ref_info)
     if return_images:
         result["images"] = images
@@ -292,7 +302,8 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
             grids[f"{model}-{n_steps or 0}step"] = images[:64]
             results.append({"model": model, "steps": n_steps, **{k2: v for k2, v in extra.items()
                                                                    if k2 == "guidance_scale"}, **r})
-    common = ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
+    common = ("feature_extractor", "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights",
+              "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
               "reference_num_images", "reference_sha256", "reference_resolution")
     report = {k: results[0].get(k) for k in common}
     report.update(meta or {})

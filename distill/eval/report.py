@@ -81,7 +81,12 @@ def write_report(report: dict, grids: dict, out_dir) -> dict:
             f"- feature extractor: `{report.get('feature_extractor')}` (sha256 {str(report.get('feature_extractor_sha256'))[:12]}…)"
             + (" — NOT comparable with Inception FIDs" if report.get("feature_extractor") == "digits" else ""),
             f"- reference: `{report.get('reference')}` ({report.get('reference_num_images')} images)",
-            f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}", "", ""]
+            f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}; the same FID from "
+            f"torch-fidelity on the same PNGs: `torch_fidelity.calculate_metrics(input1=..., input2=..., fid=True, "
+            f"feature_extractor='{report.get('torch_fidelity_feature_extractor')}', "
+            f"feature_layer_fid='{report.get('feature_layer_fid')}', "
+            f"feature_extractor_weights_path='{report.get('feature_extractor_weights')}')`"
+            + (" after `import distill.eval.extractors`" if report.get("feature_extractor") == "digits" else ""), "", ""]
     md = "\n".join(head) + markdown_table(report) + "\n"
     for name, imgs in grids.items():
         save_grid(torch.as_tensor(imgs).float() / 255.0, out / f"samples_{name}.png")
