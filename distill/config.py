@@ -16,8 +16,6 @@ from typing import Literal, Union
 
 import yaml
 
-METHODS = ("teacher", "sim", "uni_instruct", "progressive", "guided")
-
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value and the allowed values."""

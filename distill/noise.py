@@ -248,16 +248,4 @@ class NoiseSchedule:
         return [1 - i / num_steps for i in range(num_steps)]
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM sigma grid (Karras et al. 2022, eq. 5), descending, length n."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def logsnr_to_alpha_sigma(logsnr: torch.Tensor):
-    """VP coefficients for a log-SNR: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
-    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
-
-
-__all__ = ["NoiseSchedule", "karras_sigmas", "logsnr_to_alpha_sigma", "PREDICTION_TYPES"]
+__all__ = ["NoiseSchedule", "PREDICTION_TYPES"]

@@ -84,13 +84,6 @@ class SIMLoss:
             loss = loss + (1 - self.alpha) * (d * d).mean(1)
         return loss / _sample_norm(self.sample_weight, x0, d_real)
 
-    def divergence(self, d_real, d_fake) -> torch.Tensor:
-        """g(d) per sample: the quantity whose (fixed-pi) gradient the surrogate gives."""
-        d = _flat(d_real - d_fake)
-        if self.distance == "l2":
-            return (d * d).mean(1) / 2
-        return torch.sqrt((d * d).mean(1) + self.c**2) - self.c
-
 
 class UniInstructLoss:
     """Uni-Instruct f-divergence surrogate, forms (a) ``full`` and (b) ``fixed`` of spec s5.2."""
@@ -120,12 +113,6 @@ class UniInstructLoss:
         di_branch = (c / 2) * kappa.detach() * (d.detach() * _flat(x_t)).sum(1)
         loss = h * dk + score_norm * dd + di_branch
         return loss / _sample_norm(self.sample_weight, x0, d_real)
-
-    def divergence_value(self, d_real, d_fake, coef, ratio) -> torch.Tensor:
-        """w h(r) |delta|^2 per sample with w = 1 / (2 c^2 n): the expanded-divergence integrand."""
-        d = _flat(d_real - d_fake)
-        h, _, _ = h_of(self.divergence, _per_sample(ratio, d))
-        return h * (d * d).mean(1) / 2
 
 
 class DiffInstructLoss:

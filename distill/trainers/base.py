@@ -179,7 +179,6 @@ class DistillationTrainer:
     """The shared loop. Subclasses implement ``build``, ``train_step`` and ``export``."""
 
     method = "base"
-    student_name = "student"  # the registered module that is exported (with EMA)
 
     def __init__(self, config: Config, accelerator: Accelerator | None = None):
         self.config = config
