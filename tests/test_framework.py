@@ -76,9 +76,12 @@ def test_teacher_on_gaussians8_covers_all_modes(tmp_path):
         2 * torch.pi * k / 8))] for k in range(8)])
     d = torch.cdist(x, means)
     near = d.min(1).values < 0.5
-    counts = torch.bincount(d.argmin(1)[near], minlength=8)
-    assert near.float().mean() > 0.5, near.float().mean()
-    assert (counts > 0.5 * 2000 / 8 * near.float().mean()).all(), counts
+    counts = torch.bincount(d.argmin(1)[near], minlength=8).double()
+    assert near.float().mean() > 0.5, near.float().mean()  # 400 updates: ~0.62 of the samples within 0.5
+    # per mode: Binomial(n_near, 1/8); every count within 4 standard deviations of n_near / 8
+    n = float(near.sum())
+    mean, std = n / 8, (n * (1 / 8) * (7 / 8)) ** 0.5
+    assert ((counts - mean).abs() < 4 * std).all(), (counts, mean, std)
     assert (tmp_path / "samples" / "final.png").is_file() and (tmp_path / "config.yaml").is_file()
 
 
