@@ -122,6 +122,35 @@ def _trainer_iteration(trainer):
     return run
 
 
+class _BareParts:
+    """What the bare-torch SIM and Uni-Instruct steps share: the discrete VP table, the generator at
+    t* = 625 (v-prediction, as the digits configs) and the fake network's DSM loss on its samples."""
+
+    def __init__(self, trainer):
+        self.ac = trainer.teacher.scheduler.alphas_cumprod
+        self.b = trainer.config.train.batch_size
+        self.shape = (self.b, *trainer.teacher.sample_shape)
+        self.a_star, self.s_star = self.ac[625].sqrt(), (1 - self.ac[625]).sqrt()
+
+    @staticmethod
+    def x0_of(out, x, a, s):  # v-prediction
+        return a * x - s * out
+
+    def draw_t(self):
+        k = torch.randint(20, 980, (self.b,))
+        return k, self.ac[k].sqrt().view(-1, 1, 1, 1), (1 - self.ac[k]).sqrt().view(-1, 1, 1, 1)
+
+    def generate(self, gen):
+        z = self.s_star * torch.randn(self.shape)
+        return self.x0_of(gen(z, torch.full((self.b,), 625)).sample, z, self.a_star, self.s_star)
+
+    def fake_dsm(self, gen, fake, k, a, s):
+        with torch.no_grad():
+            xg = self.generate(gen)
+        eps = torch.randn(self.shape)
+        return (fake(a * xg + s * eps, k).sample - (a * eps - s * xg)).pow(2).mean()
+
+
 def _bare_sim_step(trainer):
     """The SIM iteration written as plain torch on the same networks: fake DSM update, then the
     generator update through the inputs of the frozen teacher and fake networks. No Accelerate,
@@ -130,33 +159,20 @@ def _bare_sim_step(trainer):
     gen, fake = trainer.unwrap("student"), trainer.unwrap("fake")
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-7, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-7, betas=(0.0, 0.999))
-    ac = trainer.teacher.scheduler.alphas_cumprod
-    b = trainer.config.train.batch_size
-    shape = (b, *trainer.teacher.sample_shape)
-    a_star, s_star = ac[625].sqrt(), (1 - ac[625]).sqrt()
-
-    def x0_of(out, x, a, s):  # v-prediction
-        return a * x - s * out
+    bp = _BareParts(trainer)
 
     def run():
-        k = torch.randint(20, 980, (b,))
-        a, s = ac[k].sqrt().view(-1, 1, 1, 1), (1 - ac[k]).sqrt().view(-1, 1, 1, 1)
-        z = torch.randn(shape)
-        with torch.no_grad():
-            xg = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
-        eps = torch.randn(shape)
-        xt = a * xg + s * eps
-        loss_f = (fake(xt, k).sample - (a * eps - s * xg)).pow(2).mean()
+        k, a, s = bp.draw_t()
+        loss_f = bp.fake_dsm(gen, fake, k, a, s)
         opt_f.zero_grad()
         loss_f.backward()
         opt_f.step()
-        z = torch.randn(shape)
-        x0 = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
-        xt = a * x0 + s * torch.randn(shape)
+        x0 = bp.generate(gen)
+        xt = a * x0 + s * torch.randn(bp.shape)
         fake.requires_grad_(False)
-        d_fake = x0_of(fake(xt, k).sample, xt, a, s)
+        d_fake = bp.x0_of(fake(xt, k).sample, xt, a, s)
         fake.requires_grad_(True)
-        d_real = x0_of(teacher(xt, k).sample, xt, a, s)
+        d_real = bp.x0_of(teacher(xt, k).sample, xt, a, s)
         d = (d_real - d_fake).flatten(1)
         g = d / torch.sqrt(d.pow(2).mean(1, keepdim=True) + 0.01)
         loss_g = (g * (d_fake - x0).flatten(1)).mean()
@@ -178,43 +194,30 @@ def _bare_uni_instruct_step(trainer):
     fake.mid_block.register_forward_hook(lambda _m, _i, out: feats.__setitem__("f", out))
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-7, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(disc.parameters()), lr=1e-7, betas=(0.0, 0.999))
-    ac = trainer.teacher.scheduler.alphas_cumprod
-    b = trainer.config.train.batch_size
-    shape = (b, *trainer.teacher.sample_shape)
-    a_star, s_star = ac[625].sqrt(), (1 - ac[625]).sqrt()
+    bp = _BareParts(trainer)
     real = trainer.data.x
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
-    def x0_of(out, x, a, s):  # v-prediction
-        return a * x - s * out
-
     def run():
-        k = torch.randint(20, 980, (b,))
-        a, s = ac[k].sqrt().view(-1, 1, 1, 1), (1 - ac[k]).sqrt().view(-1, 1, 1, 1)
-        z = torch.randn(shape)
-        with torch.no_grad():
-            xg = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
-        eps = torch.randn(shape)
-        xt = a * xg + s * eps
-        loss_f = (fake(xt, k).sample - (a * eps - s * xg)).pow(2).mean()
+        k, a, s = bp.draw_t()
+        loss_f = bp.fake_dsm(gen, fake, k, a, s)
         logit_fake = disc(feats["f"])
-        xr = real[torch.randint(len(real), (b,))]
-        fake(a * xr + s * torch.randn(shape), k)
+        xr = real[torch.randint(len(real), (bp.b,))]
+        fake(a * xr + s * torch.randn(bp.shape), k)
         logit_real = disc(feats["f"])
         loss_f = loss_f + bce(logit_real, torch.ones_like(logit_real)) + bce(logit_fake, torch.zeros_like(logit_fake))
         opt_f.zero_grad()
         loss_f.backward()
         opt_f.step()
-        z = torch.randn(shape)
-        x0 = x0_of(gen(s_star * z, torch.full((b,), 625)).sample, s_star * z, a_star, s_star)
-        xt = a * x0 + s * torch.randn(shape)
+        x0 = bp.generate(gen)
+        xt = a * x0 + s * torch.randn(bp.shape)
         fake.requires_grad_(False)
         disc.requires_grad_(False)
-        d_fake = x0_of(fake(xt, k).sample, xt, a, s)
+        d_fake = bp.x0_of(fake(xt, k).sample, xt, a, s)
         r = disc(feats["f"]).detach().clamp(-5, 5).exp()
         fake.requires_grad_(True)
         disc.requires_grad_(True)
-        d_real = x0_of(teacher(xt, k).sample, xt, a, s)
+        d_real = bp.x0_of(teacher(xt, k).sample, xt, a, s)
         d, kk = (d_real - d_fake).flatten(1), (d_fake - x0).flatten(1)
         c = (a / (s * s)).flatten()
         dk = (d * kk).mean(1)

@@ -352,7 +352,7 @@ def validate(cfg: Config) -> None:
         (cfg.sim.huber_c > 0, "sim.huber_c", cfg.sim.huber_c, "a positive number"),
         (cfg.sim.fake_steps_per_generator_step >= 1, "sim.fake_steps_per_generator_step",
          cfg.sim.fake_steps_per_generator_step, "an integer >= 1"),
-        (cfg.uni_instruct.fake_steps_per_generator_step in (None,) or cfg.uni_instruct.fake_steps_per_generator_step >= 1,
+        (cfg.uni_instruct.fake_steps_per_generator_step is None or cfg.uni_instruct.fake_steps_per_generator_step >= 1,
          "uni_instruct.fake_steps_per_generator_step", cfg.uni_instruct.fake_steps_per_generator_step,
          "null (the method's default) or an integer >= 1"),
         (0 <= cfg.uni_instruct.generator_timestep < 1000, "uni_instruct.generator_timestep",
