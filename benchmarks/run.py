@@ -399,9 +399,10 @@ def bench_guided(quick: bool) -> str:
         t0 = time.time()
         trainer_class("guided")(cfg).train()
         secs = time.time() - t0
+        cond = teacher.condition(class_labels=labels)
         for s in (1.0, 2.5, 4.0):
-            ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), labels, guidance_scale=s)
-            floor = teacher.sample(n, 256, torch.Generator().manual_seed(2), labels, guidance_scale=s)
+            ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), cond, guidance_scale=s)
+            floor = teacher.sample(n, 256, torch.Generator().manual_seed(2), cond, guidance_scale=s)
             for k in (4, 2, 1):
                 pipe = load_pipeline(f"{tmp}/rounds/steps-{k}")
                 pipe.set_progress_bar_config(disable=True)
@@ -409,7 +410,7 @@ def bench_guided(quick: bool) -> str:
                          guidance_scale=s, output_type="pt").images
                 xs = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels,
                           guidance_scale=s, stochastic=True, output_type="pt").images
-                d = teacher.sample(n, k, torch.Generator().manual_seed(0), labels, guidance_scale=s)
+                d = teacher.sample(n, k, torch.Generator().manual_seed(0), cond, guidance_scale=s)
                 rows.append([s, k, sliced_wasserstein(x, ref), sliced_wasserstein(xs, ref), sliced_wasserstein(d, ref),
                              sliced_wasserstein(floor, ref), on_class(x), on_class(ref)])
     return (f"### (f) Guided distillation on the class-conditional toy:gaussians8 ({secs:.0f} s of training: stage "

@@ -2,10 +2,11 @@
 
 __version__ = "0.1.0"
 
+from .conditioning import Condition
 from .export import export_pipeline, load_pipeline
 from .models import GaussianMixtureTeacher, MLPDenoiser
 from .noise import NoiseSchedule
-from .pipelines import FewStepPipeline, OneStepPipeline
+from .pipelines import FewStepPipeline, OneStepPipeline, TextToImagePipeline
 
-__all__ = ["FewStepPipeline", "GaussianMixtureTeacher", "MLPDenoiser", "NoiseSchedule", "OneStepPipeline",
-           "export_pipeline", "load_pipeline", "__version__"]
+__all__ = ["Condition", "FewStepPipeline", "GaussianMixtureTeacher", "MLPDenoiser", "NoiseSchedule",
+           "OneStepPipeline", "TextToImagePipeline", "export_pipeline", "load_pipeline", "__version__"]

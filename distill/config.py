@@ -39,9 +39,13 @@ class DataConfig:
     """Training data (and the default FID reference): see :mod:`distill.data` for specs."""
 
     spec: str = "sklearn:digits"
-    resolution: int | None = None
+    resolution: int | None = None  # None: the teacher's image resolution (latent teachers), else the data's
     channels: int = 1
     num_samples: int = 20000  # toy data sets only
+    caption_column: str | None = None  # image+caption data / .csv / .jsonl prompts; None: prompt, caption or text
+    # prompts-only data (prompts:FILE) for methods that need clean samples (progressive, guided, Uni-Instruct's
+    # discriminator): the clean latents are the teacher's own DDIM samples with this many steps
+    teacher_sample_steps: int = 25
 
 
 @dataclass
@@ -160,6 +164,7 @@ class ProgressiveConfig:
     final_rounds_multiplier: float = 2.0  # the 2- and 1-step rounds train this much longer (paper s5.2)
     loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
     init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (large teachers)
 
 
 @dataclass
@@ -359,6 +364,8 @@ def validate(cfg: Config) -> None:
          cfg.uni_instruct.generator_timestep, "a training index in [0, 999]"),
         (0 <= cfg.teacher_train.label_dropout < 1, "teacher_train.label_dropout", cfg.teacher_train.label_dropout,
          "a number in [0, 1)"),
+        (cfg.data.teacher_sample_steps >= 1, "data.teacher_sample_steps", cfg.data.teacher_sample_steps,
+         "an integer >= 1"),
         (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
         (_pow2(cfg.progressive.start_steps) and _pow2(cfg.progressive.target_steps)
          and cfg.progressive.target_steps < cfg.progressive.start_steps, "progressive.start_steps/target_steps",

@@ -6,11 +6,16 @@ A spec is a string:
 * ``toy:gaussians25`` 25 Gaussians on the grid {-2,-1,0,1,2}^2, std 0.1, label = grid index
 * ``toy:swissroll``   2-D swiss roll (scaled to about [-2, 2]), no labels
 * ``sklearn:digits``  the 1,797 8x8 sklearn digits, resized to ``resolution`` (default 16), labels 0-9
-* a local folder       an ``imagefolder`` (class sub-folders become labels)
-* ``owner/name``       a Hugging Face dataset (image column auto-detected, label column optional)
+* ``prompts:FILE``     prompts only (text-to-image teachers): a text file with one prompt per line, or a
+                       .csv / .jsonl file with a ``prompt``, ``caption`` or ``text`` column
+* a local folder       an ``imagefolder`` (class sub-folders become labels; a ``metadata.jsonl`` /
+                       ``metadata.csv`` with a caption column gives prompts)
+* ``owner/name``       a Hugging Face dataset (image column auto-detected, label column optional, caption
+                       column auto-detected among ``prompt``, ``caption``, ``text`` or set by ``caption_column``)
 
 Every dataset yields ``{"x": float tensor in [-1, 1] (images CxHxW, toys (2,)), "label": int}``
-(label -1 when the data has none) and exposes ``sample_shape`` and ``num_classes``.
+(label -1 when the data has none), plus ``"prompt"`` when it has captions (prompt data has no
+``"x"``), and exposes ``sample_shape``, ``num_classes`` and ``has_images`` / ``has_prompts``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import torch
 from torch.utils.data import Dataset
 
 TOY_SPECS = ("toy:gaussians8", "toy:gaussians25", "toy:swissroll")
+CAPTION_COLUMNS = ("prompt", "caption", "text")
 
 
 class TensorData(Dataset):
     """In-memory data set of samples x (N, ...) and integer labels (N,)."""
+
+    has_images, has_prompts = True, False
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, spec: str):
         self.x = x.float()
@@ -93,10 +101,15 @@ def digits(resolution: int = 16) -> TensorData:
 class ImageData(Dataset):
     """A Hugging Face / imagefolder data set, decoded and resized on access."""
 
-    def __init__(self, ds, image_col: str, label_col: str | None, resolution: int, channels: int, spec: str):
+    has_images = True
+
+    def __init__(self, ds, image_col: str, label_col: str | None, resolution: int, channels: int, spec: str,
+                 caption_col: str | None = None):
         self.ds, self.image_col, self.label_col = ds, image_col, label_col
         self.resolution, self.channels, self.spec = resolution, channels, spec
         self.num_classes = ds.features[label_col].num_classes if label_col else 0
+        self.caption_col = caption_col
+        self.has_prompts = caption_col is not None
 
     @property
     def sample_shape(self) -> list[int]:
@@ -115,10 +128,58 @@ class ImageData(Dataset):
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
         x = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
         label = int(row[self.label_col]) if self.label_col else -1
-        return {"x": x, "label": torch.tensor(label)}
+        item = {"x": x, "label": torch.tensor(label)}
+        if self.caption_col:
+            item["prompt"] = str(row[self.caption_col] or "")
+        return item
 
 
-def _hf_images(spec: str, resolution: int | None, channels: int, split: str) -> ImageData:
+class PromptData(Dataset):
+    """Prompts only (``prompts:FILE``): text-to-image distillation that needs no images."""
+
+    has_images, has_prompts, num_classes, sample_shape = False, True, 0, None
+
+    def __init__(self, prompts: list[str], spec: str):
+        self.prompts, self.spec = prompts, spec
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i):
+        return {"prompt": self.prompts[int(i)], "label": torch.tensor(-1)}
+
+
+def read_prompts(path: str, column: str | None = None) -> list[str]:
+    """Prompts of a .txt (one per line, blank lines skipped), .csv or .jsonl file (column ``column`` or the
+    first of prompt / caption / text)."""
+    import csv
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"Prompt file {path!r} not found (resolved to {str(p.resolve())!r}); data.spec "
+                                "prompts:FILE needs a .txt file with one prompt per line, or a .csv / .jsonl file.")
+    if p.suffix.lower() in (".csv", ".jsonl"):
+        if p.suffix.lower() == ".csv":
+            with p.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        keys = list(rows[0]) if rows else []
+        col = column or next((c for c in CAPTION_COLUMNS if c in keys), None)
+        if col is None or col not in keys:
+            wanted = repr(column) if column else "prompt, caption or text"
+            raise ValueError(f"{path!r} has no {wanted} column (columns: {keys}); set data.caption_column.")
+        prompts = [str(r[col]) for r in rows]
+    else:
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"Prompt file {path!r} holds no prompts.")
+    return prompts
+
+
+def _hf_images(spec: str, resolution: int | None, channels: int, split: str,
+               caption_column: str | None = None) -> ImageData:
     import datasets
 
     path = Path(spec).expanduser()
@@ -143,22 +204,29 @@ def _hf_images(spec: str, resolution: int | None, channels: int, split: str) -> 
     if not image_cols:
         raise ValueError(f"Data set {spec!r} has no image column (columns: {list(ds.features)}).")
     label_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    text_cols = [k for k, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    if caption_column is not None and caption_column not in text_cols:
+        raise ValueError(f"data.caption_column={caption_column!r} is not a text column of {spec!r} "
+                         f"(text columns: {text_cols}).")
+    caption = caption_column or next((c for c in CAPTION_COLUMNS if c in text_cols), None)
     res = resolution or ds[0][image_cols[0]].size[0]
-    return ImageData(ds, image_cols[0], label_cols[0] if label_cols else None, res, channels, spec)
+    return ImageData(ds, image_cols[0], label_cols[0] if label_cols else None, res, channels, spec, caption)
 
 
 def load_data(spec: str, resolution: int | None = None, num_samples: int = 20000, seed: int = 0,
-              channels: int = 3, split: str = "train") -> Dataset:
+              channels: int = 3, split: str = "train", caption_column: str | None = None) -> Dataset:
     """Build the data set named by ``spec`` (see the module docstring)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"data spec must be a non-empty string, got {spec!r}.")
+    if spec.startswith("prompts:"):
+        return PromptData(read_prompts(spec[len("prompts:"):], caption_column), spec)
     if spec.startswith("toy:"):
         return _toy(spec[4:], num_samples, seed)
     if spec == "sklearn:digits":
         return digits(resolution or 16)
     if spec.startswith("sklearn:"):
         raise ValueError(f"Unknown sklearn data {spec!r}; only sklearn:digits is provided.")
-    return _hf_images(spec, resolution, channels, split)
+    return _hf_images(spec, resolution, channels, split, caption_column)
 
 
 def as_tensor(ds: Dataset, max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,27 +1,34 @@
-"""Teachers: one frozen-denoiser API for every trainer (DESIGN.md s3).
+"""Teachers: one frozen-denoiser API for every trainer (DESIGN.md s3, s9.1-9.2).
 
-``Teacher.predict_x0(x_t, t, class_labels, guidance_scale)`` evaluates a diffusers denoiser at
-continuous time ``t`` (see :mod:`distill.noise`) and returns its clean-sample prediction, with
-classifier-free guidance in diffusers' convention
+``Teacher.predict_x0(x_t, t, cond, guidance_scale)`` evaluates a diffusers denoiser at continuous
+time ``t`` (see :mod:`distill.noise`) on a :class:`~distill.conditioning.Condition` and returns its
+clean-sample prediction, with classifier-free guidance in diffusers' convention
 
     out = out_uncond + guidance_scale (out_cond - out_uncond)            (w_paper = guidance_scale - 1)
 
-(Ho & Salimans 2022, eq. 6). Guidance is applied to the raw network output; because every
+(Ho & Salimans 2022, eq. 6), the unconditional half evaluated on the condition's null (null class,
+or the empty / negative prompt). Guidance is applied to the raw network output; because every
 parameterisation is affine in the output at fixed (x_t, t), the result is the same in epsilon, x0
-or v. The null condition is the extra last class embedding (label ``num_classes``).
+or v.
 
-Latent and text teachers (``UNet2DConditionModel`` + VAE + text encoder) slot in through
-``encoder_hidden_states`` in ``cond_kwargs`` and ``vae`` for the pixel <-> latent maps.
+A teacher knows its space: pixel teachers (``UNet2DModel``, distill's MLP, the analytic mixture)
+train in data space, ``encode`` / ``decode`` are the identity; Stable-Diffusion-format teachers
+(``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP text encoder(s) + tokenizer(s), the
+StableDiffusionPipeline / StableDiffusionXLPipeline folder layout) train in the VAE's latent space,
+``encode`` / ``decode`` go through the VAE with its scaling / shift factors, and
+``condition(prompts=...)`` encodes prompts once per batch with an LRU cache.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import diffusers
 import torch
 
+from .conditioning import Condition, as_condition, network_kwargs
 from .export import resolve_pretrained
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 from .noise import NoiseSchedule
@@ -34,21 +41,35 @@ class Teacher:
     """A frozen denoiser + schedule with one API at continuous time.
 
     Args:
-        model: a diffusers-style denoiser: ``model(x, timestep, class_labels=...).sample``.
+        model: a diffusers-style denoiser: ``model(x, timestep, **network_kwargs(model, cond)).sample``.
         schedule: its :class:`NoiseSchedule` (``prediction_type`` included).
         num_classes: classes of a conditional teacher; label ``num_classes`` is the null class.
-        sample_shape: shape of one sample (e.g. [1, 16, 16] or [2]).
+        sample_shape: shape of one training-space sample (latents for a latent teacher).
         scheduler: the diffusers scheduler it came with (kept for export).
+        vae: the ``AutoencoderKL`` of a latent teacher (None: pixel space).
+        text_encoders, tokenizers: CLIP text encoder(s) and tokenizer(s) of a text teacher.
+        force_zeros_for_empty_prompt: the null prompt is zeros (SDXL), not the encoded "".
+        folder: the pipeline folder it was loaded from (exports re-read the frozen parts from it).
+        prompt_cache_size: prompts whose encodings are kept (LRU).
     """
 
     def __init__(self, model, schedule: NoiseSchedule, num_classes: int = 0, sample_shape=None, scheduler=None,
-                 source: str | None = None):
+                 source: str | None = None, vae=None, text_encoders=(), tokenizers=(),
+                 force_zeros_for_empty_prompt: bool = False, folder: Path | None = None,
+                 prompt_cache_size: int = 4096):
         self.model = model.eval().requires_grad_(False)
         self.schedule = schedule
         self.num_classes = int(num_classes)
         self.sample_shape = list(sample_shape) if sample_shape is not None else _infer_shape(model)
         self.scheduler = scheduler
         self.source = source
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.text_encoders = [e.eval().requires_grad_(False) for e in text_encoders]
+        self.tokenizers = list(tokenizers)
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.folder = folder
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = int(prompt_cache_size)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -58,7 +79,9 @@ class Teacher:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", dtype=torch.float32) -> Teacher:
-        """A diffusers pipeline folder (``unet`` + ``scheduler``), a Hub id, or ``builtin:digits``."""
+        """A diffusers pipeline folder or Hub id (``unet`` + ``scheduler``; for text-to-image also ``vae``,
+        ``text_encoder`` and ``tokenizer``, SDXL's ``text_encoder_2`` / ``tokenizer_2``), or ``builtin:digits``.
+        Every part is loaded frozen in ``dtype``."""
         src = str(path_or_id)
         if src in BUILTIN:
             folder = ASSETS / BUILTIN[src]
@@ -74,11 +97,14 @@ class Teacher:
         if net_name is None or "scheduler" not in index:
             raise ValueError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a 'scheduler'; "
                              f"it has {sorted(k for k in index if not k.startswith('_'))}.")
-        model = _component_class(index[net_name]).from_pretrained(folder / net_name).to(device, dtype)
+        model = _component_class(index[net_name]).from_pretrained(folder / net_name, dtype=dtype).to(device)
         scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
-        return cls.from_model(model, scheduler, source=src)
+        text = {}
+        if "text_encoder" in index or "vae" in index:
+            text = _load_text_parts(folder, index, device, dtype)
+        return cls.from_model(model, scheduler, source=src, folder=folder, **text)
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ space
     @property
     def prediction_type(self) -> str:
         return self.schedule.prediction_type
@@ -87,67 +113,220 @@ class Teacher:
     def device(self):
         return next(iter(self.model.buffers()), next(iter(self.model.parameters()), torch.zeros(1))).device
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The network's reduced precision (bf16 / fp16) when it was loaded in one, else None (inputs kept)."""
+        p = next(iter(self.model.parameters()), None)
+        return p.dtype if p is not None and p.dtype in (torch.bfloat16, torch.float16) else None
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.text_encoders)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.is_latent else 1
+
+    @property
+    def image_shape(self) -> list[int]:
+        """Shape of one image: the sample shape in pixel space; (3, H f, W f) for a latent teacher."""
+        if not self.is_latent:
+            return list(self.sample_shape)
+        f = self.vae_scale_factor
+        return [self.vae.config.in_channels, self.sample_shape[1] * f, self.sample_shape[2] * f]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> training space: a sample of the VAE posterior, shifted and scaled
+        (identity for pixel teachers)."""
+        if not self.is_latent:
+            return images
+        cfg = self.vae.config
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        z = (dist.mean.float() + dist.std.float() * noise)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1)
+            std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1)
+            return (z - mean) * cfg.scaling_factor / std
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Training space -> images in [-1, 1] (identity for pixel teachers)."""
+        if not self.is_latent:
+            return x
+        from .pipelines.text_to_image import latents_to_images
+
+        return latents_to_images(self.vae, x).float()
+
+    # ------------------------------------------------------------------ conditions
+    def condition(self, class_labels=None, prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
+                  batch: int | None = None) -> Condition | None:
+        """The :class:`Condition` this teacher takes, with its null attached.
+
+        Class teachers: ``class_labels`` (None: the null class for ``batch`` rows). Text teachers:
+        ``prompts`` (None: the empty prompt for ``batch`` rows) and optional ``negative_prompts`` as the
+        null. Unconditional teachers: None.
+        """
+        if self.is_text:
+            if class_labels is not None:
+                raise ValueError("This is a text-to-image teacher: pass prompts=..., not class_labels.")
+            if prompts is None:
+                prompts = [""] * (batch or 1)
+            cond = self._encode_prompts(list(prompts))
+            if negative_prompts is None:
+                null = self._null_text()
+            else:
+                null = self._encode_prompts(list(negative_prompts))
+            cond.null = null
+            return cond
+        if prompts is not None:
+            raise ValueError(f"Teacher {self.source!r} is not a text-to-image teacher; it takes no prompts.")
+        if not self.num_classes:
+            if class_labels is not None:
+                raise ValueError(f"Teacher {self.source!r} is unconditional; it takes no class labels.")
+            return None
+        null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
+        if class_labels is None:
+            return Condition(class_labels=torch.full((batch or 1,), self.num_classes, device=self.device), null=null)
+        labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
+        if batch is not None and labels.numel() == 1:
+            labels = labels.expand(batch)
+        return Condition(class_labels=labels, null=null)
+
+    def _null_text(self) -> Condition:
+        null = self._encode_prompts([""])
+        if self.force_zeros_for_empty_prompt:
+            null = null._map(torch.zeros_like) if null.time_ids is None else Condition(
+                embeds=torch.zeros_like(null.embeds), pooled=torch.zeros_like(null.pooled), time_ids=null.time_ids)
+        return null
+
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: list[str]) -> Condition:
+        """Encode ``prompts`` (each distinct prompt once, repeated prompts from the LRU cache)."""
+        from .pipelines.text_to_image import encode_prompt, sdxl_time_ids
+
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            embeds, pooled = encode_prompt(self.tokenizers, self.text_encoders, missing, self.device)
+            for i, p in enumerate(missing):
+                self._cache[p] = (embeds[i], None if pooled is None else pooled[i])
+        for p in prompts:
+            self._cache.move_to_end(p)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        embeds = torch.stack([r[0] for r in rows])
+        pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
+        time_ids = None
+        if getattr(self.model.config, "addition_embed_type", None) == "text_time":
+            h, w = self.image_shape[1:]
+            time_ids = sdxl_time_ids(h, w, len(prompts), self.device).to(embeds.dtype)
+        return Condition(embeds=embeds, pooled=pooled, time_ids=time_ids)
+
+    # ------------------------------------------------------------------ evaluation
     def _timesteps(self, t, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
         return self.schedule.timestep(t).to(device)
 
-    def _labels(self, class_labels, batch: int, device):
-        if not self.num_classes:
-            return None
-        if class_labels is None:
-            return torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
-        labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
-        return labels.expand(batch) if labels.numel() == 1 else labels
+    def network_output(self, x_t: torch.Tensor, t, cond: Condition | None = None,
+                       guidance_scale: float | None = None) -> torch.Tensor:
+        """Raw output (in ``prediction_type``), classifier-free guided when ``guidance_scale`` is set.
 
-    def network_output(self, x_t: torch.Tensor, t, class_labels=None, guidance_scale: float | None = None,
-                       **cond_kwargs) -> torch.Tensor:
-        """Raw output (in ``prediction_type``), classifier-free guided when ``guidance_scale`` is set."""
+        ``cond`` None on a conditional teacher means its null condition (unguided)."""
+        cond = as_condition(cond)
         b = x_t.shape[0]
         ts = self._timesteps(t, b, x_t.device)
-        labels = self._labels(class_labels, b, x_t.device)
-        guided = guidance_scale is not None and labels is not None and (
+        if cond is None and (self.num_classes or self.is_text):
+            cond = self.condition(batch=b)
+        x_in = x_t.to(self.dtype) if self.dtype is not None else x_t
+        if cond is not None:
+            cond = cond.expand(b).to(x_t.device, self.dtype or (torch.float32 if cond.kind == "text" else None))
+        guided = guidance_scale is not None and cond is not None and cond.kind != "none" and (
             torch.as_tensor(guidance_scale).numel() > 1 or float(guidance_scale) != 1.0)  # per-sample scales allowed
         if not guided:
-            kw = {"class_labels": labels} if labels is not None else {}
-            return self.model(x_t, ts, **kw, **cond_kwargs).sample
-        null = torch.full_like(labels, self.num_classes)
-        out = self.model(torch.cat([x_t, x_t]), torch.cat([ts, ts]), class_labels=torch.cat([labels, null]),
-                         **cond_kwargs).sample
-        cond, uncond = out.chunk(2)
+            return self.model(x_in, ts, **network_kwargs(self.model, cond)).sample
+        pair = cond.with_cfg_pair()
+        out = self.model(torch.cat([x_in, x_in]), torch.cat([ts, ts]), **network_kwargs(self.model, pair)).sample
+        c, u = out.chunk(2)
         w = torch.as_tensor(guidance_scale, device=x_t.device, dtype=out.dtype)
         w = w.reshape(-1, *([1] * (x_t.ndim - 1))) if w.ndim else w
-        return uncond + w * (cond - uncond)
+        return u + w * (c - u)
 
-    def predict_x0(self, x_t, t, class_labels=None, guidance_scale=None, **cond_kwargs) -> torch.Tensor:
-        out = self.network_output(x_t, t, class_labels, guidance_scale, **cond_kwargs)
+    def predict_x0(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
+        out = self.network_output(x_t, t, cond, guidance_scale).to(x_t.dtype)
         return self.schedule.to_x0_eps(out, x_t, t)[0].to(x_t.dtype)
 
-    def epsilon(self, x_t, t, class_labels=None, guidance_scale=None, **cond_kwargs) -> torch.Tensor:
-        out = self.network_output(x_t, t, class_labels, guidance_scale, **cond_kwargs)
+    def epsilon(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
+        out = self.network_output(x_t, t, cond, guidance_scale).to(x_t.dtype)
         return self.schedule.to_x0_eps(out, x_t, t)[1].to(x_t.dtype)
 
-    def score(self, x_t, t, class_labels=None, guidance_scale=None, **cond_kwargs) -> torch.Tensor:
-        x0 = self.predict_x0(x_t, t, class_labels, guidance_scale, **cond_kwargs)
+    def score(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
+        x0 = self.predict_x0(x_t, t, cond, guidance_scale)
         return self.schedule.score_from_x0(x0, x_t, t).to(x_t.dtype)
 
     @torch.no_grad()
-    def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None, class_labels=None,
-               guidance_scale=None, stochastic: bool = False) -> torch.Tensor:
-        """DDIM samples on diffusers' trailing grid (the baseline every student is compared with)."""
+    def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None,
+               cond: Condition | None = None, guidance_scale=None, stochastic: bool = False) -> torch.Tensor:
+        """DDIM samples in training space on diffusers' trailing grid (the baseline every student is
+        compared with; for latent teachers, also the clean latents of prompts-only training data)."""
         from .pipelines.few_step import sample_loop, trailing_timesteps
 
         shape = (n, *self.sample_shape)
         x = torch.randn(shape, generator=generator).to(self.device)
         T = self.schedule.num_train_timesteps
         steps = trailing_timesteps(num_steps, T)
-        ac = self.schedule.alphas_cumprod
 
         def denoise(x_t, k, alpha, sigma):
-            return self.predict_x0(x_t, torch.tensor(k / (T - 1)), class_labels, guidance_scale)
+            return self.predict_x0(x_t, torch.tensor(k / (T - 1)), cond, guidance_scale)
 
-        return sample_loop(denoise, x, steps, ac, stochastic=stochastic, generator=generator)
+        return sample_loop(denoise, x, steps, self.schedule.alphas_cumprod, stochastic=stochastic,
+                           generator=generator)
+
+    def frozen_components(self, reload: bool = True) -> dict:
+        """The VAE, text encoder(s) and tokenizer(s) as pipeline components; with ``reload`` re-read
+        from the teacher folder in their stored precision (an export should not keep bf16 copies)."""
+        if not self.is_latent:
+            return {}
+        if reload and self.folder is not None:
+            index = json.loads((self.folder / "model_index.json").read_text())
+            parts = _load_text_parts(self.folder, index, "cpu", None)
+        else:
+            parts = {"vae": self.vae, "text_encoders": self.text_encoders, "tokenizers": self.tokenizers}
+        encs, toks = parts["text_encoders"], parts["tokenizers"]
+        return {"vae": parts["vae"], "text_encoder": encs[0], "tokenizer": toks[0],
+                "text_encoder_2": encs[1] if len(encs) > 1 else None, "tokenizer_2": toks[1] if len(toks) > 1 else None}
+
+
+def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
+    """VAE, text encoder(s) and tokenizer(s) of a Stable-Diffusion-format folder, frozen, in ``dtype``
+    (None: as stored)."""
+    import transformers
+
+    missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in index or index[k][0] is None]
+    if missing:
+        raise ValueError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no {missing}; "
+                         "a Stable-Diffusion-format folder has unet, vae, text_encoder, tokenizer and scheduler.")
+    kw = {} if dtype is None else {"dtype": dtype}
+    vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
+    encs, toks = [], []
+    for suffix in ("", "_2"):
+        enc_spec, tok_spec = index.get(f"text_encoder{suffix}"), index.get(f"tokenizer{suffix}")
+        if not enc_spec or enc_spec[0] is None:
+            continue
+        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(folder / f"text_encoder{suffix}", **kw)
+                    .to(device).eval().requires_grad_(False))
+        toks.append(getattr(transformers, tok_spec[1]).from_pretrained(folder / f"tokenizer{suffix}"))
+    force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
+    return {"vae": vae.eval().requires_grad_(False), "text_encoders": encs, "tokenizers": toks,
+            "force_zeros_for_empty_prompt": force_zeros}
 
 
 def _component_class(spec):

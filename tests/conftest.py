@@ -22,3 +22,63 @@ def tiny_unet():
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
             num_class_embeds=num_class_embeds)
     return make
+
+
+def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny random Stable-Diffusion-format pipeline folder (SD 1.5 layout, or SDXL's with two text encoders),
+    built offline: UNet2DConditionModel (8x8 latents), AutoencoderKL (x2 -> 16x16 images), CLIP text model(s)
+    and a CLIP tokenizer whose vocab.json / merges.txt are written here."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(folder)
+    tok_dir = folder.parent / (folder.name + "-tokenizer-src")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+
+    def text_config(**kw):
+        return transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                           bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+
+    unet_kw = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, scaling_factor=0.5)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                                        steps_offset=1)
+    if not sdxl:
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=16, **unet_kw)
+        pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=transformers.CLIPTextModel(
+            text_config()), tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=32, addition_embed_type="text_time",
+                                              addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
+                                              **unet_kw)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            unet=unet, vae=vae, text_encoder=transformers.CLIPTextModel(text_config()), tokenizer=tokenizer,
+            text_encoder_2=transformers.CLIPTextModelWithProjection(text_config(projection_dim=16)),
+            tokenizer_2=tokenizer, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A saved tiny SD-1.5-format pipeline and a prompt file next to it."""
+    root = tmp_path_factory.mktemp("tiny_sd")
+    make_tiny_sd(root / "sd")
+    (root / "prompts.txt").write_text("a red cat\na blue dog\n\na small house by the sea\na red cat\n")
+    return root

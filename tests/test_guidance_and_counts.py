@@ -16,9 +16,9 @@ def _spy_guidance(monkeypatch):
     seen = []
     real = Teacher.network_output
 
-    def spy(self, x_t, t, class_labels=None, guidance_scale=None, **kw):
+    def spy(self, x_t, t, cond=None, guidance_scale=None):
         seen.append(guidance_scale)
-        return real(self, x_t, t, class_labels, guidance_scale, **kw)
+        return real(self, x_t, t, cond, guidance_scale)
 
     monkeypatch.setattr(Teacher, "network_output", spy)
     return seen

@@ -24,9 +24,9 @@ def test_teacher_cfg_is_meng_combination_with_w_equal_scale_minus_one():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 2, generator=g, dtype=torch.float64) * 2
     t = torch.rand(16, generator=g, dtype=torch.float64) * 0.9 + 0.05
-    labels = torch.arange(16) % 8
+    labels = teacher.condition(class_labels=torch.arange(16) % 8)
     x_c = teacher.predict_x0(x, t, labels)
-    x_u = teacher.predict_x0(x, t, torch.full_like(labels, 8))
+    x_u = teacher.predict_x0(x, t, teacher.condition(class_labels=torch.full((16,), 8)))
     assert (x_c - x_u).abs().max() > 1e-2  # the two predictions differ, so the check below can fail
     for s in (1.0, 2.5, 4.0):
         w = s - 1.0
@@ -80,7 +80,8 @@ def test_unguided_pipeline_cfg_equals_teacher_cfg_sampler():
     labels = torch.arange(32) % 8
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))  # what Teacher.sample draws
     x = pipe(batch_size=32, latents=noise, class_labels=labels, guidance_scale=3.0, output_type="pt").images
-    ref = teacher.sample(32, 4, torch.Generator().manual_seed(0), labels, guidance_scale=3.0)
+    ref = teacher.sample(32, 4, torch.Generator().manual_seed(0), teacher.condition(class_labels=labels),
+                         guidance_scale=3.0)
     torch.testing.assert_close(x.double(), ref.double(), atol=1e-4, rtol=1e-4)
     plain = pipe(batch_size=32, latents=noise, class_labels=labels, output_type="pt").images
     assert (plain - x).abs().max() > 1e-2
@@ -238,13 +239,14 @@ def test_guided_student_tracks_the_cfg_teacher_across_scales(tmp_path):
     labels = torch.arange(n) % 8
     rows = []
     for s in (1.0, 2.5, 4.0):
-        ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), labels, guidance_scale=s)
+        cond = teacher.condition(class_labels=labels)
+        ref = teacher.sample(n, 256, torch.Generator().manual_seed(1), cond, guidance_scale=s)
         for k in (2, 1):
             pipe = load_pipeline(str(tmp_path / "rounds" / f"steps-{k}"))
             pipe.set_progress_bar_config(disable=True)
             x = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels, guidance_scale=s,
                      output_type="pt").images
-            ddim = teacher.sample(n, k, torch.Generator().manual_seed(0), labels, guidance_scale=s)
+            ddim = teacher.sample(n, k, torch.Generator().manual_seed(0), cond, guidance_scale=s)
             rows.append((s, k, sliced_wasserstein(x, ref), sliced_wasserstein(ddim, ref)))
     print(rows)
     assert all(student < baseline for _, _, student, baseline in rows), rows

@@ -65,18 +65,20 @@ def test_class_conditional_gmm_and_cfg_convention():
     assert teacher.num_classes == 8
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(0.5)
-    labels = torch.tensor([0, 1, 2, 3])
+    labels = teacher.condition(class_labels=torch.tensor([0, 1, 2, 3]))
     cond = teacher.network_output(x, t, labels)
     uncond = teacher.network_output(x, t, None)
     for gs in (1.0, 3.0, 7.5):
         guided = teacher.network_output(x, t, labels, guidance_scale=gs)
         torch.testing.assert_close(guided, uncond + gs * (cond - uncond))
     torch.testing.assert_close(teacher.network_output(x, t, labels, guidance_scale=1.0), cond)
+    with pytest.raises(TypeError, match="teacher.condition"):  # the old label-tensor argument is refused clearly
+        teacher.network_output(x, t, torch.tensor([0, 1, 2, 3]))
     # the null label is the marginal mixture: equal to the unconditional teacher
     plain = analytic_teacher("toy:gaussians8")
     torch.testing.assert_close(plain.network_output(x, t), uncond)
     # conditional x0 near t=0 snaps to the labelled mode
-    x0 = teacher.predict_x0(torch.zeros(8, 2), torch.tensor(0.99), torch.arange(8))
+    x0 = teacher.predict_x0(torch.zeros(8, 2), torch.tensor(0.99), teacher.condition(class_labels=torch.arange(8)))
     means = torch.tensor(toy_mixture("gaussians8")["means"], dtype=torch.float32)
     assert torch.cdist(x0, means).argmin(1).tolist() == list(range(8))
 
@@ -90,7 +92,8 @@ def test_teacher_from_pretrained_folder_and_errors(tmp_path, tiny_unet):
     assert teacher.sample_shape == [1, 8, 8]
     x = torch.randn(2, 1, 8, 8)
     out = unet(x, torch.full((2,), 500.0), class_labels=torch.tensor([1, 2])).sample
-    torch.testing.assert_close(teacher.network_output(x, torch.tensor(500 / 999), torch.tensor([1, 2])), out)
+    cond = teacher.condition(class_labels=torch.tensor([1, 2]))
+    torch.testing.assert_close(teacher.network_output(x, torch.tensor(500 / 999), cond), out)
     with pytest.raises(FileNotFoundError, match="no_such_teacher"):
         Teacher.from_pretrained("./no_such_teacher")
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):

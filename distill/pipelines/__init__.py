@@ -2,5 +2,6 @@
 
 from .few_step import FewStepPipeline, sample_loop, trailing_timesteps
 from .one_step import OneStepPipeline
+from .text_to_image import TextToImagePipeline
 
-__all__ = ["FewStepPipeline", "OneStepPipeline", "sample_loop", "trailing_timesteps"]
+__all__ = ["FewStepPipeline", "OneStepPipeline", "TextToImagePipeline", "sample_loop", "trailing_timesteps"]

@@ -35,6 +35,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..conditioning import network_kwargs
 from ..config import Config, ConfigError
 from ..data import load_data
 from ..export import export_pipeline
@@ -108,16 +109,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def load_teacher(cfg: Config, device) -> Teacher:
+    """The frozen teacher, in bf16 when ``train.mixed_precision=bf16`` (its parts are never trained)."""
     path = cfg.teacher.path
     if path.startswith("analytic:"):
         teacher = analytic_teacher(path, prediction_type=cfg.teacher.prediction_type,
                                    beta_schedule=cfg.teacher.beta_schedule, conditional=cfg.teacher.conditional)
         teacher.model.to(device)
     else:
-        teacher = Teacher.from_pretrained(path, device=device)
-    if cfg.teacher.guidance_scale is not None and not teacher.num_classes:
+        dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
+        teacher = Teacher.from_pretrained(path, device=device, dtype=dtype)
+    if cfg.teacher.guidance_scale is not None and not (teacher.num_classes or teacher.is_text):
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale} needs a class-conditional teacher "
-                          f"with a null class; {path!r} is unconditional. Remove teacher.guidance_scale.")
+                          f"with a null class or a text-to-image teacher; {path!r} is unconditional. Remove "
+                          "teacher.guidance_scale.")
     if teacher.schedule.kind != "vp":
         name = type(teacher.scheduler).__name__
         raise ConfigError(f"teacher.path={path!r} comes with a {name} ({teacher.schedule.kind} noise schedule); the "
@@ -140,10 +144,13 @@ def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int],
         if teacher is None or not any(True for _ in teacher.model.parameters()):
             raise ConfigError("student.arch: 'copy' needs a teacher with weights; the analytic teacher has none. "
                               "Use student.arch=mlp or student.arch=unet.")
-        net = copy.deepcopy(teacher.model)
+        net = copy.deepcopy(teacher.model).float()  # fp32 master weights, whatever the teacher's dtype
         if guidance_embed_dim:
             net = _with_guidance_input(net, guidance_embed_dim)
         return net.requires_grad_(True).train()
+    if teacher is not None and teacher.is_latent:
+        raise ConfigError(f"student.arch: {s.arch!r} builds a pixel-space network; a latent text-to-image teacher "
+                          "needs student.arch=copy (a copy of its UNet2DConditionModel).")
     n_embeds = num_classes + 1 if (s.conditional and num_classes) else None
     if s.arch == "mlp":
         return MLPDenoiser(data_dim=math.prod(sample_shape), hidden=s.hidden, num_layers=s.num_layers,
@@ -171,8 +178,17 @@ def _with_guidance_input(net, dim: int):
         return out.to(net.device)
     if isinstance(net, diffusers.UNet2DModel):
         return GuidedUNet2DModel.from_unet(net, dim)
-    raise ConfigError(f"A guidance input can be added to MLPDenoiser and UNet2DModel networks, not to "
-                      f"{type(net).__name__}; use student.arch=mlp or student.arch=unet.")
+    if isinstance(net, diffusers.UNet2DConditionModel):
+        # LCM-style guidance input (Luo et al. 2023): time_embedding.cond_proj maps the w embedding into the time
+        # embedding's input; zero-initialised, so the copy equals the teacher at every w until it learns
+        config = {k: v for k, v in net.config.items() if not k.startswith("_")}
+        out = diffusers.UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": dim})
+        missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
+        assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
+        torch.nn.init.zeros_(out.time_embedding.cond_proj.weight)
+        return out.to(net.device)
+    raise ConfigError(f"A guidance input can be added to MLPDenoiser, UNet2DModel and UNet2DConditionModel networks, "
+                      f"not to {type(net).__name__}; use student.arch=mlp or student.arch=unet.")
 
 
 class DistillationTrainer:
@@ -204,7 +220,9 @@ class DistillationTrainer:
     def train_step(self, batch: dict, step: int) -> dict:
         raise NotImplementedError
 
-    def export(self) -> diffusers.DiffusionPipeline:
+    def export(self, for_samples: bool = False) -> diffusers.DiffusionPipeline:
+        """The student as a pipeline. ``for_samples``: for a sample grid only (a text pipeline may then
+        reuse the teacher's in-memory parts instead of re-reading them from its folder)."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -295,15 +313,13 @@ class DistillationTrainer:
             idx = torch.randint(len(self.data), (cfg.train.batch_size,), generator=gen)
             x0 = self.data.x[idx].to(self.device)
             labels = self.data.labels[idx].to(self.device) if t.num_classes else None
-            if labels is not None and (labels < 0).any():
-                labels = None
+            cond = t.condition(class_labels=labels) if labels is not None and not (labels < 0).any() else None
             tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
             x_t = t.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(self.device), tt)
             with torch.no_grad():  # the teacher the trainer distils: with teacher.guidance_scale when set
-                out = t.network_output(x_t, tt, labels, cfg.teacher.guidance_scale)
+                out = t.network_output(x_t, tt, cond, cfg.teacher.guidance_scale)
                 target = t.schedule.convert(out, x_t, tt, t.prediction_type, prediction_type)
-            kw = {"class_labels": labels} if labels is not None else {}
-            loss = (net(x_t, t.schedule.timestep(tt), **kw).sample - target).pow(2).mean()
+            loss = (net(x_t, t.schedule.timestep(tt), **network_kwargs(net, cond)).sample - target).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -326,8 +342,14 @@ class DistillationTrainer:
             return
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
-        self.data = load_data(cfg.data.spec, resolution=cfg.data.resolution, num_samples=cfg.data.num_samples,
-                              seed=cfg.train.seed, channels=cfg.data.channels)
+        resolution, channels = cfg.data.resolution, cfg.data.channels
+        if self.uses_teacher:
+            self.teacher = load_teacher(cfg, self.device)
+            if self.teacher.is_latent:  # images are encoded at the teacher's resolution (UNet size x VAE factor)
+                resolution, channels = resolution or self.teacher.image_shape[-1], self.teacher.image_shape[0]
+        self.data = load_data(cfg.data.spec, resolution=resolution, num_samples=cfg.data.num_samples,
+                              seed=cfg.train.seed, channels=channels, caption_column=cfg.data.caption_column)
+        self.check_data()
         self.build()
         names = list(self.modules)
         prepared = self.accelerator.prepare(*[self.modules[n] for n in names],
@@ -342,15 +364,54 @@ class DistillationTrainer:
             ema.to(self.device)
         self._built = True
 
+    uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
+    needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
+
+    def check_data(self) -> None:
+        """Refuse data that cannot condition this teacher (before any network is built)."""
+        t, d, spec = self.teacher, self.data, self.config.data.spec
+        if t is None:
+            return
+        if t.is_text and not getattr(d, "has_prompts", False):
+            raise ConfigError(f"data.spec={spec!r} has no prompts, and {self.config.teacher.path!r} is a text-to-image "
+                              "teacher: use data.spec=prompts:FILE (one prompt per line) or image data with a caption "
+                              "column (data.caption_column).")
+        if not t.is_text and not getattr(d, "has_images", True):
+            raise ConfigError(f"data.spec={spec!r} holds prompts only, but {self.config.teacher.path!r} is not a "
+                              "text-to-image teacher; use image data (e.g. sklearn:digits).")
+
     def _batch(self, gen: torch.Generator) -> dict:
-        idx = torch.randint(len(self.data), (self.config.train.batch_size,), generator=gen)
+        """One batch in the teacher's space: ``x`` (clean samples, or None for prompts-only data when the
+        method needs none), ``cond`` (a :class:`Condition`, or None), ``label`` and ``size``."""
+        b = self.config.train.batch_size
+        idx = torch.randint(len(self.data), (b,), generator=gen)
+        prompts = None
         if hasattr(self.data, "x"):
             x, y = self.data.x[idx], self.data.labels[idx]
         else:
             items = [self.data[int(i)] for i in idx]
-            x = torch.stack([it["x"] for it in items])
+            x = torch.stack([it["x"] for it in items]) if "x" in items[0] else None
             y = torch.stack([torch.as_tensor(it["label"]) for it in items])
-        return {"x": x.to(self.device), "label": y.to(self.device)}
+            prompts = [it["prompt"] for it in items] if "prompt" in items[0] else None
+        y = y.to(self.device)
+        t = self.teacher
+        cond = None
+        if t is not None and t.is_text:
+            cond = t.condition(prompts=prompts)
+        elif t is not None and t.num_classes:
+            if (y < 0).any():  # unlabelled data under a class-conditional teacher: random classes
+                y = torch.where(y < 0, torch.randint(t.num_classes, y.shape, generator=gen).to(y.device), y)
+            cond = t.condition(class_labels=y)
+        if x is not None:
+            x = x.to(self.device)
+            if t is not None and t.is_latent:
+                with self.accelerator.autocast():
+                    x = t.encode(x, generator=gen)
+        elif self.needs_clean_samples:  # prompts only: the teacher's own samples stand in for data
+            with self.accelerator.autocast():
+                x = t.sample(b, self.config.data.teacher_sample_steps, gen, cond,
+                             self.config.teacher.guidance_scale).float()
+        return {"x": x, "cond": cond, "label": y, "size": b}
 
     def _set_lr(self, step: int) -> None:
         warm = self.config.optim.lr_warmup_steps
@@ -479,11 +540,15 @@ class DistillationTrainer:
     def save_samples(self, tag: str, n: int = 64) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
+        gen = torch.Generator().manual_seed(self.config.train.seed)
         with self.ema_weights():
-            pipe = self.export()
+            pipe = self.export(for_samples=True)
             pipe.set_progress_bar_config(disable=True)
-            x = pipe(batch_size=n, generator=torch.Generator().manual_seed(self.config.train.seed),
-                     output_type="pt", **self.sample_kwargs()).images
+            if self.teacher is not None and self.teacher.is_text:  # the first prompts of the data
+                prompts = [self.data[i]["prompt"] for i in range(min(16, len(self.data)))]
+                x = pipe(prompt=prompts, generator=gen, output_type="pt", **self.sample_kwargs()).images
+            else:
+                x = pipe(batch_size=n, generator=gen, output_type="pt", **self.sample_kwargs()).images
         from ..eval.report import save_grid
 
         path = self.out / "samples" / f"{tag}.png"

@@ -49,10 +49,10 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
 
     def make_student(self):
         cfg, t, sec = self.config, self.teacher, self.section
-        if not t.num_classes:
-            raise ConfigError(f"guided distillation needs a class-conditional teacher with a null class for "
-                              f"classifier-free guidance; {cfg.teacher.path!r} is unconditional. Train one with "
-                              "`distill teacher` and teacher_train.label_dropout > 0 (configs/guided_digits.yaml "
+        if not (t.num_classes or t.is_text):
+            raise ConfigError(f"guided distillation needs a class-conditional teacher with a null class or a "
+                              f"text-to-image teacher for classifier-free guidance; {cfg.teacher.path!r} is "
+                              "unconditional. Train one with `distill teacher` and teacher_train.label_dropout > 0 (configs/guided_digits.yaml "
                               "does), or use teacher.path=analytic:gaussians8 with teacher.conditional=true.")
         if cfg.student.arch == "copy":
             self.pred = t.prediction_type
@@ -82,14 +82,13 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
         sched = self.teacher.schedule
         T = sched.num_train_timesteps
         x0 = batch["x"]
-        b = x0.shape[0]
-        labels = self.batch_labels(batch)
+        b, cond = x0.shape[0], batch["cond"]
         w = self.guidance_weight(b)
         t = (torch.randint(T, (b,), generator=self.rng, dtype=torch.float64) / (T - 1)).to(self.device)
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
-        with torch.no_grad():
-            target = self.teacher.predict_x0(z, t, labels, guidance_scale=1.0 + w).float()
-        x_pred = self._net_x0(self.modules["student"], z, t, labels, w)
+        with torch.no_grad(), self.accelerator.autocast():
+            target = self.teacher.predict_x0(z, t, cond, guidance_scale=1.0 + w).float()
+        x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
         norm = self.step_optimizer("student", loss)
         return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}

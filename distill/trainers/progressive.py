@@ -23,11 +23,13 @@ import copy
 import diffusers
 import torch
 
+from ..conditioning import network_kwargs
 from ..config import ConfigError
 from ..export import export_pipeline
 from ..objectives.progressive import progressive_loss, progressive_target
-from ..pipelines import FewStepPipeline, trailing_timesteps
-from .base import DistillationTrainer, build_network, load_teacher
+from ..pipelines import FewStepPipeline, TextToImagePipeline, trailing_timesteps
+from ..pipelines.text_to_image import guidance_embedding
+from .base import DistillationTrainer, build_network
 
 
 def round_plan(start_steps: int, target_steps: int, steps_per_round: int, multiplier: float) -> list[tuple[int, int]]:
@@ -39,8 +41,22 @@ def round_plan(start_steps: int, target_steps: int, steps_per_round: int, multip
     return plan
 
 
+def guidance_kwargs(net, w) -> dict:
+    """The guidance weight w (Meng et al.'s, = guidance_scale - 1) as a network input: ``guidance_weight``
+    (GuidedUNet2DModel, distill's MLP) or ``timestep_cond`` (UNet2DConditionModel's time_cond_proj_dim input,
+    embedded as in diffusers' LCM pipeline). None: no guidance input."""
+    if w is None:
+        return {}
+    base = getattr(net, "module", net)
+    dim = getattr(base.config, "time_cond_proj_dim", None)
+    if dim:
+        return {"timestep_cond": guidance_embedding(w, dim).to(w.device)}
+    return {"guidance_weight": w}
+
+
 class ProgressiveDistillationTrainer(DistillationTrainer):
     method = "progressive"
+    needs_clean_samples = True
 
     @property
     def section(self):
@@ -48,7 +64,6 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
 
     def build(self) -> None:
         cfg, sec = self.config, self.section
-        self.teacher = load_teacher(cfg, self.device)
         t = self.teacher
         T = t.schedule.num_train_timesteps
         if sec.start_steps > T:
@@ -63,6 +78,8 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
                                    f"train.max_steps set to {self.bounds[-1]} updates")
             cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
         net = self.make_student()
+        if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+            net.enable_gradient_checkpointing()
         # no EMA (Salimans & Ho use none for distillation): the linear decay of the learning rate to 0 ends
         # every round on settled weights, and the exported student IS the next round's teacher
         self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers())
@@ -128,21 +145,20 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         self.round = int(state.get("round", 0))
 
     # ------------------------------------------------------------------ step
-    def teacher_x0(self, r: int, z, t, labels, w=None):
+    def teacher_x0(self, r: int, z, t, cond, w=None):
         if r == 0:  # the original teacher, guided when teacher.guidance_scale is set
-            return self.teacher.predict_x0(z, t, labels, self.config.teacher.guidance_scale).float()
+            with self.accelerator.autocast():
+                return self.teacher.predict_x0(z, t, cond, self.config.teacher.guidance_scale).float()
         net = self.unwrap("round_teacher")
-        return self._net_x0(net, z, t, labels, w)
+        return self._net_x0(net, z, t, cond, w)
 
     def guidance_weight(self, batch_size: int):
         """Per-example guidance weight w fed to student and round teacher (None: not guided)."""
         return None
 
-    def _net_x0(self, net, z, t, labels, w=None):
+    def _net_x0(self, net, z, t, cond, w=None):
         sched = self.teacher.schedule
-        kw = {"class_labels": labels} if labels is not None else {}
-        if w is not None:
-            kw["guidance_weight"] = w
+        kw = {**network_kwargs(net, cond), **guidance_kwargs(net, w)}
         with self.accelerator.autocast():
             out = net(z, sched.timestep(t), **kw).sample.float()
         return sched.to_x0_eps(out, z, t, self.pred)[0].float()
@@ -157,20 +173,13 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
             self._round_started = r
         return r
 
-    def batch_labels(self, batch: dict):
-        labels = batch["label"] if self.num_classes else None
-        if labels is not None and (labels < 0).any():
-            labels = torch.randint(self.num_classes, (labels.shape[0],), generator=self.rng).to(self.device)
-        return labels
-
     def train_step(self, batch: dict, step: int) -> dict:
         r = self.enter_round(step)
         sched = self.teacher.schedule
         T = sched.num_train_timesteps
         teacher_grid, student_grid = self.grids(r)
         x0 = batch["x"]
-        b = x0.shape[0]
-        labels = self.batch_labels(batch)
+        b, cond = x0.shape[0], batch["cond"]
         w = self.guidance_weight(b)
         j = torch.randint(len(student_grid), (b,), generator=self.rng).tolist()
         grid = teacher_grid + [-1]  # -1: the interval ends at the data
@@ -178,8 +187,8 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         t, t1 = (k0 / (T - 1)).to(self.device), (k1 / (T - 1)).to(self.device)
         t2 = torch.where(k2 >= 0, k2 / (T - 1), torch.tensor(float("nan"), dtype=torch.float64)).to(self.device)
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
-        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, labels, w), z, t, t1, t2)
-        x_pred = self._net_x0(self.modules["student"], z, t, labels, w)
+        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, cond, w), z, t, t1, t2)
+        x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
         norm = self.step_optimizer("student", loss)
         return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
@@ -190,9 +199,15 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
                                                    timestep_spacing="trailing", clip_sample=False,
                                                    set_alpha_to_one=True)
 
-    def export(self, r: int | None = None):
+    def export(self, r: int | None = None, for_samples: bool = False):
         r = self.round_of(self.step - 1) if r is None else r
         n = self.plan[r][0]
+        if self.teacher.is_text:
+            return TextToImagePipeline(self.unwrap("student"), scheduler=self.export_scheduler(), num_inference_steps=n,
+                                       timesteps=self.grids(r)[1],
+                                       force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
+                                       **self.teacher.frozen_components(reload=not for_samples),
+                                       **self.pipeline_kwargs())
         return FewStepPipeline(self.unwrap("student"), self.export_scheduler(), num_inference_steps=n,
                                timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
                                num_classes=self.num_classes, **self.pipeline_kwargs())

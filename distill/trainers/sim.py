@@ -27,9 +27,10 @@ import copy
 import diffusers
 import torch
 
+from ..conditioning import network_kwargs
 from ..objectives.score import SIMLoss, fake_score_loss
-from ..pipelines import OneStepPipeline
-from .base import DistillationTrainer, build_network, frozen, load_teacher
+from ..pipelines import OneStepPipeline, TextToImagePipeline
+from .base import DistillationTrainer, build_network, frozen
 
 
 class ScoreImplicitMatchingTrainer(DistillationTrainer):
@@ -46,7 +47,6 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, sec = self.config, self.section
-        self.teacher = load_teacher(cfg, self.device)
         t = self.teacher
         shape, ncls = t.sample_shape, t.num_classes
         if cfg.student.arch == "copy":
@@ -75,79 +75,68 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         return self.section.fake_steps_per_generator_step
 
     # ------------------------------------------------------------------ pieces
-    def _labels_from(self, labels):
-        if not self.teacher.num_classes:
-            return None
-        bad = labels < 0
-        if bad.any():
-            labels = torch.where(bad, torch.randint(self.teacher.num_classes, labels.shape, generator=self.rng)
-                                 .to(labels.device), labels)
-        return labels
-
-    def _net_kwargs(self, labels):
-        return {"class_labels": labels} if labels is not None else {}
-
-    def generate(self, net, z: torch.Tensor, labels) -> torch.Tensor:
+    def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
         """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
         sched = self.teacher.schedule
         sigma = sched.sigma(self.t_star).item()
         x_in = sigma * z
         ts = sched.timestep(self.t_star).expand(z.shape[0]).to(z.device)
         with self.accelerator.autocast():
-            out = net(x_in, ts, **self._net_kwargs(labels)).sample.float()
+            out = net(x_in, ts, **network_kwargs(net, cond)).sample.float()
         return sched.to_x0_eps(out, x_in, self.t_star, self.gen_pred)[0]
 
     def sample_t(self, n: int) -> torch.Tensor:
         s = self.section
         return (s.t_min + (s.t_max - s.t_min) * torch.rand(n, generator=self.rng, dtype=torch.float64)).to(self.device)
 
-    def fake_x0(self, net, x_t, t, labels) -> torch.Tensor:
+    def fake_x0(self, net, x_t, t, cond) -> torch.Tensor:
         sched = self.teacher.schedule
         with self.accelerator.autocast():
-            out = net(x_t, sched.timestep(t), **self._net_kwargs(labels)).sample.float()
+            out = net(x_t, sched.timestep(t), **network_kwargs(net, cond)).sample.float()
         return sched.to_x0_eps(out, x_t, t, self.fake_pred)[0]
 
-    def teacher_x0(self, x_t, t, labels) -> torch.Tensor:
+    def teacher_x0(self, x_t, t, cond) -> torch.Tensor:
         with self.accelerator.autocast():
-            return self.teacher.predict_x0(x_t, t, labels, self.config.teacher.guidance_scale).float()
+            return self.teacher.predict_x0(x_t, t, cond, self.config.teacher.guidance_scale).float()
 
-    def fake_inputs(self, labels, b: int):
+    def fake_inputs(self, cond, b: int):
         """Noised detached generator samples and the fake score's regression target (s0.3)."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
         with torch.no_grad():
-            x_g = self.generate(self.unwrap("student"), z, labels)
+            x_g = self.generate(self.unwrap("student"), z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x_g.shape)
         return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
 
-    def fake_step(self, labels, b: int, batch: dict) -> dict:
-        x_t, t, target = self.fake_inputs(labels, b)
+    def fake_step(self, cond, b: int, batch: dict) -> dict:
+        x_t, t, target = self.fake_inputs(cond, b)
+        fake = self.modules["fake"]
         with self.accelerator.autocast():
-            pred = self.modules["fake"](x_t, self.teacher.schedule.timestep(t), **self._net_kwargs(labels)).sample
+            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
         loss = fake_score_loss(pred, target).mean()
         norm = self.step_optimizer("fake", loss)
         return {"fake_loss": loss.item(), "fake_grad_norm": norm}
 
-    def generator_terms(self, labels, b: int):
+    def generator_terms(self, cond, b: int):
         """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
-        x0 = self.generate(self.modules["student"], z, labels)
+        x0 = self.generate(self.modules["student"], z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x0.shape)
         x_t = sched.add_noise(x0, eps, t)
-        d_fake = self.fake_x0(self.unwrap("fake"), x_t, t, labels)  # the caller holds the fake network frozen
-        d_real = self.teacher_x0(x_t, t, labels)
+        d_fake = self.fake_x0(self.unwrap("fake"), x_t, t, cond)  # the caller holds the fake network frozen
+        d_real = self.teacher_x0(x_t, t, cond)
         a, s = sched.alpha_sigma(t, x_t)
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
+    def generator_step(self, cond, b: int, batch: dict, step: int) -> dict:
         # the fake network stays frozen through the backward pass: toggling requires_grad between forward and
         # backward would make gradient-checkpoint recomputation differ from the forward
         with frozen(self.unwrap("fake")):
-            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(cond, b)
             per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
             loss = self.finite_mean(per_sample)
             norm = self.step_optimizer("student", loss)
@@ -157,19 +146,23 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
     # ------------------------------------------------------------------ step / export
     def train_step(self, batch: dict, step: int) -> dict:
         sec = self.section
-        b = batch["x"].shape[0]
-        labels = self._labels_from(batch["label"])
+        b, cond = batch["size"], batch["cond"]
         logs = {}
         for _ in range(self.fake_steps_per_generator_step):
-            logs.update(self.fake_step(labels, b, batch))
+            logs.update(self.fake_step(cond, b, batch))
         if step >= sec.fake_warmup_steps:
-            logs.update(self.generator_step(labels, b, batch, step))
+            logs.update(self.generator_step(cond, b, batch, step))
         return logs
 
     def export_scheduler(self):
         return diffusers.DDPMScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.gen_pred)
 
-    def export(self):
+    def export(self, for_samples: bool = False):
+        if self.teacher.is_text:
+            return TextToImagePipeline(self.unwrap("student"), scheduler=self.export_scheduler(),
+                                       generator_timestep=self.section.generator_timestep,
+                                       force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
+                                       **self.teacher.frozen_components(reload=not for_samples))
         return OneStepPipeline(self.unwrap("student"), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)

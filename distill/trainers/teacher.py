@@ -22,6 +22,7 @@ from __future__ import annotations
 import diffusers
 import torch
 
+from ..config import ConfigError
 from ..noise import NoiseSchedule
 from ..pipelines import FewStepPipeline
 from .base import DistillationTrainer, build_network
@@ -29,6 +30,14 @@ from .base import DistillationTrainer, build_network
 
 class TeacherTrainer(DistillationTrainer):
     method = "teacher"
+    uses_teacher = False
+
+    def check_data(self) -> None:
+        if not getattr(self.data, "has_images", True) or getattr(self.data, "has_prompts", False):
+            raise ConfigError(f"data.spec={self.config.data.spec!r} holds prompts: training or fine-tuning a "
+                              "text-to-image teacher is out of scope for distill (use the diffusers text_to_image "
+                              "training example). `distill teacher` trains pixel-space teachers on image data "
+                              "(e.g. sklearn:digits), optionally class-conditional.")
 
     def build(self) -> None:
         tc = self.config.teacher_train
@@ -98,7 +107,7 @@ class TeacherTrainer(DistillationTrainer):
         self._update_curriculum(loss.item())
         return {"loss": loss.item(), "grad_norm": norm, "curriculum_stage": self.stage or None}
 
-    def export(self):
+    def export(self, for_samples: bool = False):
         net = self.unwrap("student")
         if isinstance(net, diffusers.UNet2DModel) and not self.num_classes:
             return diffusers.DDPMPipeline(unet=net, scheduler=self.scheduler)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..conditioning import network_kwargs
 from ..objectives.score import (
     DiffInstructLoss,
     UniInstructLoss,
@@ -109,19 +110,23 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         head = head or self.modules["disc"]
         return head(self._features.pop("f")).float()
 
-    def fake_step(self, labels, b: int, batch: dict) -> dict:
+    @property
+    def needs_clean_samples(self) -> bool:
+        """The discriminator is trained on noised real samples (data, or for prompts-only data the teacher's)."""
+        return self.uses_discriminator
+
+    def fake_step(self, cond, b: int, batch: dict) -> dict:
         if not self.uses_discriminator:
-            return super().fake_step(labels, b, batch)
+            return super().fake_step(cond, b, batch)
         sched = self.teacher.schedule
-        x_t, t, target = self.fake_inputs(labels, b)
+        x_t, t, target = self.fake_inputs(cond, b)
         fake = self.modules["fake"]
-        kw = self._net_kwargs(labels)
+        kw = network_kwargs(fake, cond)
         with self.accelerator.autocast():
             pred = fake(x_t, sched.timestep(t), **kw).sample
             logit_fake = self._logit()
             x_real = sched.add_noise(batch["x"], self.randn(*batch["x"].shape), t)
-            real_labels = self._labels_from(batch["label"])
-            fake(x_real, sched.timestep(t), **self._net_kwargs(real_labels))
+            fake(x_real, sched.timestep(t), **kw)
             logit_real = self._logit()
         dsm = fake_score_loss(pred, target).mean()
         bce = discriminator_loss(logit_real, logit_fake).mean()
@@ -131,15 +136,15 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()).item() / 2
         return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms.get("fake")}
 
-    def generator_step(self, labels, b: int, batch: dict, step: int) -> dict:
+    def generator_step(self, cond, b: int, batch: dict, step: int) -> dict:
         nets = [self.unwrap("fake")] + ([self.unwrap("disc")] if self.uses_discriminator else [])
         with frozen(*nets):  # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
-            return self._generator_step(labels, b, step)
+            return self._generator_step(cond, b, step)
 
-    def _generator_step(self, labels, b: int, step: int) -> dict:
+    def _generator_step(self, cond, b: int, step: int) -> dict:
         sec = self.section
         self._features.clear()
-        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(labels, b)
+        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(cond, b)
         logs = {}
         ratio = None
         gan = None

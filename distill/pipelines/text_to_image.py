@@ -1,0 +1,238 @@
+"""Text-to-image pipeline for students of Stable-Diffusion-format (latent, text-conditioned) teachers.
+
+STANDALONE FILE: imports torch, diffusers and the sibling ``few_step.py`` / ``one_step.py`` only
+(exported folders carry all three; diffusers copies relative imports of remote code).
+
+Components are the standard diffusers ones (``vae``, ``text_encoder``, ``tokenizer``, for SDXL also
+``text_encoder_2`` / ``tokenizer_2``, ``scheduler``) plus the student ``unet``. The student works
+in the VAE's latent space; samples are decoded with the VAE's scaling (and shift) factors.
+
+* one-step students (SIM, Uni-Instruct): the UNet evaluated once at training index
+  ``generator_timestep`` on ``sigma(t*) z`` (SiD-LSG / Diff-Instruct generator parameterisation);
+* few-step students (progressive, guided, or the teacher itself): deterministic DDIM on the
+  trailing grid (Song et al. 2021, eq. 12), or the stochastic sampler of Meng et al. 2023 sec. 4.2;
+* guidance-conditioned students (guided distillation, Meng et al. 2023): the guidance weight
+  w = guidance_scale - 1 enters through ``UNet2DConditionModel``'s ``time_cond_proj_dim`` input, embedded
+  as in diffusers' LatentConsistencyModelPipeline (:func:`guidance_embedding`);
+* any other few-step model with ``guidance_scale > 1``: classifier-free guidance
+  ``uncond + s (cond - uncond)`` (Ho & Salimans 2022, eq. 6) against the negative (default: empty) prompt.
+
+Prompt encoding follows diffusers' StableDiffusionPipeline (last hidden state of CLIPTextModel) and
+StableDiffusionXLPipeline (penultimate hidden states of both encoders concatenated, pooled output of
+the second, added time ids (H, W, 0, 0, H, W); zeros as the null prompt when the teacher's
+``force_zeros_for_empty_prompt`` says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from .few_step import sample_loop, trailing_timesteps
+from .one_step import ExportedPipelineMixin, to_output, x0_from_output
+
+logger = logging.get_logger(__name__)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of 1000 w (VDM; diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding)."""
+    w = w.float().reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def encode_prompt(tokenizers, text_encoders, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds (B, L, D), pooled (B, D') or None) of ``prompts``, as diffusers' SD / SDXL pipelines do."""
+    sdxl = len(text_encoders) > 1
+    embeds, pooled = [], None
+    for tok, enc in zip(tokenizers, text_encoders):
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = enc(ids, output_hidden_states=sdxl)
+        if sdxl:
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
+                pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        else:
+            embeds.append(out[0])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
+    """SDXL's added time ids (original size, crop top-left, target size) for unconditioned crops."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 6)
+
+
+def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
+    kw = {"encoder_hidden_states": embeds}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    return kw
+
+
+def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) -> [-1, 1]."""
+    cfg = vae.config
+    z = latents.to(vae.dtype)
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        z = z * std / cfg.scaling_factor + mean
+    else:
+        z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    return vae.decode(z).sample
+
+
+class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
+    """Sample a distilled text-to-image student (one step, or few DDIM steps).
+
+    Args:
+        unet: the student ``UNet2DConditionModel``.
+        vae, text_encoder, tokenizer, scheduler: the teacher's components.
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (optional).
+        generator_timestep: one-step students: the training index t* of the generator; None for
+            few-step students.
+        num_inference_steps, timesteps: few-step students: the trained step count and grid.
+        guidance_conditioned: the UNet takes w through ``timestep_cond`` (guided distillation).
+        guidance_scale: default guidance scale (guided students; CFG of few-step models).
+        guidance_range: the [min, max] guidance-scale range a guided student was trained on.
+        force_zeros_for_empty_prompt: the null prompt is zeros (SDXL) instead of the encoded "".
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
+                 generator_timestep: int | None = None, num_inference_steps: int = 1, timesteps: list | None = None,
+                 guidance_conditioned: bool = False, guidance_scale: float = 1.0, guidance_range: list | None = None,
+                 force_zeros_for_empty_prompt: bool = False):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(generator_timestep=None if generator_timestep is None else int(generator_timestep),
+                                num_inference_steps=int(num_inference_steps),
+                                timesteps=list(timesteps) if timesteps is not None else None,
+                                guidance_conditioned=bool(guidance_conditioned), guidance_scale=float(guidance_scale),
+                                guidance_range=list(guidance_range) if guidance_range is not None else None,
+                                force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encoders(self):
+        toks = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        encs = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return toks, encs
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, device, negative: bool = False):
+        """(embeds, pooled) of a list of prompts; for the default null prompt of an SDXL-class model, zeros."""
+        toks, encs = self._encoders()
+        embeds, pooled = encode_prompt(toks, encs, prompt, device)
+        if negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt):
+            embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None else None)
+        return embeds, pooled
+
+    def grid(self, num_inference_steps: int | None) -> list[int]:
+        if num_inference_steps is None and self.config.timesteps is not None:
+            return [int(t) for t in self.config.timesteps]
+        return trailing_timesteps(num_inference_steps or self.config.num_inference_steps,
+                                  self.scheduler.config.num_train_timesteps)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 num_images_per_prompt: int = 1, generator: torch.Generator | list | None = None,
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, stochastic: bool = False,
+                 output_type: str = "pil", return_dict: bool = True):
+        unet = self.unet
+        device = self._execution_device
+        dtype = unet.dtype
+        one_step = self.config.generator_timestep is not None
+        if one_step and num_inference_steps not in (None, 1):
+            raise ValueError(f"This is a one-step student; num_inference_steps={num_inference_steps} is not possible.")
+        # ---- prompts
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("Pass prompt=... (a string or a list of strings) or prompt_embeds=...")
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, device)
+        batch = prompt_embeds.shape[0] * num_images_per_prompt
+        sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if sdxl and pooled_prompt_embeds is None:
+            raise ValueError("This SDXL-class UNet needs pooled_prompt_embeds along with prompt_embeds.")
+        s = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        cfg = not self.config.guidance_conditioned and guidance_scale is not None and s != 1.0
+        if cfg and one_step:
+            raise ValueError(f"guidance_scale={guidance_scale}: a one-step student has its guidance distilled in (the "
+                             "teacher's guidance scale at training); leave guidance_scale unset.")
+        if cfg and negative_prompt_embeds is None:
+            neg = negative_prompt if negative_prompt is not None else ""
+            neg = [neg] * prompt_embeds.shape[0] if isinstance(neg, str) else list(neg)
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+                neg, device, negative=negative_prompt is None)
+
+        def rep(x):
+            return None if x is None else x.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        embeds, pooled = rep(prompt_embeds), rep(pooled_prompt_embeds)
+        height = unet.config.sample_size * self.vae_scale_factor
+        time_ids = sdxl_time_ids(height, height, batch, device).to(dtype) if sdxl else None
+        kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids)
+        if cfg:
+            n_emb, n_pool = rep(negative_prompt_embeds), rep(negative_pooled_prompt_embeds)
+            kwargs = unet_text_kwargs(unet, torch.cat([embeds, n_emb]), None if pooled is None else
+                                      torch.cat([pooled, n_pool]), None if time_ids is None else time_ids.repeat(2, 1))
+        if self.config.guidance_conditioned:
+            lo_hi = self.config.guidance_range
+            if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
+                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was trained on.")
+            w = torch.full((batch,), s - 1.0, device=device)  # Meng et al.'s w = guidance_scale - 1
+            kwargs["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
+        # ---- latents
+        shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
+                                                                                device=device, dtype=dtype)
+        pred_type = self.scheduler.config.prediction_type
+        ac = self.scheduler.alphas_cumprod.to(torch.float64)
+        if one_step:
+            t = self.config.generator_timestep
+            a = ac[t].item()
+            x_in = (1 - a) ** 0.5 * x
+            for _ in self.progress_bar(range(1)):
+                out = unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
+            x = x0_from_output(out, x_in, a**0.5, (1 - a) ** 0.5, pred_type)
+        else:
+            ts = self.grid(num_inference_steps)
+            bar = self.progress_bar(total=len(ts))
+
+            def denoise(x_t, t, alpha, sigma):
+                if not cfg:
+                    out = unet(x_t, torch.full((batch,), t, device=device), **kwargs).sample
+                else:
+                    cond, uncond = unet(torch.cat([x_t, x_t]), torch.full((2 * batch,), t, device=device),
+                                        **kwargs).sample.chunk(2)
+                    out = uncond + s * (cond - uncond)
+                return x0_from_output(out, x_t, alpha, sigma, pred_type)
+
+            x = sample_loop(denoise, x, ts, ac, stochastic=stochastic, generator=generator,
+                            callback=lambda *_: bar.update())
+            bar.close()
+        if output_type == "latent":
+            images = x
+        else:
+            images = to_output(latents_to_images(self.vae, x).float(), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
