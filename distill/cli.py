@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=250)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=int, default=None, help="reference resolution (default: the source's)")
+    f.add_argument("--prompts", default=None, help="text-to-image pipelines: a prompt file (.txt one per line, "
+                   ".csv / .jsonl with a prompt, caption or text column); sample i uses prompt i mod n")
+    f.add_argument("--clip-model", default=None, help="a local CLIP model folder: also report the CLIP score "
+                   "(nothing is downloaded)")
     f.add_argument("--out", required=True, help="report folder")
     return p
 

@@ -131,9 +131,13 @@ class Condition:
         return Condition(**out, null=self.null)
 
 
-def _accepts(net, name: str) -> bool:
+def _unwrap(net):
     net = getattr(net, "module", net)  # DistributedDataParallel
-    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return getattr(net, "_orig_mod", net)  # torch.compile
+
+
+def _accepts(net, name: str) -> bool:
+    net = _unwrap(net)
     try:
         return name in inspect.signature(net.forward).parameters
     except (TypeError, ValueError):
@@ -156,7 +160,7 @@ def network_kwargs(net, cond: Condition | None) -> dict:
     if cond.pooled is not None:
         if _accepts(net, "pooled_projections"):
             kw["pooled_projections"] = cond.pooled
-        elif cond.time_ids is not None:
+        elif getattr(getattr(_unwrap(net), "config", None), "addition_embed_type", None) == "text_time":
             kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
     return kw
 

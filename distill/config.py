@@ -238,6 +238,8 @@ def _coerce(value, tp, key: str):
         raise ConfigError(f"{key}: expected null, got {value!r}.")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+            value = "no"
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
         return value

@@ -151,3 +151,11 @@ def test_curriculum_starts_at_high_noise_and_accumulates_harder_clusters(tmp_pat
     other.setup()
     other.load_state(state)
     assert other._index_range() == (0, 1000) and other.stage == state["stage"]
+
+
+def test_mixed_precision_no_override_is_read_as_the_string_no():
+    """YAML 1.1 reads a bare `no` as false; `train.mixed_precision=no` must still mean 'no'."""
+    from distill.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

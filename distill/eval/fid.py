@@ -93,8 +93,17 @@ def save_image_folder(images_u8: torch.Tensor, folder) -> Path:
 
 
 # ---------------------------------------------------------------------- generation
+def is_one_step(pipe) -> bool:
+    return type(pipe).__name__ == "OneStepPipeline" or getattr(getattr(pipe, "config", None), "generator_timestep",
+                                                                   None) is not None
+
+
+def is_text_pipeline(pipe) -> bool:
+    return hasattr(pipe, "text_encoder") and hasattr(pipe, "tokenizer")
+
+
 def pipeline_nfe(pipe, steps: int | None) -> int:
-    if type(pipe).__name__ == "OneStepPipeline":
+    if is_one_step(pipe):
         return 1
     if steps is not None:
         return int(steps)
@@ -106,9 +115,10 @@ def pipeline_nfe(pipe, steps: int | None) -> int:
 
 @torch.no_grad()
 def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps: int | None = None,
-             desc: str = "generating", **call_kwargs) -> torch.Tensor:
+             desc: str = "generating", prompts: list[str] | None = None, **call_kwargs) -> torch.Tensor:
     """uint8 samples of a pipeline. Batch b uses seed + b, so results do not depend on how many
-    Accelerate processes share the work (batches are dealt round-robin and gathered)."""
+    Accelerate processes share the work (batches are dealt round-robin and gathered). Text-to-image
+    pipelines take sample i's prompt from ``prompts[i % len(prompts)]``."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -117,14 +127,23 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
     n_batches = math.ceil(num_samples / batch_size)
     mine = list(range(state.process_index, n_batches, state.num_processes))
     kwargs = dict(call_kwargs)
-    if steps is not None and type(pipe).__name__ != "OneStepPipeline":
+    if steps is not None and not is_one_step(pipe):
         kwargs["num_inference_steps"] = steps
+    text = is_text_pipeline(pipe)
+    if text and not prompts:
+        raise ValueError("A text-to-image pipeline needs prompts for FID: pass --prompts FILE (distill fid) or "
+                         "prompts=[...].")
     out = {}
     for b in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False):
         n = min(batch_size, num_samples - b * batch_size)
         if num_classes:
             kwargs["class_labels"] = torch.arange(b * batch_size, b * batch_size + n) % num_classes
-        x = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed + b), output_type="pt", **kwargs).images
+        gen = torch.Generator().manual_seed(seed + b)
+        if text:
+            batch_prompts = [prompts[i % len(prompts)] for i in range(b * batch_size, b * batch_size + n)]
+            x = pipe(prompt=batch_prompts, generator=gen, output_type="pt", **kwargs).images
+        else:
+            x = pipe(batch_size=n, generator=gen, output_type="pt", **kwargs).images
         out[b] = to_uint8(x)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -215,13 +234,15 @@ def reference_features(reference, extractor, ext_name: str, weights_path, resolu
 def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000, feature_extractor: str = "digits",
                     feature_extractor_weights: str | None = None, batch_size: int = 250, seed: int = 0,
                     steps: int | None = None, resolution: int | None = None, use_cache: bool = True,
-                    return_images: bool = False, **pipeline_kwargs) -> dict:
+                    return_images: bool = False, prompts: list[str] | None = None, clip_model: str | None = None,
+                    **pipeline_kwargs) -> dict:
     """Metrics of ``source`` (pipeline, pipeline/image folder, or tensor) against ``reference``.
 
     Returns a dict with the metrics and ``num_samples``, ``nfe``, ``seconds``, ``samples_per_second``,
     ``feature_extractor``, ``feature_extractor_sha256``, ``torch_fidelity_version``, the extractor as
     torch-fidelity names it (``torch_fidelity_feature_extractor``, ``feature_layer_fid``,
-    ``feature_extractor_weights``) and the reference info.
+    ``feature_extractor_weights``) and the reference info. With ``prompts`` (text-to-image) and
+    ``clip_model`` (a local CLIP folder), also ``clip_score`` (see :func:`clip_score`).
     """
     metrics = tuple(metrics)
     unknown = set(metrics) - {"fid", "kid", "prc", "isc"}
@@ -242,7 +263,7 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     if isinstance(source, torch.Tensor):
         images = to_uint8(source)
     else:
-        images = generate(source, num_samples, batch_size, seed, steps, **pipeline_kwargs)
+        images = generate(source, num_samples, batch_size, seed, steps, prompts=prompts, **pipeline_kwargs)
         nfe = pipeline_nfe(source, steps)
         gs, cfg = pipeline_kwargs.get("guidance_scale"), getattr(source, "config", None)
         if gs is not None and float(gs) != 1.0 and not getattr(cfg, "guidance_conditioned", False):
@@ -252,6 +273,9 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
                                              resolution or images.shape[-1], batch_size, use_cache)
     gen_feats = extract_features(images, extractor, batch_size)
     result = metrics_from_features(gen_feats, ref_feats, metrics, layer, seed)
+    if clip_model and prompts:
+        result["clip_score"] = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))], clip_model)
+        result["clip_model"] = str(clip_model)
     seconds = time.time() - start
     result.update(num_samples=len(images), nfe=nfe, seconds=round(seconds, 3),
                   generation_seconds=round(gen_seconds, 3),
@@ -265,8 +289,50 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     return result
 
 
+@torch.no_grad()
+def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, batch_size: int = 64) -> float:
+    """CLIP score (Hessel et al. 2021, as torchmetrics' CLIPScore): 100 * mean max(cos(image, text), 0) with the
+    CLIP model in the local folder ``clip_model`` (CLIPModel weights, tokenizer and image processor; nothing
+    is downloaded: pass e.g. a saved openai/clip-vit-base-patch32 folder)."""
+    import transformers
+
+    folder = Path(clip_model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CLIP model folder {clip_model!r} not found; a CLIP score needs a local CLIPModel "
+                                "folder (model, tokenizer and image processor files), e.g. a saved "
+                                "openai/clip-vit-base-patch32.")
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    proc = transformers.CLIPImageProcessor.from_pretrained(folder)
+    scores = []
+    for i in range(0, len(images_u8), batch_size):
+        imgs = list(images_u8[i:i + batch_size].permute(0, 2, 3, 1).numpy())
+        pix = proc(images=imgs, return_tensors="pt").pixel_values
+        ids = tok(prompts[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
+        img_emb = model.get_image_features(pixel_values=pix)
+        txt_emb = model.get_text_features(**ids)
+        img_emb = getattr(img_emb, "pooler_output", img_emb)
+        txt_emb = getattr(txt_emb, "pooler_output", txt_emb)
+        cos = torch.nn.functional.cosine_similarity(img_emb, txt_emb, dim=-1)
+        scores.append(100 * cos.clamp_min(0))
+    return float(torch.cat(scores).mean())
+
+
 def teacher_as_sampler(pipe):
-    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid."""
+    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid; a stock
+    Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with guidance_scale)."""
+    if type(pipe).__name__ in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        import diffusers
+
+        from ..pipelines import TextToImagePipeline
+
+        sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                    clip_sample=False, set_alpha_to_one=True)
+        return TextToImagePipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched,
+                                   text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                                   tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
+                                   force_zeros_for_empty_prompt=bool(getattr(pipe.config,
+                                                                             "force_zeros_for_empty_prompt", False)))
     if type(pipe).__name__ == "DDPMPipeline":
         from ..pipelines import FewStepPipeline
 
@@ -280,7 +346,8 @@ def teacher_as_sampler(pipe):
 def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: int = 1000,
                     feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
                     metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None,
-                    call_kwargs: dict | None = None, resolution: int | None = None):
+                    call_kwargs: dict | None = None, resolution: int | None = None, prompts: list[str] | None = None,
+                    clip_model: str | None = None):
     """Evaluate several pipelines at several step counts and write the report folder.
 
     ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own);
@@ -295,7 +362,8 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
         for k in steps.get(name) or [None]:
             r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
                                 batch_size, seed, steps=k if hasattr(pipe, "config") else None,
-                                resolution=resolution, return_images=True, **extra)
+                                resolution=resolution, return_images=True, prompts=prompts, clip_model=clip_model,
+                                **extra)
             images = r.pop("images")
             model = name.split("@")[0]
             n_steps = pipeline_nfe(pipe, k) if hasattr(pipe, "config") else r["nfe"]
@@ -304,7 +372,7 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
                                                                    if k2 == "guidance_scale"}, **r})
     common = ("feature_extractor", "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights",
               "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
-              "reference_num_images", "reference_sha256", "reference_resolution")
+              "reference_num_images", "reference_sha256", "reference_resolution", "clip_model")
     report = {k: results[0].get(k) for k in common}
     report.update(meta or {})
     report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
@@ -320,7 +388,8 @@ def with_guidance_scales(models: dict, steps: dict, scales) -> tuple[dict, dict,
     out_models, out_steps, kwargs = {}, {}, {}
     for name, pipe in models.items():
         cfg = getattr(pipe, "config", None)
-        guidable = bool(getattr(cfg, "guidance_conditioned", False) or getattr(cfg, "num_classes", 0))
+        guidable = bool(getattr(cfg, "guidance_conditioned", False) or getattr(cfg, "num_classes", 0)
+                        or (is_text_pipeline(pipe) and not is_one_step(pipe)))
         model, _, tag = name.partition("@")
         for s in (scales if guidable else [None]):
             key = name if s is None else f"{model}-s{s:g}" + (f"@{tag}" if tag else "")
@@ -378,9 +447,21 @@ def fid_command(args) -> int:
         step_map["teacher"] = [s for s in steps if s is not None] or [50]
     scales = [float(s) for s in args.guidance_scales.split(",")] if getattr(args, "guidance_scales", None) else []
     models, step_map, kwargs = with_guidance_scales(models, step_map, scales)
+    prompts = None
+    if getattr(args, "prompts", None):
+        from ..data import read_prompts
+
+        prompts = read_prompts(args.prompts)
+    meta = {"source": str(src)}
+    if prompts:
+        meta.update(prompts=str(args.prompts), num_prompts=len(prompts))
+    if getattr(args, "clip_model", None):
+        meta["clip_score"] = ("100 * mean max(cos(CLIP image, CLIP text), 0) with the CLIP model at "
+                              f"{args.clip_model} (not the reference CLIP unless that folder holds it)")
     report = evaluate_models(models, args.reference, step_map, args.out, args.num_samples, args.feature_extractor,
                              args.feature_extractor_weights, metrics, args.batch_size, args.seed,
-                             meta={"source": str(src)}, call_kwargs=kwargs, resolution=args.resolution)
+                             meta=meta, call_kwargs=kwargs, resolution=args.resolution, prompts=prompts,
+                             clip_model=getattr(args, "clip_model", None))
     print((Path(args.out) / "fid_report.md").read_text())
     print(json.dumps({"report": str(Path(args.out) / "fid_report.json"), "results": len(report["results"])}))
     return 0

@@ -58,7 +58,7 @@ def write_json(obj, path) -> Path:
 def markdown_table(report: dict) -> str:
     """The results of a report as a Markdown table."""
     cols = [("model", "model"), ("guidance_scale", "guidance"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
-            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("num_samples", "samples"),
+            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("clip_score", "CLIP score"), ("num_samples", "samples"),
             ("seconds", "seconds"), ("samples_per_second", "samples/s")]
     rows = report["results"]
     cols = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
@@ -86,7 +86,13 @@ def write_report(report: dict, grids: dict, out_dir) -> dict:
             f"feature_extractor='{report.get('torch_fidelity_feature_extractor')}', "
             f"feature_layer_fid='{report.get('feature_layer_fid')}', "
             f"feature_extractor_weights_path='{report.get('feature_extractor_weights')}')`"
-            + (" after `import distill.eval.extractors`" if report.get("feature_extractor") == "digits" else ""), "", ""]
+            + (" after `import distill.eval.extractors`" if report.get("feature_extractor") == "digits" else "")]
+    if report.get("prompts"):
+        head.append(f"- prompts: `{report['prompts']}` ({report.get('num_prompts')} prompts, sample i uses prompt "
+                    "i mod n)")
+    if report.get("clip_score"):
+        head.append(f"- CLIP score: {report['clip_score']}")
+    head += ["", ""]
     md = "\n".join(head) + markdown_table(report) + "\n"
     for name, imgs in grids.items():
         save_grid(torch.as_tensor(imgs).float() / 255.0, out / f"samples_{name}.png")

@@ -66,7 +66,7 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
     def lr_multipliers(self) -> dict[str, float]:
         """The new w embedding learns faster than the copied teacher weights (``guided.guidance_lr_multiplier``)."""
         m = self.section.guidance_lr_multiplier
-        return {"guidance_embedding.": m, "guidance_proj.": m}
+        return {"guidance_embedding.": m, "guidance_proj.": m, "time_embedding.cond_proj.": m}
 
     def guidance_weight(self, batch_size: int) -> torch.Tensor:
         """Meng's w = s - 1 with s ~ U[guidance_min, guidance_max] per example."""

@@ -1,0 +1,15 @@
+#!/bin/bash
+# usage: run.sh SRC_DIR OUT_DIR
+SRC=$1; OUT=$2
+F="train.progress_bar=false train.report_to=none train.checkpointing_steps=1000 eval.enabled=false"
+run() { name=$1; shift; (cd $SRC && PYTHONPATH=$SRC HF_HUB_OFFLINE=1 python -m distill train "$@" $F output_dir=$OUT/$name > $OUT/$name.log 2>&1) || echo "FAIL $name"; }
+mkdir -p $OUT
+run sim_g8 configs/sim_gaussians8.yaml train.max_steps=20
+run sim_g8_cond configs/sim_gaussians8.yaml train.max_steps=20 teacher.conditional=true teacher.guidance_scale=2.5 sim.init_denoiser_steps=5
+run ui_g8 configs/uni_instruct_gaussians8.yaml train.max_steps=20
+run prog_g8 configs/progressive_gaussians8.yaml progressive.start_steps=4 progressive.steps_per_round=3 progressive.init_denoiser_steps=5
+run guided_g8 configs/guided_gaussians8.yaml guided.start_steps=4 guided.steps_per_round=3 guided.init_denoiser_steps=5 guided.stage_one_steps=3
+run sim_digits configs/sim_digits.yaml train.max_steps=6 train.batch_size=8
+run ui_digits configs/uni_instruct_digits.yaml train.max_steps=6 train.batch_size=8
+run prog_digits configs/progressive_digits.yaml progressive.start_steps=4 progressive.steps_per_round=2 train.batch_size=8
+run teacher_cond configs/teacher_digits_cond.yaml train.max_steps=6 train.batch_size=8

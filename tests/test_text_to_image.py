@@ -1,0 +1,351 @@
+"""Stable-Diffusion-format text-to-image teachers: Condition, prompt encoding, CFG, latents, training with
+every method and loading the exports with plain diffusers (tiny random pipelines built offline)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_sd
+
+from distill import Condition, load_pipeline
+from distill.conditioning import network_kwargs
+from distill.config import ConfigError, load_config
+from distill.data import load_data
+from distill.pipelines import TextToImagePipeline
+from distill.teachers import Teacher
+from distill.trainers import trainer_class
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["a red cat", "a blue dog", "a small house by the sea"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl", sdxl=True)
+
+
+def _diffusers_pipe(folder):
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------- Condition
+def test_condition_batching_null_and_dropout():
+    g = torch.Generator().manual_seed(0)
+    emb, pooled = torch.randn(4, 3, 5, generator=g), torch.randn(4, 2, generator=g)
+    null = Condition(embeds=torch.zeros(1, 3, 5), pooled=-torch.ones(1, 2), time_ids=torch.ones(1, 6))
+    c = Condition(embeds=emb, pooled=pooled, time_ids=torch.ones(4, 6), null=null)
+    assert c.kind == "text" and len(c) == 4
+    sub = c[torch.tensor([2, 0])]
+    torch.testing.assert_close(sub.embeds, emb[[2, 0]])
+    assert sub.null is null  # a one-row null stays shared
+    pair = c.with_cfg_pair()
+    assert len(pair) == 8 and pair.null is None
+    torch.testing.assert_close(pair.embeds[4:], torch.zeros(4, 3, 5))
+    torch.testing.assert_close(pair.pooled[4:], -torch.ones(4, 2))
+    mask = torch.tensor([True, False, True, False])
+    d = c.drop(mask)
+    torch.testing.assert_close(d.embeds[0], torch.zeros(3, 5))
+    torch.testing.assert_close(d.embeds[1], emb[1])
+    torch.testing.assert_close(d.pooled[2], -torch.ones(2))
+    both = Condition.cat([c, c[torch.tensor([1])]])
+    assert len(both) == 5 and both.null is null
+    half = c.to(dtype=torch.bfloat16)
+    assert half.embeds.dtype == torch.bfloat16 and half.null.embeds.dtype == torch.bfloat16
+    labels = Condition(class_labels=torch.tensor([1, 2]), null=Condition(class_labels=torch.tensor([9])))
+    assert labels.to(dtype=torch.bfloat16).class_labels.dtype == torch.long  # labels are not cast
+    assert labels.null_like().class_labels.tolist() == [9, 9]
+    assert labels.drop(torch.tensor([False, True])).class_labels.tolist() == [1, 9]
+    with pytest.raises(ValueError, match="no null condition"):
+        Condition(class_labels=torch.tensor([1])).null_like()
+    unet = diffusers.UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                          cross_attention_dim=5, attention_head_dim=4)
+    assert set(network_kwargs(unet, c)) == {"encoder_hidden_states"}  # no added conditioning on an SD1.5 UNet
+    assert network_kwargs(unet, None) == {} and network_kwargs(unet, labels) == {"class_labels": labels.class_labels}
+
+
+# ---------------------------------------------------------------------- teacher
+def test_prompts_encoded_like_diffusers_and_cached(tiny_sd_folder):
+    folder = tiny_sd_folder / "sd"
+    teacher = Teacher.from_pretrained(str(folder))
+    pipe = _diffusers_pipe(folder)
+    assert teacher.is_latent and teacher.sample_shape == [4, 8, 8] and teacher.image_shape == [3, 16, 16]
+    cond = teacher.condition(prompts=PROMPTS)
+    ref, neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
+    torch.testing.assert_close(cond.embeds, ref)
+    torch.testing.assert_close(cond.null_like().embeds, neg)  # the null is the encoded empty prompt
+    assert cond.embeds[0].abs().sum() > 0 and not torch.allclose(cond.embeds[0], cond.embeds[1])
+    calls = []
+    hook = teacher.text_encoders[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    again = teacher.condition(prompts=[PROMPTS[1], "a new prompt", PROMPTS[1]])
+    hook.remove()
+    assert calls == [1]  # only the one unseen prompt was encoded
+    torch.testing.assert_close(again.embeds[0], cond.embeds[1])
+    torch.testing.assert_close(again.embeds[2], cond.embeds[1])
+
+
+def test_sdxl_prompts_pooled_and_time_ids_like_diffusers(sdxl_folder):
+    teacher = Teacher.from_pretrained(str(sdxl_folder))
+    pipe = _diffusers_pipe(sdxl_folder)
+    cond = teacher.condition(prompts=PROMPTS[:2])
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS[:2], device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True)
+    torch.testing.assert_close(cond.embeds, emb)
+    torch.testing.assert_close(cond.pooled, pooled)
+    null = cond.null_like()  # force_zeros_for_empty_prompt: zeros, as diffusers
+    torch.testing.assert_close(null.embeds, neg) and torch.testing.assert_close(null.pooled, neg_pooled)
+    assert float(null.embeds.abs().sum()) == 0.0
+    ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    torch.testing.assert_close(cond.time_ids, ids.expand(2, 6))
+    x = torch.randn(2, 4, 8, 8)
+    out = teacher.network_output(x, torch.tensor(0.5), cond)
+    ref = pipe.unet(x, torch.full((2,), 0.5 * 999), encoder_hidden_states=emb,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids.expand(2, 6)}).sample
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 7.5])
+def test_text_cfg_is_uncond_plus_scale_times_difference(tiny_sd_folder, scale):
+    """Closed form: with the empty prompt as null, guided = uncond + s (cond - uncond), cond and uncond
+    computed independently through diffusers' own encode_prompt and the UNet."""
+    folder = tiny_sd_folder / "sd"
+    teacher = Teacher.from_pretrained(str(folder))
+    pipe = _diffusers_pipe(folder)
+    emb, neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    ts = t * 999
+    c = pipe.unet(x, ts.float(), encoder_hidden_states=emb).sample
+    u = pipe.unet(x, ts.float(), encoder_hidden_states=neg).sample
+    assert (c - u).abs().max() > 1e-3  # the prompt matters, so the check can fail
+    out = teacher.network_output(x, t, teacher.condition(prompts=PROMPTS), guidance_scale=scale)
+    torch.testing.assert_close(out, u + scale * (c - u), atol=1e-5, rtol=1e-5)
+    # a negative prompt replaces the empty one as the null
+    negc = teacher.condition(prompts=PROMPTS, negative_prompts=["blurry"] * 3)
+    neg2 = pipe.encode_prompt(["blurry"] * 3, "cpu", 1, False)[0]
+    u2 = pipe.unet(x, ts.float(), encoder_hidden_states=neg2).sample
+    torch.testing.assert_close(teacher.network_output(x, t, negc, guidance_scale=scale), u2 + scale * (c - u2),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_latents_encode_decode_use_vae_scaling(tiny_sd_folder):
+    teacher = Teacher.from_pretrained(str(tiny_sd_folder / "sd"))
+    vae = teacher.vae
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(teacher.decode(z), vae.decode(z / vae.config.scaling_factor).sample)
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mean = vae.encode(img).latent_dist.mean
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    std = vae.encode(img).latent_dist.std
+    torch.testing.assert_close(teacher.encode(img, generator=g), (mean + std * noise) * vae.config.scaling_factor)
+
+
+def test_teacher_pipeline_equals_diffusers_stable_diffusion_ddim(tiny_sd_folder):
+    """The teacher run by TextToImagePipeline (N DDIM steps, CFG) = diffusers' StableDiffusionPipeline with
+    DDIMScheduler(trailing, no clipping, alpha_1 = 1)."""
+    folder = tiny_sd_folder / "sd"
+    sd = _diffusers_pipe(folder)
+    sd.scheduler = diffusers.DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing",
+                                                       clip_sample=False, set_alpha_to_one=True)
+    ours = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, num_inference_steps=4)
+    ours.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    # step counts that divide 1000: diffusers' DDIM steps to t - 1000 // N, which for N = 3 is 333, not the next
+    # trailing grid point 332 (distill steps to the grid point it evaluates next)
+    for steps, scale in ((4, 5.0), (5, 1.0)):
+        for kind, tol in (("latent", 1e-6), ("np", 2e-3)):  # random tiny weights: |latents| ~ 60, decoded x30
+            ref = sd(PROMPTS[:2], num_inference_steps=steps, guidance_scale=scale, latents=latents,
+                     output_type=kind).images
+            got = ours(PROMPTS[:2], num_inference_steps=steps, guidance_scale=scale, latents=latents,
+                       output_type=kind).images
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=tol * float(np.abs(ref).max()))
+            assert np.asarray(ref).std() > 0.01
+
+
+# ---------------------------------------------------------------------- data
+def test_prompt_files_and_caption_columns(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\n two \nthree\n")
+    assert load_data(f"prompts:{tmp_path / 'p.txt'}").prompts == ["one", "two", "three"]
+    (tmp_path / "p.csv").write_text("id,caption\n1,a cat\n2,\"a dog, running\"\n")
+    assert load_data(f"prompts:{tmp_path / 'p.csv'}").prompts == ["a cat", "a dog, running"]
+    (tmp_path / "p.jsonl").write_text('{"text": "x", "prompt": "first"}\n{"text": "y", "prompt": "second"}\n')
+    assert load_data(f"prompts:{tmp_path / 'p.jsonl'}").prompts == ["first", "second"]
+    assert load_data(f"prompts:{tmp_path / 'p.jsonl'}", caption_column="text").prompts == ["x", "y"]
+    (tmp_path / "bad.csv").write_text("id,title\n1,a\n")
+    with pytest.raises(ValueError, match="prompt, caption or text.*caption_column"):
+        load_data(f"prompts:{tmp_path / 'bad.csv'}")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_data("prompts:nope.txt")
+    # an image folder with captions in metadata.jsonl
+    from PIL import Image
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(img_dir / f"{i}.png")
+    (img_dir / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": f"grey {i}"}) + "\n"
+                                                    for i in range(3)))
+    ds = load_data(str(img_dir), resolution=16)
+    item = ds[1]
+    assert ds.has_prompts and item["prompt"] == "grey 1" and item["x"].shape == (3, 16, 16)
+
+
+def test_text_teacher_refusals(tiny_sd_folder, tmp_path):
+    prompts = f"prompts:{tiny_sd_folder / 'prompts.txt'}"
+    fast = ["train.progress_bar=false", "train.report_to=none", f"output_dir={tmp_path}"]
+    cfg = load_config("configs/teacher_digits.yaml", fast + [f"data.spec={prompts}"])
+    with pytest.raises(ConfigError, match="text-to-image teacher is out of scope"):
+        trainer_class("teacher")(cfg).train()
+    cfg = load_config("configs/sim_sd15.yaml", fast + [f"teacher.path={tiny_sd_folder / 'sd'}",
+                                                       "data.spec=sklearn:digits", "train.mixed_precision=no"])
+    with pytest.raises(ConfigError, match="has no prompts"):
+        trainer_class("sim")(cfg).train()
+    cfg = load_config("configs/sim_digits.yaml", fast + [f"data.spec={prompts}"])
+    with pytest.raises(ConfigError, match="prompts only"):
+        trainer_class("sim")(cfg).train()
+
+
+# ---------------------------------------------------------------------- every method, exported and reloaded
+METHOD_OVERRIDES = {
+    "sim": ["train.max_steps=2"],
+    "uni_instruct": ["train.max_steps=2"],
+    "progressive": ["progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=1"],
+    "guided": ["guided.start_steps=2", "guided.target_steps=1", "guided.steps_per_round=1",
+               "guided.stage_one_steps=1"],
+}
+
+PLAIN_LOAD = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+out = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+assert "distill" not in sys.modules
+np.save(sys.argv[2], out)
+print(type(pipe).__name__)
+"""
+
+
+@pytest.mark.parametrize("method", ["sim", "uni_instruct", "progressive", "guided"])
+def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pipeline(tiny_sd_folder, tmp_path,
+                                                                                      method):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "distill", "train", f"configs/{method}_sd15.yaml",
+           f"teacher.path={tiny_sd_folder / 'sd'}", f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}",
+           "train.batch_size=2", "data.teacher_sample_steps=2", "train.report_to=none",
+           "train.progress_bar=false", f"output_dir={out}", *METHOD_OVERRIDES[method]]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = out / "pipeline"
+    for f in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / f).is_dir()
+    assert not list(folder.rglob("*.bin")) and list((folder / "unet").glob("*.safetensors"))
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("TextToImagePipeline")
+    plain = np.load(tmp_path / "plain.npy")
+    pipe = load_pipeline(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert plain.shape == (2, 16, 16, 3) and plain.std() > 0.01
+    np.testing.assert_array_equal(mine, plain)  # same seed, same images, with or without distill
+    cfg = pipe.config
+    if method in ("sim", "uni_instruct"):
+        assert cfg.generator_timestep == 999
+    else:
+        assert cfg.generator_timestep is None and cfg.num_inference_steps == 1
+    if method == "guided":  # the w input is UNet2DConditionModel's time_cond_proj_dim, and it changes the output
+        assert pipe.unet.config.time_cond_proj_dim == 256 and cfg.guidance_conditioned
+        a = pipe(prompt=["a red cat"], guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+        b = pipe(prompt=["a red cat"], guidance_scale=15.0, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+        assert np.abs(a - b).max() > 0
+
+
+# ---------------------------------------------------------------------- FID and CLIP score for text-to-image
+def _tiny_clip(folder: Path):
+    import transformers
+
+    src = folder.parent / "clip-tok-src"
+    src.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+    (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    model.save_pretrained(folder)
+    transformers.CLIPTokenizer.from_pretrained(src).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        folder)
+    return model
+
+
+def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny_sd_folder, tmp_path):
+    """`distill fid PIPELINE --prompts FILE --reference IMAGES --compare TEACHER`: the student and the SD teacher
+    (at two step counts, two guidance scales) in one report; the CLIP score equals transformers' own
+    CLIPModel forward (logits_per_image / logit_scale) on the same images."""
+    from PIL import Image
+
+    from distill.cli import main
+
+    out = tmp_path / "run"
+    cfg = load_config("configs/sim_sd15.yaml", [f"teacher.path={tiny_sd_folder / 'sd'}", f"output_dir={out}",
+                                                f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}",
+                                                "train.max_steps=1", "train.batch_size=2", "train.report_to=none",
+                                                "train.progress_bar=false", "train.mixed_precision=no"])
+    trainer_class("sim")(cfg).train()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
+    clip_dir = tmp_path / "clip"
+    clip = _tiny_clip(clip_dir)
+    rc = main(["fid", str(out / "pipeline"), "--prompts", str(tiny_sd_folder / "prompts.txt"), "--reference",
+               str(ref), "--compare", str(tiny_sd_folder / "sd"), "--steps", "1,2", "--guidance-scales", "1,3",
+               "--num-samples", "6", "--batch-size", "3", "--metrics", "fid", "--clip-model", str(clip_dir),
+               "--out", str(tmp_path / "report")])
+    assert rc == 0
+    report = json.loads((tmp_path / "report" / "fid_report.json").read_text())
+    rows = {(r["model"], r["steps"]): r for r in report["results"]}
+    assert ("model", 1) in rows  # the one-step student, once (no guidance scale for a one-step student)
+    assert {("teacher-s1", 1), ("teacher-s1", 2), ("teacher-s3", 1), ("teacher-s3", 2)} <= set(rows)
+    assert rows[("teacher-s3", 2)]["nfe"] == 4  # classifier-free guidance: two evaluations per step
+    assert all(np.isfinite(r["fid"]) for r in report["results"])
+    assert report["num_prompts"] == 4 and "CLIP" in (tmp_path / "report" / "fid_report.md").read_text()
+    # CLIP score against transformers' own forward on the student's samples (sample i <-> prompt i mod 4)
+    import transformers
+
+    from distill.data import read_prompts
+    from distill.eval.fid import generate
+
+    pipe = load_pipeline(str(out / "pipeline"))
+    prompts = read_prompts(str(tiny_sd_folder / "prompts.txt"))
+    images = generate(pipe, 6, 3, 0, prompts=prompts)
+    proc = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(clip_dir)
+    texts = [prompts[i % 4] for i in range(6)]
+    with torch.no_grad():
+        o = clip(**tok(texts, padding=True, truncation=True, return_tensors="pt"),
+                 pixel_values=proc(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values)
+    expected = float((100 * (o.logits_per_image.diagonal() / clip.logit_scale.exp()).clamp_min(0)).mean())
+    assert rows[("model", 1)]["clip_score"] == pytest.approx(expected, rel=1e-4)
