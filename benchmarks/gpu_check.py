@@ -8,7 +8,9 @@ gradient checkpointing), then loads the exported pipeline with ``torch_dtype=tor
 CUDA and samples from it. Each run's exit status, losses, updates/s and sample statistics go to
 ``OUT_DIR/gpu_check.md`` (written after every run, so a timeout keeps what finished).
 ``--full-guided`` also runs ``configs/guided_digits.yaml`` end to end in fp32 (report included).
-Last, a resume check (``resume_check``): Uni-Instruct in bf16 resumed from a mid-run checkpoint on CUDA.
+Then a resume check (``resume_check``): Uni-Instruct in bf16 resumed from a mid-run checkpoint on CUDA.
+Last, ``sd15_step_check``: one training step per method on a random SD1.5-architecture text-to-image
+teacher (64x64 latents, bf16, gradient checkpointing) with step time and peak memory.
 """
 
 from __future__ import annotations
@@ -118,6 +120,100 @@ def resume_check(out: Path, log, steps: int = 30) -> dict:
     return row
 
 
+def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
+    """A Stable-Diffusion-1.5-architecture pipeline with random weights (UNet2DConditionModel 860M, the SD VAE,
+    a CLIP ViT-L/14-sized text encoder, a tokenizer from a vocab written here); ``tiny``: the tests' tiny one."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_sd
+
+    if tiny:
+        return make_tiny_sd(folder)
+    import json
+
+    import diffusers
+    import torch
+    import transformers
+
+    tok_dir = folder.parent / "sd15-tokenizer-src"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD1.5
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  layers_per_block=2, scaling_factor=0.18215)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, scheduler=sched, safety_checker=None,
+                                      tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
+                                      feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = False) -> list[dict]:
+    """One training step per method (configs/*_sd15.yaml: bf16, gradient checkpointing) on a random SD1.5-sized
+    pipeline (64x64 latents): median step time after the first, peak CUDA memory, and the batch-making time
+    (prompt encoding, plus the teacher's samples for prompts-only progressive / guided / Uni-Instruct)."""
+    import gc
+    import statistics
+
+    import torch
+
+    from distill.config import load_config
+    from distill.trainers import trainer_class
+
+    folder = sd15_random_folder(out / "sd15_random", tiny)
+    prompts = out / "sd15_prompts.txt"
+    prompts.write_text("a photo of a cat\na watercolor of a lighthouse at dusk\na red car in the snow\n")
+    cuda = torch.cuda.is_available()
+    rows = []
+    for method in ("sim", "uni_instruct", "progressive", "guided"):
+        row = {"run": f"sd15 {method} ({'tiny, CPU dry run' if tiny else 'SD1.5 architecture'})", "batch": batch}
+        try:
+            cfg = load_config(f"configs/{method}_sd15.yaml", COMMON + [
+                f"teacher.path={folder}", f"data.spec=prompts:{prompts}", f"train.batch_size={batch}",
+                "data.teacher_sample_steps=4", f"output_dir={out / 'runs' / ('sd15_' + method)}"]
+                + ([] if cuda else ["train.mixed_precision=no"]))
+            trainer = trainer_class(method)(cfg)
+            trainer.setup()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times, batch_times, logs = [], [], {}
+            for step in range(steps):
+                t0 = time.time()
+                trainer.rng = trainer.step_generator(step, 0)
+                b = trainer._batch(trainer.rng)
+                if cuda:
+                    torch.cuda.synchronize()
+                t1 = time.time()
+                with trainer.accelerator.accumulate(*trainer.modules.values()):
+                    logs = trainer.train_step(b, step)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.time() - t1)
+                batch_times.append(t1 - t0)
+            row.update(step_seconds=round(statistics.median(times[1:] or times), 3),
+                       batch_seconds=round(statistics.median(batch_times[1:] or batch_times), 3),
+                       peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                       finite=all(v is None or torch.isfinite(torch.tensor(float(v))) for v in logs.values()), rc=0)
+            del trainer
+        except Exception as err:  # noqa: BLE001 - a failed method is a row of the report, the others still run
+            row.update(rc=1, error=f"{type(err).__name__}: {err}"[:300])
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     out = Path(sys.argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +239,9 @@ def main() -> None:
             write_rows(rows, out, head)
         rows.append(resume_check(out, log, 4 if os.environ.get("GPU_CHECK_DRY") else 30))
         write_rows(rows, out, head)
+        for row in sd15_step_check(out, tiny=bool(os.environ.get("GPU_CHECK_DRY"))):
+            rows.append(row)
+            write_rows(rows, out, head)
     os.sync()
 
 

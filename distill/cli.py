@@ -83,8 +83,15 @@ def cmd_sample(args) -> int:
         kwargs["class_labels"] = (labels * args.num_images)[: args.num_images]
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
-    x = pipe(batch_size=args.num_images, generator=torch.Generator().manual_seed(args.seed), output_type="pt",
-             **kwargs).images
+    gen = torch.Generator().manual_seed(args.seed)
+    if hasattr(pipe, "text_encoder"):  # text-to-image: the prompts, repeated to fill the grid
+        if not args.prompt:
+            print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).", file=sys.stderr)
+            return 2
+        prompts = (args.prompt * args.num_images)[: args.num_images]
+        x = pipe(prompt=prompts, generator=gen, output_type="pt", **kwargs).images
+    else:
+        x = pipe(batch_size=args.num_images, generator=gen, output_type="pt", **kwargs).images
     out = save_grid(x, args.out)
     print(f"Wrote {args.num_images} samples to {out}")
     return 0
@@ -129,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--prompt", action="append", default=None, help="text-to-image pipelines: a prompt (repeat the "
+                   "option for several; they are cycled to fill the grid)")
 
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
     f.add_argument("source", help="pipeline folder or image folder")

@@ -72,6 +72,8 @@ def test_every_readme_command_runs(tmp_path):
         args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/") else a for a in args]
         if "--num-samples" in args:
             args[args.index("--num-samples") + 1] = "100"
+        if "--prompts" in args:  # the text-to-image FID command, on a tiny SD-format teacher and its SIM student
+            args = _tiny_text_to_image_args(args, tmp_path)
         if args[:2] == ["accelerate", "launch"]:
             # the real-teacher example: offline it must fail fast with a message naming the fix
             res = _run(args + ["train.max_steps=1", f"output_dir={tmp_path / 'cifar'}"], ROOT, expect_ok=False)
@@ -79,10 +81,39 @@ def test_every_readme_command_runs(tmp_path):
             continue
         _run(args, ROOT)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
+    assert (tmp_path / "sd_report" / "fid_report.md").is_file()
     # the Python block of "Use the result"
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     code = "import torch\n" + code.replace("outputs/quickstart", str(out))
     _run([sys.executable, "-c", code], ROOT)
+
+
+def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:
+    """The README's SD commands with the Hub teacher, the prompt file, the student and the reference images
+    replaced by tiny offline stand-ins (a random SD-format pipeline, a one-update SIM student, random PNGs)."""
+    import numpy as np
+    from conftest import make_tiny_sd
+    from PIL import Image
+
+    root = tmp_path / "sd"
+    teacher = make_tiny_sd(root / "teacher")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    refs = root / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    student = root / "student"
+    _run([sys.executable, "-m", "distill", "train", "configs/sim_sd15.yaml", f"teacher.path={teacher}",
+          f"data.spec=prompts:{prompts}", "train.max_steps=1", "train.batch_size=2", "train.mixed_precision=no",
+          "train.report_to=none", "train.progress_bar=false", f"output_dir={student}"], ROOT)
+    swap = {"outputs/sim_sd15/pipeline": str(student / "pipeline"), "prompts.txt": str(prompts),
+            "coco_val_images/": str(refs), "runwayml/stable-diffusion-v1-5": str(teacher),
+            "sd_report/": str(tmp_path / "sd_report")}
+    args = [swap.get(a, a) for a in args]
+    args[args.index("--num-samples") + 1] = "4"
+    return args
 
 
 @pytest.mark.slow

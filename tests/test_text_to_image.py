@@ -261,6 +261,12 @@ def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pip
     mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
     assert plain.shape == (2, 16, 16, 3) and plain.std() > 0.01
     np.testing.assert_array_equal(mine, plain)  # same seed, same images, with or without distill
+    if method == "sim":  # the CLI's sample grid takes prompts for a text pipeline, and says so when they are missing
+        from distill.cli import main
+
+        assert main(["sample", str(folder), "--num-images", "4", "--prompt", "a cat", "--prompt", "a dog",
+                     "--out", str(tmp_path / "grid.png")]) == 0 and (tmp_path / "grid.png").is_file()
+        assert main(["sample", str(folder), "--num-images", "4", "--out", str(tmp_path / "g2.png")]) == 2
     cfg = pipe.config
     if method in ("sim", "uni_instruct"):
         assert cfg.generator_timestep == 999
@@ -347,5 +353,73 @@ def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny
     with torch.no_grad():
         o = clip(**tok(texts, padding=True, truncation=True, return_tensors="pt"),
                  pixel_values=proc(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values)
-    expected = float((100 * (o.logits_per_image.diagonal() / clip.logit_scale.exp()).clamp_min(0)).mean())
+        expected = float((100 * (o.logits_per_image.diagonal() / clip.logit_scale.exp()).clamp_min(0)).mean())
     assert rows[("model", 1)]["clip_score"] == pytest.approx(expected, rel=1e-4)
+
+
+# ---------------------------------------------------------------------- SDXL, v-prediction, image+caption data, dtypes
+def _train(args, cwd=REPO):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "distill", "train", *args, "train.report_to=none",
+                          "train.progress_bar=false"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_sdxl_v_prediction_teacher_trains_and_exports_both_text_encoders(tmp_path):
+    teacher = make_tiny_sd(tmp_path / "sdxl_v", sdxl=True, prediction_type="v_prediction")
+    (tmp_path / "p.txt").write_text("a red cat\na blue dog\n")
+    _train(["configs/sim_sd15.yaml", f"teacher.path={teacher}", f"data.spec=prompts:{tmp_path / 'p.txt'}",
+            "train.max_steps=2", "train.batch_size=2", f"output_dir={tmp_path / 'run'}"])
+    folder = tmp_path / "run" / "pipeline"
+    assert (folder / "text_encoder_2").is_dir() and (folder / "tokenizer_2").is_dir()
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy")], cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pipe = load_pipeline(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.config.force_zeros_for_empty_prompt
+    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(mine, np.load(tmp_path / "plain.npy"))
+
+
+def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_precision(tiny_sd_folder, tmp_path):
+    """Image+caption data through a latent teacher (progressive, bf16): the exported VAE and text encoder are
+    the teacher's own fp32 files, not the bf16 copies used for training."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"noise picture {i}"}))
+    (imgs / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    teacher = tiny_sd_folder / "sd"
+    _train(["configs/progressive_sd15.yaml", f"teacher.path={teacher}", f"data.spec={imgs}", "train.batch_size=2",
+            "progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=1",
+            f"output_dir={tmp_path / 'run'}"])
+    folder = tmp_path / "run" / "pipeline"
+    for part in ("vae", "text_encoder"):
+        ours = load_file(next((folder / part).glob("*.safetensors")))
+        ref = load_file(next((teacher / part).glob("*.safetensors")))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+        assert all(v.dtype == torch.float32 for v in ours.values())
+    unet = load_file(next((folder / "unet").glob("*.safetensors")))
+    assert all(v.dtype == torch.float32 for v in unet.values())  # fp32 student weights
+
+
+def test_bf16_training_loads_frozen_parts_in_bf16_and_the_student_in_fp32(tiny_sd_folder, tmp_path):
+    from distill.trainers.base import build_network, load_teacher
+
+    cfg = load_config("configs/sim_sd15.yaml", [f"teacher.path={tiny_sd_folder / 'sd'}", f"output_dir={tmp_path}"])
+    assert cfg.train.mixed_precision == "bf16"
+    teacher = load_teacher(cfg, "cpu")
+    assert teacher.model.dtype == teacher.vae.dtype == teacher.text_encoders[0].dtype == torch.bfloat16
+    assert teacher.condition(prompts=["a cat"]).embeds.dtype == torch.bfloat16
+    student = build_network(cfg, teacher, teacher.sample_shape, 0)
+    assert student.dtype == torch.float32 and all(p.requires_grad for p in student.parameters())
+    x = torch.randn(2, 4, 8, 8)
+    out = teacher.predict_x0(x, torch.tensor(0.5), teacher.condition(prompts=["a cat", "a dog"]), guidance_scale=2.0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import diffusers
 import torch
 
+from ..conditioning import Condition, network_kwargs
 from ..config import ConfigError
 from ..noise import NoiseSchedule
 from ..pipelines import FewStepPipeline
@@ -95,13 +96,13 @@ class TeacherTrainer(DistillationTrainer):
         t = self.schedule.t_from_timestep(k.cpu()).to(self.device)
         x_t = self.schedule.add_noise(x0, eps, t)
         target = self.schedule.from_x0_eps(x0, eps, t, tc.prediction_type)
-        kwargs = {}
-        if self.num_classes:
-            drop = self.rand(b) < tc.label_dropout
-            kwargs["class_labels"] = torch.where(drop, torch.full_like(batch["label"], self.num_classes),
-                                                 batch["label"])
+        cond = None
+        if self.num_classes:  # condition dropout to the null class, for classifier-free guidance
+            null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
+            cond = Condition(class_labels=batch["label"], null=null).drop(self.rand(b) < tc.label_dropout)
+        net = self.modules["student"]
         with self.accelerator.autocast():
-            pred = self.modules["student"](x_t, k, **kwargs).sample
+            pred = net(x_t, k, **network_kwargs(net, cond)).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         norm = self.step_optimizer("student", loss)
         self._update_curriculum(loss.item())
