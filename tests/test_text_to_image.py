@@ -170,6 +170,18 @@ def test_teacher_pipeline_equals_diffusers_stable_diffusion_ddim(tiny_sd_folder)
                        output_type=kind).images
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=tol * float(np.abs(ref).max()))
             assert np.asarray(ref).std() > 0.01
+    # a negative prompt, and precomputed embeddings, as diffusers takes them
+    ref = sd(PROMPTS[:2], negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
+             output_type="latent").images
+    got = ours(PROMPTS[:2], negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=4.0,
+               latents=latents, output_type="latent").images
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    emb, neg = sd.encode_prompt(PROMPTS[:2], "cpu", 1, True, negative_prompt=["blurry", "dark"])
+    got = ours(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=4, guidance_scale=4.0,
+               latents=latents, output_type="latent").images
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    plain = ours(PROMPTS[:2], num_inference_steps=4, guidance_scale=4.0, latents=latents, output_type="latent").images
+    assert (plain - ref).abs().max() > 1e-3  # the negative prompt mattered
 
 
 # ---------------------------------------------------------------------- data
