@@ -411,7 +411,12 @@ def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_pre
     teacher = tiny_sd_folder / "sd"
     _train(["configs/progressive_sd15.yaml", f"teacher.path={teacher}", f"data.spec={imgs}", "train.batch_size=2",
             "progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=1",
-            f"output_dir={tmp_path / 'run'}"])
+            f"output_dir={tmp_path / 'run'}", "eval.enabled=true", "eval.teacher_steps=[1,2]", "eval.num_samples=4",
+            "eval.batch_size=2", "eval.metrics=[fid]"])
+    report = json.loads((tmp_path / "run" / "report" / "fid_report.json").read_text())
+    rows = {(r["model"], r["steps"]): r for r in report["results"]}
+    assert set(rows) == {("student", 1), ("teacher", 1), ("teacher", 2)}  # the images are the reference
+    assert rows[("teacher", 2)]["guidance_scale"] == 7.5 and rows[("teacher", 2)]["nfe"] == 4  # the CFG teacher
     folder = tmp_path / "run" / "pipeline"
     for part in ("vae", "text_encoder"):
         ours = load_file(next((folder / part).glob("*.safetensors")))

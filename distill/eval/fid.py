@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from .extractors import fid_layer, file_sha256, make_extractor
 
 
@@ -412,17 +413,38 @@ def report_after_training(trainer, pipeline_path) -> dict:
         if int(folder.name.split("-")[1]) != pipeline_nfe(student, None):
             models[f"student@{folder.name}"] = load_pipeline(str(folder))  # reported as model "student"
             steps[f"student@{folder.name}"] = [None]
-    if ev.teacher_steps and trainer.teacher is not None:
-        t = trainer.teacher
-        models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50, sample_shape=t.sample_shape,
-                                            num_classes=t.num_classes)
+    t = trainer.teacher
+    prompts = None
+    if t is not None and t.is_text:  # text-to-image: the training prompts, and a reference with images
+        d = trainer.data
+        prompts = list(d.prompts) if hasattr(d, "prompts") else [d[i]["prompt"] for i in range(min(len(d),
+                                                                                                   ev.num_samples))]
+        if ev.reference is None and not d.has_images:
+            raise ConfigError(f"eval.enabled with prompts-only data ({cfg.data.spec!r}) needs eval.reference: an image "
+                              "folder or data set to compare with (e.g. COCO validation images).")
+    if ev.teacher_steps and t is not None:
+        if t.is_text:
+            import diffusers
+
+            from ..pipelines import TextToImagePipeline
+
+            sched = diffusers.DDIMScheduler.from_config(t.scheduler.config, timestep_spacing="trailing",
+                                                        clip_sample=False, set_alpha_to_one=True)
+            models["teacher"] = TextToImagePipeline(t.model, scheduler=sched, num_inference_steps=50,
+                                                    force_zeros_for_empty_prompt=t.force_zeros_for_empty_prompt,
+                                                    **t.frozen_components(reload=False))
+        else:
+            models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50,
+                                                sample_shape=t.sample_shape, num_classes=t.num_classes)
         steps["teacher"] = list(ev.teacher_steps)
     models, steps, kwargs = with_guidance_scales(models, steps, ev.guidance_scales)
+    if "teacher" in models and cfg.teacher.guidance_scale is not None and not ev.guidance_scales:
+        kwargs["teacher"] = {"guidance_scale": cfg.teacher.guidance_scale}  # the teacher the student was distilled from
     out = Path(cfg.output_dir) / "report"
     report = evaluate_models(models, ev.reference or cfg.data.spec, steps, out, ev.num_samples, ev.feature_extractor,
                              ev.feature_extractor_weights, tuple(ev.metrics), ev.batch_size, ev.seed,
                              meta={"method": cfg.method, "teacher": cfg.teacher.path,
-                                   "student_pipeline": str(pipeline_path)}, call_kwargs=kwargs)
+                                   "student_pipeline": str(pipeline_path)}, call_kwargs=kwargs, prompts=prompts)
     card = Path(pipeline_path) / "README.md"
     if card.is_file():
         card.write_text(card.read_text() + "\n## FID report\n\n" + (out / "fid_report.md").read_text())
