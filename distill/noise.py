@@ -227,12 +227,13 @@ class NoiseSchedule:
         ``s = None`` means the end of sampling: the clean prediction x0 is returned, which is what
         diffusers' DDIM does on its last step with ``set_alpha_to_one=True``.
         """
+        from .pipelines.samplers import ddim_step
+
         if s is None:
             return x0
         a_t, s_t = self.alpha_sigma(t, x_t)
         a_s, s_s = self.alpha_sigma(s, x_t)
-        eps = (x_t - _expand(a_t, x_t) * x0) / _expand(s_t, x_t)
-        return _expand(a_s, x_t) * x0 + _expand(s_s, x_t) * eps
+        return ddim_step(x_t, x0, _expand(a_t, x_t), _expand(s_t, x_t), _expand(a_s, x_t), _expand(s_s, x_t))
 
     def trailing_times(self, num_steps: int) -> list[float]:
         """Continuous times of diffusers' ``timestep_spacing="trailing"`` grid (vp), else uniform.

@@ -277,18 +277,18 @@ class Teacher:
                cond: Condition | None = None, guidance_scale=None, stochastic: bool = False) -> torch.Tensor:
         """DDIM samples in training space on diffusers' trailing grid (the baseline every student is
         compared with; for latent teachers, also the clean latents of prompts-only training data)."""
-        from .pipelines.few_step import sample_loop, trailing_timesteps
+        from .pipelines.samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
         x = torch.randn(shape, generator=generator).to(self.device)
         T = self.schedule.num_train_timesteps
-        steps = trailing_timesteps(num_steps, T)
+        times = vp_grid(self.schedule.alphas_cumprod, trailing_timesteps(num_steps, T))
 
-        def denoise(x_t, k, alpha, sigma):
-            return self.predict_x0(x_t, torch.tensor(k / (T - 1)), cond, guidance_scale)
+        def denoise(x_t, i, k):
+            return self.predict_x0(x_t, torch.tensor(int(k) / (T - 1)), cond, guidance_scale)
 
-        return sample_loop(denoise, x, steps, self.schedule.alphas_cumprod, stochastic=stochastic,
-                           generator=generator)
+        sampler = sample_meng_stochastic if stochastic else sample_ddim
+        return sampler(denoise, x, times, generator=generator)
 
     def frozen_components(self, reload: bool = True) -> dict:
         """The VAE, text encoder(s) and tokenizer(s) as pipeline components; with ``reload`` re-read

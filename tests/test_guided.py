@@ -13,7 +13,7 @@ from distill import FewStepPipeline, load_pipeline
 from distill.config import ConfigError, load_config
 from distill.eval.toy import sliced_wasserstein
 from distill.models import GuidedUNet2DModel, MLPDenoiser
-from distill.pipelines.few_step import sample_loop
+from distill.pipelines.samplers import sample_ddim, sample_meng_stochastic, vp_grid
 from distill.teachers import analytic_teacher
 from distill.trainers import trainer_class
 
@@ -133,11 +133,12 @@ def test_stochastic_sampler_is_meng_double_step_then_renoise():
     ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     grid = [999, 749, 499, 249]
 
-    def denoise(x, t, a, s):
+    def denoise(x, i, t):
         return 0.3 * x + 0.01 * t
 
     x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = sample_loop(denoise, x0.clone(), grid, ac, stochastic=True, generator=torch.Generator().manual_seed(7))
+    times = vp_grid(ac, grid)
+    out = sample_meng_stochastic(denoise, x0.clone(), times, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     z = x0.clone()
     for i, t in enumerate(grid):
@@ -152,7 +153,7 @@ def test_stochastic_sampler_is_meng_double_step_then_renoise():
         xi = torch.randn(z.shape, generator=g, dtype=z.dtype)
         z = (a_s / a_k) * z_k + (s_s**2 - (a_s / a_k) ** 2 * s_k**2).clamp_min(0).sqrt() * xi
     torch.testing.assert_close(out, z)
-    det = sample_loop(denoise, x0.clone(), grid, ac)
+    det = sample_ddim(denoise, x0.clone(), times)
     assert (det - out).abs().max() > 1e-3
 
 

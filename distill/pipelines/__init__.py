@@ -1,7 +1,16 @@
 """diffusers pipelines for distilled students (standalone files, see DESIGN.md s5)."""
 
-from .few_step import FewStepPipeline, sample_loop, trailing_timesteps
+from .few_step import FewStepPipeline
 from .one_step import OneStepPipeline
+from .samplers import (
+           SAMPLERS,
+           sample_ddim,
+           sample_ddpm_ancestral,
+           sample_meng_stochastic,
+           trailing_timesteps,
+           vp_grid,
+)
 from .text_to_image import TextToImagePipeline
 
-__all__ = ["FewStepPipeline", "OneStepPipeline", "TextToImagePipeline", "sample_loop", "trailing_timesteps"]
+__all__ = ["FewStepPipeline", "OneStepPipeline", "SAMPLERS", "TextToImagePipeline", "sample_ddim",
+           "sample_ddpm_ancestral", "sample_meng_stochastic", "trailing_timesteps", "vp_grid"]

@@ -1,9 +1,9 @@
 """N-step sampler pipeline for progressive / guided students (and for teachers at few steps).
 
-STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` only (exported folders
-carry both files; diffusers copies relative imports of remote code).
+STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``samplers.py`` only
+(exported folders carry them; diffusers copies relative imports of remote code).
 
-Samplers (pure functions of the denoiser's x0 prediction on a descending integer grid):
+Samplers (``samplers.py``: pure functions of the denoiser's x0 prediction on a descending grid):
 * deterministic DDIM (Song et al. 2021, eq. 12, eta = 0), equal to diffusers' ``DDIMScheduler``
   with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, ``clip_sample=False``;
 * the stochastic N-step sampler of Meng et al. 2023 ("On Distillation of Guided Diffusion Models",
@@ -26,44 +26,9 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
-
-
-def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
-    if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
-    step = num_train_timesteps / num_inference_steps
-    return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
-
-
-def sample_loop(denoise, x: torch.Tensor, timesteps: list[int], alphas_cumprod: torch.Tensor,
-                stochastic: bool = False, generator=None, callback=None) -> torch.Tensor:
-    """Run a DDIM (or Meng et al.'s stochastic) chain from noise ``x`` at ``timesteps[0]`` to data.
-
-    ``denoise(x, t, alpha, sigma) -> x0`` is the model's clean prediction at integer index t.
-    """
-    n = len(timesteps)
-    for i, t in enumerate(timesteps):
-        ac = alphas_cumprod[t].item()
-        x0 = denoise(x, t, ac**0.5, (1 - ac) ** 0.5)
-        if i + 1 == n:
-            x = x0
-        else:
-            eps = (x - ac**0.5 * x0) / (1 - ac) ** 0.5
-            ac_next = alphas_cumprod[timesteps[i + 1]].item()
-            if stochastic:  # DDIM step of twice the length, to t_{i+2} (or the data), then forward to t_{i+1}
-                ac_k = alphas_cumprod[timesteps[i + 2]].item() if i + 2 < n else 1.0
-                z_k = ac_k**0.5 * x0 + (1 - ac_k) ** 0.5 * eps
-                noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                ratio = ac_next / ac_k
-                x = ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
-            else:
-                x = ac_next**0.5 * x0 + (1 - ac_next) ** 0.5 * eps
-        if callback is not None:
-            callback(i, t, x)
-    return x
 
 
 class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
@@ -138,20 +103,22 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             cfg_scale = float(guidance_scale)  # classifier-free guidance, 2 evaluations per step
             kwargs["class_labels"] = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
         pred_type = self.scheduler.config.prediction_type
-        ac = self.scheduler.alphas_cumprod.to(torch.float64)
+        times = vp_grid(self.scheduler.alphas_cumprod, ts)
         bar = self.progress_bar(total=len(ts))
 
-        def denoise(x_t, t, alpha, sigma):
+        def denoise(x_t, i, t):
+            ab = float(times[i, 1])
+            t = int(t)
             if cfg_scale is None:
                 out = self.unet(x_t, torch.full((batch_size,), t, device=device), **kwargs).sample
             else:  # out_uncond + s (out_cond - out_uncond), the diffusers convention
                 cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.full((2 * batch_size,), t, device=device),
                                          **kwargs).sample.chunk(2)
                 out = uncond + cfg_scale * (cond - uncond)
-            return x0_from_output(out, x_t, alpha, sigma, pred_type)
+            return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
-        x = sample_loop(denoise, x, ts, ac, stochastic=stochastic, generator=generator,
-                        callback=lambda *_: bar.update())
+        sampler = sample_meng_stochastic if stochastic else sample_ddim
+        x = sampler(denoise, x, times, callback=lambda _: bar.update(), generator=generator)
         bar.close()
         images = to_output(x, output_type)
         self.maybe_free_model_hooks()

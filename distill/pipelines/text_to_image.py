@@ -1,6 +1,6 @@
 """Text-to-image pipeline for students of Stable-Diffusion-format (latent, text-conditioned) teachers.
 
-STANDALONE FILE: imports torch, diffusers and the sibling ``few_step.py`` / ``one_step.py`` only
+STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``samplers.py`` only
 (exported folders carry all three; diffusers copies relative imports of remote code).
 
 Components are the standard diffusers ones (``vae``, ``text_encoder``, ``tokenizer``, for SDXL also
@@ -32,8 +32,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .few_step import sample_loop, trailing_timesteps
 from .one_step import ExportedPipelineMixin, to_output, x0_from_output
+from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
 
@@ -213,20 +213,21 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                 out = unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
             x = x0_from_output(out, x_in, a**0.5, (1 - a) ** 0.5, pred_type)
         else:
-            ts = self.grid(num_inference_steps)
-            bar = self.progress_bar(total=len(ts))
+            times = vp_grid(ac, self.grid(num_inference_steps))
+            bar = self.progress_bar(total=len(times))
 
-            def denoise(x_t, t, alpha, sigma):
+            def denoise(x_t, i, t):
+                ab, t = float(times[i, 1]), int(t)
                 if not cfg:
                     out = unet(x_t, torch.full((batch,), t, device=device), **kwargs).sample
                 else:
                     cond, uncond = unet(torch.cat([x_t, x_t]), torch.full((2 * batch,), t, device=device),
                                         **kwargs).sample.chunk(2)
                     out = uncond + s * (cond - uncond)
-                return x0_from_output(out, x_t, alpha, sigma, pred_type)
+                return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
-            x = sample_loop(denoise, x, ts, ac, stochastic=stochastic, generator=generator,
-                            callback=lambda *_: bar.update())
+            sampler = sample_meng_stochastic if stochastic else sample_ddim
+            x = sampler(denoise, x, times, callback=lambda _: bar.update(), generator=generator)
             bar.close()
         if output_type == "latent":
             images = x

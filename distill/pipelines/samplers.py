@@ -1,0 +1,135 @@
+"""Samplers: pure functions with one signature (k-diffusion style; DESIGN.md s9.4).
+
+STANDALONE FILE: imports torch and diffusers' ``randn_tensor`` only (copied into exported pipeline folders).
+
+    sample_x(model_fn, x, times, extra_args=None, callback=None, generator=None) -> x
+
+* ``times``: a float64 tensor of shape (N, 2) from a grid factory (:func:`vp_grid`): one row
+  ``(timestep, alpha_bar)`` per network evaluation, in order of decreasing noise; sampling ends at
+  the data (alpha_bar = 1). ``alpha_bar`` is the variance-preserving noise level,
+  x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, the coordinate in which two models with
+  different schedules meet at a matched noise level; ``timestep`` is what the model is called with.
+* ``model_fn(x, i, timestep, **extra_args) -> denoised``: the clean-sample prediction x0 at row i.
+* ``callback({"i", "t", "x", "denoised"})`` after every step (x: the state after the step).
+* ``generator``: the torch.Generator of the stochastic samplers' fresh noise.
+
+Samplers: deterministic DDIM (Song et al. 2021, eq. 12, eta = 0), the stochastic N-step sampler of
+Meng et al. 2023 (sec. 4.2), and DDPM ancestral sampling (Ho et al. 2020, eq. 6-7; DDIM with eta = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
+    if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
+    step = num_train_timesteps / num_inference_steps
+    return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
+
+
+def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
+    """The (timestep, alpha_bar) rows of integer ``timesteps`` on a discrete VP table."""
+    ts = [int(t) for t in timesteps]
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly descending, got {ts}.")
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    return torch.tensor([[float(t), float(ac[t])] for t in ts], dtype=torch.float64)
+
+
+def timestep_for(alphas_cumprod: torch.Tensor, alpha_bar: float) -> float:
+    """The (fractional) training index of a VP table at noise level ``alpha_bar`` (exact on table entries;
+    log-SNR interpolated between them): how a model meets another model's grid at the same noise level."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    hit = (ac == alpha_bar).nonzero()
+    if len(hit):
+        return float(hit[0, 0])
+    lam = torch.log(ac / (1 - ac))  # decreasing in t
+    target = torch.log(torch.tensor(alpha_bar / (1 - alpha_bar), dtype=torch.float64))
+    if target >= lam[0]:
+        return 0.0
+    if target <= lam[-1]:
+        return float(len(ac) - 1)
+    hi = int((lam < target).nonzero()[0, 0])
+    lo = hi - 1
+    return lo + float((lam[lo] - target) / (lam[lo] - lam[hi]))
+
+
+def ddim_step(x, denoised, alpha, sigma, alpha_next, sigma_next):
+    """One DDIM step (Song et al. 2021, eq. 12, eta = 0) from coefficients (alpha, sigma) to (alpha_next,
+    sigma_next): the noise implied by ``denoised`` is kept. Coefficients: floats or broadcastable tensors."""
+    eps = (x - alpha * denoised) / sigma
+    return alpha_next * denoised + sigma_next * eps
+
+
+def _coefficients(times: torch.Tensor, i: int):
+    ab = float(times[i, 1])
+    return ab, ab**0.5, (1 - ab) ** 0.5
+
+
+def sample_ddim(model_fn, x, times, extra_args=None, callback=None, generator=None):
+    """Deterministic DDIM on ``times``; the last step returns the clean prediction."""
+    extra_args = extra_args or {}
+    n = len(times)
+    for i in range(n):
+        _, a, s = _coefficients(times, i)
+        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
+        if i + 1 == n:
+            x = denoised
+        else:
+            _, a_next, s_next = _coefficients(times, i + 1)
+            x = ddim_step(x, denoised, a, s, a_next, s_next)
+        if callback is not None:
+            callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
+    return x
+
+
+def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, generator=None):
+    """Meng et al. 2023, sec. 4.2: from t_i one DDIM step of twice the nominal length, to t_{i+2} (the data
+    when t_{i+1} is the last grid time), then forward to t_{i+1} with the forward marginal,
+    z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi.
+    The last interval is deterministic, so it also costs N network evaluations."""
+    extra_args = extra_args or {}
+    n = len(times)
+    for i in range(n):
+        _, a, s = _coefficients(times, i)
+        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
+        if i + 1 == n:
+            x = denoised
+        else:
+            ab_next = float(times[i + 1, 1])
+            ab_k = float(times[i + 2, 1]) if i + 2 < n else 1.0
+            z_k = ddim_step(x, denoised, a, s, ab_k**0.5, (1 - ab_k) ** 0.5)
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            ratio = ab_next / ab_k
+            x = ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
+        if callback is not None:
+            callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
+    return x
+
+
+def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, generator=None):
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = denoised) (Ho et al. 2020, eq. 6-7),
+    i.e. DDIM with eta = 1 (Song et al. 2021, eq. 16), between consecutive grid times."""
+    extra_args = extra_args or {}
+    n = len(times)
+    for i in range(n):
+        ab, a, s = _coefficients(times, i)
+        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
+        if i + 1 == n:
+            x = denoised
+        else:
+            ab_next, a_next, s_next = _coefficients(times, i + 1)
+            c = (s_next / s) * max(1.0 - ab / ab_next, 0.0) ** 0.5  # posterior std
+            eps = (x - a * denoised) / s
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + c * noise
+        if callback is not None:
+            callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "meng_stochastic": sample_meng_stochastic, "ddpm": sample_ddpm_ancestral}
