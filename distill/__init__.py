@@ -6,7 +6,7 @@ from .conditioning import Condition
 from .export import export_pipeline, load_pipeline
 from .models import GaussianMixtureTeacher, MLPDenoiser
 from .noise import NoiseSchedule
-from .pipelines import FewStepPipeline, OneStepPipeline, TextToImagePipeline
+from .pipelines import FewStepPipeline, HybridPipeline, OneStepPipeline, TextToImagePipeline
 
-__all__ = ["Condition", "FewStepPipeline", "GaussianMixtureTeacher", "MLPDenoiser", "NoiseSchedule",
+__all__ = ["Condition", "FewStepPipeline", "HybridPipeline", "GaussianMixtureTeacher", "MLPDenoiser", "NoiseSchedule",
            "OneStepPipeline", "TextToImagePipeline", "export_pipeline", "load_pipeline", "__version__"]

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from distill.noise import NoiseSchedule
-from distill.pipelines.samplers import sample_ddim, sample_ddpm_ancestral, timestep_for, trailing_timesteps, vp_grid
+from distill.pipelines.samplers import (
+    sample_ddim,
+    sample_ddpm_ancestral,
+    timestep_for,
+    trailing_timesteps,
+    vp_grid,
+)
 
 
 def _linear_model(x, t):

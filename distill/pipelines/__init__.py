@@ -1,6 +1,7 @@
 """diffusers pipelines for distilled students (standalone files, see DESIGN.md s5)."""
 
 from .few_step import FewStepPipeline
+from .hybrid import HybridPipeline
 from .one_step import OneStepPipeline
 from .samplers import (
            SAMPLERS,
@@ -12,5 +13,5 @@ from .samplers import (
 )
 from .text_to_image import TextToImagePipeline
 
-__all__ = ["FewStepPipeline", "OneStepPipeline", "SAMPLERS", "TextToImagePipeline", "sample_ddim",
+__all__ = ["FewStepPipeline", "HybridPipeline", "OneStepPipeline", "SAMPLERS", "TextToImagePipeline", "sample_ddim",
            "sample_ddpm_ancestral", "sample_meng_stochastic", "trailing_timesteps", "vp_grid"]

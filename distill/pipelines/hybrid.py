@@ -1,0 +1,188 @@
+"""Hybrid base/distilled sampling (Gandikota & Bau 2025, "Distilling Diversity and Control in Diffusion
+Models", sec. 4: the base model takes the first, composition-setting step(s); the distilled model the rest).
+
+STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``samplers.py`` only.
+
+The hybrid runs ONE deterministic DDIM chain (``samplers.sample_ddim``) over the student's grid: the first
+``num_base_steps`` rows are evaluated by the base model, the remaining rows by the student. A row carries
+its noise level alpha_bar (read from the student's table); the base is evaluated at the timestep of ITS
+table with the same alpha_bar (``samplers.timestep_for``: exact when the tables agree, log-SNR
+interpolated when they differ), never at a reused index. The hand-over is therefore the DDIM
+re-projection of the base's last clean prediction onto the student's first noise level,
+x = sqrt(abar_s) x0_base + sqrt(1 - abar_s) eps_base, at a matched noise level. Both models must have
+variance-preserving schedules (``alphas_cumprod``); pixel or latent samples of one shape.
+
+Grids: a few-step student's own grid (its stored timesteps or the trailing grid of
+``num_inference_steps``); for a one-step generator (evaluated at index t*), ``num_base_steps`` base rows
+spaced evenly from the top of the table down to t*, then t* (the generator then sees the base's
+re-projected sample at t* instead of sigma(t*) z). The chain starts from z at the top of the table
+(diffusers' convention) and from sigma(t) z below it (the one-step generator's input).
+
+``num_base_steps=0`` is the student alone; every row on the base is the base's own DDIM sampler on that
+grid. ``return_trajectory=True`` also returns each step's clean prediction (the "Diffusion Target" of the
+paper's sec. 4.3), one image batch per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+from .samplers import sample_ddim, timestep_for, trailing_timesteps, vp_grid
+
+
+@dataclass
+class HybridPipelineOutput(BaseOutput):
+    images: object
+    trajectory: list | None = None  # per step, the clean prediction in output_type (return_trajectory=True)
+
+
+class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
+    """Base model for the first steps, distilled student for the rest.
+
+    Args:
+        base_unet, base_scheduler: the base (teacher) denoiser and its VP scheduler.
+        student_unet, student_scheduler: the distilled student and its VP scheduler (its
+            ``prediction_type`` is the student's).
+        student_generator_timestep: a one-step generator's index t* (None: a few-step denoiser).
+        student_num_inference_steps, student_timesteps: a few-step student's step count and grid.
+        num_base_steps: default number of base steps.
+        sample_shape: shape of one sample.
+        num_classes: classes of class-conditional models (both; label ``num_classes`` is the null).
+        student_guidance_conditioned, student_guidance_scale: a guided-distillation student and its
+            default guidance scale (it takes w = s - 1 as ``guidance_weight``).
+    """
+
+    model_cpu_offload_seq = "base_unet->student_unet"
+
+    def __init__(self, base_unet, base_scheduler, student_unet, student_scheduler,
+                 student_generator_timestep: int | None = None, student_num_inference_steps: int = 4,
+                 student_timesteps: list | None = None, num_base_steps: int = 1, sample_shape: list | None = None,
+                 num_classes: int = 0, student_guidance_conditioned: bool = False, student_guidance_scale: float = 1.0):
+        super().__init__()
+        self.register_modules(base_unet=base_unet, base_scheduler=base_scheduler, student_unet=student_unet,
+                              student_scheduler=student_scheduler)
+        if sample_shape is None:
+            cfg = student_unet.config
+            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
+                cfg.data_dim]
+        self.register_to_config(
+            student_generator_timestep=None if student_generator_timestep is None else int(student_generator_timestep),
+            student_num_inference_steps=int(student_num_inference_steps),
+            student_timesteps=list(student_timesteps) if student_timesteps is not None else None,
+            num_base_steps=int(num_base_steps), sample_shape=list(sample_shape), num_classes=int(num_classes),
+            student_guidance_conditioned=bool(student_guidance_conditioned),
+            student_guidance_scale=float(student_guidance_scale))
+
+    @classmethod
+    def from_pipelines(cls, base, student, num_base_steps: int = 1) -> HybridPipeline:
+        """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``)
+        and a loaded distill student (OneStepPipeline or FewStepPipeline)."""
+        for name, p in (("base", base), ("student", student)):
+            sched = getattr(p, "scheduler", None)
+            if sched is None or not hasattr(sched, "alphas_cumprod"):
+                raise ValueError(f"The {name} pipeline needs a variance-preserving scheduler with alphas_cumprod "
+                                 f"(DDPM / DDIM); {type(p).__name__} has {type(sched).__name__}.")
+        s_cfg = student.config
+        one_step = hasattr(student, "generator")
+        s_net = student.generator if one_step else student.unet
+        b_classes = int(getattr(base.config, "num_classes", 0) or 0)
+        if not b_classes and getattr(base.unet.config, "num_class_embeds", None):
+            b_classes = base.unet.config.num_class_embeds - 1
+        s_classes = int(getattr(s_cfg, "num_classes", 0) or 0)
+        if b_classes != s_classes:
+            raise ValueError(f"The base has {b_classes} classes and the student {s_classes}: a hybrid needs both "
+                             "conditioned on the same classes (or both unconditional).")
+        return cls(base.unet, base.scheduler, s_net, student.scheduler,
+                   student_generator_timestep=s_cfg.generator_timestep if one_step else None,
+                   student_num_inference_steps=getattr(s_cfg, "num_inference_steps", 1),
+                   student_timesteps=getattr(s_cfg, "timesteps", None), num_base_steps=num_base_steps,
+                   sample_shape=list(s_cfg.sample_shape), num_classes=s_classes,
+                   student_guidance_conditioned=bool(getattr(s_cfg, "guidance_conditioned", False)),
+                   student_guidance_scale=float(getattr(s_cfg, "guidance_scale", 1.0)))
+
+    def grid(self, num_base_steps: int, num_inference_steps: int | None = None) -> tuple[list[int], int]:
+        """(the student-table timesteps of every row, how many rows the base takes)."""
+        T = self.student_scheduler.config.num_train_timesteps
+        t_star = self.config.student_generator_timestep
+        if t_star is not None:
+            if num_inference_steps not in (None, 1):
+                raise ValueError(f"The student is a one-step generator; num_inference_steps={num_inference_steps}.")
+            k = num_base_steps
+            base = [round((T - 1) - i * (T - 1 - t_star) / k) for i in range(k)] if k else []
+            return base + [t_star], k
+        if num_inference_steps is None and self.config.student_timesteps is not None:
+            ts = [int(t) for t in self.config.student_timesteps]
+        else:
+            ts = trailing_timesteps(num_inference_steps or self.config.student_num_inference_steps, T)
+        if not 0 <= num_base_steps <= len(ts):
+            raise ValueError(f"num_base_steps={num_base_steps} must lie in [0, {len(ts)}] (the student's grid has "
+                             f"{len(ts)} steps).")
+        return ts, num_base_steps
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_base_steps: int | None = None, num_inference_steps: int | None = None,
+                 class_labels=None, base_guidance_scale: float | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, return_trajectory: bool = False):
+        device, dtype = device_dtype(self, self.student_unet)
+        k = self.config.num_base_steps if num_base_steps is None else int(num_base_steps)
+        ts, k = self.grid(k, num_inference_steps)
+        times = vp_grid(self.student_scheduler.alphas_cumprod, ts)
+        base_ac = self.base_scheduler.alphas_cumprod
+        T = self.student_scheduler.config.num_train_timesteps
+        shape = (batch_size, *self.config.sample_shape)
+        z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
+                                                                                device=device, dtype=dtype)
+        x = z if ts[0] == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
+        labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
+        s_kw = {"class_labels": labels} if labels is not None else {}
+        if self.config.student_guidance_conditioned:
+            s = self.config.student_guidance_scale if guidance_scale is None else float(guidance_scale)
+            s_kw["guidance_weight"] = torch.full((batch_size,), s - 1.0, device=device)  # Meng's w = s - 1
+        cfg = base_guidance_scale is not None and float(base_guidance_scale) != 1.0
+        if cfg and labels is None:
+            raise ValueError(f"base_guidance_scale={base_guidance_scale}: classifier-free guidance needs class-"
+                             "conditional models with a null class.")
+        b_labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if cfg else labels
+        b_kw = {"class_labels": b_labels} if b_labels is not None else {}
+        b_pred = self.base_scheduler.config.prediction_type
+        s_pred = self.student_scheduler.config.prediction_type
+        bar = self.progress_bar(total=len(ts))
+
+        def model_fn(x_t, i, t):
+            ab = float(times[i, 1])
+            a, sig = ab**0.5, (1 - ab) ** 0.5
+            if i < k:  # the base, at the timestep of its own table with this noise level
+                tb = timestep_for(base_ac, ab)
+                tb = int(tb) if float(tb).is_integer() else tb
+                if not cfg:
+                    out = self.base_unet(x_t, torch.full((batch_size,), tb, device=device), **b_kw).sample
+                else:  # out_uncond + s (out_cond - out_uncond)
+                    c, u = self.base_unet(torch.cat([x_t, x_t]), torch.full((2 * batch_size,), tb, device=device),
+                                          **b_kw).sample.chunk(2)
+                    out = u + float(base_guidance_scale) * (c - u)
+                return x0_from_output(out, x_t, a, sig, b_pred)
+            out = self.student_unet(x_t, torch.full((batch_size,), int(t), device=device), **s_kw).sample
+            return x0_from_output(out, x_t, a, sig, s_pred)
+
+        trajectory = []
+
+        def callback(state):
+            bar.update()
+            if return_trajectory:
+                trajectory.append(state["denoised"])
+
+        x = sample_ddim(model_fn, x, times, callback=callback)
+        bar.close()
+        images = to_output(x, output_type)
+        traj = [to_output(d, output_type) for d in trajectory] if return_trajectory else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, traj) if return_trajectory else (images,)
+        return HybridPipelineOutput(images=images, trajectory=traj)

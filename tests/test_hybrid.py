@@ -1,0 +1,130 @@
+"""HybridPipeline (Gandikota & Bau 2025): base steps first, the distilled student after, on one DDIM chain."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from distill import FewStepPipeline, HybridPipeline, OneStepPipeline, export_pipeline, load_pipeline
+from distill.models import GaussianMixtureTeacher
+from distill.pipelines.samplers import trailing_timesteps
+from distill.teachers import analytic_teacher
+
+MEANS = [[-1.0, 0.5], [1.5, -0.5]]
+
+
+def _gmm(beta_schedule="squaredcos_cap_v2", stds=(0.3, 0.2), means=MEANS, prediction_type="epsilon", classes=None):
+    model = GaussianMixtureTeacher(means, list(stds), component_classes=classes, beta_schedule=beta_schedule,
+                                   prediction_type=prediction_type)
+    return model, diffusers.DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+
+
+def _pipes(student_schedule="squaredcos_cap_v2"):
+    base_net, base_sched = _gmm()
+    # a "student": a different mixture (so the two models are told apart), few-step on the trailing 4-step grid
+    student_net, student_sched = _gmm(student_schedule, stds=(0.1, 0.1), means=[[0.0, 1.0], [1.0, 0.0]],
+                                      prediction_type="sample")
+    base = FewStepPipeline(base_net, base_sched, num_inference_steps=4, sample_shape=[2])
+    student = FewStepPipeline(student_net, student_sched, num_inference_steps=4, sample_shape=[2])
+    for p in (base, student):
+        p.set_progress_bar_config(disable=True)
+    return base, student
+
+
+def _run(pipe, **kw):
+    return pipe(batch_size=64, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
+
+
+def test_zero_base_steps_is_the_student_and_all_base_steps_is_the_base():
+    base, student = _pipes()
+    hybrid = HybridPipeline.from_pipelines(base, student)
+    hybrid.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(hybrid, num_base_steps=0), _run(student), rtol=0, atol=0)
+    torch.testing.assert_close(_run(hybrid, num_base_steps=4), _run(base, timesteps=trailing_timesteps(4)), rtol=0,
+                               atol=0)
+    one, two = _run(hybrid, num_base_steps=1), _run(hybrid, num_base_steps=2)
+    assert (one - _run(student)).abs().max() > 1e-3 and (one - two).abs().max() > 1e-3
+    out = hybrid(batch_size=5, num_base_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt",
+                 return_trajectory=True)
+    assert len(out.trajectory) == 4 and all(t.shape == (5, 2) for t in out.trajectory)
+    torch.testing.assert_close(out.trajectory[-1], out.images)
+    with pytest.raises(ValueError, match="num_base_steps=5"):
+        hybrid(batch_size=2, num_base_steps=5)
+
+
+def test_one_step_student_with_and_without_base_steps():
+    base, _ = _pipes()
+    gen_net, gen_sched = _gmm(stds=(0.1, 0.1), prediction_type="sample")
+    student = OneStepPipeline(gen_net, gen_sched, generator_timestep=625, sample_shape=[2])
+    student.set_progress_bar_config(disable=True)
+    hybrid = HybridPipeline.from_pipelines(base, student)
+    hybrid.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(hybrid, num_base_steps=0), _run(student), rtol=0, atol=0)
+    assert hybrid.grid(2)[0] == [999, 812, 625]
+    out = hybrid(batch_size=3, num_base_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                 return_trajectory=True)
+    assert len(out.trajectory) == 3
+
+
+def test_hand_over_is_at_the_students_noise_level_in_closed_form():
+    """Base on a cosine table, student on a linear one. (a) For data that is a point mass the base's clean
+    prediction is exact, and a chain started on the true marginal of its first row hands the student exactly
+    the marginal of the student's first row: N(sqrt(abar) mu, 1 - abar) with abar from the STUDENT's table.
+    (b) For Gaussian data the hand-over is the DDIM step with the exact posterior mean at the student's noise
+    level (an index reused across tables would evaluate the base at another level and fail)."""
+    mu = torch.tensor([[0.7, -0.4]], dtype=torch.float64)
+    seen = {}
+
+    class Spy(torch.nn.Module):  # records the student's input and predicts x0 = 0
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.config, self.dtype = net, net.config, torch.float32
+
+        def forward(self, x, t, **kw):
+            if "x" not in seen:  # the student's first call: the hand-over state
+                seen["x"], seen["t"] = x.clone(), t
+            return self.net(x, t, **kw)
+
+    for std, atol in ((1e-4, 1e-5), (0.5, 1e-6)):
+        seen.clear()
+        base_net, base_sched = _gmm("squaredcos_cap_v2", stds=(std,), means=mu.tolist())
+        st_net, st_sched = _gmm("linear", stds=(0.1,), means=[[0.0, 0.0]], prediction_type="sample")
+        base = FewStepPipeline(base_net.double(), base_sched, num_inference_steps=4, sample_shape=[2])
+        student = FewStepPipeline(Spy(st_net.double()), st_sched, num_inference_steps=4, sample_shape=[2])
+        hybrid = HybridPipeline.from_pipelines(base, student)
+        hybrid.set_progress_bar_config(disable=True)
+        ac = st_sched.alphas_cumprod.to(torch.float64)
+        t0, t1 = trailing_timesteps(4)[:2]
+        a0, s0, a1, s1 = ac[t0].sqrt(), (1 - ac[t0]).sqrt(), ac[t1].sqrt(), (1 - ac[t1]).sqrt()
+        xi = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = a0 * mu + s0 * xi  # the true marginal at the first row (student's table)
+        hybrid(batch_size=len(z), num_base_steps=1, latents=z, output_type="pt")
+        assert int(seen["t"][0]) == t1
+        var = std**2
+        x0 = mu + a0 * var / (a0**2 * var + s0**2) * (z - a0 * mu)  # exact posterior mean at the student's level
+        expected = a1 * x0 + s1 * (z - a0 * x0) / s0
+        torch.testing.assert_close(seen["x"], expected, rtol=0, atol=atol)
+        if std < 1e-3:  # the point mass: exactly the student's first-step marginal
+            x1 = seen["x"]
+            torch.testing.assert_close(x1.mean(0), (a1 * mu)[0], atol=4 * s1.item() / len(z) ** 0.5, rtol=0)
+            torch.testing.assert_close(x1.std(0), s1.expand(2), atol=0.02, rtol=0)
+
+
+def test_hybrid_exports_and_reloads(tmp_path):
+    teacher = analytic_teacher("gaussians8", conditional=True)
+    base = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=4, sample_shape=[2], num_classes=8)
+    student = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=2, sample_shape=[2], num_classes=8)
+    hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=1)
+    path = export_pipeline(hybrid, tmp_path / "hybrid")
+    again = load_pipeline(str(path))
+    assert type(again).__name__ == "HybridPipeline" and again.config.num_base_steps == 1
+    for p in (hybrid, again):
+        p.set_progress_bar_config(disable=True)
+    labels = torch.arange(16) % 8
+    a = hybrid(batch_size=16, class_labels=labels, base_guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
+               output_type="np").images
+    b = again(batch_size=16, class_labels=labels, base_guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
+              output_type="np").images
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="same classes"):
+        HybridPipeline.from_pipelines(base, FewStepPipeline(*_gmm(), num_inference_steps=2, sample_shape=[2]))
