@@ -84,6 +84,20 @@ def cmd_sample(args) -> int:
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
     gen = torch.Generator().manual_seed(args.seed)
+    if args.num_base_steps is not None or args.trajectory:
+        if type(pipe).__name__ != "HybridPipeline":
+            print(f"distill: error: --trajectory / --num-base-steps need a hybrid pipeline folder (made by `distill "
+                  f"hybrid BASE STUDENT --out DIR`); {args.pipeline} holds a {type(pipe).__name__}.", file=sys.stderr)
+            return 2
+        if args.num_base_steps is not None:
+            kwargs["num_base_steps"] = args.num_base_steps
+    if args.trajectory:
+        traj = pipe(batch_size=args.num_images, generator=gen, output_type="pt", return_trajectory=True,
+                    **kwargs).trajectory
+        x = torch.stack(traj, 1)  # (samples, steps, C, H, W): one row per sample
+        out = save_grid(x.flatten(0, 1), args.out, nrow=len(traj))
+        print(f"Wrote the {len(traj)}-step trajectories of {args.num_images} samples to {out}")
+        return 0
     if hasattr(pipe, "text_encoder"):  # text-to-image: the prompts, repeated to fill the grid
         if not args.prompt:
             print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).", file=sys.stderr)
@@ -94,6 +108,26 @@ def cmd_sample(args) -> int:
         x = pipe(batch_size=args.num_images, generator=gen, output_type="pt", **kwargs).images
     out = save_grid(x, args.out)
     print(f"Wrote {args.num_images} samples to {out}")
+    return 0
+
+
+def cmd_hybrid(args) -> int:
+    from .eval.fid import teacher_as_sampler
+    from .export import export_pipeline, load_pipeline
+    from .pipelines import HybridPipeline
+
+    base = teacher_as_sampler(load_pipeline(args.base))
+    student = load_pipeline(args.student)
+    try:
+        hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=args.num_base_steps)
+        hybrid.grid(args.num_base_steps)  # a step count the student's grid cannot take fails here, not at sampling
+    except ValueError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    path = export_pipeline(hybrid, args.out, {"title": "distill hybrid base/student sampler", "method": "hybrid",
+                                              "base": args.base, "student": args.student,
+                                              "num_base_steps": args.num_base_steps})
+    print(f"Hybrid pipeline ({args.num_base_steps} base step(s), then the student) written to {path}")
     return 0
 
 
@@ -136,8 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--trajectory", action="store_true", help="hybrid pipelines: a grid of every step's clean "
+                   "prediction (rows = samples, columns = steps)")
+    s.add_argument("--num-base-steps", type=int, default=None, help="hybrid pipelines: base-model steps")
     s.add_argument("--prompt", action="append", default=None, help="text-to-image pipelines: a prompt (repeat the "
                    "option for several; they are cycled to fill the grid)")
+
+    h = sub.add_parser("hybrid", help="Combine a base (teacher) pipeline and a distilled student into a hybrid "
+                       "sampler: the base takes the first steps (Gandikota & Bau 2025).")
+    h.add_argument("base", help="the base pipeline folder (a teacher: DDPMPipeline or FewStepPipeline)")
+    h.add_argument("student", help="the distilled student's pipeline folder")
+    h.add_argument("--num-base-steps", type=int, default=1)
+    h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
     f.add_argument("source", help="pipeline folder or image folder")
@@ -156,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resolution", type=int, default=None, help="reference resolution (default: the source's)")
     f.add_argument("--prompts", default=None, help="text-to-image pipelines: a prompt file (.txt one per line, "
                    ".csv / .jsonl with a prompt, caption or text column); sample i uses prompt i mod n")
+    f.add_argument("--diversity", action="store_true", help="also report sample diversity per condition (mean "
+                   "pairwise cosine distance and Vendi score of the extractor's features)")
     f.add_argument("--clip-model", default=None, help="a local CLIP model folder: also report the CLIP score "
                    "(nothing is downloaded)")
     f.add_argument("--out", required=True, help="report folder")
@@ -178,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command == "fid":
             return cmd_fid(args)
+        if args.command == "hybrid":
+            return cmd_hybrid(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2

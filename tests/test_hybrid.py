@@ -128,3 +128,53 @@ def test_hybrid_exports_and_reloads(tmp_path):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="same classes"):
         HybridPipeline.from_pipelines(base, FewStepPipeline(*_gmm(), num_inference_steps=2, sample_shape=[2]))
+
+
+# ---------------------------------------------------------------------- diversity metrics
+def test_diversity_metrics_in_closed_form():
+    from distill.eval.diversity import diversity_by_condition, pairwise_distance, vendi
+
+    eye = torch.eye(5)
+    assert pairwise_distance(eye) == pytest.approx(1.0) and vendi(eye) == pytest.approx(5.0)
+    same = torch.ones(4, 3)
+    assert pairwise_distance(same) == pytest.approx(0.0, abs=1e-12) and vendi(same) == pytest.approx(1.0)
+    two = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(3, 1), torch.tensor([[0.0, 2.0]]).repeat(3, 1)])
+    assert vendi(two) == pytest.approx(2.0)  # two distinct directions, equally often: 2 effective samples
+    assert pairwise_distance(two) == pytest.approx(9 / 15)  # 9 of the 15 pairs are orthogonal
+    f = torch.randn(7, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = f / f.norm(dim=1, keepdim=True)
+    lam = np.linalg.eigvalsh((u @ u.T).numpy() / 7)
+    lam = lam[lam > 1e-15]
+    assert vendi(f) == pytest.approx(float(np.exp(-(lam * np.log(lam)).sum())), rel=1e-9)
+    cos = (u @ u.T).numpy()
+    assert pairwise_distance(f) == pytest.approx(float(np.mean([1 - cos[i, j] for i in range(7) for j in range(i)])))
+    div = diversity_by_condition(torch.cat([eye, torch.ones(4, 5)]), [0] * 5 + [1] * 4)
+    assert div["per_condition"][0]["vendi"] == pytest.approx(5.0) and div["vendi"] == pytest.approx(3.0)
+
+
+def test_hybrid_cli_trajectory_grid_and_fid_diversity(tmp_path):
+    from distill.cli import main
+    from distill.eval.fid import teacher_as_sampler
+
+    digits = "distill/assets/digits_teacher"
+    few = teacher_as_sampler(load_pipeline(digits))
+    few.register_to_config(num_inference_steps=2)
+    export_pipeline(few, tmp_path / "student")  # the teacher at 2 steps stands in for a few-step student
+    assert main(["hybrid", digits, str(tmp_path / "student"), "--num-base-steps", "1", "--out",
+                 str(tmp_path / "hybrid")]) == 0
+    assert main(["hybrid", digits, str(tmp_path / "student"), "--num-base-steps", "3", "--out",
+                 str(tmp_path / "bad")]) == 2  # more base steps than the student's grid has
+    assert main(["sample", str(tmp_path / "hybrid"), "--trajectory", "--num-images", "3", "--out",
+                 str(tmp_path / "traj.png")]) == 0
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "traj.png").size
+    assert w < h  # 2 columns (steps) by 3 rows (samples)
+    assert main(["sample", str(tmp_path / "student"), "--trajectory", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["fid", str(tmp_path / "hybrid"), "--reference", "sklearn:digits", "--num-samples", "60",
+                 "--metrics", "fid", "--diversity", "--out", str(tmp_path / "rep")]) == 0
+    import json
+
+    row = json.loads((tmp_path / "rep" / "fid_report.json").read_text())["results"][0]
+    assert row["nfe"] == 2 and 0 < row["diversity_pairwise"] < 1 and 1 < row["vendi"] < 60
+    assert row["diversity_conditions"] == 1  # unconditional: one set

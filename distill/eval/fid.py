@@ -104,6 +104,8 @@ def is_text_pipeline(pipe) -> bool:
 
 
 def pipeline_nfe(pipe, steps: int | None) -> int:
+    if type(pipe).__name__ == "HybridPipeline":  # base rows + student rows of one chain
+        return len(pipe.grid(pipe.config.num_base_steps, steps)[0])
     if is_one_step(pipe):
         return 1
     if steps is not None:
@@ -236,14 +238,16 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
                     feature_extractor_weights: str | None = None, batch_size: int = 250, seed: int = 0,
                     steps: int | None = None, resolution: int | None = None, use_cache: bool = True,
                     return_images: bool = False, prompts: list[str] | None = None, clip_model: str | None = None,
-                    **pipeline_kwargs) -> dict:
+                    diversity: bool = False, **pipeline_kwargs) -> dict:
     """Metrics of ``source`` (pipeline, pipeline/image folder, or tensor) against ``reference``.
 
     Returns a dict with the metrics and ``num_samples``, ``nfe``, ``seconds``, ``samples_per_second``,
     ``feature_extractor``, ``feature_extractor_sha256``, ``torch_fidelity_version``, the extractor as
     torch-fidelity names it (``torch_fidelity_feature_extractor``, ``feature_layer_fid``,
     ``feature_extractor_weights``) and the reference info. With ``prompts`` (text-to-image) and
-    ``clip_model`` (a local CLIP folder), also ``clip_score`` (see :func:`clip_score`).
+    ``clip_model`` (a local CLIP folder), also ``clip_score`` (see :func:`clip_score`). With ``diversity``,
+    the mean pairwise cosine distance and the Vendi score of the extractor's features per condition (class
+    i mod C, prompt i mod n, or all samples of an unconditional model), averaged (``distill.eval.diversity``).
     """
     metrics = tuple(metrics)
     unknown = set(metrics) - {"fid", "kid", "prc", "isc"}
@@ -274,6 +278,14 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
                                              resolution or images.shape[-1], batch_size, use_cache)
     gen_feats = extract_features(images, extractor, batch_size)
     result = metrics_from_features(gen_feats, ref_feats, metrics, layer, seed)
+    if diversity:
+        from .diversity import diversity_by_condition
+
+        n_cls = int(getattr(getattr(source, "config", None), "num_classes", 0) or 0)
+        n_groups = len(prompts) if prompts else (n_cls or 1)
+        div = diversity_by_condition(gen_feats[layer], [i % n_groups for i in range(len(images))])
+        result.update(diversity_pairwise=div["pairwise_distance"], vendi=div["vendi"],
+                      diversity_conditions=len(div["per_condition"]))
     if clip_model and prompts:
         result["clip_score"] = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))], clip_model)
         result["clip_model"] = str(clip_model)
@@ -348,7 +360,7 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
                     feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
                     metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None,
                     call_kwargs: dict | None = None, resolution: int | None = None, prompts: list[str] | None = None,
-                    clip_model: str | None = None):
+                    clip_model: str | None = None, diversity: bool = False):
     """Evaluate several pipelines at several step counts and write the report folder.
 
     ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own);
@@ -364,7 +376,7 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
             r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
                                 batch_size, seed, steps=k if hasattr(pipe, "config") else None,
                                 resolution=resolution, return_images=True, prompts=prompts, clip_model=clip_model,
-                                **extra)
+                                diversity=diversity, **extra)
             images = r.pop("images")
             model = name.split("@")[0]
             n_steps = pipeline_nfe(pipe, k) if hasattr(pipe, "config") else r["nfe"]
@@ -483,7 +495,7 @@ def fid_command(args) -> int:
     report = evaluate_models(models, args.reference, step_map, args.out, args.num_samples, args.feature_extractor,
                              args.feature_extractor_weights, metrics, args.batch_size, args.seed,
                              meta=meta, call_kwargs=kwargs, resolution=args.resolution, prompts=prompts,
-                             clip_model=getattr(args, "clip_model", None))
+                             clip_model=getattr(args, "clip_model", None), diversity=getattr(args, "diversity", False))
     print((Path(args.out) / "fid_report.md").read_text())
     print(json.dumps({"report": str(Path(args.out) / "fid_report.json"), "results": len(report["results"])}))
     return 0

@@ -58,7 +58,8 @@ def write_json(obj, path) -> Path:
 def markdown_table(report: dict) -> str:
     """The results of a report as a Markdown table."""
     cols = [("model", "model"), ("guidance_scale", "guidance"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
-            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("clip_score", "CLIP score"), ("num_samples", "samples"),
+            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("clip_score", "CLIP score"),
+            ("diversity_pairwise", "diversity (cos)"), ("vendi", "Vendi"), ("num_samples", "samples"),
             ("seconds", "seconds"), ("samples_per_second", "samples/s")]
     rows = report["results"]
     cols = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
