@@ -1,6 +1,7 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
-    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits] [--quick]
+    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid]
+                             [--quick]
     python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
 Prints Markdown tables and writes them, with the machine description, to benchmarks/results.md.
@@ -460,9 +461,55 @@ def bench_fid(quick: bool) -> str:
               "evaluation is bounded by generating the new samples).\n")
 
 
+# ---------------------------------------------------------------------- (h) hybrid sampling (digits)
+def bench_hybrid(quick: bool) -> str:
+    """Gandikota & Bau 2025 at our scale: a 4-step progressive student of the class-conditional digits
+    teacher, the teacher alone, and hybrids whose first 1 or 2 steps are the teacher's."""
+    from distill import HybridPipeline, load_pipeline
+    from distill.config import load_config
+    from distill.eval.fid import compute_metrics, teacher_as_sampler
+    from distill.teachers import ASSETS
+    from distill.trainers import trainer_class
+
+    n = 500 if quick else 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(HERE.parent / "configs/progressive_digits.yaml", [
+            f"output_dir={tmp}", "teacher.path=builtin:digits-cond", "progressive.start_steps=16",
+            "progressive.target_steps=4", "eval.enabled=false", "train.progress_bar=false", "train.report_to=none"])
+        t0 = time.time()
+        trainer_class("progressive")(cfg).train()
+        secs = time.time() - t0
+        student = load_pipeline(f"{tmp}/pipeline")
+        teacher = teacher_as_sampler(load_pipeline(str(ASSETS / "digits_teacher_cond")))
+        hybrid = HybridPipeline.from_pipelines(teacher, student)
+        runs = [("teacher (DDIM)", teacher, 50, {}), ("teacher (DDIM)", teacher, 4, {}), ("student", student, None, {}),
+                ("hybrid: 1 base + 3 student", hybrid, None, {"num_base_steps": 1}),
+                ("hybrid: 2 base + 2 student", hybrid, None, {"num_base_steps": 2})]
+        results = []
+        for name, pipe, steps, kw in runs:
+            pipe.set_progress_bar_config(disable=True)
+            results.append((name, compute_metrics(pipe, "sklearn:digits", ("fid",), n, "digits", steps=steps,
+                                                  diversity=True, **kw)))
+    ref = results[0][1]
+    stu = results[2][1]
+    rows = []
+    for name, r in results:
+        per = [v["vendi"] for v in r["diversity_per_condition"].values()]
+        speed = r["num_samples"] / r["generation_seconds"]
+        rows.append([name, r["nfe"], r["fid"], r["diversity_pairwise"], r["vendi"], f"{min(per):.3g}-{max(per):.3g}",
+                     r["diversity_pairwise"] / ref["diversity_pairwise"], r["vendi"] / ref["vendi"], speed,
+                     speed / (stu["num_samples"] / stu["generation_seconds"])])
+    return (f"### (h) Hybrid sampling on the class-conditional digits teacher (4-step progressive student, "
+            f"{secs:.0f} s of training; {n} samples, 10 classes; diversity per class with the digits extractor's "
+            "features, averaged; goal (Gandikota & Bau 2025): hybrid diversity >= 0.95x the 50-step teacher's, "
+            "FID no worse than the student's, speed within 2x of the student's)\n\n"
+            + table(["sampler", "NFE", "FID (digits)", "pairwise cos distance", "Vendi", "Vendi per class (min-max)",
+                     "distance / teacher-50", "Vendi / teacher-50", "images/s", "speed / student"], rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits")
+    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -471,7 +518,8 @@ def main() -> None:
            f"(threads {torch.get_num_threads()}), CUDA {'yes' if torch.cuda.is_available() else 'no'}. "
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
     funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
-             "progressive": bench_progressive, "guided": bench_guided, "uni_instruct_digits": bench_uni_instruct_digits}
+             "progressive": bench_progressive, "guided": bench_guided, "uni_instruct_digits": bench_uni_instruct_digits,
+             "hybrid": bench_hybrid}
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     for p in parts:

@@ -440,3 +440,39 @@ def test_bf16_training_loads_frozen_parts_in_bf16_and_the_student_in_fp32(tiny_s
     x = torch.randn(2, 4, 8, 8)
     out = teacher.predict_x0(x, torch.tensor(0.5), teacher.condition(prompts=["a cat", "a dog"]), guidance_scale=2.0)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------- hybrid sampling with a text teacher
+def test_text_hybrid_base_then_student(tiny_sd_folder, tmp_path):
+    from distill import HybridPipeline, export_pipeline
+
+    folder = tiny_sd_folder / "sd"
+    sd = _diffusers_pipe(folder)
+    student_unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():  # a different network than the base, so the two are told apart
+        for p in student_unet.parameters():
+            p.mul_(0.9)
+    sched = diffusers.DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing", clip_sample=False,
+                                                set_alpha_to_one=True)
+    student = TextToImagePipeline(student_unet, sd.vae, sd.text_encoder, sd.tokenizer, sched, num_inference_steps=4)
+    teacher = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sched, num_inference_steps=4)
+    hybrid = HybridPipeline.from_pipelines(sd, student, num_base_steps=1)
+    for p in (student, teacher, hybrid):
+        p.set_progress_bar_config(disable=True)
+
+    def run(pipe, **kw):
+        return pipe(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+    np.testing.assert_array_equal(run(hybrid, num_base_steps=0), run(student))
+    np.testing.assert_array_equal(run(hybrid, num_base_steps=4), run(teacher))
+    np.testing.assert_array_equal(run(hybrid, num_base_steps=4, base_guidance_scale=3.0),
+                                  run(teacher, guidance_scale=3.0))
+    mixed = run(hybrid)
+    assert np.abs(mixed - run(student)).max() > 1e-4 and np.abs(mixed - run(teacher)).max() > 1e-4
+    traj = hybrid(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np",
+                  return_trajectory=True).trajectory
+    assert len(traj) == 4 and traj[0].shape == (2, 16, 16, 3)
+    path = export_pipeline(hybrid, tmp_path / "hybrid")
+    again = load_pipeline(str(path))
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(again), mixed)

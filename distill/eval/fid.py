@@ -285,7 +285,7 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
         n_groups = len(prompts) if prompts else (n_cls or 1)
         div = diversity_by_condition(gen_feats[layer], [i % n_groups for i in range(len(images))])
         result.update(diversity_pairwise=div["pairwise_distance"], vendi=div["vendi"],
-                      diversity_conditions=len(div["per_condition"]))
+                      diversity_conditions=len(div["per_condition"]), diversity_per_condition=div["per_condition"])
     if clip_model and prompts:
         result["clip_score"] = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))], clip_model)
         result["clip_model"] = str(clip_model)
