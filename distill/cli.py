@@ -98,7 +98,7 @@ def cmd_sample(args) -> int:
         out = save_grid(x.flatten(0, 1), args.out, nrow=len(traj))
         print(f"Wrote the {len(traj)}-step trajectories of {args.num_images} samples to {out}")
         return 0
-    if hasattr(pipe, "text_encoder"):  # text-to-image: the prompts, repeated to fill the grid
+    if getattr(pipe, "text_encoder", None) is not None:  # text-to-image: the prompts, repeated to fill the grid
         if not args.prompt:
             print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).", file=sys.stderr)
             return 2

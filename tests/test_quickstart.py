@@ -69,7 +69,8 @@ def test_every_readme_command_runs(tmp_path):
             continue
         ran.add(cmd)
         args = cmd.replace("outputs/quickstart", str(out)).split()
-        args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/") else a for a in args]
+        args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/")
+                else a for a in args]
         if "--num-samples" in args:
             args[args.index("--num-samples") + 1] = "100"
         if "--prompts" in args:  # the text-to-image FID command, on a tiny SD-format teacher and its SIM student
@@ -82,10 +83,16 @@ def test_every_readme_command_runs(tmp_path):
         _run(args, ROOT)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
     assert (tmp_path / "sd_report" / "fid_report.md").is_file()
+    assert (tmp_path / "trajectory.png").is_file() and "Vendi" in (tmp_path / "hybrid_report" / "fid_report.md").read_text()
     # the Python block of "Use the result"
     code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     code = "import torch\n" + code.replace("outputs/quickstart", str(out))
     _run([sys.executable, "-c", code], ROOT)
+    # the Python block of the hybrid-sampling section
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "HybridPipeline.from_pipelines" in c)
+    _run([sys.executable, "-c", code.replace("outputs/quickstart", str(out)) + "\nassert len(out.trajectory) == 2"],
+         ROOT)
 
 
 def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:

@@ -100,7 +100,7 @@ def is_one_step(pipe) -> bool:
 
 
 def is_text_pipeline(pipe) -> bool:
-    return hasattr(pipe, "text_encoder") and hasattr(pipe, "tokenizer")
+    return getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
 
 
 def pipeline_nfe(pipe, steps: int | None) -> int:
