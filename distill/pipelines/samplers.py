@@ -4,7 +4,8 @@ STANDALONE FILE: imports torch and diffusers' ``randn_tensor`` only (copied into
 
     sample_x(model_fn, x, times, extra_args=None, callback=None, generator=None) -> x
 
-* ``times``: a float64 tensor of shape (N, 2) from a grid factory (:func:`vp_grid`): one row
+* ``times``: a float64 tensor of shape (N, 2) from a grid factory (:func:`vp_grid` on integer timesteps such
+  as :func:`trailing_timesteps` or a student's own grid, :func:`karras_grid`): one row
   ``(timestep, alpha_bar)`` per network evaluation, in order of decreasing noise; sampling ends at
   the data (alpha_bar = 1). ``alpha_bar`` is the variance-preserving noise level,
   x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, the coordinate in which two models with
@@ -38,6 +39,21 @@ def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
         raise ValueError(f"timesteps must be strictly descending, got {ts}.")
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
     return torch.tensor([[float(t), float(ac[t])] for t in ts], dtype=torch.float64)
+
+
+def karras_grid(alphas_cumprod: torch.Tensor, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """(timestep, alpha_bar) rows at Karras et al. 2022's noise levels (eq. 5): VE sigmas
+    (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho between the table's extremes,
+    sigma = sqrt((1 - abar) / abar), each at the (fractional) table timestep of that noise level."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    sig = ((1 - ac) / ac).sqrt()
+    lo, hi = float(sig[0]) ** (1 / rho), float(sig[-1]) ** (1 / rho)
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    abar = 1 / (1 + sigmas**2)
+    return torch.tensor([[timestep_for(ac, float(a)), float(a)] for a in abar], dtype=torch.float64)
 
 
 def timestep_for(alphas_cumprod: torch.Tensor, alpha_bar: float) -> float:
