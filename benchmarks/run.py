@@ -484,7 +484,9 @@ def bench_hybrid(quick: bool) -> str:
         hybrid = HybridPipeline.from_pipelines(teacher, student)
         runs = [("teacher (DDIM)", teacher, 50, {}), ("teacher (DDIM)", teacher, 4, {}), ("student", student, None, {}),
                 ("hybrid: 1 base + 3 student", hybrid, None, {"num_base_steps": 1}),
-                ("hybrid: 2 base + 2 student", hybrid, None, {"num_base_steps": 2})]
+                ("hybrid: 2 base + 2 student", hybrid, None, {"num_base_steps": 2}),
+                ("hybrid: 1 base interval in 4 DDIM steps + 3 student", hybrid, None,
+                 {"num_base_steps": 1, "num_base_substeps": 4})]
         results = []
         for name, pipe, steps, kw in runs:
             pipe.set_progress_bar_config(disable=True)

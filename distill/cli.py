@@ -119,14 +119,16 @@ def cmd_hybrid(args) -> int:
     base = teacher_as_sampler(load_pipeline(args.base))
     student = load_pipeline(args.student)
     try:
-        hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=args.num_base_steps)
-        hybrid.grid(args.num_base_steps)  # a step count the student's grid cannot take fails here, not at sampling
+        hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=args.num_base_steps,
+                                               num_base_substeps=args.num_base_substeps)
+        hybrid.schedule(args.num_base_steps)  # a step count the student's grid cannot take fails here, not at sampling
     except ValueError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     path = export_pipeline(hybrid, args.out, {"title": "distill hybrid base/student sampler", "method": "hybrid",
                                               "base": args.base, "student": args.student,
-                                              "num_base_steps": args.num_base_steps})
+                                              "num_base_steps": args.num_base_steps,
+                                              "num_base_substeps": args.num_base_substeps})
     print(f"Hybrid pipeline ({args.num_base_steps} base step(s), then the student) written to {path}")
     return 0
 
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("base", help="the base pipeline folder (a teacher: DDPMPipeline or FewStepPipeline)")
     h.add_argument("student", help="the distilled student's pipeline folder")
     h.add_argument("--num-base-steps", type=int, default=1)
+    h.add_argument("--num-base-substeps", type=int, default=1, help="DDIM steps of the base within each of its "
+                   "grid intervals (1: the paper's setting)")
     h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")

@@ -178,3 +178,19 @@ def test_hybrid_cli_trajectory_grid_and_fid_diversity(tmp_path):
     row = json.loads((tmp_path / "rep" / "fid_report.json").read_text())["results"][0]
     assert row["nfe"] == 2 and 0 < row["diversity_pairwise"] < 1 and 1 < row["vendi"] < 60
     assert row["diversity_conditions"] == 1  # unconditional: one set
+
+
+def test_base_substeps_refine_the_base_intervals():
+    base, student = _pipes()
+    hybrid = HybridPipeline.from_pipelines(base, student)
+    hybrid.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(hybrid, num_base_steps=4, num_base_substeps=2),
+                               _run(base, timesteps=[999, 874, 749, 624, 499, 374, 249, 124]), rtol=0, atol=0)
+    times, k = hybrid.schedule(1, num_base_substeps=4)
+    assert k == 4 and times[:, 0].tolist() == [999, 936, 874, 812, 749, 499, 249]
+    out = hybrid(batch_size=3, num_base_steps=1, num_base_substeps=4, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", return_trajectory=True)
+    assert len(out.trajectory) == 7
+    torch.testing.assert_close(_run(hybrid, num_base_steps=1, num_base_substeps=1), _run(hybrid, num_base_steps=1))
+    with pytest.raises(ValueError, match="too fine"):
+        hybrid.schedule(1, num_base_substeps=400)

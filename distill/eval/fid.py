@@ -103,9 +103,11 @@ def is_text_pipeline(pipe) -> bool:
     return getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
 
 
-def pipeline_nfe(pipe, steps: int | None) -> int:
+def pipeline_nfe(pipe, steps: int | None, num_base_steps: int | None = None, num_base_substeps: int | None = None,
+                 **_call_kwargs) -> int:
     if type(pipe).__name__ == "HybridPipeline":  # base rows + student rows of one chain
-        return len(pipe.grid(pipe.config.num_base_steps, steps)[0])
+        k = pipe.config.num_base_steps if num_base_steps is None else num_base_steps
+        return len(pipe.schedule(k, steps, num_base_substeps)[0])
     if is_one_step(pipe):
         return 1
     if steps is not None:
@@ -269,7 +271,7 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
         images = to_uint8(source)
     else:
         images = generate(source, num_samples, batch_size, seed, steps, prompts=prompts, **pipeline_kwargs)
-        nfe = pipeline_nfe(source, steps)
+        nfe = pipeline_nfe(source, steps, **pipeline_kwargs)
         gs, cfg = pipeline_kwargs.get("guidance_scale"), getattr(source, "config", None)
         if gs is not None and float(gs) != 1.0 and not getattr(cfg, "guidance_conditioned", False):
             nfe *= 2  # classifier-free guidance: conditional and unconditional evaluation per step
@@ -379,7 +381,7 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
                                 diversity=diversity, **extra)
             images = r.pop("images")
             model = name.split("@")[0]
-            n_steps = pipeline_nfe(pipe, k) if hasattr(pipe, "config") else r["nfe"]
+            n_steps = pipeline_nfe(pipe, k, **extra) if hasattr(pipe, "config") else r["nfe"]
             grids[f"{model}-{n_steps or 0}step"] = images[:64]
             results.append({"model": model, "steps": n_steps, **{k2: v for k2, v in extra.items()
                                                                    if k2 == "guidance_scale"}, **r})

@@ -22,8 +22,12 @@ spaced evenly from the top of the table down to t*, then t* (the generator then 
 re-projected sample at t* instead of sigma(t*) z). The chain starts from z at the top of the table
 (diffusers' convention) and from sigma(t) z below it (the one-step generator's input).
 
-``num_base_steps=0`` is the student alone; every row on the base is the base's own DDIM sampler on that
-grid. ``return_trajectory=True`` also returns each step's clean prediction (the "Diffusion Target" of the
+``num_base_substeps=m`` lets the base cover each of its intervals with m DDIM steps of its own (its table's
+timesteps evenly spaced between the two rows' noise levels): a better first clean estimate for m - 1 more
+base evaluations per base row (the paper's setting is m = 1).
+
+``num_base_steps=0`` is the student alone; every row on the base (m = 1) is the base's own DDIM sampler on
+that grid. ``return_trajectory=True`` also returns each step's clean prediction (the "Diffusion Target" of the
 paper's sec. 4.3), one image batch per step.
 """
 
@@ -77,7 +81,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     def __init__(self, base_unet, base_scheduler, student_unet, student_scheduler,
                  student_generator_timestep: int | None = None, student_num_inference_steps: int = 4,
-                 student_timesteps: list | None = None, num_base_steps: int = 1, sample_shape: list | None = None,
+                 student_timesteps: list | None = None, num_base_steps: int = 1, num_base_substeps: int = 1,
+                 sample_shape: list | None = None,
                  num_classes: int = 0, student_guidance_conditioned: bool = False, student_guidance_scale: float = 1.0,
                  vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = False):
@@ -93,13 +98,14 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             student_generator_timestep=None if student_generator_timestep is None else int(student_generator_timestep),
             student_num_inference_steps=int(student_num_inference_steps),
             student_timesteps=list(student_timesteps) if student_timesteps is not None else None,
-            num_base_steps=int(num_base_steps), sample_shape=list(sample_shape), num_classes=int(num_classes),
+            num_base_steps=int(num_base_steps), num_base_substeps=int(num_base_substeps),
+            sample_shape=list(sample_shape), num_classes=int(num_classes),
             student_guidance_conditioned=bool(student_guidance_conditioned),
             student_guidance_scale=float(student_guidance_scale),
             force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
 
     @classmethod
-    def from_pipelines(cls, base, student, num_base_steps: int = 1) -> HybridPipeline:
+    def from_pipelines(cls, base, student, num_base_steps: int = 1, num_base_substeps: int = 1) -> HybridPipeline:
         """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``; for
         text-to-image a StableDiffusion(XL)Pipeline or TextToImagePipeline) and a loaded distill student
         (OneStepPipeline, FewStepPipeline or TextToImagePipeline, whose text parts the hybrid shares)."""
@@ -131,6 +137,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                    student_generator_timestep=s_cfg.generator_timestep if one_step else None,
                    student_num_inference_steps=getattr(s_cfg, "num_inference_steps", 1),
                    student_timesteps=getattr(s_cfg, "timesteps", None), num_base_steps=num_base_steps,
+                   num_base_substeps=num_base_substeps,
                    sample_shape=list(s_cfg.sample_shape) if not text else None, num_classes=s_classes,
                    student_guidance_conditioned=bool(getattr(s_cfg, "guidance_conditioned", False)),
                    student_guidance_scale=float(getattr(s_cfg, "guidance_scale", 1.0)), **text_parts)
@@ -154,12 +161,39 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                              f"{len(ts)} steps).")
         return ts, num_base_steps
 
+    def schedule(self, num_base_steps: int, num_inference_steps: int | None = None,
+                 num_base_substeps: int | None = None) -> tuple[torch.Tensor, int]:
+        """(the (timestep, alpha_bar) rows of the whole chain, how many of them the base evaluates)."""
+        ts, k = self.grid(num_base_steps, num_inference_steps)
+        m = self.config.num_base_substeps if num_base_substeps is None else int(num_base_substeps)
+        if m < 1:
+            raise ValueError(f"num_base_substeps must be >= 1, got {m}.")
+        times = vp_grid(self.student_scheduler.alphas_cumprod, ts)
+        if m == 1 or k == 0:
+            return times, k
+        b_ac = torch.as_tensor(self.base_scheduler.alphas_cumprod, dtype=torch.float64).cpu()
+        rows = []
+        for i in range(k):
+            rows.append(times[i].tolist())  # the row itself: the base meets it at the matched noise level
+            tb = timestep_for(b_ac, float(times[i, 1]))
+            tb_next = timestep_for(b_ac, float(times[i + 1, 1])) if i + 1 < len(ts) else 0.0
+            for j in range(1, m):
+                t = round(tb - j * (tb - tb_next) / m)
+                rows.append([float(t), float(b_ac[t])])
+        rows += times[k:].tolist()
+        out = torch.tensor(rows, dtype=torch.float64)
+        if (out[1:, 1] <= out[:-1, 1]).any():
+            raise ValueError(f"num_base_substeps={m} is too fine for the base's table between these grid points; "
+                             "use fewer substeps.")
+        return out, k * m
+
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_base_steps: int | None = None, num_inference_steps: int | None = None,
                  class_labels=None, base_guidance_scale: float | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, return_trajectory: bool = False,
-                 prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None):
+                 prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 num_base_substeps: int | None = None):
         device, dtype = device_dtype(self, self.student_unet)
         text = self.text_encoder is not None
         if text:
@@ -168,14 +202,13 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             batch_size = len(prompt)
         k = self.config.num_base_steps if num_base_steps is None else int(num_base_steps)
-        ts, k = self.grid(k, num_inference_steps)
-        times = vp_grid(self.student_scheduler.alphas_cumprod, ts)
+        times, k = self.schedule(k, num_inference_steps, num_base_substeps)
         base_ac = self.base_scheduler.alphas_cumprod
         T = self.student_scheduler.config.num_train_timesteps
         shape = (batch_size, *self.config.sample_shape)
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
-        x = z if ts[0] == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
+        x = z if float(times[0, 0]) == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
         cfg = base_guidance_scale is not None and float(base_guidance_scale) != 1.0
         if text:
             s_kw, b_kw = self._text_kwargs(prompt, negative_prompt, cfg, device, dtype)
@@ -197,7 +230,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 s_kw["guidance_weight"] = w
         b_pred = self.base_scheduler.config.prediction_type
         s_pred = self.student_scheduler.config.prediction_type
-        bar = self.progress_bar(total=len(ts))
+        bar = self.progress_bar(total=len(times))
 
         def model_fn(x_t, i, t):
             ab = float(times[i, 1])
