@@ -147,5 +147,3 @@ def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, ge
             callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
     return x
 
-
-SAMPLERS = {"ddim": sample_ddim, "meng_stochastic": sample_meng_stochastic, "ddpm": sample_ddpm_ancestral}
