@@ -124,23 +124,15 @@ def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
     """A Stable-Diffusion-1.5-architecture pipeline with random weights (UNet2DConditionModel 860M, the SD VAE,
     a CLIP ViT-L/14-sized text encoder, a tokenizer from a vocab written here); ``tiny``: the tests' tiny one."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_sd
+    from conftest import clip_tokenizer, make_tiny_sd
 
     if tiny:
         return make_tiny_sd(folder)
-    import json
-
     import diffusers
     import torch
     import transformers
 
-    tok_dir = folder.parent / "sd15-tokenizer-src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
-    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    tokenizer = clip_tokenizer(folder.parent / "sd15-tokenizer-src", 77)
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD1.5
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
@@ -152,7 +144,7 @@ def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
     sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, scheduler=sched, safety_checker=None,
-                                      tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
+                                      tokenizer=tokenizer,
                                       feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
     return folder
 

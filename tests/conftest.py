@@ -24,28 +24,38 @@ def tiny_unet():
     return make
 
 
-def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0):
-    """A tiny random Stable-Diffusion-format pipeline folder (SD 1.5 layout, or SDXL's with two text encoders),
-    built offline: UNet2DConditionModel (8x8 latents), AutoencoderKL (x2 -> 16x16 images), CLIP text model(s)
-    and a CLIP tokenizer whose vocab.json / merges.txt are written here."""
+def clip_tokenizer(folder, model_max_length: int):
+    """A CLIPTokenizer from a vocab.json / merges.txt written here (letters and end-of-word letters; no merges)."""
     import json
     from pathlib import Path
 
     import transformers
 
     folder = Path(folder)
-    tok_dir = folder.parent / (folder.name + "-tokenizer-src")
-    tok_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
-    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": model_max_length}))
+    return transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny random Stable-Diffusion-format pipeline folder (SD 1.5 layout, or SDXL's with two text encoders),
+    built offline: UNet2DConditionModel (8x8 latents), AutoencoderKL (x2 -> 16x16 images), CLIP text model(s)
+    and a CLIP tokenizer whose vocab.json / merges.txt are written here."""
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(folder)
+    tokenizer = clip_tokenizer(folder.parent / (folder.name + "-tokenizer-src"), 16)
+    vocab_size = len(tokenizer)
     torch.manual_seed(seed)
 
     def text_config(**kw):
-        return transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+        return transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
                                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
                                            bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
 

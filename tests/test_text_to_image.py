@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_sd
+from conftest import clip_tokenizer, make_tiny_sd
 
 from distill import Condition, load_pipeline
 from distill.conditioning import network_kwargs
@@ -297,21 +297,15 @@ def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pip
 def _tiny_clip(folder: Path):
     import transformers
 
-    src = folder.parent / "clip-tok-src"
-    src.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
-    (src / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (src / "merges.txt").write_text("#version: 0.2\n")
-    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    tokenizer = clip_tokenizer(folder.parent / "clip-tok-src", 16)
     torch.manual_seed(0)
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                   patch_size=8)
     model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
     model.save_pretrained(folder)
-    transformers.CLIPTokenizer.from_pretrained(src).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
         folder)
     return model
