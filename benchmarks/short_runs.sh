@@ -1,5 +1,8 @@
 #!/bin/bash
-# usage: run.sh SRC_DIR OUT_DIR
+# Short trainings of the shipped toy / digits configs with the code in SRC_DIR (a checkout or a
+# `git worktree add` of another commit), written to OUT_DIR. Run it for two commits and compare every
+# safetensors file under the two OUT_DIRs bitwise: a refactor that must change no number leaves them equal.
+#   usage: benchmarks/short_runs.sh SRC_DIR OUT_DIR
 SRC=$1; OUT=$2
 F="train.progress_bar=false train.report_to=none train.checkpointing_steps=1000 eval.enabled=false"
 run() { name=$1; shift; (cd $SRC && PYTHONPATH=$SRC HF_HUB_OFFLINE=1 python -m distill train "$@" $F output_dir=$OUT/$name > $OUT/$name.log 2>&1) || echo "FAIL $name"; }
