@@ -23,6 +23,7 @@ The loss is not a convergence signal (it oscillates around zero, s8.6): watch ``
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import diffusers
 import torch
@@ -31,6 +32,17 @@ from ..conditioning import network_kwargs
 from ..objectives.score import SIMLoss, fake_score_loss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
 from .base import DistillationTrainer, build_network, frozen
+
+
+@dataclass
+class ScoreGroup:
+    """The networks one score-distillation update trains together, by their registered names: a one-step
+    generator, its fake score and (Uni-Instruct) the discriminator head on the fake score's features. The
+    helpers below take a group, so a trainer can hold several (multi-student distillation)."""
+
+    generator: str = "student"
+    fake: str = "fake"
+    disc: str | None = None
 
 
 class ScoreImplicitMatchingTrainer(DistillationTrainer):
@@ -64,8 +76,9 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
             for net in (t.model, fake, gen):
                 if hasattr(net, "enable_gradient_checkpointing"):
                     net.enable_gradient_checkpointing()
-        self.add("student", gen, lr=cfg.optim.lr, ema=True)
-        self.add("fake", fake, lr=sec.lr_fake or cfg.optim.lr)
+        self.group = ScoreGroup()
+        self.add(self.group.generator, gen, lr=cfg.optim.lr, ema=True)
+        self.add(self.group.fake, fake, lr=sec.lr_fake or cfg.optim.lr)
         self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
         self.loss = self.make_loss()
         self.num_classes = ncls
@@ -99,47 +112,47 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         with self.accelerator.autocast():
             return self.teacher.predict_x0(x_t, t, cond, self.config.teacher.guidance_scale).float()
 
-    def fake_inputs(self, cond, b: int):
+    def fake_inputs(self, g: ScoreGroup, cond, b: int):
         """Noised detached generator samples and the fake score's regression target (s0.3)."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
         with torch.no_grad():
-            x_g = self.generate(self.unwrap("student"), z, cond)
+            x_g = self.generate(self.unwrap(g.generator), z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x_g.shape)
         return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
 
-    def fake_step(self, cond, b: int, batch: dict) -> dict:
-        x_t, t, target = self.fake_inputs(cond, b)
-        fake = self.modules["fake"]
+    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
+        x_t, t, target = self.fake_inputs(g, cond, b)
+        fake = self.modules[g.fake]
         with self.accelerator.autocast():
             pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
         loss = fake_score_loss(pred, target).mean()
-        norm = self.step_optimizer("fake", loss)
+        norm = self.step_optimizer(g.fake, loss)
         return {"fake_loss": loss.item(), "fake_grad_norm": norm}
 
-    def generator_terms(self, cond, b: int):
+    def generator_terms(self, g: ScoreGroup, cond, b: int):
         """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
-        x0 = self.generate(self.modules["student"], z, cond)
+        x0 = self.generate(self.modules[g.generator], z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x0.shape)
         x_t = sched.add_noise(x0, eps, t)
-        d_fake = self.fake_x0(self.unwrap("fake"), x_t, t, cond)  # the caller holds the fake network frozen
+        d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)  # the caller holds the fake network frozen
         d_real = self.teacher_x0(x_t, t, cond)
         a, s = sched.alpha_sigma(t, x_t)
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, cond, b: int, batch: dict, step: int) -> dict:
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
         # the fake network stays frozen through the backward pass: toggling requires_grad between forward and
         # backward would make gradient-checkpoint recomputation differ from the forward
-        with frozen(self.unwrap("fake")):
-            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(cond, b)
+        with frozen(self.unwrap(g.fake)):
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
             per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
             loss = self.finite_mean(per_sample)
-            norm = self.step_optimizer("student", loss)
+            norm = self.step_optimizer(g.generator, loss)
         return {"gen_loss": loss.item(), "grad_norm": norm,
                 "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
 
@@ -149,9 +162,9 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
         b, cond = batch["size"], batch["cond"]
         logs = {}
         for _ in range(self.fake_steps_per_generator_step):
-            logs.update(self.fake_step(cond, b, batch))
+            logs.update(self.fake_step(self.group, cond, b, batch))
         if step >= sec.fake_warmup_steps:
-            logs.update(self.generator_step(cond, b, batch, step))
+            logs.update(self.generator_step(self.group, cond, b, batch, step))
         return logs
 
     def export_scheduler(self):
@@ -159,11 +172,11 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
 
     def export(self, for_samples: bool = False):
         if self.teacher.is_text:
-            return TextToImagePipeline(self.unwrap("student"), scheduler=self.export_scheduler(),
+            return TextToImagePipeline(self.unwrap(self.group.generator), scheduler=self.export_scheduler(),
                                        generator_timestep=self.section.generator_timestep,
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
                                        **self.teacher.frozen_components(reload=not for_samples))
-        return OneStepPipeline(self.unwrap("student"), self.export_scheduler(),
+        return OneStepPipeline(self.unwrap(self.group.generator), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)
 

@@ -34,7 +34,7 @@ from ..objectives.score import (
     h_of,
 )
 from .base import frozen
-from .sim import ScoreImplicitMatchingTrainer
+from .sim import ScoreGroup, ScoreImplicitMatchingTrainer
 
 
 class DiscriminatorHead(nn.Module):
@@ -102,12 +102,13 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         self._features = {}
         if not self.uses_discriminator:
             return
-        module, channels, spatial = feature_module(self.modules["fake"])
+        g = self.group
+        g.disc = "disc"
+        module, channels, spatial = feature_module(self.modules[g.fake])
         module.register_forward_hook(lambda _m, _i, out: self._features.__setitem__("f", out))
-        self.add("disc", DiscriminatorHead(channels, spatial), lr=self.section.lr_fake or self.config.optim.lr)
+        self.add(g.disc, DiscriminatorHead(channels, spatial), lr=self.section.lr_fake or self.config.optim.lr)
 
-    def _logit(self, head=None) -> torch.Tensor:
-        head = head or self.modules["disc"]
+    def _logit(self, head) -> torch.Tensor:
         return head(self._features.pop("f")).float()
 
     @property
@@ -115,41 +116,41 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         """The discriminator is trained on noised real samples (data, or for prompts-only data the teacher's)."""
         return self.uses_discriminator
 
-    def fake_step(self, cond, b: int, batch: dict) -> dict:
+    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
         if not self.uses_discriminator:
-            return super().fake_step(cond, b, batch)
+            return super().fake_step(g, cond, b, batch)
         sched = self.teacher.schedule
-        x_t, t, target = self.fake_inputs(cond, b)
-        fake = self.modules["fake"]
+        x_t, t, target = self.fake_inputs(g, cond, b)
+        fake, head = self.modules[g.fake], self.modules[g.disc]
         kw = network_kwargs(fake, cond)
         with self.accelerator.autocast():
             pred = fake(x_t, sched.timestep(t), **kw).sample
-            logit_fake = self._logit()
+            logit_fake = self._logit(head)
             x_real = sched.add_noise(batch["x"], self.randn(*batch["x"].shape), t)
             fake(x_real, sched.timestep(t), **kw)
-            logit_real = self._logit()
+            logit_real = self._logit(head)
         dsm = fake_score_loss(pred, target).mean()
         bce = discriminator_loss(logit_real, logit_fake).mean()
         loss = dsm + self.section.discriminator_weight * bce
         self.accelerator.backward(loss)
-        norms = {name: self.apply_gradients(name) for name in ("fake", "disc")}
+        norms = {name: self.apply_gradients(name) for name in (g.fake, g.disc)}
         acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()).item() / 2
-        return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms.get("fake")}
+        return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms[g.fake]}
 
-    def generator_step(self, cond, b: int, batch: dict, step: int) -> dict:
-        nets = [self.unwrap("fake")] + ([self.unwrap("disc")] if self.uses_discriminator else [])
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
+        nets = [self.unwrap(g.fake)] + ([self.unwrap(g.disc)] if self.uses_discriminator else [])
         with frozen(*nets):  # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
-            return self._generator_step(cond, b, step)
+            return self._generator_step(g, cond, b, step)
 
-    def _generator_step(self, cond, b: int, step: int) -> dict:
+    def _generator_step(self, g: ScoreGroup, cond, b: int, step: int) -> dict:
         sec = self.section
         self._features.clear()
-        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(cond, b)
+        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
         logs = {}
         ratio = None
         gan = None
         if self.uses_discriminator:
-            logit = self._logit(self.unwrap("disc"))  # features of the fake network at x_t (input-differentiable)
+            logit = self._logit(self.unwrap(g.disc))  # features of the fake network at x_t (input-differentiable)
             log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
             ratio = log_r.exp()
             logs["log_ratio_mean"] = log_r.mean().item()
@@ -166,7 +167,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         if gan is not None:
             per_sample = per_sample + sec.gan_weight * gan
         loss = self.finite_mean(per_sample)
-        norm = self.step_optimizer("student", loss)
+        norm = self.step_optimizer(g.generator, loss)
         logs.update(gen_loss=loss.item(), grad_norm=norm, teacher_gap=(d_real - d_fake).pow(2).mean().sqrt().item())
         return logs
 
