@@ -24,6 +24,21 @@ def tiny_unet():
     return make
 
 
+def random_png_folder(folder, n: int, size: int = 16, seed: int = 0):
+    """``n`` random RGB PNGs of ``size`` x ``size`` (a stand-in reference image set)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def clip_tokenizer(folder, model_max_length: int):
     """A CLIPTokenizer from a vocab.json / merges.txt written here (letters and end-of-word letters; no merges)."""
     import json

@@ -98,19 +98,13 @@ def test_every_readme_command_runs(tmp_path):
 def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:
     """The README's SD commands with the Hub teacher, the prompt file, the student and the reference images
     replaced by tiny offline stand-ins (a random SD-format pipeline, a one-update SIM student, random PNGs)."""
-    import numpy as np
-    from conftest import make_tiny_sd
-    from PIL import Image
+    from conftest import make_tiny_sd, random_png_folder
 
     root = tmp_path / "sd"
     teacher = make_tiny_sd(root / "teacher")
     prompts = root / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\n")
-    refs = root / "refs"
-    refs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    refs = random_png_folder(root / "refs", 8)
     student = root / "student"
     _run([sys.executable, "-m", "distill", "train", "configs/sim_sd15.yaml", f"teacher.path={teacher}",
           f"data.spec=prompts:{prompts}", "train.max_steps=1", "train.batch_size=2", "train.mixed_precision=no",

@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import clip_tokenizer, make_tiny_sd
+from conftest import clip_tokenizer, make_tiny_sd, random_png_folder
 
 from distill import Condition, load_pipeline
 from distill.conditioning import network_kwargs
@@ -315,7 +315,6 @@ def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny
     """`distill fid PIPELINE --prompts FILE --reference IMAGES --compare TEACHER`: the student and the SD teacher
     (at two step counts, two guidance scales) in one report; the CLIP score equals transformers' own
     CLIPModel forward (logits_per_image / logit_scale) on the same images."""
-    from PIL import Image
 
     from distill.cli import main
 
@@ -325,11 +324,7 @@ def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny
                                                 "train.max_steps=1", "train.batch_size=2", "train.report_to=none",
                                                 "train.progress_bar=false", "train.mixed_precision=no"])
     trainer_class("sim")(cfg).train()
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
+    ref = random_png_folder(tmp_path / "ref", 12)
     clip_dir = tmp_path / "clip"
     clip = _tiny_clip(clip_dir)
     rc = main(["fid", str(out / "pipeline"), "--prompts", str(tiny_sd_folder / "prompts.txt"), "--reference",

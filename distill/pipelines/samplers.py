@@ -86,21 +86,28 @@ def _coefficients(times: torch.Tensor, i: int):
     return ab, ab**0.5, (1 - ab) ** 0.5
 
 
-def sample_ddim(model_fn, x, times, extra_args=None, callback=None, generator=None):
-    """Deterministic DDIM on ``times``; the last step returns the clean prediction."""
+def _chain(model_fn, x, times, extra_args, callback, step):
+    """The loop every sampler shares: evaluate the model at row i, move with ``step(x, denoised, i)`` (the
+    last row returns the clean prediction), report to the callback."""
     extra_args = extra_args or {}
     n = len(times)
     for i in range(n):
-        _, a, s = _coefficients(times, i)
         denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
-        if i + 1 == n:
-            x = denoised
-        else:
-            _, a_next, s_next = _coefficients(times, i + 1)
-            x = ddim_step(x, denoised, a, s, a_next, s_next)
+        x = denoised if i + 1 == n else step(x, denoised, i)
         if callback is not None:
             callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
     return x
+
+
+def sample_ddim(model_fn, x, times, extra_args=None, callback=None, generator=None):
+    """Deterministic DDIM on ``times``; the last step returns the clean prediction."""
+
+    def step(x, denoised, i):
+        _, a, s = _coefficients(times, i)
+        _, a_next, s_next = _coefficients(times, i + 1)
+        return ddim_step(x, denoised, a, s, a_next, s_next)
+
+    return _chain(model_fn, x, times, extra_args, callback, step)
 
 
 def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, generator=None):
@@ -108,42 +115,29 @@ def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, g
     when t_{i+1} is the last grid time), then forward to t_{i+1} with the forward marginal,
     z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi.
     The last interval is deterministic, so it also costs N network evaluations."""
-    extra_args = extra_args or {}
-    n = len(times)
-    for i in range(n):
+
+    def step(x, denoised, i):
         _, a, s = _coefficients(times, i)
-        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
-        if i + 1 == n:
-            x = denoised
-        else:
-            ab_next = float(times[i + 1, 1])
-            ab_k = float(times[i + 2, 1]) if i + 2 < n else 1.0
-            z_k = ddim_step(x, denoised, a, s, ab_k**0.5, (1 - ab_k) ** 0.5)
-            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            ratio = ab_next / ab_k
-            x = ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
-        if callback is not None:
-            callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
-    return x
+        ab_next = float(times[i + 1, 1])
+        ab_k = float(times[i + 2, 1]) if i + 2 < len(times) else 1.0
+        z_k = ddim_step(x, denoised, a, s, ab_k**0.5, (1 - ab_k) ** 0.5)
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        ratio = ab_next / ab_k
+        return ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
+
+    return _chain(model_fn, x, times, extra_args, callback, step)
 
 
 def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, generator=None):
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = denoised) (Ho et al. 2020, eq. 6-7),
     i.e. DDIM with eta = 1 (Song et al. 2021, eq. 16), between consecutive grid times."""
-    extra_args = extra_args or {}
-    n = len(times)
-    for i in range(n):
-        ab, a, s = _coefficients(times, i)
-        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
-        if i + 1 == n:
-            x = denoised
-        else:
-            ab_next, a_next, s_next = _coefficients(times, i + 1)
-            c = (s_next / s) * max(1.0 - ab / ab_next, 0.0) ** 0.5  # posterior std
-            eps = (x - a * denoised) / s
-            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + c * noise
-        if callback is not None:
-            callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
-    return x
 
+    def step(x, denoised, i):
+        ab, a, s = _coefficients(times, i)
+        ab_next, a_next, s_next = _coefficients(times, i + 1)
+        c = (s_next / s) * max(1.0 - ab / ab_next, 0.0) ** 0.5  # posterior std
+        eps = (x - a * denoised) / s
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + c * noise
+
+    return _chain(model_fn, x, times, extra_args, callback, step)
