@@ -299,18 +299,22 @@ class DistillationTrainer:
         opt.zero_grad(set_to_none=True)
         return norm
 
-    def fit_to_teacher(self, net, steps: int, prediction_type: str) -> None:
+    def fit_to_teacher(self, net, steps: int, prediction_type: str, indices: torch.Tensor | None = None) -> None:
         """Regress ``net`` on the teacher's own prediction at noised data for ``steps`` Adam steps.
 
         The stand-in for "start from a copy of the teacher" when the teacher has no weights to copy
-        (the analytic Gaussian-mixture teacher; score_distillation.md s9.2). Seeded, deterministic.
+        (the analytic Gaussian-mixture teacher), and MSD's teacher score matching for students smaller
+        than the teacher (Song et al. 2024). ``indices``: the data rows to draw from (default: all).
+        Seeded, deterministic.
         """
         t, cfg = self.teacher, self.config
         net.to(self.device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
         for _ in range(steps):
-            idx = torch.randint(len(self.data), (cfg.train.batch_size,), generator=gen)
+            idx = torch.randint(len(self.data) if indices is None else len(indices), (cfg.train.batch_size,),
+                                generator=gen)
+            idx = idx if indices is None else indices[idx]
             x0 = self.data.x[idx].to(self.device)
             labels = self.data.labels[idx].to(self.device) if t.num_classes else None
             cond = t.condition(class_labels=labels) if labels is not None and not (labels < 0).any() else None
@@ -380,11 +384,15 @@ class DistillationTrainer:
             raise ConfigError(f"data.spec={spec!r} holds prompts only, but {self.config.teacher.path!r} is not a "
                               "text-to-image teacher; use image data (e.g. sklearn:digits).")
 
+    def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
+        """The data rows of one batch: uniform with replacement (a method may stratify them)."""
+        return torch.randint(len(self.data), (b,), generator=gen)
+
     def _batch(self, gen: torch.Generator) -> dict:
         """One batch in the teacher's space: ``x`` (clean samples, or None for prompts-only data when the
         method needs none), ``cond`` (a :class:`Condition`, or None), ``label`` and ``size``."""
         b = self.config.train.batch_size
-        idx = torch.randint(len(self.data), (b,), generator=gen)
+        idx = self.batch_indices(gen, b)
         prompts = None
         if hasattr(self.data, "x"):
             x, y = self.data.x[idx], self.data.labels[idx]

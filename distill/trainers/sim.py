@@ -23,29 +23,17 @@ The loss is not a convergence signal (it oscillates around zero, s8.6): watch ``
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import diffusers
 import torch
 
-from ..conditioning import network_kwargs
-from ..objectives.score import SIMLoss, fake_score_loss
+from ..objectives.score import SIMLoss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
-from .base import DistillationTrainer, build_network, frozen
+from .base import DistillationTrainer, build_network
+from .score_helpers import OneStepScoreHelpers, ScoreGroup
 
 
-@dataclass
-class ScoreGroup:
-    """The networks one score-distillation update trains together, by their registered names: a one-step
-    generator, its fake score and (Uni-Instruct) the discriminator head on the fake score's features. The
-    helpers below take a group, so a trainer can hold several (multi-student distillation)."""
-
-    generator: str = "student"
-    fake: str = "fake"
-    disc: str | None = None
-
-
-class ScoreImplicitMatchingTrainer(DistillationTrainer):
+class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "sim"
 
     @property
@@ -86,75 +74,6 @@ class ScoreImplicitMatchingTrainer(DistillationTrainer):
     @property
     def fake_steps_per_generator_step(self) -> int:
         return self.section.fake_steps_per_generator_step
-
-    # ------------------------------------------------------------------ pieces
-    def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
-        """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
-        sched = self.teacher.schedule
-        sigma = sched.sigma(self.t_star).item()
-        x_in = sigma * z
-        ts = sched.timestep(self.t_star).expand(z.shape[0]).to(z.device)
-        with self.accelerator.autocast():
-            out = net(x_in, ts, **network_kwargs(net, cond)).sample.float()
-        return sched.to_x0_eps(out, x_in, self.t_star, self.gen_pred)[0]
-
-    def sample_t(self, n: int) -> torch.Tensor:
-        s = self.section
-        return (s.t_min + (s.t_max - s.t_min) * torch.rand(n, generator=self.rng, dtype=torch.float64)).to(self.device)
-
-    def fake_x0(self, net, x_t, t, cond) -> torch.Tensor:
-        sched = self.teacher.schedule
-        with self.accelerator.autocast():
-            out = net(x_t, sched.timestep(t), **network_kwargs(net, cond)).sample.float()
-        return sched.to_x0_eps(out, x_t, t, self.fake_pred)[0]
-
-    def teacher_x0(self, x_t, t, cond) -> torch.Tensor:
-        with self.accelerator.autocast():
-            return self.teacher.predict_x0(x_t, t, cond, self.config.teacher.guidance_scale).float()
-
-    def fake_inputs(self, g: ScoreGroup, cond, b: int):
-        """Noised detached generator samples and the fake score's regression target (s0.3)."""
-        sched = self.teacher.schedule
-        z = self.randn(b, *self.teacher.sample_shape)
-        with torch.no_grad():
-            x_g = self.generate(self.unwrap(g.generator), z, cond)
-        t = self.sample_t(b)
-        eps = self.randn(*x_g.shape)
-        return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
-
-    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
-        x_t, t, target = self.fake_inputs(g, cond, b)
-        fake = self.modules[g.fake]
-        with self.accelerator.autocast():
-            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
-        loss = fake_score_loss(pred, target).mean()
-        norm = self.step_optimizer(g.fake, loss)
-        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
-
-    def generator_terms(self, g: ScoreGroup, cond, b: int):
-        """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
-        sched = self.teacher.schedule
-        z = self.randn(b, *self.teacher.sample_shape)
-        x0 = self.generate(self.modules[g.generator], z, cond)
-        t = self.sample_t(b)
-        eps = self.randn(*x0.shape)
-        x_t = sched.add_noise(x0, eps, t)
-        d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)  # the caller holds the fake network frozen
-        d_real = self.teacher_x0(x_t, t, cond)
-        a, s = sched.alpha_sigma(t, x_t)
-        coef = (a / (s * s)).float()
-        return x0, x_t, t, d_real, d_fake, coef
-
-    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
-        # the fake network stays frozen through the backward pass: toggling requires_grad between forward and
-        # backward would make gradient-checkpoint recomputation differ from the forward
-        with frozen(self.unwrap(g.fake)):
-            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
-            per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
-            loss = self.finite_mean(per_sample)
-            norm = self.step_optimizer(g.generator, loss)
-        return {"gen_loss": loss.item(), "grad_norm": norm,
-                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
 
     # ------------------------------------------------------------------ step / export
     def train_step(self, batch: dict, step: int) -> dict:

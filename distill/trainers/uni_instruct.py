@@ -34,7 +34,8 @@ from ..objectives.score import (
     h_of,
 )
 from .base import frozen
-from .sim import ScoreGroup, ScoreImplicitMatchingTrainer
+from .score_helpers import ScoreGroup
+from .sim import ScoreImplicitMatchingTrainer
 
 
 class DiscriminatorHead(nn.Module):

@@ -1,0 +1,105 @@
+"""Shared pieces of one-step score distillation (Diff-Instruct, DMD, SiD, SIM, Uni-Instruct, MSD).
+
+Networks (Luo et al. 2023 sec. 3; Yin et al. 2024 sec. 3): the frozen teacher D_p; a fake score D_psi
+trained by denoising score matching on detached generator samples; the one-step generator G, the
+denoiser evaluated at the fixed index t* on sigma(t*) z and read in its prediction type (the SiD-LSG
+parameterisation, Zhou et al. 2024). The helpers take a :class:`ScoreGroup` (which registered networks
+form one generator / fake score pair), so one trainer can hold several (multi-student distillation).
+
+A trainer that mixes in :class:`OneStepScoreHelpers` sets ``t_star`` (continuous t of the generator
+index), ``gen_pred`` / ``fake_pred`` (prediction types), ``loss`` (called as
+``loss(x0, x_t, d_real, d_fake, coef)``) and has a ``section`` with ``t_min`` / ``t_max``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..conditioning import network_kwargs
+from ..objectives.score import fake_score_loss
+from .base import frozen
+
+
+@dataclass
+class ScoreGroup:
+    """The networks one score-distillation update trains together, by their registered names: a one-step
+    generator, its fake score and (Uni-Instruct) the discriminator head on the fake score's features."""
+
+    generator: str = "student"
+    fake: str = "fake"
+    disc: str | None = None
+
+
+class OneStepScoreHelpers:
+    """Generator sampling, the fake-score update and the generator update of one :class:`ScoreGroup`."""
+
+    def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
+        """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
+        sched = self.teacher.schedule
+        sigma = sched.sigma(self.t_star).item()
+        x_in = sigma * z
+        ts = sched.timestep(self.t_star).expand(z.shape[0]).to(z.device)
+        with self.accelerator.autocast():
+            out = net(x_in, ts, **network_kwargs(net, cond)).sample.float()
+        return sched.to_x0_eps(out, x_in, self.t_star, self.gen_pred)[0]
+
+    def sample_t(self, n: int) -> torch.Tensor:
+        s = self.section
+        return (s.t_min + (s.t_max - s.t_min) * torch.rand(n, generator=self.rng, dtype=torch.float64)).to(self.device)
+
+    def fake_x0(self, net, x_t, t, cond) -> torch.Tensor:
+        sched = self.teacher.schedule
+        with self.accelerator.autocast():
+            out = net(x_t, sched.timestep(t), **network_kwargs(net, cond)).sample.float()
+        return sched.to_x0_eps(out, x_t, t, self.fake_pred)[0]
+
+    def teacher_x0(self, x_t, t, cond) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.teacher.predict_x0(x_t, t, cond, self.config.teacher.guidance_scale).float()
+
+    def fake_inputs(self, g: ScoreGroup, cond, b: int):
+        """Noised detached generator samples and the fake score's regression target (DSM)."""
+        sched = self.teacher.schedule
+        z = self.randn(b, *self.teacher.sample_shape)
+        with torch.no_grad():
+            x_g = self.generate(self.unwrap(g.generator), z, cond)
+        t = self.sample_t(b)
+        eps = self.randn(*x_g.shape)
+        return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+
+    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
+        x_t, t, target = self.fake_inputs(g, cond, b)
+        fake = self.modules[g.fake]
+        with self.accelerator.autocast():
+            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
+        loss = fake_score_loss(pred, target).mean()
+        norm = self.step_optimizer(g.fake, loss)
+        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
+
+    def generator_terms(self, g: ScoreGroup, cond, b: int):
+        """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
+        sched = self.teacher.schedule
+        z = self.randn(b, *self.teacher.sample_shape)
+        x0 = self.generate(self.modules[g.generator], z, cond)
+        t = self.sample_t(b)
+        eps = self.randn(*x0.shape)
+        x_t = sched.add_noise(x0, eps, t)
+        d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)  # the caller holds the fake network frozen
+        d_real = self.teacher_x0(x_t, t, cond)
+        a, s = sched.alpha_sigma(t, x_t)
+        coef = (a / (s * s)).float()
+        return x0, x_t, t, d_real, d_fake, coef
+
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
+        """One generator update on ``self.loss`` with gradients through the INPUT of the frozen teacher and
+        fake networks. The fake network stays frozen through the backward pass: toggling requires_grad
+        between forward and backward would make gradient-checkpoint recomputation differ from the forward."""
+        with frozen(self.unwrap(g.fake)):
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
+            per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
+            loss = self.finite_mean(per_sample)
+            norm = self.step_optimizer(g.generator, loss)
+        return {"gen_loss": loss.item(), "grad_norm": norm,
+                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
