@@ -1,6 +1,6 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
-    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid]
+    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid,msd,msd_digits]
                              [--quick]
     python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
@@ -509,9 +509,116 @@ def bench_hybrid(quick: bool) -> str:
                      "distance / teacher-50", "Vendi / teacher-50", "images/s", "speed / student"], rows) + "\n")
 
 
+# ---------------------------------------------------------------------- (i) multi-student distillation
+def _per_class_toy(pipe, teacher, n: int) -> dict:
+    """Per class c of toy:gaussians8: sliced W2 to exact samples of N(mu_c, std^2) and the share of samples
+    within 3 std of mu_c (on-class); means and worst class."""
+    from distill.eval.toy import sliced_wasserstein
+
+    means = teacher.model.mix_means.cpu().double()
+    std = float(teacher.model.mix_variances.sqrt().mean())
+    g = torch.Generator().manual_seed(1)
+    sw, on = [], []
+    for c in range(len(means)):
+        x = pipe(class_labels=[c] * n, generator=torch.Generator().manual_seed(100 + c), output_type="pt").images
+        ref = means[c] + std * torch.randn(n, 2, generator=g, dtype=torch.float64)
+        sw.append(sliced_wasserstein(x.double(), ref))
+        on.append(float(((x.double() - means[c]).norm(dim=1) < 3 * std).double().mean()))
+    return {"swd": sum(sw) / len(sw), "swd_worst": max(sw), "on": sum(on) / len(on), "on_worst": min(on)}
+
+
+def bench_msd(quick: bool) -> str:
+    """Song et al. 2024 at our scale: K = 4 students vs K = 1 of the same size (same per-sample inference cost,
+    same updates, same total batch) on the class-conditional toy:gaussians8, per class; and small students
+    with teacher score matching (TSM) vs none at the same number of updates."""
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.teachers import analytic_teacher
+    from distill.trainers import trainer_class
+
+    teacher = analytic_teacher("gaussians8", conditional=True)
+    n = 500 if quick else 2000
+    steps = 300 if quick else MSD_TOY_STEPS
+    runs = [(f"K = 1, hidden {w}", [f"student.hidden={w}", "msd.num_students=1"]) for w in MSD_TOY_WIDTHS] + \
+           [(f"K = 4, hidden {w}", [f"student.hidden={w}", "msd.num_students=4"]) for w in MSD_TOY_WIDTHS]
+    w = MSD_TOY_WIDTHS[0]
+    runs += [(f"K = 4, hidden {w}, no TSM (+{MSD_TSM} DM updates instead)",
+              [f"student.hidden={w}", "msd.num_students=4", "msd.tsm_steps=0", f"train.max_steps={steps + MSD_TSM}"])]
+    class Exact:  # the noise floor: exact class samples of another seed, through the same metric
+        def __call__(self, class_labels, generator, output_type):
+            c = class_labels[0]
+            x = teacher.model.mix_means[c].cpu() + teacher.model.mix_variances[c].sqrt().cpu() * torch.randn(
+                len(class_labels), 2, generator=generator)
+            return type("Out", (), {"images": x})
+
+    r = _per_class_toy(Exact(), teacher, n)
+    rows = [["exact samples, another seed (noise floor)", "-", "-", "-", r["swd"], r["swd_worst"], r["on"],
+             r["on_worst"], "-"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, extra) in enumerate(runs):
+            cfg = load_config(HERE.parent / "configs/msd_gaussians8.yaml", [
+                f"output_dir={tmp}/{i}", "train.progress_bar=false", "train.report_to=none", f"train.max_steps={steps}",
+                f"msd.tsm_steps={MSD_TSM}", f"train.batch_size={MSD_TOY_BATCH}", *extra])
+            t0 = time.time()
+            path = trainer_class("msd")(cfg).train()
+            secs = time.time() - t0
+            pipe = load_pipeline(str(path))
+            pipe.set_progress_bar_config(disable=True)
+            r = _per_class_toy(pipe, teacher, n)
+            params = sum(p.numel() for p in pipe.students.students[0].parameters())
+            rows.append([name, cfg.train.max_steps, cfg.msd.tsm_steps, params, r["swd"], r["swd_worst"], r["on"],
+                         r["on_worst"], f"{secs:.0f}"])
+    return (f"### (i) Multi-student distillation on the class-conditional toy:gaussians8 (DMD per student, batch "
+            f"{MSD_TOY_BATCH} split evenly among the students, {n} samples per class against exact samples of that "
+            "class; goal (Song et al. 2024): K = 4 beats K = 1 at the same per-sample cost, and TSM beats no TSM)\n\n"
+            + table(["students", "updates", "TSM steps", "params per student", "sliced W2 per class (mean)",
+                     "sliced W2 (worst class)", "on-class share (mean)", "on-class (worst)", "train s"], rows) + "\n")
+
+
+MSD_TOY_STEPS, MSD_TOY_BATCH, MSD_TSM, MSD_TOY_WIDTHS = 1000, 256, 300, (32, 128)
+
+
+def bench_msd_digits(quick: bool) -> str:
+    """K = 4 students (copies of the class-conditional digits teacher, consecutive classes) vs K = 1, same
+    updates and batch, FID with the digits extractor; the teacher at 1 and 50 DDIM steps in the same run."""
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.eval.fid import compute_metrics, teacher_as_sampler
+    from distill.teachers import ASSETS
+    from distill.trainers import trainer_class
+
+    n = 500 if quick else 1000
+    steps = 50 if quick else MSD_DIGITS_STEPS
+    rows = []
+    teacher = teacher_as_sampler(load_pipeline(str(ASSETS / "digits_teacher_cond")))
+    teacher.set_progress_bar_config(disable=True)
+    for k in (1, 50):
+        r = compute_metrics(teacher, "sklearn:digits", ("fid",), n, "digits", steps=k)
+        rows.append([f"teacher DDIM {k}", k, "-", r["fid"], "-"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 4):
+            cfg = load_config(HERE.parent / "configs/msd_digits.yaml", [
+                f"output_dir={tmp}/{k}", "train.progress_bar=false", "train.report_to=none", "eval.enabled=false",
+                f"train.max_steps={steps}", f"msd.num_students={k}"])
+            t0 = time.time()
+            path = trainer_class("msd")(cfg).train()
+            secs = time.time() - t0
+            pipe = load_pipeline(str(path))
+            pipe.set_progress_bar_config(disable=True)
+            r = compute_metrics(pipe, "sklearn:digits", ("fid",), n, "digits")
+            rows.append([f"K = {k} student{'s' if k > 1 else ''}", 1, steps, r["fid"], f"{secs:.0f}"])
+    return (f"### (j) Multi-student distillation on the class-conditional digits teacher (`configs/msd_digits.yaml`, "
+            f"students = copies of the teacher, DMD, batch 32 split evenly, {steps} updates; {n} samples, FID with "
+            "the digits extractor; goal (Song et al. 2024): K = 4 beats K = 1)\n\n"
+            + table(["model", "steps", "updates", "FID (digits)", "train s"], rows) + "\n")
+
+
+MSD_DIGITS_STEPS = 400
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid")
+    ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid,msd,msd_digits")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -521,7 +628,7 @@ def main() -> None:
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
     funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
              "progressive": bench_progressive, "guided": bench_guided, "uni_instruct_digits": bench_uni_instruct_digits,
-             "hybrid": bench_hybrid}
+             "hybrid": bench_hybrid, "msd": bench_msd, "msd_digits": bench_msd_digits}
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     for p in parts:

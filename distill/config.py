@@ -184,8 +184,32 @@ class GuidedConfig(ProgressiveConfig):
 
 
 @dataclass
+class MSDConfig:
+    """Multi-student distillation (Song et al. 2024): K one-step students, each distilled with a score-
+    distillation objective on its own part of the conditioning set; a condition is routed to one student."""
+
+    num_students: int = 4  # K
+    # blocks: consecutive class ranges (the paper's ImageNet split); random: a seeded balanced split of the
+    # classes; file: partition_file (JSON: a list, the student of each class); prompt_clusters: k-means on
+    # the text teacher's prompt embeddings (text teachers)
+    partition: Literal["blocks", "random", "file", "prompt_clusters"] = "blocks"
+    partition_file: str | None = None
+    objective: Literal["dmd", "di", "sim"] = "dmd"  # per-student one-step objective (the paper: DMD)
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"  # objective: sim
+    huber_c: float = 1.0  # objective: sim
+    shared_fake: bool = False  # one fake score for all students (K + 1 networks) instead of one per student (2K)
+    generator_timestep: int = 625  # t*: each student is the denoiser at this index on sigma(t*) z
+    fake_steps_per_generator_step: int = 1
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02
+    t_max: float = 0.98
+    tsm_steps: int = 0  # student.arch mlp/unet: teacher score matching on the student's part before distillation
+    gradient_checkpointing: bool = False
+
+
+@dataclass
 class Config:
-    method: Literal["teacher", "sim", "uni_instruct", "progressive", "guided"] = "sim"
+    method: Literal["teacher", "sim", "uni_instruct", "progressive", "guided", "msd"] = "sim"
     output_dir: str = "outputs/run"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +222,7 @@ class Config:
     uni_instruct: UniInstructConfig = field(default_factory=UniInstructConfig)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     guided: GuidedConfig = field(default_factory=GuidedConfig)
+    msd: MSDConfig = field(default_factory=MSDConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -379,7 +404,23 @@ def validate(cfg: Config) -> None:
          (cfg.guided.guidance_min, cfg.guided.guidance_max),
          "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
         (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
+        (cfg.msd.num_students >= 1, "msd.num_students", cfg.msd.num_students, "an integer >= 1"),
+        (0 <= cfg.msd.generator_timestep < 1000, "msd.generator_timestep", cfg.msd.generator_timestep,
+         "a training index in [0, 999]"),
+        (0 <= cfg.msd.t_min < cfg.msd.t_max <= 1, "msd.t_min/t_max", (cfg.msd.t_min, cfg.msd.t_max),
+         "0 <= t_min < t_max <= 1"),
+        (cfg.msd.huber_c > 0, "msd.huber_c", cfg.msd.huber_c, "a positive number"),
+        (cfg.msd.fake_steps_per_generator_step >= 1, "msd.fake_steps_per_generator_step",
+         cfg.msd.fake_steps_per_generator_step, "an integer >= 1"),
+        (cfg.msd.tsm_steps >= 0, "msd.tsm_steps", cfg.msd.tsm_steps, "an integer >= 0"),
     ]
+    if cfg.method == "msd" and t.batch_size % cfg.msd.num_students:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of msd.num_students="
+                          f"{cfg.msd.num_students}: each student trains on batch_size / num_students samples of its "
+                          f"own part per step. Use train.batch_size="
+                          f"{max(1, t.batch_size // cfg.msd.num_students) * cfg.msd.num_students}.")
+    if cfg.method == "msd" and cfg.msd.partition == "file" and not cfg.msd.partition_file:
+        raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of each class).")
     if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation samples its own "
                           "guidance scales (guided.guidance_min / guidance_max); remove teacher.guidance_scale.")

@@ -84,7 +84,10 @@ def export_pipeline(pipe, path, card: dict | None = None) -> Path:
         module = sys.modules.get(type(component).__module__)
         if module in _models.EXPORT_NAMES:
             lib = _models.EXPORT_NAMES[module]
-            shutil.copy(inspect.getfile(module), tmp / name / f"{lib}.py")
+            main, *siblings = _source_files(module)
+            shutil.copy(main, tmp / name / f"{lib}.py")
+            for f in siblings:  # relative imports keep their file names (diffusers copies them with remote code)
+                shutil.copy(f, tmp / name / f.name)
             index[name] = [lib, type(component).__name__]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (tmp / "README.md").write_text(model_card(card or {}))

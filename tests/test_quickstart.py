@@ -68,7 +68,7 @@ def test_every_readme_command_runs(tmp_path):
         if cmd in ran or cmd.startswith("make "):
             continue
         ran.add(cmd)
-        args = cmd.replace("outputs/quickstart", str(out)).split()
+        args = cmd.replace("outputs/quickstart", str(out)).replace("outputs/msd_demo", str(tmp_path / "msd_demo")).split()
         args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/")
                 else a for a in args]
         if "--num-samples" in args:
@@ -93,6 +93,11 @@ def test_every_readme_command_runs(tmp_path):
                 if "HybridPipeline.from_pipelines" in c)
     _run([sys.executable, "-c", code.replace("outputs/quickstart", str(out)) + "\nassert len(out.trajectory) == 2"],
          ROOT)
+    # the Python block of the multi-student section, on the demo run's export
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "MultiStudentPipeline" in c)
+    _run([sys.executable, "-c", code.replace("outputs/msd_demo", str(tmp_path / "msd_demo"))
+          + "\nassert x.shape == (4, 2) and len(pipe.students) == 4"], ROOT)
 
 
 def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:

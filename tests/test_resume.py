@@ -29,6 +29,8 @@ CASES = {
     "progressive_at_round_boundary": ("configs/progressive_gaussians8.yaml", TOY_PD, 8, 4),
     "guided_stage_one": ("configs/guided_gaussians8.yaml", TOY_GD, 12, 2),
     "guided_stage_two": ("configs/guided_gaussians8.yaml", TOY_GD, 12, 6),
+    "msd_three_students": ("configs/msd_gaussians8.yaml", ["train.max_steps=6", "msd.tsm_steps=5", "msd.num_students=3",
+                                                           "train.batch_size=63"], 6, 3),
 }
 
 

@@ -24,7 +24,11 @@ def trainer_class(method: str):
         from .guided import GuidedDistillationTrainer
 
         return GuidedDistillationTrainer
-    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive or guided.")
+    if method == "msd":
+        from .multi_student import MultiStudentTrainer
+
+        return MultiStudentTrainer
+    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive, guided or msd.")
 
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "trainer_class"]

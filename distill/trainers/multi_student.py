@@ -1,0 +1,255 @@
+"""MultiStudentTrainer: multi-student distillation (MSD; Song, Lorraine, Nie, Kreis, Lucas 2024,
+"Multi-Student Diffusion Distillation for Better One-Step Generators", arXiv 2410.23274, ICML 2025).
+
+The conditioning set is split into K disjoint parts V_1..V_K and one one-step student is distilled per
+part, G_k = Distill(mu_teacher, D_k = F(D, V_k)); at inference each condition goes to its own student,
+so a sample still costs one evaluation of one network while the K students together hold K times the
+capacity. Partitions (``msd.partition``):
+
+* ``blocks``: consecutive class ranges, student = floor(c K / C) (the paper's ImageNet split: 250 classes
+  per student for K = 4; k-means on class embeddings was reported no better);
+* ``random``: a seeded balanced split of the classes; ``file``: a JSON list, the student of each class;
+* ``prompt_clusters`` (text teachers): seeded k-means on the normalised prompt embeddings of the training
+  prompts (the paper splits the text encoder's embedding space); the centroids route at inference.
+
+Per student, the one-step objective is a score-distillation method on the student's part only
+(``msd.objective``): ``dmd`` (the paper's choice: DMD's normalised distribution-matching gradient,
+Yin et al. 2024 eq. 7-8), ``di`` (Diff-Instruct) or ``sim`` (SIM, Luo et al. 2024), each with its fake
+score trained by denoising score matching on the student's detached samples. Each step draws
+``batch_size / K`` rows of every student's part, so K students see the same number of samples and
+updates as one student at the same batch size (the paper's batch-controlled ablation).
+
+Fake scores: one per student by default (``msd.shared_fake: false``): the paper describes every student
+as its own DMD run, so each has its own fake score (2K networks). ``shared_fake: true`` trains one
+conditional fake score on all students' samples (K + 1 networks); it is the same estimate in exact
+arithmetic, because a condition belongs to one student, so the fake distribution at that condition is
+that student's.
+
+Students smaller than the teacher (``student.arch: mlp | unet``) cannot start as copies; the paper's
+teacher score matching (TSM) stage first regresses each on the teacher's output at noised real data
+of its part, L_TSM = E_t[lambda_t |mu_student(x_t, t) - mu_teacher(x_t, t)|^2] (``msd.tsm_steps``).
+
+Accelerate: every process holds all K students (and their fake scores and optimizer states) and trains
+them all on its shard of each batch (plain data parallel); memory is K times a single-student run
+(2K networks with Adam states, or K + 1 with ``shared_fake``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+
+from ..conditioning import Condition, network_kwargs
+from ..config import ConfigError
+from ..models import StudentBank
+from ..objectives.score import DiffInstructLoss, SIMLoss, fake_score_loss
+from ..pipelines import MultiStudentPipeline
+from ..pipelines.multi_student import nearest_centroid, prompt_feature
+from .base import DistillationTrainer, build_network
+from .score_helpers import OneStepScoreHelpers, ScoreGroup
+
+
+def class_partition(kind: str, num_classes: int, k: int, seed: int = 0, file: str | None = None) -> list[int]:
+    """The student of each class: consecutive blocks, a seeded balanced random split, or a JSON file."""
+    if k > num_classes:
+        raise ConfigError(f"msd.num_students={k} is more than the teacher's {num_classes} classes: every student needs "
+                          f"at least one class; use msd.num_students <= {num_classes}.")
+    if kind == "blocks":
+        return [c * k // num_classes for c in range(num_classes)]
+    if kind == "random":
+        perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+        table = [0] * num_classes
+        for i, c in enumerate(perm):
+            table[c] = i % k
+        return table
+    if kind == "file":
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"msd.partition_file={file!r} does not exist; it should be a JSON list giving the "
+                              f"student (0..{k - 1}) of each of the {num_classes} classes.")
+        table = json.loads(path.read_text())
+        if (not isinstance(table, list) or len(table) != num_classes
+                or not all(isinstance(s, int) and 0 <= s < k for s in table)):
+            raise ConfigError(f"msd.partition_file={file!r} must hold a JSON list of {num_classes} integers in "
+                              f"[0, {k}) (the student of each class); it holds {str(table)[:200]}.")
+        return table
+    raise ConfigError(f"msd.partition={kind!r} is for text teachers; a class-conditional teacher takes blocks, "
+                      "random or file.")
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
+    """Centroids of k-means (k-means++ initialisation, Lloyd iterations), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.float().cpu()
+    cents = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(cents)).min(dim=1).values.pow(2)
+        cents.append(x[torch.multinomial(d2 + 1e-12, 1, generator=gen)].squeeze(0))
+    c = torch.stack(cents)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(dim=1)
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+        if torch.allclose(new, c):
+            break
+        c = new
+    return c
+
+
+class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
+    method = "msd"
+
+    @property
+    def section(self):
+        return self.config.msd
+
+    # ------------------------------------------------------------------ partition
+    def _row_labels(self) -> torch.Tensor:
+        d = self.data
+        if hasattr(d, "labels"):
+            return d.labels
+        if getattr(d, "label_col", None):
+            return torch.tensor(d.ds[d.label_col])
+        return torch.full((len(d),), -1)
+
+    def _row_prompts(self) -> list[str]:
+        d = self.data
+        if hasattr(d, "prompts"):
+            return list(d.prompts)
+        return [str(p or "") for p in d.ds[d.caption_col]]
+
+    def partition(self) -> tuple[dict, torch.Tensor]:
+        """(routing table for the pipeline, student of every data row)."""
+        sec, t, k = self.section, self.teacher, self.section.num_students
+        if t.is_text:
+            if sec.partition != "prompt_clusters":
+                raise ConfigError(f"msd.partition={sec.partition!r}: a text-to-image teacher is split by prompt; use "
+                                  "msd.partition=prompt_clusters.")
+            prompts = self._row_prompts()
+            distinct = sorted(set(prompts))
+            if len(distinct) < k:
+                raise ConfigError(f"The data has {len(distinct)} distinct prompts for msd.num_students={k}: use at "
+                                  f"most {len(distinct)} students or more prompts.")
+            feats = []
+            with torch.no_grad():
+                for i in range(0, len(distinct), 64):
+                    c = t.condition(prompts=distinct[i:i + 64])
+                    feats.append(prompt_feature(c.embeds, c.pooled).cpu())
+            feats = torch.cat(feats)
+            cents = kmeans(feats, k, seed=self.config.train.seed)
+            of_prompt = dict(zip(distinct, nearest_centroid(feats, cents).tolist()))
+            rows = torch.tensor([of_prompt[p] for p in prompts])
+            return {"kind": "prompt_clusters", "centroids": cents.tolist()}, rows
+        if not t.num_classes:
+            raise ConfigError(f"Multi-student distillation routes by condition; teacher.path={self.config.teacher.path!r} "
+                              "is unconditional. Use a class-conditional or text-to-image teacher.")
+        labels = self._row_labels()
+        if (labels < 0).any():
+            raise ConfigError(f"data.spec={self.config.data.spec!r} has unlabelled rows; MSD gives each student the "
+                              "data of its classes, so every row needs a class label.")
+        table = class_partition(sec.partition, t.num_classes, k, self.config.train.seed, sec.partition_file)
+        return {"kind": "classes", "student_of_class": table}, torch.tensor(table)[labels.long()]
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        cfg, sec, t = self.config, self.section, self.teacher
+        k = sec.num_students
+        self.routing, rows = self.partition()
+        self.parts = [(rows == j).nonzero().flatten() for j in range(k)]
+        empty = [j for j, p in enumerate(self.parts) if len(p) == 0]
+        if empty:
+            raise ConfigError(f"Students {empty} have no data rows in their part (msd.partition={sec.partition!r}, "
+                              f"data.spec={cfg.data.spec!r}); use fewer students or data covering every part.")
+        shape, ncls = t.sample_shape, t.num_classes
+        if cfg.student.arch != "copy":
+            cfg.student.conditional = bool(ncls)
+        if sec.tsm_steps and not hasattr(self.data, "x"):
+            raise ConfigError("msd.tsm_steps needs in-memory image or toy data (it noises real samples).")
+        self.gen_pred = t.prediction_type if cfg.student.arch == "copy" else (cfg.student.prediction_type
+                                                                              or t.prediction_type)
+        self.fake_pred = self.gen_pred
+        lr_fake = sec.lr_fake or cfg.optim.lr
+        gens = []
+        for j in range(k):
+            gen = build_network(cfg, t, shape, ncls)
+            if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
+                self.fit_to_teacher(gen, sec.tsm_steps, self.gen_pred, indices=self.parts[j])
+            gens.append(gen)
+        if sec.shared_fake:
+            fake = copy.deepcopy(gens[0]) if cfg.student.arch == "copy" or not sec.tsm_steps else \
+                build_network(cfg, t, shape, ncls)
+            if cfg.student.arch != "copy" and sec.tsm_steps:
+                self.fit_to_teacher(fake, sec.tsm_steps, self.fake_pred)
+            fakes = [fake.requires_grad_(True).train()]
+        else:
+            fakes = [copy.deepcopy(g).requires_grad_(True).train() for g in gens]
+        if sec.gradient_checkpointing:
+            for net in (t.model, *gens, *fakes):
+                if hasattr(net, "enable_gradient_checkpointing"):
+                    net.enable_gradient_checkpointing()
+        self.groups = []
+        for j, gen in enumerate(gens):
+            fake_name = "fake" if sec.shared_fake else f"fake_{j}"
+            self.add(f"student_{j}", gen, lr=cfg.optim.lr, ema=True)
+            if not sec.shared_fake:
+                self.add(fake_name, fakes[j], lr=lr_fake)
+            self.groups.append(ScoreGroup(generator=f"student_{j}", fake=fake_name))
+        if sec.shared_fake:
+            self.add("fake", fakes[0], lr=lr_fake)
+        self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
+        self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
+                     "sim": SIMLoss(distance=sec.distance, huber_c=sec.huber_c)}[sec.objective]
+
+    def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
+        """batch_size / K rows of every student's part, student by student."""
+        per = b // self.section.num_students
+        return torch.cat([part[torch.randint(len(part), (per,), generator=gen)] for part in self.parts])
+
+    # ------------------------------------------------------------------ step
+    def shared_fake_step(self, cond, per: int) -> dict:
+        """One update of the shared fake score on every student's detached samples (rows in student order)."""
+        inputs = [self.fake_inputs(g, cond[j * per:(j + 1) * per], per) for j, g in enumerate(self.groups)]
+        x_t, t, target = (torch.cat(v) for v in zip(*inputs))
+        fake = self.modules["fake"]
+        with self.accelerator.autocast():
+            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
+        loss = fake_score_loss(pred, target).mean()
+        return {"fake_loss": loss.item(), "fake_grad_norm": self.step_optimizer("fake", loss)}
+
+    def train_step(self, batch: dict, step: int) -> dict:
+        sec = self.section
+        cond: Condition = batch["cond"]
+        per = batch["size"] // sec.num_students
+        logs: list[dict] = []
+        for _ in range(sec.fake_steps_per_generator_step):
+            if sec.shared_fake:
+                logs.append(self.shared_fake_step(cond, per))
+            else:
+                logs += [self.fake_step(g, cond[j * per:(j + 1) * per], per, batch) for j, g in enumerate(self.groups)]
+        logs += [self.generator_step(g, cond[j * per:(j + 1) * per], per, batch, step)
+                 for j, g in enumerate(self.groups)]
+        out = {}
+        for key in {k for d in logs for k in d}:  # means over students (and fake steps)
+            vals = [d[key] for d in logs if d.get(key) is not None]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out
+
+    # ------------------------------------------------------------------ export
+    def export(self, for_samples: bool = False):
+        t = self.teacher
+        bank = StudentBank.from_students([self.unwrap(g.generator) for g in self.groups])
+        sched = diffusers.DDPMScheduler.from_config(t.scheduler.config, prediction_type=self.gen_pred)
+        parts = t.frozen_components(reload=not for_samples) if t.is_text else {}
+        return MultiStudentPipeline(bank, sched, generator_timestep=self.section.generator_timestep,
+                                    sample_shape=t.sample_shape, num_classes=t.num_classes, routing=self.routing,
+                                    **parts)
+
+    def card_info(self) -> dict:
+        s = self.section
+        return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
+                "num_students": s.num_students, "partition": s.partition, "objective": s.objective,
+                "shared_fake": s.shared_fake, "generator_timestep (t*)": s.generator_timestep,
+                "tsm_steps": s.tsm_steps}
