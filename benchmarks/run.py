@@ -613,7 +613,7 @@ def bench_msd_digits(quick: bool) -> str:
             + table(["model", "steps", "updates", "FID (digits)", "train s"], rows) + "\n")
 
 
-MSD_DIGITS_STEPS = 400
+MSD_DIGITS_STEPS = 300
 
 
 def main() -> None:

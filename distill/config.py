@@ -204,6 +204,10 @@ class MSDConfig:
     t_min: float = 0.02
     t_max: float = 0.98
     tsm_steps: int = 0  # student.arch mlp/unet: teacher score matching on the student's part before distillation
+    # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of
+    # (noise, teacher DDIM sample at data.teacher_sample_steps) pairs, drawn from ALL conditions, not filtered
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
     gradient_checkpointing: bool = False
 
 
@@ -413,6 +417,8 @@ def validate(cfg: Config) -> None:
         (cfg.msd.fake_steps_per_generator_step >= 1, "msd.fake_steps_per_generator_step",
          cfg.msd.fake_steps_per_generator_step, "an integer >= 1"),
         (cfg.msd.tsm_steps >= 0, "msd.tsm_steps", cfg.msd.tsm_steps, "an integer >= 0"),
+        (cfg.msd.regression_weight >= 0, "msd.regression_weight", cfg.msd.regression_weight, "a number >= 0"),
+        (cfg.msd.regression_pairs >= 1, "msd.regression_pairs", cfg.msd.regression_pairs, "an integer >= 1"),
     ]
     if cfg.method == "msd" and t.batch_size % cfg.msd.num_students:
         raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of msd.num_students="

@@ -274,13 +274,15 @@ class Teacher:
 
     @torch.no_grad()
     def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None,
-               cond: Condition | None = None, guidance_scale=None, stochastic: bool = False) -> torch.Tensor:
+               cond: Condition | None = None, guidance_scale=None, stochastic: bool = False,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM samples in training space on diffusers' trailing grid (the baseline every student is
-        compared with; for latent teachers, also the clean latents of prompts-only training data)."""
+        compared with; for latent teachers, also the clean latents of prompts-only training data).
+        ``noise``: the starting x_T (default: drawn from ``generator``)."""
         from .pipelines.samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
-        x = torch.randn(shape, generator=generator).to(self.device)
+        x = (torch.randn(shape, generator=generator) if noise is None else noise).to(self.device)
         T = self.schedule.num_train_timesteps
         times = vp_grid(self.schedule.alphas_cumprod, trailing_timesteps(num_steps, T))
 

@@ -168,9 +168,9 @@ def test_each_student_trains_on_its_own_classes_and_only_there(tmp_path):
     seen = []
     orig = trainer.generator_step
 
-    def spy(g, cond, b, batch, step):
+    def spy(g, cond, b, batch, step, **kw):
         seen.append((g.generator, g.fake, sorted(set(cond.class_labels.tolist())), b))
-        return orig(g, cond, b, batch, step)
+        return orig(g, cond, b, batch, step, **kw)
 
     trainer.generator_step = spy
     before = {n: [p.detach().clone() for p in trainer.unwrap(n).parameters()] for n in trainer.modules}
@@ -200,6 +200,32 @@ def test_shared_fake_score_is_one_network_trained_on_every_students_samples(tmp_
     trainer.train()
     assert sorted(trainer.modules) == ["fake", "student_0", "student_1"]
     assert calls == [("student_0", 16), ("student_1", 16)] * 2
+
+
+def test_regression_pairs_are_teacher_ode_samples_of_every_condition(tmp_path):
+    """DMD's paired set: y is the teacher's DDIM sample from x_T = z at the pair's class, the pairs span every
+    student's classes (MSD: not filtered by partition), and the regression term enters each student's update."""
+    cfg = _toy_cfg(tmp_path, "msd.num_students=4", "msd.regression_weight=0.5", "msd.regression_pairs=300",
+                   "data.teacher_sample_steps=4")
+    trainer = trainer_class("msd")(cfg)
+    trainer.setup()
+    rows, z, y = trainer.pairs
+    t = trainer.teacher
+    labels = trainer.data.labels[rows]
+    assert set(labels.tolist()) == set(range(8))  # every class, hence every student's part
+    want = t.sample(5, 4, cond=t.condition(class_labels=labels[:5]), noise=z[:5])
+    assert torch.allclose(y[:5], want, atol=1e-5)
+    other = t.sample(5, 4, cond=t.condition(class_labels=(labels[:5] + 4) % 8), noise=z[:5])
+    assert (y[:5] - other).abs().max() > 0.5  # the class matters: the pairs hold their own class's sample
+    g = trainer.groups[0]
+    trainer.rng = torch.Generator().manual_seed(0)
+    reg = trainer.regression_loss(g, 16)
+    trainer.rng = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(z), (16,), generator=trainer.rng)
+    x0 = trainer.generate(trainer.modules[g.generator], z[idx], trainer.rows_condition(rows[idx]))
+    assert torch.allclose(reg, 0.5 * (x0 - y[idx]).pow(2).mean())
+    trainer.train()
+    assert all(h["extra_loss"] > 0 for h in trainer.history)
 
 
 def test_teacher_score_matching_fits_a_small_student_to_the_teacher_on_its_part(tmp_path):

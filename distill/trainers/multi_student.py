@@ -29,6 +29,10 @@ Students smaller than the teacher (``student.arch: mlp | unet``) cannot start as
 teacher score matching (TSM) stage first regresses each on the teacher's output at noised real data
 of its part, L_TSM = E_t[lambda_t |mu_student(x_t, t) - mu_teacher(x_t, t)|^2] (``msd.tsm_steps``).
 
+DMD's regression term (``msd.regression_weight``, L2 between G(z) and the teacher's DDIM sample from the
+same z, Yin et al. 2024 sec. 3.3) uses pairs of ALL conditions for every student: the paper found that
+filtering the paired set by partition collapses the students. The pairs are made once at start-up.
+
 Accelerate: every process holds all K students (and their fake scores and optimizer states) and trains
 them all on its shard of each batch (plain data parallel); memory is K times a single-student run
 (2K networks with Adam states, or K + 1 with ``shared_fake``).
@@ -121,6 +125,36 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             return list(d.prompts)
         return [str(p or "") for p in d.ds[d.caption_col]]
 
+    def rows_condition(self, rows: torch.Tensor):
+        """The teacher's condition for data rows (their class labels or prompts)."""
+        if self.teacher.is_text:
+            return self.teacher.condition(prompts=[self.row_prompts[int(i)] for i in rows])
+        return self.teacher.condition(class_labels=self.row_labels[rows].to(self.device))
+
+    def regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, z, y): ``msd.regression_pairs`` data rows drawn from all the data, noise z, and the teacher's
+        DDIM sample from x_T = z at that row's condition (seeded; the same on every process)."""
+        cfg, t = self.config, self.teacher
+        gen = torch.Generator().manual_seed(cfg.train.seed + 777)
+        rows = torch.randint(len(self.data), (self.section.regression_pairs,), generator=gen)
+        zs, ys = [], []
+        for i in range(0, len(rows), 256):
+            r = rows[i:i + 256]
+            z = torch.randn(len(r), *t.sample_shape, generator=gen)
+            with torch.no_grad(), self.accelerator.autocast():
+                y = t.sample(len(r), cfg.data.teacher_sample_steps, gen, self.rows_condition(r),
+                             cfg.teacher.guidance_scale, noise=z)
+            zs.append(z)
+            ys.append(y.float().cpu())
+        return rows, torch.cat(zs), torch.cat(ys)
+
+    def regression_loss(self, g: ScoreGroup, n: int) -> torch.Tensor:
+        """weight x mean |G(z) - y|^2 on ``n`` pairs of any condition."""
+        rows, z, y = self.pairs
+        idx = torch.randint(len(z), (n,), generator=self.rng)
+        x0 = self.generate(self.modules[g.generator], z[idx].to(self.device), self.rows_condition(rows[idx]))
+        return self.section.regression_weight * (x0 - y[idx].to(self.device)).pow(2).mean()
+
     def partition(self) -> tuple[dict, torch.Tensor]:
         """(routing table for the pipeline, student of every data row)."""
         sec, t, k = self.section, self.teacher, self.section.num_students
@@ -128,7 +162,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             if sec.partition != "prompt_clusters":
                 raise ConfigError(f"msd.partition={sec.partition!r}: a text-to-image teacher is split by prompt; use "
                                   "msd.partition=prompt_clusters.")
-            prompts = self._row_prompts()
+            prompts = self.row_prompts = self._row_prompts()
             distinct = sorted(set(prompts))
             if len(distinct) < k:
                 raise ConfigError(f"The data has {len(distinct)} distinct prompts for msd.num_students={k}: use at "
@@ -146,12 +180,12 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         if not t.num_classes:
             raise ConfigError(f"Multi-student distillation routes by condition; teacher.path={self.config.teacher.path!r} "
                               "is unconditional. Use a class-conditional or text-to-image teacher.")
-        labels = self._row_labels()
+        labels = self.row_labels = self._row_labels().long()
         if (labels < 0).any():
             raise ConfigError(f"data.spec={self.config.data.spec!r} has unlabelled rows; MSD gives each student the "
                               "data of its classes, so every row needs a class label.")
         table = class_partition(sec.partition, t.num_classes, k, self.config.train.seed, sec.partition_file)
-        return {"kind": "classes", "student_of_class": table}, torch.tensor(table)[labels.long()]
+        return {"kind": "classes", "student_of_class": table}, torch.tensor(table)[labels]
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -200,6 +234,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         if sec.shared_fake:
             self.add("fake", fakes[0], lr=lr_fake)
         self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
+        self.pairs = self.regression_pairs() if sec.regression_weight > 0 else None
         self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
                      "sim": SIMLoss(distance=sec.distance, huber_c=sec.huber_c)}[sec.objective]
 
@@ -229,8 +264,9 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
                 logs.append(self.shared_fake_step(cond, per))
             else:
                 logs += [self.fake_step(g, cond[j * per:(j + 1) * per], per, batch) for j, g in enumerate(self.groups)]
-        logs += [self.generator_step(g, cond[j * per:(j + 1) * per], per, batch, step)
-                 for j, g in enumerate(self.groups)]
+        for j, g in enumerate(self.groups):
+            reg = (lambda g=g: self.regression_loss(g, per)) if self.pairs is not None else None
+            logs.append(self.generator_step(g, cond[j * per:(j + 1) * per], per, batch, step, extra_loss=reg))
         out = {}
         for key in {k for d in logs for k in d}:  # means over students (and fake steps)
             vals = [d[key] for d in logs if d.get(key) is not None]
@@ -252,4 +288,4 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
                 "num_students": s.num_students, "partition": s.partition, "objective": s.objective,
                 "shared_fake": s.shared_fake, "generator_timestep (t*)": s.generator_timestep,
-                "tsm_steps": s.tsm_steps}
+                "tsm_steps": s.tsm_steps, "regression_weight": s.regression_weight}

@@ -92,14 +92,20 @@ class OneStepScoreHelpers:
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None) -> dict:
         """One generator update on ``self.loss`` with gradients through the INPUT of the frozen teacher and
-        fake networks. The fake network stays frozen through the backward pass: toggling requires_grad
-        between forward and backward would make gradient-checkpoint recomputation differ from the forward."""
+        fake networks, plus ``extra_loss()`` (a scalar, e.g. DMD's regression term) when given. The fake network
+        stays frozen through the backward pass: toggling requires_grad between forward and backward would
+        make gradient-checkpoint recomputation differ from the forward."""
+        logs = {}
         with frozen(self.unwrap(g.fake)):
             x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
             per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
             loss = self.finite_mean(per_sample)
+            if extra_loss is not None:
+                extra = extra_loss()
+                logs["extra_loss"] = extra.item()
+                loss = loss + extra
             norm = self.step_optimizer(g.generator, loss)
         return {"gen_loss": loss.item(), "grad_norm": norm,
-                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item()}
+                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item(), **logs}
