@@ -119,12 +119,14 @@ def test_resume_from_missing_path_is_clear(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize("method", ["teacher", "msd"])
+def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path, method):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     script = Path(__file__).with_name("_ddp_script.py")
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+                          str(script), str(tmp_path), method], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     r0 = (tmp_path / "rank0.txt").read_text().split()
     r1 = (tmp_path / "rank1.txt").read_text().split()
