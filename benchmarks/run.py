@@ -542,7 +542,8 @@ def bench_msd(quick: bool) -> str:
     runs = [(f"K = 1, hidden {w}", [f"student.hidden={w}", "msd.num_students=1"]) for w in MSD_TOY_WIDTHS] + \
            [(f"K = 4, hidden {w}", [f"student.hidden={w}", "msd.num_students=4"]) for w in MSD_TOY_WIDTHS]
     w = MSD_TOY_WIDTHS[0]
-    runs += [(f"K = 4, hidden {w}, no TSM (+{MSD_TSM} DM updates instead)",
+    runs += [(f"K = 4, hidden {w}, no TSM", [f"student.hidden={w}", "msd.num_students=4", "msd.tsm_steps=0"]),
+             (f"K = 4, hidden {w}, no TSM (+{MSD_TSM} DM updates instead)",
               [f"student.hidden={w}", "msd.num_students=4", "msd.tsm_steps=0", f"train.max_steps={steps + MSD_TSM}"])]
     class Exact:  # the noise floor: exact class samples of another seed, through the same metric
         def __call__(self, class_labels, generator, output_type):

@@ -230,7 +230,7 @@ def test_regression_pairs_are_teacher_ode_samples_of_every_condition(tmp_path):
 
 def test_teacher_score_matching_fits_a_small_student_to_the_teacher_on_its_part(tmp_path):
     """TSM: after fitting, student j predicts the teacher's x0 far better on its own classes than a fresh network."""
-    cfg = _toy_cfg(tmp_path, "msd.num_students=2", "msd.tsm_steps=300", "student.hidden=32")
+    cfg = _toy_cfg(tmp_path, "msd.num_students=2", "msd.tsm_steps=150", "student.hidden=32")
     trainer = trainer_class("msd")(cfg)
     trainer.setup()
     t = trainer.teacher
