@@ -4,9 +4,16 @@ __version__ = "0.1.0"
 
 from .conditioning import Condition
 from .export import export_pipeline, load_pipeline
-from .models import GaussianMixtureTeacher, MLPDenoiser
+from .models import GaussianMixtureTeacher, MLPDenoiser, StudentBank
 from .noise import NoiseSchedule
-from .pipelines import FewStepPipeline, HybridPipeline, OneStepPipeline, TextToImagePipeline
+from .pipelines import (
+           FewStepPipeline,
+           HybridPipeline,
+           MultiStudentPipeline,
+           OneStepPipeline,
+           TextToImagePipeline,
+)
 
-__all__ = ["Condition", "FewStepPipeline", "HybridPipeline", "GaussianMixtureTeacher", "MLPDenoiser", "NoiseSchedule",
-           "OneStepPipeline", "TextToImagePipeline", "export_pipeline", "load_pipeline", "__version__"]
+__all__ = ["Condition", "FewStepPipeline", "HybridPipeline", "GaussianMixtureTeacher", "MLPDenoiser",
+           "MultiStudentPipeline", "NoiseSchedule", "OneStepPipeline", "StudentBank", "TextToImagePipeline",
+           "export_pipeline", "load_pipeline", "__version__"]
