@@ -381,18 +381,9 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
          "two numbers in [0, 1)"),
-        (0 <= cfg.sim.generator_timestep < 1000, "sim.generator_timestep", cfg.sim.generator_timestep,
-         "a training index in [0, 999]"),
-        (0 <= cfg.sim.t_min < cfg.sim.t_max <= 1, "sim.t_min/t_max", (cfg.sim.t_min, cfg.sim.t_max),
-         "0 <= t_min < t_max <= 1"),
-        (cfg.sim.huber_c > 0, "sim.huber_c", cfg.sim.huber_c, "a positive number"),
-        (cfg.sim.fake_steps_per_generator_step >= 1, "sim.fake_steps_per_generator_step",
-         cfg.sim.fake_steps_per_generator_step, "an integer >= 1"),
-        (cfg.uni_instruct.fake_steps_per_generator_step is None or cfg.uni_instruct.fake_steps_per_generator_step >= 1,
-         "uni_instruct.fake_steps_per_generator_step", cfg.uni_instruct.fake_steps_per_generator_step,
-         "null (the method's default) or an integer >= 1"),
-        (0 <= cfg.uni_instruct.generator_timestep < 1000, "uni_instruct.generator_timestep",
-         cfg.uni_instruct.generator_timestep, "a training index in [0, 999]"),
+        *_one_step_checks("sim", cfg.sim),
+        *_one_step_checks("uni_instruct", cfg.uni_instruct),
+        *_one_step_checks("msd", cfg.msd),
         (0 <= cfg.teacher_train.label_dropout < 1, "teacher_train.label_dropout", cfg.teacher_train.label_dropout,
          "a number in [0, 1)"),
         (cfg.data.teacher_sample_steps >= 1, "data.teacher_sample_steps", cfg.data.teacher_sample_steps,
@@ -409,13 +400,6 @@ def validate(cfg: Config) -> None:
          "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
         (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
         (cfg.msd.num_students >= 1, "msd.num_students", cfg.msd.num_students, "an integer >= 1"),
-        (0 <= cfg.msd.generator_timestep < 1000, "msd.generator_timestep", cfg.msd.generator_timestep,
-         "a training index in [0, 999]"),
-        (0 <= cfg.msd.t_min < cfg.msd.t_max <= 1, "msd.t_min/t_max", (cfg.msd.t_min, cfg.msd.t_max),
-         "0 <= t_min < t_max <= 1"),
-        (cfg.msd.huber_c > 0, "msd.huber_c", cfg.msd.huber_c, "a positive number"),
-        (cfg.msd.fake_steps_per_generator_step >= 1, "msd.fake_steps_per_generator_step",
-         cfg.msd.fake_steps_per_generator_step, "an integer >= 1"),
         (cfg.msd.tsm_steps >= 0, "msd.tsm_steps", cfg.msd.tsm_steps, "an integer >= 0"),
         (cfg.msd.regression_weight >= 0, "msd.regression_weight", cfg.msd.regression_weight, "a number >= 0"),
         (cfg.msd.regression_pairs >= 1, "msd.regression_pairs", cfg.msd.regression_pairs, "an integer >= 1"),
@@ -438,6 +422,19 @@ def validate(cfg: Config) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")
+
+
+def _one_step_checks(key: str, s) -> list[tuple]:
+    """The checks every one-step score-distillation section shares (SIM, Uni-Instruct, MSD)."""
+    n = s.fake_steps_per_generator_step
+    return [
+        (0 <= s.generator_timestep < 1000, f"{key}.generator_timestep", s.generator_timestep,
+         "a training index in [0, 999]"),
+        (0 <= s.t_min < s.t_max <= 1, f"{key}.t_min/t_max", (s.t_min, s.t_max), "0 <= t_min < t_max <= 1"),
+        (s.huber_c > 0, f"{key}.huber_c", s.huber_c, "a positive number"),
+        (n is None or n >= 1, f"{key}.fake_steps_per_generator_step", n, "an integer >= 1"
+         + (" or null (the method's default)" if key == "uni_instruct" else "")),
+    ]
 
 
 def _pow2(n: int) -> bool:
