@@ -145,6 +145,28 @@ def cmd_quickstart(args) -> int:
     return cmd_train(args)
 
 
+def _positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer (use 1 or more)")
+    return n
+
+
+def _step_counts(value: str) -> list[int]:
+    """argparse type: comma-separated step counts >= 1."""
+    try:
+        steps = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give step counts >= 1 separated by commas, e.g. 1,2,4")
+    return steps
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a diffusion teacher into a one-/few-step "
                                 "diffusers pipeline and measure its FID.")
@@ -166,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="Sample a grid from a pipeline folder.")
     s.add_argument("pipeline", help="pipeline folder (or Hub id)")
-    s.add_argument("--num-images", type=int, default=64)
+    s.add_argument("--num-images", type=_positive_int, default=64)
     s.add_argument("--out", required=True, help="PNG file to write")
-    s.add_argument("--steps", type=int, default=None, help="num_inference_steps (few-step pipelines)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps (few-step pipelines)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
@@ -190,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
     f.add_argument("source", help="pipeline folder or image folder")
     f.add_argument("--reference", required=True, help="data spec (e.g. sklearn:digits) or a saved stats file")
-    f.add_argument("--num-samples", type=int, default=2000)
-    f.add_argument("--steps", default=None, help="comma-separated step counts, e.g. 1,2,4")
+    f.add_argument("--num-samples", type=_positive_int, default=2000)
+    f.add_argument("--steps", type=_step_counts, default=None, help="comma-separated step counts, e.g. 1,2,4")
     f.add_argument("--compare", default=None, help="a teacher pipeline folder to evaluate at the same steps")
     f.add_argument("--guidance-scales", default=None,
                    help="comma-separated guidance scales (diffusers convention, 1 = none) for guidance-conditioned "

@@ -164,3 +164,28 @@ def test_readme_torch_fidelity_reproduction_snippet_runs(tmp_path, monkeypatch):
     save_image_folder(_noised_digits(0.1, 1)[:300], tmp_path / "samples")
     save_image_folder(_noised_digits(0.0, 2)[300:600], tmp_path / "reference")
     exec(textwrap.dedent(block), {})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fid", "X", "--reference", "sklearn:digits", "--steps", "0"], "'0': give step counts >= 1"),
+    (["fid", "X", "--reference", "sklearn:digits", "--steps", "1,two"], "'1,two': give step counts >= 1"),
+    (["fid", "X", "--reference", "sklearn:digits", "--num-samples", "0"], "'0' is not a positive integer"),
+    (["sample", "X", "--out", "g.png", "--num-images", "0"], "'0' is not a positive integer"),
+    (["sample", "X", "--out", "g.png", "--steps", "-2"], "'-2' is not a positive integer"),
+])
+def test_cli_refuses_zero_counts_with_a_message(argv, message, capsys):
+    """`--steps 0` used to sample at 50 steps and report NFE 0; zero sample / image counts crashed later."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fid_refuses_guidance_scales_for_an_unconditional_model(tmp_path, capsys):
+    """--guidance-scales on an unconditional pipeline used to be ignored silently."""
+    from distill.teachers import ASSETS
+
+    rc = main(["fid", str(ASSETS / "digits_teacher"), "--reference", "sklearn:digits", "--num-samples", "10",
+               "--guidance-scales", "1,3", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--guidance-scales 1,3: no model here takes a guidance scale" in err
+    assert not (tmp_path / "r").exists()

@@ -470,7 +470,7 @@ def fid_command(args) -> int:
     from ..export import load_pipeline
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
+    steps = list(args.steps) if args.steps else [None]
     src = Path(args.source)
     if (src / "model_index.json").is_file():
         models = {"model": teacher_as_sampler(load_pipeline(str(src)))}
@@ -483,6 +483,10 @@ def fid_command(args) -> int:
         step_map["teacher"] = [s for s in steps if s is not None] or [50]
     scales = [float(s) for s in args.guidance_scales.split(",")] if getattr(args, "guidance_scales", None) else []
     models, step_map, kwargs = with_guidance_scales(models, step_map, scales)
+    if scales and not kwargs:
+        raise ConfigError(f"--guidance-scales {args.guidance_scales}: no model here takes a guidance scale "
+                          f"({args.source} is unconditional or one-step). Drop --guidance-scales, or evaluate a "
+                          "class-conditional / text-to-image pipeline or a guidance-conditioned student.")
     prompts = None
     if getattr(args, "prompts", None):
         from ..data import read_prompts
