@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import ConfigError
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -67,6 +69,14 @@ def headline(report: dict, output_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _call(pipe, **kwargs):
+    """A pipeline call whose argument checks (ValueError, the diffusers convention) become a one-line error."""
+    try:
+        return pipe(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -79,7 +89,11 @@ def cmd_sample(args) -> int:
     if args.steps is not None:
         kwargs["num_inference_steps"] = args.steps
     if args.class_labels:
-        labels = [int(v) for v in args.class_labels.split(",")]
+        try:
+            labels = [int(v) for v in args.class_labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--class-labels {args.class_labels!r}: give integers separated by commas, "
+                              "e.g. 0,1,2.") from None
         kwargs["class_labels"] = (labels * args.num_images)[: args.num_images]
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
@@ -92,8 +106,8 @@ def cmd_sample(args) -> int:
         if args.num_base_steps is not None:
             kwargs["num_base_steps"] = args.num_base_steps
     if args.trajectory:
-        traj = pipe(batch_size=args.num_images, generator=gen, output_type="pt", return_trajectory=True,
-                    **kwargs).trajectory
+        traj = _call(pipe, batch_size=args.num_images, generator=gen, output_type="pt", return_trajectory=True,
+                     **kwargs).trajectory
         x = torch.stack(traj, 1)  # (samples, steps, C, H, W): one row per sample
         out = save_grid(x.flatten(0, 1), args.out, nrow=len(traj))
         print(f"Wrote the {len(traj)}-step trajectories of {args.num_images} samples to {out}")
@@ -103,9 +117,9 @@ def cmd_sample(args) -> int:
             print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).", file=sys.stderr)
             return 2
         prompts = (args.prompt * args.num_images)[: args.num_images]
-        x = pipe(prompt=prompts, generator=gen, output_type="pt", **kwargs).images
+        x = _call(pipe, prompt=prompts, generator=gen, output_type="pt", **kwargs).images
     else:
-        x = pipe(batch_size=args.num_images, generator=gen, output_type="pt", **kwargs).images
+        x = _call(pipe, batch_size=args.num_images, generator=gen, output_type="pt", **kwargs).images
     out = save_grid(x, args.out)
     print(f"Wrote {args.num_images} samples to {out}")
     return 0
@@ -237,8 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-
     try:
         if args.command == "train":
             return cmd_train(args)

@@ -419,6 +419,8 @@ def validate(cfg: Config) -> None:
             "train.mixed_precision: 'fp16' is refused: its loss scaling needs one GradScaler update per step and "
             "unscaled gradients before clipping, and distill's trainers step two or three optimizers from one "
             "backward; use 'bf16' (same speed on Ampere/Hopper GPUs, no loss scaling) or 'no'.")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is a file, not a folder: choose another output_dir.")
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")

@@ -87,6 +87,9 @@ class Teacher:
             folder = ASSETS / BUILTIN[src]
             if not folder.is_dir():
                 raise FileNotFoundError(f"The builtin teacher {src!r} is missing at {folder}; reinstall distill.")
+        elif src.startswith(("builtin:", "analytic:")):
+            raise FileNotFoundError(f"No builtin teacher {src!r}: the builtin teachers are {', '.join(BUILTIN)} "
+                                    "(analytic:gaussians8 / analytic:gaussians25 in a config's teacher.path).")
         else:
             folder = resolve_pretrained(src)
         index_file = folder / "model_index.json"

@@ -72,7 +72,9 @@ def default_labels(batch_size: int, num_classes: int, class_labels, device):
     if labels.numel() != batch_size:
         raise ValueError(f"class_labels has {labels.numel()} entries for batch_size={batch_size}.")
     if (labels < 0).any() or (labels > num_classes).any():
-        raise ValueError(f"class_labels must lie in [0, {num_classes}] ({num_classes} = null class).")
+        bad = sorted({int(v) for v in labels[(labels < 0) | (labels > num_classes)].tolist()})
+        raise ValueError(f"class_labels {bad} are out of range: they must lie in [0, {num_classes}] "
+                         f"({num_classes} = null class).")
     return labels
 
 

@@ -1,0 +1,31 @@
+"""User mistakes end in one line that names the bad value and the fix, exit code 2, no traceback (the start of
+the bad-input catalogue: one table, run in-process through the command-line entry point)."""
+
+import pytest
+
+from distill.cli import main
+from distill.teachers import ASSETS
+
+COND = str(ASSETS / "digits_teacher_cond")
+CASES = [
+    # (name, argv (OUT is replaced by a temporary folder), message)
+    ("builtin teacher typo", ["train", "configs/sim_digits.yaml", "teacher.path=builtin:digit", "output_dir=OUT/run"],
+     "No builtin teacher 'builtin:digit': the builtin teachers are builtin:digits, builtin:digits-cond"),
+    ("output_dir is a file", ["train", "configs/sim_gaussians8.yaml", "output_dir=OUT/afile"],
+     "output_dir='OUT/afile' is a file, not a folder"),
+    ("class label out of range", ["sample", COND, "--class-labels", "12,3,-1", "--num-images", "4", "--steps", "1",
+                                  "--out", "OUT/g.png"],
+     "class_labels [-1, 12] are out of range: they must lie in [0, 10] (10 = null class)"),
+    ("class labels not integers", ["sample", COND, "--class-labels", "a", "--out", "OUT/g.png"],
+     "--class-labels 'a': give integers separated by commas"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_user_mistake_gives_one_clear_line(name, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "afile").write_text("not a folder")
+    rc = main([a.replace("OUT", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message.replace("OUT", str(tmp_path)) in err and "Traceback" not in err
