@@ -96,6 +96,11 @@ def cmd_sample(args) -> int:
                               "e.g. 0,1,2.") from None
         kwargs["class_labels"] = (labels * args.num_images)[: args.num_images]
     if args.guidance_scale is not None:
+        import inspect
+
+        if "guidance_scale" not in inspect.signature(pipe.__call__).parameters:
+            raise ConfigError(f"--guidance-scale {args.guidance_scale}: a {type(pipe).__name__} takes no guidance scale "
+                              "(an unconditional or one-step model); drop --guidance-scale.")
         kwargs["guidance_scale"] = args.guidance_scale
     gen = torch.Generator().manual_seed(args.seed)
     if args.num_base_steps is not None or args.trajectory:

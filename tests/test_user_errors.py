@@ -18,6 +18,9 @@ CASES = [
      "class_labels [-1, 12] are out of range: they must lie in [0, 10] (10 = null class)"),
     ("class labels not integers", ["sample", COND, "--class-labels", "a", "--out", "OUT/g.png"],
      "--class-labels 'a': give integers separated by commas"),
+    ("guidance scale on an unconditional model", ["sample", str(ASSETS / "digits_teacher"), "--guidance-scale", "3",
+                                                  "--out", "OUT/g.png"],
+     "--guidance-scale 3.0: a DDPMPipeline takes no guidance scale (an unconditional or one-step model)"),
 ]
 
 
