@@ -32,3 +32,16 @@ def test_user_mistake_gives_one_clear_line(name, argv, message, tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message.replace("OUT", str(tmp_path)) in err and "Traceback" not in err
+
+
+def test_readme_troubleshooting_messages_are_the_asserted_ones():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    shown = re.findall(r"^\| `(.+?)` \|", section, flags=re.M)
+    asserted = [m for _, _, m in CASES] + ["'0': give step counts >= 1", "'0' is not a positive integer"]  # test_fid
+    assert len(shown) >= 7
+    for message in shown:
+        assert any(message.replace("...", "OUT/afile") in a or message in a for a in asserted), message
