@@ -61,7 +61,7 @@ def test_one_step_math_and_labels():
     eps = net(x_in, torch.full((5,), 600), class_labels=torch.tensor([0, 1, 2, 0, 1])).sample
     torch.testing.assert_close(out, (x_in - (1 - ac).sqrt() * eps) / ac.sqrt())
     assert out.shape == (5, 2) and isinstance(pipe(batch_size=2, output_type="np").images, np.ndarray)
-    with pytest.raises(ValueError, match="class_labels must lie"):
+    with pytest.raises(ValueError, match=r"class_labels \[7\] are out of range: they must lie in \[0, 3\]"):
         pipe(batch_size=2, class_labels=[0, 7])
     with pytest.raises(ValueError, match="exactly 1 step"):
         pipe(num_inference_steps=2)
