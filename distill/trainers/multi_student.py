@@ -212,27 +212,23 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
                 self.fit_to_teacher(gen, sec.tsm_steps, self.gen_pred, indices=self.parts[j])
             gens.append(gen)
-        if sec.shared_fake:
-            fake = copy.deepcopy(gens[0]) if cfg.student.arch == "copy" or not sec.tsm_steps else \
-                build_network(cfg, t, shape, ncls)
-            if cfg.student.arch != "copy" and sec.tsm_steps:
+        if sec.shared_fake:  # one conditional fake score: a teacher copy, or a small network fitted on all data
+            fake = build_network(cfg, t, shape, ncls)
+            if sec.tsm_steps and cfg.student.arch != "copy":
                 self.fit_to_teacher(fake, sec.tsm_steps, self.fake_pred)
-            fakes = [fake.requires_grad_(True).train()]
+            fakes = {"fake": fake}
         else:
-            fakes = [copy.deepcopy(g).requires_grad_(True).train() for g in gens]
+            fakes = {f"fake_{j}": copy.deepcopy(g) for j, g in enumerate(gens)}
         if sec.gradient_checkpointing:
-            for net in (t.model, *gens, *fakes):
+            for net in (t.model, *gens, *fakes.values()):
                 if hasattr(net, "enable_gradient_checkpointing"):
                     net.enable_gradient_checkpointing()
-        self.groups = []
         for j, gen in enumerate(gens):
-            fake_name = "fake" if sec.shared_fake else f"fake_{j}"
             self.add(f"student_{j}", gen, lr=cfg.optim.lr, ema=True)
-            if not sec.shared_fake:
-                self.add(fake_name, fakes[j], lr=lr_fake)
-            self.groups.append(ScoreGroup(generator=f"student_{j}", fake=fake_name))
-        if sec.shared_fake:
-            self.add("fake", fakes[0], lr=lr_fake)
+        for name, fake in fakes.items():
+            self.add(name, fake.requires_grad_(True).train(), lr=lr_fake)
+        self.groups = [ScoreGroup(generator=f"student_{j}", fake="fake" if sec.shared_fake else f"fake_{j}")
+                       for j in range(k)]
         self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
         self.pairs = self.regression_pairs() if sec.regression_weight > 0 else None
         self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
@@ -244,9 +240,9 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         return torch.cat([part[torch.randint(len(part), (per,), generator=gen)] for part in self.parts])
 
     # ------------------------------------------------------------------ step
-    def shared_fake_step(self, cond, per: int) -> dict:
+    def shared_fake_step(self, cond, conds: list, per: int) -> dict:
         """One update of the shared fake score on every student's detached samples (rows in student order)."""
-        inputs = [self.fake_inputs(g, cond[j * per:(j + 1) * per], per) for j, g in enumerate(self.groups)]
+        inputs = [self.fake_inputs(g, c, per) for g, c in zip(self.groups, conds)]
         x_t, t, target = (torch.cat(v) for v in zip(*inputs))
         fake = self.modules["fake"]
         with self.accelerator.autocast():
@@ -258,17 +254,18 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         sec = self.section
         cond: Condition = batch["cond"]
         per = batch["size"] // sec.num_students
+        conds = [cond[j * per:(j + 1) * per] for j in range(sec.num_students)]  # each student's rows
         logs: list[dict] = []
         for _ in range(sec.fake_steps_per_generator_step):
             if sec.shared_fake:
-                logs.append(self.shared_fake_step(cond, per))
+                logs.append(self.shared_fake_step(cond, conds, per))
             else:
-                logs += [self.fake_step(g, cond[j * per:(j + 1) * per], per, batch) for j, g in enumerate(self.groups)]
-        for j, g in enumerate(self.groups):
+                logs += [self.fake_step(g, c, per, batch) for g, c in zip(self.groups, conds)]
+        for g, c in zip(self.groups, conds):
             reg = (lambda g=g: self.regression_loss(g, per)) if self.pairs is not None else None
-            logs.append(self.generator_step(g, cond[j * per:(j + 1) * per], per, batch, step, extra_loss=reg))
+            logs.append(self.generator_step(g, c, per, batch, step, extra_loss=reg))
         out = {}
-        for key in {k for d in logs for k in d}:  # means over students (and fake steps)
+        for key in dict.fromkeys(k for d in logs for k in d):  # means over students (and fake steps), in order
             vals = [d[key] for d in logs if d.get(key) is not None]
             out[key] = sum(vals) / len(vals) if vals else None
         return out
