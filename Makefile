@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -e ".[test]"
 
 quickstart: install
-	accelerate launch -m distill train configs/quickstart.yaml
+	distill launch configs/quickstart.yaml
 
 test: install
 	ruff check .

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .runs import Interrupted, TrainingDiverged
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -32,11 +33,19 @@ def cmd_train(args, force_method: str | None = None) -> int:
     if args.dry_run:
         print(cfg.to_yaml())
         return 0
+    if cfg.eval.enabled:  # missing extractor weights fail now, not after training
+        from .eval.extractors import extractor_weights
+
+        try:
+            extractor_weights(cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{err} (eval.enabled=true: the FID report after training needs them; "
+                              "eval.enabled=false trains without the report).") from None
     from .trainers import trainer_class
 
-    trainer = trainer_class(cfg.method)(cfg)
+    trainer = trainer_class(cfg.method)(cfg, overwrite=args.overwrite)
     path = trainer.train()
-    if cfg.eval.enabled and trainer.accelerator.is_main_process:
+    if cfg.eval.enabled and trainer.accelerator.is_main_process and not trainer.already_finished:
         from .eval.fid import report_after_training
 
         report = report_after_training(trainer, path)
@@ -158,6 +167,44 @@ def cmd_fid(args) -> int:
     return fid_command(args)
 
 
+def cmd_launch(args) -> int:
+    """``distill launch [ACCELERATE LAUNCH OPTIONS] CONFIG [OVERRIDES] [--overwrite]``: ``accelerate launch -m
+    distill train ...`` whose failures end in the child's one-line message and exit code.
+
+    The config is read and checked here first, so a wrong value fails before any process starts. Then
+    Accelerate's own launcher runs in this process; the error it raises when a child fails (a second
+    traceback under ``accelerate launch``) becomes the child's exit code. The config is the first argument
+    ending in ``.yaml`` / ``.yml``; the arguments before it are Accelerate's.
+    """
+    rest = list(args.rest)
+    at = next((i for i, a in enumerate(rest) if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    if at is None:
+        raise ConfigError("distill launch needs a config: distill launch [accelerate launch options] CONFIG.yaml "
+                          "[key=value ...], e.g. distill launch --multi_gpu --num_processes 8 configs/sim_cifar10.yaml")
+    accel, train_args = rest[:at], [_config_path(rest[at]), *rest[at + 1:]]
+    from .config import load_config
+
+    load_config(train_args[0], [a for a in train_args[1:] if not a.startswith("--")])
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_args = launch_command_parser().parse_args([*accel, "-m", "distill", "train", *train_args])
+    try:
+        launch_command(launch_args)
+    except subprocess.CalledProcessError as err:  # single process: the child already printed its message
+        return err.returncode
+    except Exception as err:  # torchrun's ChildFailedError (several processes)
+        failures = getattr(err, "failures", None)
+        if not failures:
+            raise
+        first = failures[min(failures)]
+        print(f"distill: process {first.local_rank} failed with exit code {first.exitcode} (its message is above).",
+              file=sys.stderr)
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     args.config = str(REPO_CONFIGS / "quickstart.yaml") if (REPO_CONFIGS / "quickstart.yaml").is_file() else \
         "configs/quickstart.yaml"
@@ -196,14 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config (see configs/)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 optim.lr=1e-4")
         sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        sp.add_argument("--overwrite", action="store_true", help="replace another run found in output_dir (without "
+                        "it such a folder is refused; the same config continues its run)")
         return sp
 
     train_like("train", "Train (distil) with a config; run under `accelerate launch -m distill train` to scale.")
     train_like("teacher", "Train a teacher by denoising score matching (method=teacher).")
+    la = sub.add_parser("launch", add_help=False, help="accelerate launch -m distill train, with one-line errors: "
+                        "distill launch [ACCELERATE LAUNCH OPTIONS] CONFIG [key=value ...] [--overwrite]")
+    la.add_argument("rest", nargs=argparse.REMAINDER)
     q = sub.add_parser("quickstart", help="The main job: configs/quickstart.yaml (digits teacher -> one-step "
                        "student -> FID report).")
     q.add_argument("overrides", nargs="*", help="dotted overrides")
     q.add_argument("--dry-run", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run with other settings")
 
     s = sub.add_parser("sample", help="Sample a grid from a pipeline folder.")
     s.add_argument("pipeline", help="pipeline folder (or Hub id)")
@@ -253,26 +306,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "teacher": lambda a: cmd_train(a, force_method="teacher"),
+            "quickstart": cmd_quickstart, "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid}
+# what a user's input causes (a bad value, a missing or damaged file, no network): one line, exit 2. Anything
+# else is a bug in distill and keeps its traceback. DISTILL_DEBUG=1 shows the traceback of these too.
+USER_ERRORS = (ConfigError, OSError)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"distill: error: {str(message).strip() or '(no message)'}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a user error (one line on stderr); 1 training diverged; 128 + N stopped by
+    signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):  # Accelerate's options pass through as is
+        args = argparse.Namespace(command="launch", rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    debug = os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "teacher":
-            return cmd_train(args, force_method="teacher")
-        if args.command == "quickstart":
-            return cmd_quickstart(args)
-        if args.command == "sample":
-            return cmd_sample(args)
-        if args.command == "fid":
-            return cmd_fid(args)
-        if args.command == "hybrid":
-            return cmd_hybrid(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
-    return 1
+        return COMMANDS[args.command](args)
+    except Interrupted as err:
+        print(f"distill: stopped by {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("distill: interrupted (Ctrl-C) before training started; nothing was trained.", file=sys.stderr)
+        return 130
+    except TrainingDiverged as err:
+        if debug:
+            raise
+        return _error(str(err), 1)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        return _error(str(err), 2)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ class DataConfig:
     """Training data (and the default FID reference): see :mod:`distill.data` for specs."""
 
     spec: str = "sklearn:digits"
-    resolution: int | None = None  # None: the teacher's image resolution (latent teachers), else the data's
-    channels: int = 1
+    resolution: int | None = None  # None: the teacher's image resolution (teacher training: the data's)
+    channels: int | None = None  # None: the teacher's image channels (teacher training: 3, or 1 for digits)
     num_samples: int = 20000  # toy data sets only
     caption_column: str | None = None  # image+caption data / .csv / .jsonl prompts; None: prompt, caption or text
     # prompts-only data (prompts:FILE) for methods that need clean samples (progressive, guided, Uni-Instruct's
@@ -80,6 +80,11 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    # resume although optimizer / data / method-section values differ from the checkpoint's (never method,
+    # teacher or student): for deliberate changes such as a new learning rate
+    resume_allow_config_change: bool = False
+    # stop after this many steps in a row with non-finite losses or gradients (each such update is skipped)
+    max_nonfinite_steps: int = 20
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 is refused with a message (see validate)
     gradient_accumulation_steps: int = 1
     ema_decay: float = 0.999
@@ -274,7 +279,10 @@ def _coerce(value, tp, key: str):
         return value
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            try:
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {value!r} is not a list; write it as [a, b] or a,b.") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}.")
         (inner,) = typing.get_args(tp)
@@ -340,7 +348,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"Override {item!r} must look like key.sub=value (e.g. train.max_steps=200).")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:  # not YAML (e.g. 'a: b', an unclosed quote): the text itself
+            value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -359,7 +370,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"Config file {str(p)!r} not found. The configs shipped with distill are in configs/.")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {' '.join(str(err).split())}") from None
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(Config, data)
     validate(cfg)
@@ -377,6 +391,7 @@ def validate(cfg: Config) -> None:
         (t.checkpointing_steps >= 1, "train.checkpointing_steps", t.checkpointing_steps, "an integer >= 1"),
         (t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit",
          t.checkpoints_total_limit, "null or an integer >= 1"),
+        (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a number in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .config import ConfigError
 
 TOY_SPECS = ("toy:gaussians8", "toy:gaussians25", "toy:swissroll")
 CAPTION_COLUMNS = ("prompt", "caption", "text")
@@ -63,7 +66,7 @@ def toy_mixture(name: str) -> dict:
         g = torch.arange(-2, 3, dtype=torch.float64)
         means = torch.cartesian_prod(g, g)
     else:
-        raise ValueError(f"No mixture for toy {name!r}; mixtures exist for gaussians8 and gaussians25.")
+        raise ConfigError(f"No mixture for toy {name!r}; mixtures exist for gaussians8 and gaussians25.")
     k = len(means)
     return {"means": means.tolist(), "stds": [0.1] * k, "component_classes": list(range(k))}
 
@@ -80,7 +83,7 @@ def _toy(name: str, n: int, seed: int) -> TensorData:
         u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=gen))
         x = torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / 7.0 + 0.05 * torch.randn(n, 2, generator=gen)
         return TensorData(x, None, 0, "toy:swissroll")
-    raise ValueError(f"Unknown toy data {('toy:' + name)!r}; choose one of {', '.join(TOY_SPECS)}.")
+    raise ConfigError(f"Unknown toy data {('toy:' + name)!r}; choose one of {', '.join(TOY_SPECS)}.")
 
 
 def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -98,6 +101,15 @@ def digits(resolution: int = 16) -> TensorData:
     return TensorData(_resize(x, resolution).clamp(-1, 1), torch.tensor(d.target), 10, "sklearn:digits")
 
 
+def square(img, resolution: int):
+    """A PIL image centre-cropped to a square and resized (bicubic) to ``resolution``: training images and
+    FID reference images alike."""
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img if img.size == (resolution, resolution) else img.resize((resolution, resolution), resample=3)
+
+
 class ImageData(Dataset):
     """A Hugging Face / imagefolder data set, decoded and resized on access."""
 
@@ -110,6 +122,7 @@ class ImageData(Dataset):
         self.num_classes = ds.features[label_col].num_classes if label_col else 0
         self.caption_col = caption_col
         self.has_prompts = caption_col is not None
+        self.damaged: set[int] = set()
 
     @property
     def sample_shape(self) -> list[int]:
@@ -119,12 +132,19 @@ class ImageData(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        row = self.ds[int(i)]
-        img = row[self.image_col].convert("RGB" if self.channels == 3 else "L")
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        img = img.resize((self.resolution, self.resolution), resample=3)  # bicubic
+        i = int(i)
+        for k in [(i + j) % len(self) for j in range(min(len(self), 100))]:
+            try:  # decoding happens here (datasets decodes lazily)
+                row = self.ds[k]
+                img = square(row[self.image_col].convert("RGB" if self.channels == 3 else "L"), self.resolution)
+                break
+            except (OSError, SyntaxError, ValueError) as err:  # PIL: unreadable / truncated image files
+                if k not in self.damaged:
+                    self.damaged.add(k)
+                    warnings.warn(f"{self.spec}: image {k} cannot be read ({type(err).__name__}: {err}); it is "
+                                  "skipped (the next readable image takes its place).", stacklevel=2)
+        else:
+            raise ValueError(f"{self.spec}: none of the 100 images from {i} on can be read; check the data.")
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
         x = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
         label = int(row[self.label_col]) if self.label_col else -1
@@ -169,12 +189,12 @@ def read_prompts(path: str, column: str | None = None) -> list[str]:
         col = column or next((c for c in CAPTION_COLUMNS if c in keys), None)
         if col is None or col not in keys:
             wanted = repr(column) if column else "prompt, caption or text"
-            raise ValueError(f"{path!r} has no {wanted} column (columns: {keys}); set data.caption_column.")
+            raise ConfigError(f"{path!r} has no {wanted} column (columns: {keys}); set data.caption_column.")
         prompts = [str(r[col]) for r in rows]
     else:
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"Prompt file {path!r} holds no prompts.")
+        raise ConfigError(f"Prompt file {path!r} holds no prompts.")
     return prompts
 
 
@@ -202,11 +222,11 @@ def _hf_images(spec: str, resolution: int | None, channels: int, split: str,
                 + "or point data.spec at a local image folder.") from err
     image_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
     if not image_cols:
-        raise ValueError(f"Data set {spec!r} has no image column (columns: {list(ds.features)}).")
+        raise ConfigError(f"Data set {spec!r} has no image column (columns: {list(ds.features)}).")
     label_cols = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
     text_cols = [k for k, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
     if caption_column is not None and caption_column not in text_cols:
-        raise ValueError(f"data.caption_column={caption_column!r} is not a text column of {spec!r} "
+        raise ConfigError(f"data.caption_column={caption_column!r} is not a text column of {spec!r} "
                          f"(text columns: {text_cols}).")
     caption = caption_column or next((c for c in CAPTION_COLUMNS if c in text_cols), None)
     res = resolution or ds[0][image_cols[0]].size[0]
@@ -217,7 +237,7 @@ def load_data(spec: str, resolution: int | None = None, num_samples: int = 20000
               channels: int = 3, split: str = "train", caption_column: str | None = None) -> Dataset:
     """Build the data set named by ``spec`` (see the module docstring)."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"data spec must be a non-empty string, got {spec!r}.")
+        raise ConfigError(f"data spec must be a non-empty string, got {spec!r}.")
     if spec.startswith("prompts:"):
         return PromptData(read_prompts(spec[len("prompts:"):], caption_column), spec)
     if spec.startswith("toy:"):
@@ -225,7 +245,7 @@ def load_data(spec: str, resolution: int | None = None, num_samples: int = 20000
     if spec == "sklearn:digits":
         return digits(resolution or 16)
     if spec.startswith("sklearn:"):
-        raise ValueError(f"Unknown sklearn data {spec!r}; only sklearn:digits is provided.")
+        raise ConfigError(f"Unknown sklearn data {spec!r}; only sklearn:digits is provided.")
     return _hf_images(spec, resolution, channels, split, caption_column)
 
 

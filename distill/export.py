@@ -26,6 +26,7 @@ import diffusers
 
 from . import models as _models
 from . import pipelines as _pipelines
+from .config import ConfigError
 
 
 def _source_files(module) -> list[Path]:
@@ -121,22 +122,40 @@ def resolve_pretrained(path_or_id: str) -> Path:
         return Path(snapshot_download(str(path_or_id)))
     except Exception as err:  # offline, unknown repo, no network
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
         raise OSError(
-            f"Could not fetch {path_or_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            + ("HF_HUB_OFFLINE is set: unset it, or " if offline else "Check the network and the id, or ")
-            + "download the folder elsewhere and pass its local path.") from err
+            f"{str(path_or_id)!r} is not a local folder (nothing at {str(p.resolve())!r}) and could not be fetched "
+            f"as a Hugging Face Hub id ({type(err).__name__}: {first[:200]}). If you meant a local folder, check "
+            "the path; for the Hub, "
+            + ("HF_HUB_OFFLINE is set: unset it, or " if offline else "check the network and the id, or ")
+            + "download the folder elsewhere and pass its local path.") from None
+
+
+def read_model_index(folder: Path) -> dict:
+    """``model_index.json`` of a pipeline folder; a missing or damaged file is named in the error."""
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no model_index.json: it is not a diffusers "
+                                "pipeline folder.")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(index_file)!r} is not valid JSON ({err}): the folder is damaged or was copied "
+                          "incompletely; download or export it again.") from None
+    if not isinstance(index, dict):
+        raise ConfigError(f"{str(index_file)!r} holds {type(index).__name__}, not a JSON object: the folder is "
+                          "damaged; download or export it again.")
+    return index
 
 
 def load_pipeline(path_or_id: str, **kwargs):
     """Load any folder exported by distill (or a stock diffusers pipeline folder)."""
     folder = resolve_pretrained(path_or_id)
     index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no model_index.json: it is not a diffusers pipeline folder.")
-    name = json.loads(index_file.read_text())["_class_name"]
+    name = read_model_index(folder).get("_class_name")
     name = name[1] if isinstance(name, list) else name
     cls = getattr(_pipelines, name, None) or getattr(diffusers, name, None)
     if cls is None:
-        raise ValueError(f"Unknown pipeline class {name!r} in {index_file}; distill knows "
-                         f"{', '.join(_pipelines.__all__)} and the diffusers pipelines.")
+        raise ConfigError(f"Unknown pipeline class {name!r} in {index_file}; distill knows "
+                          f"{', '.join(_pipelines.__all__)} and the diffusers pipelines.")
     return cls.from_pretrained(folder, **kwargs)

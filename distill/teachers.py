@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
 import torch
 
 from .conditioning import Condition, as_condition, network_kwargs
-from .export import resolve_pretrained
+from .config import ConfigError
+from .export import read_model_index, resolve_pretrained
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 from .noise import NoiseSchedule
 
@@ -92,19 +94,19 @@ class Teacher:
                                     "(analytic:gaussians8 / analytic:gaussians25 in a config's teacher.path).")
         else:
             folder = resolve_pretrained(src)
-        index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"Teacher folder {str(folder)!r} has no model_index.json.")
-        index = json.loads(index_file.read_text())
+        index = read_model_index(folder)
         net_name = next((k for k in ("unet", "transformer", "generator") if k in index), None)
         if net_name is None or "scheduler" not in index:
-            raise ValueError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a 'scheduler'; "
-                             f"it has {sorted(k for k in index if not k.startswith('_'))}.")
-        model = _component_class(index[net_name]).from_pretrained(folder / net_name, dtype=dtype).to(device)
-        scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
+            raise ConfigError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a 'scheduler'; "
+                              f"it has {sorted(k for k in index if not k.startswith('_'))}.")
+        with _damaged(folder, net_name):
+            model = _component_class(index[net_name]).from_pretrained(folder / net_name, dtype=dtype).to(device)
+        with _damaged(folder, "scheduler"):
+            scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
         text = {}
         if "text_encoder" in index or "vae" in index:
-            text = _load_text_parts(folder, index, device, dtype)
+            with _damaged(folder, "vae / text encoder / tokenizer"):
+                text = _load_text_parts(folder, index, device, dtype)
         return cls.from_model(model, scheduler, source=src, folder=folder, **text)
 
     # ------------------------------------------------------------------ space
@@ -317,8 +319,8 @@ def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
 
     missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in index or index[k][0] is None]
     if missing:
-        raise ValueError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no {missing}; "
-                         "a Stable-Diffusion-format folder has unet, vae, text_encoder, tokenizer and scheduler.")
+        raise ConfigError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no {missing}; "
+                          "a Stable-Diffusion-format folder has unet, vae, text_encoder, tokenizer and scheduler.")
     kw = {} if dtype is None else {"dtype": dtype}
     vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
     encs, toks = [], []
@@ -334,6 +336,20 @@ def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
             "force_zeros_for_empty_prompt": force_zeros}
 
 
+@contextmanager
+def _damaged(folder: Path, part: str):
+    """A component that fails to load (truncated safetensors, bad config.json) is named with its folder."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors, json, diffusers / transformers loading errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"Could not load the teacher's {part} from {str(folder)!r} ({type(err).__name__}: "
+                          f"{first[:300]}): a file there is damaged or incomplete; download or export the folder "
+                          "again.") from err
+
+
 def _component_class(spec):
     lib, name = spec
     if lib in ("diffusers",):
@@ -341,7 +357,7 @@ def _component_class(spec):
     for module, export_name in EXPORT_NAMES.items():
         if lib == export_name or lib == module.__name__:
             return getattr(module, name)
-    raise ValueError(f"Teacher network class {spec} is neither a diffusers class nor a distill model.")
+    raise ConfigError(f"Teacher network class {spec} is neither a diffusers class nor a distill model.")
 
 
 def _infer_shape(model) -> list[int]:
@@ -353,7 +369,7 @@ def _infer_shape(model) -> list[int]:
         return [cfg.in_channels, size, size]
     if hasattr(cfg, "data_dim"):
         return list(cfg.sample_shape) if getattr(cfg, "sample_shape", None) else [cfg.data_dim]
-    raise ValueError(f"Cannot infer the sample shape of {type(model).__name__}; pass sample_shape.")
+    raise ConfigError(f"Cannot infer the sample shape of {type(model).__name__}; pass sample_shape.")
 
 
 def _infer_classes(model) -> int:

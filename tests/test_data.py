@@ -54,3 +54,32 @@ def test_typo_path_and_offline_hub_errors():
         load_data("uoft-cs/cifar10")
     with pytest.raises(ValueError, match="Unknown toy"):
         load_data("toy:moons")
+
+
+def test_a_damaged_image_in_a_data_folder_is_skipped_with_a_warning(tmp_path):
+    from conftest import random_png_folder
+
+    folder = random_png_folder(tmp_path / "imgs", 5, size=12)
+    (folder / "002_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    ds = load_data(str(folder), resolution=8)
+    with pytest.warns(UserWarning, match="cannot be read.*skipped"):
+        items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 6 and all(it["x"].shape == (3, 8, 8) for it in items)
+    assert len(ds.damaged) == 1
+
+
+def test_an_fid_reference_folder_of_mixed_sizes_is_resized_like_training_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from distill.eval.fid import reference_images
+
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(16, 16), (20, 12), (16, 16), (9, 30)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    x = reference_images(str(tmp_path), resolution=8)
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
+    assert reference_images(str(tmp_path)).shape == (4, 3, 16, 16)  # default: the most common size
+    # a square image of the target size is kept as is; others are centre-cropped then resized (bicubic)
+    same = np.asarray(Image.open(tmp_path / "0.png").convert("RGB"))
+    assert np.array_equal(reference_images(str(tmp_path))[0].permute(1, 2, 0).numpy(), same)

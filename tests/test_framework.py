@@ -114,7 +114,7 @@ def test_resume_gives_bitwise_identical_weights(tmp_path):
 def test_resume_from_missing_path_is_clear(tmp_path):
     cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=2",
                                    f"train.resume_from_checkpoint={tmp_path / 'nope'}"])
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(ConfigError, match="nope' is not a checkpoint folder; use 'latest'"):
         TeacherTrainer(cfg).train()
 
 

@@ -116,21 +116,33 @@ def inception_cache_path() -> Path:
     return Path(torch_home) / "hub" / "checkpoints" / INCEPTION_FILE
 
 
-def make_extractor(name: str, weights: str | None = None):
-    """(torch-fidelity extractor instance, registered name, weights file, features for fid/isc)."""
+def extractor_weights(name: str, weights: str | None = None) -> Path:
+    """The weights file an extractor will read; FileNotFoundError (saying where to put it) when absent."""
     if name == "digits":
         path = Path(weights) if weights else DIGITS_WEIGHTS
-        ext = DigitsFeatureExtractor(DIGITS_NAME, ["feat64", "logits_unbiased"], feature_extractor_weights_path=path)
-        return ext, DIGITS_NAME, path
-    if name == "inception-v3-compat":
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+    elif name == "inception-v3-compat":
         path = Path(weights) if weights else inception_cache_path()
         if not path.is_file():
             raise FileNotFoundError(
                 f"Inception weights not found at {path}. Offline, download {INCEPTION_FILE} (torch-fidelity's "
                 "release asset) on a machine with internet and either place it at that path or pass "
                 "--feature-extractor-weights PATH (eval.feature_extractor_weights in a config).")
+    else:
+        raise ValueError(f"Unknown feature extractor {name!r}; choose 'digits' or 'inception-v3-compat'.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Feature extractor weights for {name!r} not found at {path}.")
+    return path
+
+
+def make_extractor(name: str, weights: str | None = None):
+    """(torch-fidelity extractor instance, registered name, weights file, features for fid/isc)."""
+    path = extractor_weights(name, weights)
+    if name == "digits":
+        ext = DigitsFeatureExtractor(DIGITS_NAME, ["feat64", "logits_unbiased"], feature_extractor_weights_path=path)
+        return ext, DIGITS_NAME, path
+    if name == "inception-v3-compat":
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         ext = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=str(path))
         return ext.eval(), "inception-v3-compat", path

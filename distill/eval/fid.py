@@ -66,21 +66,40 @@ def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> 
         x01 = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
         out = (x01 * 255).round().to(torch.uint8)
     if out.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(out.shape)}.")
+        raise ConfigError(f"FID needs image data (B, C, H, W); got samples of shape {tuple(out.shape)}. For 2-D "
+                          "toy data use the toy metrics (distill.eval.toy).")
     if out.shape[1] == 1:
         out = out.repeat(1, 3, 1, 1)
     return out.contiguous()
 
 
-def load_image_folder(folder) -> torch.Tensor:
-    """All PNG/JPG files of a folder (sorted by name) as uint8 RGB (B, 3, H, W)."""
+def load_image_folder(folder, resolution: int | None = None) -> torch.Tensor:
+    """All PNG/JPG files of a folder (sorted by name) as uint8 RGB (B, 3, H, W). Images of another size than
+    ``resolution`` (default: the most common size; non-square images included) are centre-cropped and resized
+    like training data; unreadable files are skipped with a warning."""
+    import warnings
+    from collections import Counter
+
     from PIL import Image
+
+    from ..data import square
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise FileNotFoundError(f"No PNG/JPG images in {str(folder)!r}.")
-    arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    images = []
+    for f in files:
+        try:
+            images.append(Image.open(f).convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            warnings.warn(f"{f}: cannot be read ({type(err).__name__}: {err}); skipped.", stacklevel=2)
+    if not images:
+        raise FileNotFoundError(f"None of the {len(files)} images in {str(folder)!r} can be read.")
+    sizes = Counter(img.size for img in images)
+    res = resolution or min(sizes.most_common(1)[0][0])
+    if len(sizes) > 1 or resolution:
+        images = [square(img, res) for img in images]
+    return torch.from_numpy(np.stack([np.asarray(img) for img in images])).permute(0, 3, 1, 2).contiguous()
 
 
 def save_image_folder(images_u8: torch.Tensor, folder) -> Path:
@@ -136,7 +155,7 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
         kwargs["num_inference_steps"] = steps
     text = is_text_pipeline(pipe)
     if text and not prompts:
-        raise ValueError("A text-to-image pipeline needs prompts for FID: pass --prompts FILE (distill fid) or "
+        raise ConfigError("A text-to-image pipeline needs prompts for FID: pass --prompts FILE (distill fid) or "
                          "prompts=[...].")
     out = {}
     for b in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False):
@@ -202,11 +221,11 @@ def reference_images(reference: str, resolution: int | None = None) -> torch.Ten
 
     ref = Path(reference)
     if ref.is_dir() and not any(ref.glob("*/")) and any(ref.glob("*.png")):
-        return load_image_folder(ref)
+        return load_image_folder(ref, resolution)
     ds = load_data(reference, resolution=resolution, channels=3 if not reference.startswith("sklearn:") else 1)
     x, _ = as_tensor(ds)
     if x.ndim != 4:
-        raise ValueError(f"FID needs image data; {reference!r} has samples of shape {tuple(x.shape[1:])}. "
+        raise ConfigError(f"FID needs image data; {reference!r} has samples of shape {tuple(x.shape[1:])}. "
                          "Use the toy metrics (distill.eval.toy) for 2-D data.")
     return to_uint8(x, (-1.0, 1.0))
 
@@ -254,7 +273,7 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
     metrics = tuple(metrics)
     unknown = set(metrics) - {"fid", "kid", "prc", "isc"}
     if unknown:
-        raise ValueError(f"Unknown metrics {sorted(unknown)}; choose from fid, kid, prc, isc.")
+        raise ConfigError(f"Unknown metrics {sorted(unknown)}; choose from fid, kid, prc, isc.")
     extractor, ext_name, weights = make_extractor(feature_extractor, feature_extractor_weights)
     layer = fid_layer(feature_extractor)
     start = time.time()

@@ -24,6 +24,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +43,15 @@ from ..config import Config, ConfigError
 from ..data import load_data
 from ..export import export_pipeline
 from ..models import GuidedUNet2DModel, MLPDenoiser
+from ..runs import (
+    Interrupted,
+    TrainingDiverged,
+    check_resumable,
+    clear_output_dir,
+    fingerprint,
+    prepare_output_dir,
+    write_run,
+)
 from ..teachers import Teacher, analytic_teacher
 
 logger = logging.getLogger("distill")
@@ -57,6 +69,30 @@ def frozen(*modules: torch.nn.Module):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer):
+    """SIGINT and SIGTERM set ``trainer._stop_signal`` (the loop checkpoints and stops after the current step);
+    a second SIGINT interrupts at once. Outside the main thread nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer._stop_signal = signum
+        if trainer.accelerator.is_main_process:
+            print(f"\n{signal.Signals(signum).name}: finishing step {trainer.step + 1} and writing a checkpoint "
+                  "(Ctrl-C again to abandon it)...", file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
@@ -196,7 +232,7 @@ class DistillationTrainer:
 
     method = "base"
 
-    def __init__(self, config: Config, accelerator: Accelerator | None = None):
+    def __init__(self, config: Config, accelerator: Accelerator | None = None, overwrite: bool = False):
         self.config = config
         self.out = Path(config.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
@@ -212,6 +248,16 @@ class DistillationTrainer:
         self.teacher: Teacher | None = None
         self.data = None
         self._built = False
+        self.overwrite = overwrite
+        # the run as configured, before build() fills in derived values (student.conditional, progressive's
+        # max_steps): what checkpoints and run.json record, and what output_dir/config.yaml holds
+        self.fingerprint = fingerprint(config)
+        self._config_yaml = config.to_yaml()
+        self.already_finished = False  # train() found the run finished: nothing trained, nothing exported
+        self._continue = False  # output_dir holds this same run: continue it from its latest checkpoint
+        self._resume_path: Path | None = None
+        self._nonfinite: set[str] = set()  # why the current step is non-finite (empty: it is finite)
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ hooks for methods
     def build(self) -> None:
@@ -273,28 +319,37 @@ class DistillationTrainer:
         self._counts[key] = self._counts.get(key, 0) + n
 
     def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Batch mean of the finite per-sample losses; the dropped samples are counted (``nonfinite_samples``)."""
+        """Batch mean of the finite per-sample losses; the dropped samples are counted (``nonfinite_samples``).
+        A batch with no finite sample gives a zero loss and marks the step non-finite."""
         keep = torch.isfinite(per_sample)
         self.count("nonfinite_samples", (~keep).sum())
-        return per_sample[keep].mean() if keep.any() else per_sample[keep].sum()
+        if keep.any():
+            return per_sample[keep].mean()
+        self._nonfinite.add("every sample's loss")
+        return per_sample[keep].sum()
 
     def apply_gradients(self, name: str) -> float | None:
-        """NaN hygiene (non-finite gradient values are zeroed or clamped, and counted as
-        ``nonfinite_grads/NAME``), clipping, optimizer step and zero_grad of one network whose
-        gradients are already accumulated; returns the (pre-clip) gradient norm."""
+        """Clipping, optimizer step and zero_grad of one network whose gradients are already accumulated;
+        returns the (pre-clip) gradient norm. An update whose gradient holds a non-finite value is skipped
+        (as a loss scaler does): the values are counted as ``nonfinite_grads/NAME``, the skipped update as
+        ``skipped_updates/NAME``, and the step is marked non-finite (see ``train.max_nonfinite_steps``)."""
         norm = None
+        opt = self.optimizers[name]
         if self.accelerator.sync_gradients:
             params = [p for p in self.modules[name].parameters() if p.grad is not None]
             if params:
-                self.count(f"nonfinite_grads/{name}", sum((~torch.isfinite(p.grad)).sum() for p in params))
-            for p in params:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+                bad = sum((~torch.isfinite(p.grad)).sum() for p in params)
+                self.count(f"nonfinite_grads/{name}", bad)
+                if bool(bad):
+                    self.count(f"skipped_updates/{name}", 1)
+                    self._nonfinite.add(f"network {name!r}")
+                    opt.zero_grad(set_to_none=True)
+                    return None
             max_norm = self.config.optim.max_grad_norm
             if max_norm is not None and params:
                 norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
             elif params:
                 norm = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
-        opt = self.optimizers[name]
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -349,10 +404,9 @@ class DistillationTrainer:
         resolution, channels = cfg.data.resolution, cfg.data.channels
         if self.uses_teacher:
             self.teacher = load_teacher(cfg, self.device)
-            if self.teacher.is_latent:  # images are encoded at the teacher's resolution (UNet size x VAE factor)
-                resolution, channels = resolution or self.teacher.image_shape[-1], self.teacher.image_shape[0]
+            resolution, channels = self.teacher_image_size(resolution, channels)
         self.data = load_data(cfg.data.spec, resolution=resolution, num_samples=cfg.data.num_samples,
-                              seed=cfg.train.seed, channels=channels, caption_column=cfg.data.caption_column)
+                              seed=cfg.train.seed, channels=channels or 3, caption_column=cfg.data.caption_column)
         self.check_data()
         self.build()
         names = list(self.modules)
@@ -371,8 +425,22 @@ class DistillationTrainer:
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
 
+    def teacher_image_size(self, resolution: int | None, channels: int | None) -> tuple[int | None, int | None]:
+        """The data's resolution and channels: the teacher's images (pixel teachers: its sample shape; latent
+        teachers: UNet size x VAE factor). A ``data.resolution`` / ``data.channels`` that disagrees is refused."""
+        shape, path = self.teacher.image_shape, self.config.teacher.path
+        if len(shape) != 3:
+            return resolution, channels
+        for key, given, own in (("data.resolution", resolution, shape[-1]), ("data.channels", channels, shape[0])):
+            if given is not None and given != own:
+                raise ConfigError(f"{key}={given} does not match the teacher: {path!r} makes "
+                                  f"{'x'.join(map(str, shape))} images (channels x height x width). Remove {key} "
+                                  f"(it defaults to the teacher's) or set {key}={own}.")
+        return shape[-1], shape[0]
+
     def check_data(self) -> None:
-        """Refuse data that cannot condition this teacher (before any network is built)."""
+        """Refuse data that cannot condition this teacher, or whose samples are not the teacher's shape
+        (before any network is built)."""
         t, d, spec = self.teacher, self.data, self.config.data.spec
         if t is None:
             return
@@ -383,6 +451,12 @@ class DistillationTrainer:
         if not t.is_text and not getattr(d, "has_images", True):
             raise ConfigError(f"data.spec={spec!r} holds prompts only, but {self.config.teacher.path!r} is not a "
                               "text-to-image teacher; use image data (e.g. sklearn:digits).")
+        own = list(t.image_shape)
+        if getattr(d, "has_images", True) and d.sample_shape is not None and list(d.sample_shape) != own:
+            raise ConfigError(f"data.spec={spec!r} gives samples of shape {'x'.join(map(str, d.sample_shape))}, but "
+                              f"the teacher {self.config.teacher.path!r} takes {'x'.join(map(str, own))}: use the "
+                              "teacher's data (e.g. uoft-cs/cifar10 for google/ddpm-cifar10-32, sklearn:digits for "
+                              "builtin:digits, toy:gaussians8 for analytic:gaussians8).")
 
     def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
         """The data rows of one batch: uniform with replacement (a method may stratify them)."""
@@ -441,49 +515,125 @@ class DistillationTrainer:
             models = {n: self.unwrap(n) for n in self.modules}
             opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
             path = save_checkpoint(self.checkpoint_dir, self.step, models, opts, self.emas,
-                                   {"method": self.method, "history_tail": self.history[-5:], "state": self.state()},
+                                   {"method": self.method, "fingerprint": self.fingerprint,
+                                    "history": self.history, "state": self.state()},
                                    self.config.train.checkpoints_total_limit)
         acc.wait_for_everyone()
         return path
 
-    def resume(self) -> None:
-        which = self.config.train.resume_from_checkpoint
+    def resume_plan(self) -> None:
+        """Which checkpoint this run resumes from, checked against the config before anything loads."""
+        cfg = self.config
+        which = cfg.train.resume_from_checkpoint or ("latest" if self._continue else None)
         if not which:
             return
         path = latest_checkpoint(self.checkpoint_dir) if which == "latest" else Path(which)
         if path is None:
-            self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting a new run.")
+            if cfg.train.resume_from_checkpoint:
+                self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting a new run.")
             return
         if not path.is_dir():
-            raise FileNotFoundError(f"train.resume_from_checkpoint: {which!r} is not a checkpoint folder; use "
-                                    f"'latest' or one of {[p.name for p in self.checkpoint_dir.glob('checkpoint-*')]}.")
+            found = [p.name for p in self.checkpoint_dir.glob("checkpoint-*")]
+            raise ConfigError(f"train.resume_from_checkpoint={which!r} is not a checkpoint folder; use 'latest' or "
+                              f"one of {found} (under {self.checkpoint_dir}).")
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise ConfigError(f"{str(path)!r} is not a complete distill checkpoint (no trainer_state.json).")
+        saved = json.loads(state_file.read_text())
+        check_resumable(saved.get("fingerprint"), cfg, f"Checkpoint {str(path)!r}",
+                        written_with=path.parent.parent / "config.yaml")
+        self._resume_path = path
+
+    def resume(self) -> None:
+        path = self._resume_path
+        if path is None:
+            return
         models = {n: self.unwrap(n) for n in self.modules}
         opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
         state = load_checkpoint(path, models, opts, self.emas)
-        if state.get("method", self.method) != self.method:
-            raise ValueError(f"Checkpoint {path} was written by method {state['method']!r}, not {self.method!r}.")
         for ema in self.emas.values():  # loaded shadow weights are CPU tensors; EMAModel.step needs them on the device
             ema.to(self.device)
         self.step = int(state["step"])
+        self.history = list(state.get("history", state.get("history_tail", [])))
         self.load_state(state.get("state", {}))
         self.accelerator.print(f"Resumed from {path} at step {self.step}.")
 
     # ------------------------------------------------------------------ the loop
+    def _claim_output_dir(self) -> None:
+        """Refuse a folder holding another run, continue this same run, or clear it (``overwrite``)."""
+        acc = self.accelerator
+        action = prepare_output_dir(self.config, self.overwrite)
+        acc.wait_for_everyone()
+        if action == "overwrite" and acc.is_main_process:
+            clear_output_dir(self.out)
+            acc.print(f"--overwrite: removed the earlier run in {self.out}.")
+        self._continue = action == "continue"
+        acc.wait_for_everyone()
+
     def train(self) -> Path | None:
-        """Run to ``train.max_steps``; returns the exported pipeline folder (main process)."""
-        self.setup()
+        """Run to ``train.max_steps``; returns the exported pipeline folder (main process).
+
+        SIGINT (Ctrl-C) and SIGTERM end the current step, write a checkpoint and raise
+        :class:`Interrupted`; ``train.max_nonfinite_steps`` non-finite steps in a row raise
+        :class:`TrainingDiverged`. ``output_dir/run.json`` records the state either way.
+        """
         cfg, acc = self.config, self.accelerator
+        self._claim_output_dir()
+        self.resume_plan()
+        started = time.time()
+        self.setup()
         self.resume()
+        finished = self.finished_run()
+        if finished is not None:
+            return finished
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.yaml")
+            (self.out / "config.yaml").write_text(self._config_yaml)
+            write_run(self.out, cfg, "running", self.step, self.fingerprint)
             acc.init_trackers(f"distill-{self.method}", config=_flat(cfg.to_dict()))
+        try:
+            with _stop_on_signals(self):
+                self._loop()
+        except Interrupted:
+            self._record("interrupted")
+            raise
+        except BaseException as err:
+            self._record("failed", error=f"{type(err).__name__}: {err}")
+            raise
+        path = self.finish(time.time() - started)
+        self._record("finished")
+        return path
+
+    def _record(self, state: str, **extra) -> None:
+        if self.accelerator.is_main_process:
+            write_run(self.out, self.config, state, self.step, self.fingerprint, **extra)
+
+    def finished_run(self) -> Path | None:
+        """A resumed checkpoint already at train.max_steps is a finished run: reported, nothing trained or
+        exported. The one exception completes its own run: this folder's checkpoint with no export yet (a run
+        stopped between its last checkpoint and the export)."""
+        path, max_steps = self._resume_path, self.config.train.max_steps
+        if path is None or self.step < max_steps:
+            return None
+        run_dir = path.parent.parent
+        same = run_dir.resolve() == self.out.resolve()
+        if same and not (self.out / "pipeline" / "model_index.json").is_file():
+            return None
+        self.already_finished = True
+        self.accelerator.print(f"The run in {run_dir} finished at step {self.step} (train.max_steps={max_steps}); its "
+                               f"pipeline is {run_dir / 'pipeline'}. Nothing to do: raise train.max_steps to train "
+                               "on" + (", or pass --overwrite to start afresh." if same else "."))
+        return run_dir / "pipeline"
+
+    def _loop(self) -> None:
+        cfg, acc = self.config, self.accelerator
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"{self.method}", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.train.progress_bar))
-        start = time.time()
+        bad_run, last_good = 0, latest_checkpoint(self.checkpoint_dir)
         while self.step < cfg.train.max_steps:
             step = self.step
             self._set_lr(step)
+            self._nonfinite = set()
             logs: dict = {}
             for micro in range(cfg.train.gradient_accumulation_steps):
                 self.rng = self.step_generator(step, micro)
@@ -494,6 +644,15 @@ class DistillationTrainer:
                 ema.step(self.unwrap(name).parameters())
             self.step += 1
             logs = {k: float(v) for k, v in logs.items() if v is not None}
+            self._nonfinite.update(f"loss {k}={v}" for k, v in logs.items() if not math.isfinite(v))
+            bad_run = bad_run + 1 if self._nonfinite else 0
+            if bad_run >= cfg.train.max_nonfinite_steps:
+                bar.close()
+                raise TrainingDiverged(
+                    f"Training stopped at step {self.step}: {bad_run} steps in a row had non-finite values "
+                    f"({', '.join(sorted(self._nonfinite))}); their updates were skipped. The last good checkpoint is "
+                    f"{last_good or 'none (no checkpoint was written)'}; resume from it with a lower optim.lr (or "
+                    "raise train.max_nonfinite_steps). Nothing was exported.")
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 logs.update({k: float(v) for k, v in self._counts.items()})
                 self._counts.clear()
@@ -501,19 +660,37 @@ class DistillationTrainer:
                 self.history.append({"step": self.step, **logs})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
             bar.update(1)
-            if self.step % cfg.train.checkpointing_steps == 0 or self.step == cfg.train.max_steps:
-                self.save_checkpoint()
+            stop = self._stop_requested()
+            if self.step % cfg.train.checkpointing_steps == 0 or self.step == cfg.train.max_steps or stop:
+                if bad_run == 0:
+                    last_good = self.save_checkpoint() or last_good
+            if stop:
+                bar.close()
+                name = signal.Signals(stop).name
+                raise Interrupted(stop, f"{name} at step {self.step}: checkpoint {last_good} written. Resume with "
+                                        f"the same command (or train.resume_from_checkpoint=latest).")
             if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_samples(f"step-{self.step:06d}")
         bar.close()
-        seconds = time.time() - start
-        return self.finish(seconds)
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked this run to stop, agreed by every process (the highest rank's wins)."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        return int(self.accelerator.reduce(flag, reduction="max").item()) or None
 
     def finish(self, seconds: float) -> Path | None:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
+            bad = [n for n in self.modules if not all(torch.isfinite(p).all() for p in self.unwrap(n).parameters())]
+            bad += [n for n, e in self.emas.items() if not all(torch.isfinite(p).all() for p in e.shadow_params)]
+            if bad:
+                raise TrainingDiverged(f"Network(s) {sorted(set(bad))} hold non-finite weights at step {self.step}: "
+                                       "the student is not exported. Resume from an earlier checkpoint with a lower "
+                                       "optim.lr.")
             self.save_samples("final")
             info = {**self.card_info(), "steps": self.step, "train_seconds": round(seconds, 1),
                     "config": self.config.to_dict()}

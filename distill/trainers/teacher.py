@@ -47,8 +47,8 @@ class TeacherTrainer(DistillationTrainer):
         self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
         self.num_classes = self.data.num_classes if tc.label_dropout > 0 else 0
         if tc.label_dropout > 0 and not self.data.num_classes:
-            raise ValueError(f"teacher_train.label_dropout={tc.label_dropout} needs labelled data; "
-                             f"{self.config.data.spec!r} has no labels.")
+            raise ConfigError(f"teacher_train.label_dropout={tc.label_dropout} needs labelled data; "
+                              f"{self.config.data.spec!r} has no labels.")
         self.config.student.conditional = self.num_classes > 0
         net = build_network(self.config, None, self.data.sample_shape, self.num_classes)
         self.add("student", net, lr=self.config.optim.lr, ema=True)
