@@ -217,8 +217,26 @@ class MSDConfig:
 
 
 @dataclass
+class MARConfig:
+    """Masked-autoregressive generator (Li et al. 2024) trained on the data (no teacher); sampled with DiSA
+    step annealing (Zhao et al. 2025). Model shape: ``distill.models.MaskedAutoregressiveModel``."""
+
+    patch_size: int = 2
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    head_width: int = 128
+    head_depth: int = 3
+    mask_ratio_min: float = 0.7  # masking ratio ~ normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)
+    label_dropout: float = 0.1  # null class for classifier-free guidance (MAR: 0.1)
+    diffusion_batch_mul: int = 4  # head samples (t, noise) per token per step (MAR: 4)
+    num_iter: int = 16  # sampling defaults written into the exported pipeline's card and sample grids
+    diffusion_steps: int = 50
+
+
+@dataclass
 class Config:
-    method: Literal["teacher", "sim", "uni_instruct", "progressive", "guided", "msd"] = "sim"
+    method: Literal["teacher", "sim", "uni_instruct", "progressive", "guided", "msd", "mar"] = "sim"
     output_dir: str = "outputs/run"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,6 +250,7 @@ class Config:
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     guided: GuidedConfig = field(default_factory=GuidedConfig)
     msd: MSDConfig = field(default_factory=MSDConfig)
+    mar: MARConfig = field(default_factory=MARConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -414,6 +433,11 @@ def validate(cfg: Config) -> None:
          (cfg.guided.guidance_min, cfg.guided.guidance_max),
          "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
         (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
+        (0 < cfg.mar.mask_ratio_min <= 1, "mar.mask_ratio_min", cfg.mar.mask_ratio_min, "a number in (0, 1]"),
+        (0 <= cfg.mar.label_dropout < 1, "mar.label_dropout", cfg.mar.label_dropout, "a number in [0, 1)"),
+        (cfg.mar.diffusion_batch_mul >= 1, "mar.diffusion_batch_mul", cfg.mar.diffusion_batch_mul, "an integer >= 1"),
+        (cfg.mar.width % cfg.mar.num_heads == 0, "mar.width/num_heads", (cfg.mar.width, cfg.mar.num_heads),
+         "a width divisible by num_heads"),
         (cfg.msd.num_students >= 1, "msd.num_students", cfg.msd.num_students, "an integer >= 1"),
         (cfg.msd.tsm_steps >= 0, "msd.tsm_steps", cfg.msd.tsm_steps, "an integer >= 0"),
         (cfg.msd.regression_weight >= 0, "msd.regression_weight", cfg.msd.regression_weight, "a number >= 0"),

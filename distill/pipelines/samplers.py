@@ -128,9 +128,10 @@ def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, g
     return _chain(model_fn, x, times, extra_args, callback, step)
 
 
-def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, generator=None):
+def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, generator=None, temperature=1.0):
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = denoised) (Ho et al. 2020, eq. 6-7),
-    i.e. DDIM with eta = 1 (Song et al. 2021, eq. 16), between consecutive grid times."""
+    i.e. DDIM with eta = 1 (Song et al. 2021, eq. 16), between consecutive grid times. ``temperature``
+    scales the fresh noise of each step (MAR's sampling temperature, Li et al. 2024; 1 = the posterior)."""
 
     def step(x, denoised, i):
         ab, a, s = _coefficients(times, i)
@@ -138,6 +139,6 @@ def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, ge
         c = (s_next / s) * max(1.0 - ab / ab_next, 0.0) ** 0.5  # posterior std
         eps = (x - a * denoised) / s
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + c * noise
+        return a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + temperature * c * noise
 
     return _chain(model_fn, x, times, extra_args, callback, step)

@@ -28,7 +28,11 @@ def trainer_class(method: str):
         from .multi_student import MultiStudentTrainer
 
         return MultiStudentTrainer
-    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive, guided or msd.")
+    if method == "mar":
+        from .mar import MaskedAutoregressiveTrainer
+
+        return MaskedAutoregressiveTrainer
+    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive, guided, msd or mar.")
 
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "trainer_class"]
