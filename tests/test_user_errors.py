@@ -113,6 +113,9 @@ CASES = [
     ("fid of 2-D samples", ["fid", "OUT/toyrun/pipeline", "--reference", "toy:gaussians8", "--num-samples", "10",
                             "--out", "OUT/r"],
      "FID needs image data"),
+    ("fid at steps of a pipeline that takes none", ["fid", "OUT/mar", "--reference", "sklearn:digits", "--steps", "4",
+                                                     "--num-samples", "10", "--out", "OUT/r"],
+     "steps=4: a MaskedAutoregressivePipeline takes no num_inference_steps"),
     ("fid with an unknown metric", ["fid", DIGITS, "--reference", "sklearn:digits", "--metrics", "fid,lpips",
                                     "--num-samples", "10", "--out", "OUT/r"],
      "Unknown metrics ['lpips']"),
@@ -131,6 +134,14 @@ def materials(tmp_path_factory):
     weights = out / "bad_weights" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     assert main(["train", TOY, *[a.replace("OUT", str(out)) for a in TOY_RUN]]) == 0  # a finished run: 2 steps
+    import diffusers
+
+    from distill import MaskedAutoregressiveModel, MaskedAutoregressivePipeline, export_pipeline
+
+    mar = MaskedAutoregressiveModel(sample_size=8, patch_size=2, width=16, depth=1, num_heads=2, head_width=16,
+                                    head_depth=1)
+    export_pipeline(MaskedAutoregressivePipeline(mar, diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")),
+                    out / "mar")
     return out
 
 

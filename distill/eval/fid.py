@@ -152,6 +152,11 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
     mine = list(range(state.process_index, n_batches, state.num_processes))
     kwargs = dict(call_kwargs)
     if steps is not None and not is_one_step(pipe):
+        import inspect
+
+        if "num_inference_steps" not in inspect.signature(pipe.__call__).parameters:
+            raise ConfigError(f"steps={steps}: a {type(pipe).__name__} takes no num_inference_steps; drop --steps "
+                              "(eval.teacher_steps) for it.")
         kwargs["num_inference_steps"] = steps
     text = is_text_pipeline(pipe)
     if text and not prompts:
