@@ -75,6 +75,10 @@ def test_every_readme_command_runs(tmp_path):
             args[args.index("--num-samples") + 1] = "100"
         if "--prompts" in args:  # the text-to-image FID command, on a tiny SD-format teacher and its SIM student
             args = _tiny_text_to_image_args(args, tmp_path)
+        if args[:3] == ["distill", "launch", "configs/mar_digits.yaml"]:  # tiny: the README's MAR block samples it
+            _run(args + ["train.max_steps=2", "mar.width=16", "mar.num_heads=2", "mar.depth=1", "mar.head_width=16",
+                         "mar.head_depth=1", "train.batch_size=8", f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
+            continue
         if args[:2] == ["distill", "launch"]:
             # the real-teacher example: offline it must fail fast with a message naming the fix
             res = _run(args + ["train.max_steps=1", "eval.enabled=false", f"output_dir={tmp_path / 'cifar'}"], ROOT,
@@ -94,6 +98,11 @@ def test_every_readme_command_runs(tmp_path):
                 if "HybridPipeline.from_pipelines" in c)
     _run([sys.executable, "-c", code.replace("outputs/quickstart", str(out)) + "\nassert len(out.trajectory) == 2"],
          ROOT)
+    # the Python block of the MAR section, on the tiny run's export
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "MaskedAutoregressive" in c or "step_schedule=" in c)
+    _run([sys.executable, "-c", code.replace("outputs/mar_digits", str(tmp_path / "mar_digits"))
+          + "\nassert len(out.images) == 10 and out.diffusion_steps[0] == 50 and out.diffusion_steps[-1] == 5"], ROOT)
     # the Python block of the multi-student section, on the demo run's export
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "MultiStudentPipeline" in c)

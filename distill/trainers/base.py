@@ -518,6 +518,7 @@ class DistillationTrainer:
                                    {"method": self.method, "fingerprint": self.fingerprint,
                                     "history": self.history, "state": self.state()},
                                    self.config.train.checkpoints_total_limit)
+            write_run(self.out, self.config, "running", self.step, self.fingerprint, checkpoint=str(path))
         acc.wait_for_everyone()
         return path
 
