@@ -56,7 +56,8 @@ print(type(pipe).__name__, float(abs(x).sum()) > 0)
 """
 
 
-@pytest.mark.parametrize("method", [m if m == "sim" else pytest.param(m, marks=pytest.mark.slow) for m in CONFIGS])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_real_teacher_config_trains_and_exports(method, cifar_teacher, tmp_path):
     teacher, images = cifar_teacher
     out = tmp_path / "run"

@@ -130,6 +130,7 @@ def test_diverged_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
     assert "distill: error: Training stopped at step 2" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_and_exits_then_the_same_command_resumes(tmp_path, sig, code):
     """A real `distill train` process: the signal ends the current step, a checkpoint is written, the exit code

@@ -179,6 +179,7 @@ def test_readme_troubleshooting_messages_are_the_asserted_ones():
         assert any(message.replace("...", "OUT/afile") in a or message in a for a in asserted), message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["train.max_step=2"], "Unknown config key 'train.max_step'"),  # checked before any process starts
     (["teacher.path=builtin:digit"], "No builtin teacher 'builtin:digit'"),  # raised in the launched process
