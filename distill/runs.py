@@ -119,12 +119,13 @@ def write_run(out: Path, cfg: Config, state: str, step: int, fp: dict, **extra) 
 
 
 def prepare_output_dir(cfg: Config, overwrite: bool) -> str:
-    """Decide what a run does with ``output_dir`` before it starts; returns 'new' or 'continue'.
+    """Decide what a run does with ``output_dir`` before it starts: 'new', 'overwrite' or 'continue'.
 
     * empty or absent folder: a new run;
     * ``overwrite``: distill's entries of the old run are removed (other files are kept), a new run;
     * a run with the same fingerprint: it is continued from its latest checkpoint ('continue');
-    * another run (or checkpoints without a run.json): refused, naming the fix.
+    * checkpoints without a run.json: continued (their fingerprint is checked when the trainer reads them);
+    * another run: refused, naming the fix.
 
     Side effects (removal) belong to the caller's main process: this only reads unless ``overwrite``.
     """
@@ -137,16 +138,8 @@ def prepare_output_dir(cfg: Config, overwrite: bool) -> str:
         return "overwrite"
     if run is not None and run.get("fingerprint") == fingerprint(cfg):
         return "continue"
-    if run is None:  # checkpoints without a run.json (copied, or a run killed before it wrote one)
-        if not cfg.train.resume_from_checkpoint:  # else the checkpoint named there is checked when it is read
-            from .checkpoint import latest_checkpoint
-
-            latest = latest_checkpoint(out / "checkpoints")
-            if latest is not None:
-                saved = json.loads((latest / "trainer_state.json").read_text()).get("fingerprint")
-                check_resumable(saved, cfg, f"output_dir={str(out)!r} holds checkpoints (latest {latest.name}) that",
-                                written_with=out / "config.yaml")
-        return "continue"
+    if run is None:  # checkpoints without a run.json (copied, or a run killed before it wrote one): the
+        return "continue"  # trainer checks the checkpoint's own fingerprint before it loads (resume_plan)
     if cfg.train.resume_from_checkpoint:  # the checkpoint's own fingerprint decides (check_resumable)
         return "continue"
     diff = differences(run.get("fingerprint") or {}, fingerprint(cfg))

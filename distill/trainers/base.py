@@ -668,14 +668,16 @@ class DistillationTrainer:
             if stop:
                 bar.close()
                 name = signal.Signals(stop).name
-                raise Interrupted(stop, f"{name} at step {self.step}: checkpoint {last_good} written. Resume with "
+                written = "written" if bad_run == 0 else "is the last good one (this step was non-finite)"
+                raise Interrupted(stop, f"{name} at step {self.step}: checkpoint {last_good} {written}. Resume with "
                                         f"the same command (or train.resume_from_checkpoint=latest).")
             if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_samples(f"step-{self.step:06d}")
         bar.close()
 
     def _stop_requested(self) -> int | None:
-        """The signal that asked this run to stop, agreed by every process (the highest rank's wins)."""
+        """The signal that asked this run to stop, agreed by every process (a max over ranks: one rank's
+        signal stops them all at the same step)."""
         if self.accelerator.num_processes == 1:
             return self._stop_signal
         flag = torch.tensor([self._stop_signal or 0], device=self.device)
