@@ -60,6 +60,11 @@ class StudentConfig:
     attention: bool = True  # unet: attention in the lowest-resolution blocks
     prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None  # None = the teacher's
     conditional: bool = False  # class-conditional student (null class added for CFG)
+    # LoRA (sim, uni_instruct, progressive; student.arch=copy): student and fake score are adapters on ONE frozen
+    # copy of the teacher (distill.lora). null = full networks
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # null = lora_rank (scale 1)
+    lora_target_modules: list[str] | None = None  # null = LCM-LoRA's list for UNet2DModel / UNet2DConditionModel
 
 
 @dataclass
@@ -450,6 +455,17 @@ def validate(cfg: Config) -> None:
                           f"{max(1, t.batch_size // cfg.msd.num_students) * cfg.msd.num_students}.")
     if cfg.method == "msd" and cfg.msd.partition == "file" and not cfg.msd.partition_file:
         raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of each class).")
+    lora = cfg.student.lora_rank
+    if lora is not None:
+        if not (isinstance(lora, int) and lora >= 1):
+            raise ConfigError(f"student.lora_rank: {lora!r} is impossible; expected an integer >= 1, or null for "
+                              "full (not LoRA) student networks.")
+        if cfg.method not in LORA_METHODS:
+            raise ConfigError(f"student.lora_rank={lora} is supported by methods {', '.join(LORA_METHODS)}; method "
+                              f"{cfg.method!r} trains full networks: remove student.lora_rank.")
+        if cfg.student.arch != "copy":
+            raise ConfigError(f"student.lora_rank={lora} adapts the teacher's own network and needs student.arch=copy "
+                              f"(got {cfg.student.arch!r}).")
     if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation samples its own "
                           "guidance scales (guided.guidance_min / guidance_max); remove teacher.guidance_scale.")
@@ -463,6 +479,9 @@ def validate(cfg: Config) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")
+
+
+LORA_METHODS = ("sim", "uni_instruct", "progressive")
 
 
 def _one_step_checks(key: str, s) -> list[tuple]:

@@ -159,3 +159,52 @@ def load_pipeline(path_or_id: str, **kwargs):
         raise ConfigError(f"Unknown pipeline class {name!r} in {index_file}; distill knows "
                           f"{', '.join(_pipelines.__all__)} and the diffusers pipelines.")
     return cls.from_pretrained(folder, **kwargs)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, call_kwargs: dict, info: dict,
+                        sdxl: bool | None) -> Path:
+    """An adapter folder for the teacher's own pipeline (LCM-LoRA style).
+
+    ``sdxl`` True / False: a Stable-Diffusion(-XL) teacher; the adapter is written in diffusers' LoRA format
+    (``pipe.load_lora_weights(folder)``). None: a pixel ``UNet2DModel`` teacher; the adapter is written in
+    peft's format (``adapter_config.json`` + ``adapter_model.safetensors``). Either way ``scheduler/`` holds the
+    scheduler the student samples with, ``distill_lora.json`` the call arguments, ``README.md`` both.
+    The folder is written next to its destination and renamed into place.
+    """
+    import safetensors.torch
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if sdxl is None:
+        safetensors.torch.save_file(state_dict, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **lora_config}, indent=2))
+        load = ["import json, peft, safetensors.torch", "unet = ...  # the teacher's UNet2DModel",
+                "peft.inject_adapter_in_model(peft.LoraConfig(**{k: v for k, v in json.load(open('PATH/adapter_config"
+                ".json')).items() if k != 'peft_type'}), unet)",
+                "peft.set_peft_model_state_dict(unet, safetensors.torch.load_file('PATH/adapter_model.safetensors'))"]
+    else:
+        cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        cls.save_lora_weights(tmp, unet_lora_layers=state_dict, weight_name=LORA_FILE, safe_serialization=True,
+                              unet_lora_adapter_metadata=dict(lora_config))
+        args = ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items())
+        load = [f"from diffusers import DiffusionPipeline, {type(scheduler).__name__}",
+                f"pipe = DiffusionPipeline.from_pretrained({info.get('teacher', 'TEACHER')!r})",
+                "pipe.load_lora_weights('PATH')",
+                f"pipe.scheduler = {type(scheduler).__name__}.from_pretrained('PATH', subfolder='scheduler')",
+                f"image = pipe(prompt, {args}).images[0]"]
+    scheduler.save_pretrained(tmp / "scheduler")
+    (tmp / "distill_lora.json").write_text(json.dumps({"call_kwargs": call_kwargs, "lora": lora_config,
+                                                       "scheduler": type(scheduler).__name__}, indent=2) + "\n")
+    card = model_card({"title": f"distill {info.get('method', '')} LoRA adapter", **info,
+                       "scheduler": type(scheduler).__name__, "call": call_kwargs})
+    card = card.split("## Load")[0] + "\n".join(["## Load", "", "```python", *load, "```", ""])
+    (tmp / "README.md").write_text(card)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder

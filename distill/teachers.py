@@ -21,6 +21,7 @@ StableDiffusionPipeline / StableDiffusionXLPipeline folder layout) train in the 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ class Teacher:
     def __init__(self, model, schedule: NoiseSchedule, num_classes: int = 0, sample_shape=None, scheduler=None,
                  source: str | None = None, vae=None, text_encoders=(), tokenizers=(),
                  force_zeros_for_empty_prompt: bool = False, folder: Path | None = None,
-                 prompt_cache_size: int = 4096):
+                 prompt_cache_size: int = 4096, network_subfolder: str | None = None):
         self.model = model.eval().requires_grad_(False)
         self.schedule = schedule
         self.num_classes = int(num_classes)
@@ -70,6 +71,7 @@ class Teacher:
         self.tokenizers = list(tokenizers)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.folder = folder
+        self.network_subfolder = network_subfolder
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = int(prompt_cache_size)
 
@@ -107,21 +109,41 @@ class Teacher:
         if "text_encoder" in index or "vae" in index:
             with _damaged(folder, "vae / text encoder / tokenizer"):
                 text = _load_text_parts(folder, index, device, dtype)
-        return cls.from_model(model, scheduler, source=src, folder=folder, **text)
+        return cls.from_model(model, scheduler, source=src, folder=folder, network_subfolder=net_name, **text)
 
     # ------------------------------------------------------------------ space
     @property
     def prediction_type(self) -> str:
         return self.schedule.prediction_type
 
+    def stored_network(self) -> torch.nn.Module:
+        """A trainable fp32 copy of the network as stored (re-read from the teacher's folder, so a teacher held in
+        bf16 gives the unrounded weights; a teacher built in memory is copied), without any LoRA layer."""
+        net = self.weights
+        if self.folder is not None and self.network_subfolder is not None:
+            fresh = type(net).from_pretrained(self.folder / self.network_subfolder, dtype=torch.float32)
+        elif not any("lora_" in k for k in net.state_dict()):
+            fresh = copy.deepcopy(net)
+        else:  # a LoRA-carrying network: its own weights sit under ``base_layer``
+            fresh = type(net).from_config(net.config)
+            fresh.load_state_dict({k.replace(".base_layer.", "."): v for k, v in net.state_dict().items()
+                                   if "lora_" not in k})
+        return fresh.float().to(self.device).requires_grad_(True).train()
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """The module holding the network's weights (with LoRA students, ``model`` is a view of a shared base)."""
+        return getattr(self.model, "shared_base", self.model)
+
     @property
     def device(self):
-        return next(iter(self.model.buffers()), next(iter(self.model.parameters()), torch.zeros(1))).device
+        net = self.weights
+        return next(iter(net.buffers()), next(iter(net.parameters()), torch.zeros(1))).device
 
     @property
     def dtype(self) -> torch.dtype | None:
         """The network's reduced precision (bf16 / fp16) when it was loaded in one, else None (inputs kept)."""
-        p = next(iter(self.model.parameters()), None)
+        p = next(iter(self.weights.parameters()), None)
         return p.dtype if p is not None and p.dtype in (torch.bfloat16, torch.float16) else None
 
     @property

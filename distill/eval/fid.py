@@ -468,11 +468,11 @@ def report_after_training(trainer, pipeline_path) -> dict:
 
             sched = diffusers.DDIMScheduler.from_config(t.scheduler.config, timestep_spacing="trailing",
                                                         clip_sample=False, set_alpha_to_one=True)
-            models["teacher"] = TextToImagePipeline(t.model, scheduler=sched, num_inference_steps=50,
+            models["teacher"] = TextToImagePipeline(t.weights, scheduler=sched, num_inference_steps=50,
                                                     force_zeros_for_empty_prompt=t.force_zeros_for_empty_prompt,
                                                     **t.frozen_components(reload=False))
         else:
-            models["teacher"] = FewStepPipeline(t.model, t.scheduler, num_inference_steps=50,
+            models["teacher"] = FewStepPipeline(t.weights, t.scheduler, num_inference_steps=50,
                                                 sample_shape=t.sample_shape, num_classes=t.num_classes)
         steps["teacher"] = list(ev.teacher_steps)
     models, steps, kwargs = with_guidance_scales(models, steps, ev.guidance_scales)

@@ -19,7 +19,6 @@ uninterrupted one, and its final weights are bitwise equal on CPU.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -41,7 +40,8 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..conditioning import network_kwargs
 from ..config import Config, ConfigError
 from ..data import load_data
-from ..export import export_pipeline
+from ..export import export_lora_adapter, export_pipeline
+from ..lora import AdapterView, adapter_state_dict, add_adapters, default_targets, matches, merged_copy
 from ..models import GuidedUNet2DModel, MLPDenoiser
 from ..runs import (
     Interrupted,
@@ -180,7 +180,7 @@ def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int],
         if teacher is None or not any(True for _ in teacher.model.parameters()):
             raise ConfigError("student.arch: 'copy' needs a teacher with weights; the analytic teacher has none. "
                               "Use student.arch=mlp or student.arch=unet.")
-        net = copy.deepcopy(teacher.model).float()  # fp32 master weights, whatever the teacher's dtype
+        net = teacher.stored_network()  # fp32 master weights as stored, whatever dtype the teacher is held in
         if guidance_embed_dim:
             net = _with_guidance_input(net, guidance_embed_dim)
         return net.requires_grad_(True).train()
@@ -383,6 +383,46 @@ class DistillationTrainer:
             loss.backward()
             opt.step()
         net.zero_grad(set_to_none=True)  # a gradient left here would be added to the first training update
+
+    # ------------------------------------------------------------------ LoRA (student.lora_rank)
+    @property
+    def lora(self) -> bool:
+        return self.config.student.lora_rank is not None
+
+    def lora_views(self, names: list[str], checkpointing: bool) -> list[AdapterView]:
+        """One LoRA adapter per name on the teacher's own network, which stays frozen and shared; the teacher
+        becomes the view with every adapter off. Returns the views, in ``names`` order (see :mod:`distill.lora`)."""
+        s, base = self.config.student, self.teacher.weights
+        targets = s.lora_target_modules or default_targets(base)
+        if not targets:
+            raise ConfigError(f"student.lora_rank needs student.lora_target_modules for a {type(base).__name__} "
+                              "teacher (module name suffixes to adapt, e.g. ['to_q', 'to_k', 'to_v']); defaults exist "
+                              "for UNet2DModel and UNet2DConditionModel.")
+        if not matches(base, targets):
+            raise ConfigError(f"student.lora_target_modules={targets} matches no layer of the teacher's "
+                              f"{type(base).__name__}: name module suffixes such as 'to_q' or 'conv1'.")
+        add_adapters(base, names, s.lora_rank, s.lora_alpha, targets)
+        self.teacher.model = AdapterView(base, None, checkpointing)
+        return [AdapterView(base, n, checkpointing) for n in names]
+
+    def export_network(self, name: str) -> torch.nn.Module:
+        """A registered network as a plain standalone network (a LoRA view: merged into a copy of the base)."""
+        net = self.unwrap(name)
+        return merged_copy(net, self.teacher.stored_network().eval()) if isinstance(net, AdapterView) else net
+
+    def lora_inference(self) -> tuple:
+        """(scheduler, call kwargs) with which the teacher's own pipeline plus the student adapter samples."""
+        raise NotImplementedError
+
+    def export_lora(self) -> Path:
+        """``output_dir/lora``: the student adapter for the teacher's own pipeline (see export_lora_adapter)."""
+        t = self.teacher
+        sdxl = None if not t.is_text else len(t.text_encoders) > 1
+        scheduler, kwargs = self.lora_inference()
+        view = self.unwrap("student")
+        info = {k: v for k, v in self.card_info().items()}
+        return export_lora_adapter(adapter_state_dict(view), view.shared_base.distill_lora_config, self.out / "lora",
+                                   scheduler, kwargs, info, sdxl)
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
         dtype = like.dtype if like is not None else torch.float32
@@ -700,6 +740,8 @@ class DistillationTrainer:
             with self.ema_weights():
                 path = export_pipeline(self.export(), self.out / "pipeline", {"title": f"distill {self.method} student",
                                                                              **info})
+                if "student" in self.modules and isinstance(self.unwrap("student"), AdapterView):
+                    acc.print(f"LoRA adapter written to {self.export_lora()}")
             (self.out / "train_history.json").write_text(json.dumps(self.history, indent=1))
             acc.print(f"Pipeline written to {path}")
         acc.end_training()

@@ -77,13 +77,19 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
             self.accelerator.print(f"{self.method}: {len(self.plan)} rounds {[n for n, _ in self.plan]} steps, "
                                    f"train.max_steps set to {self.bounds[-1]} updates")
             cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
-        net = self.make_student()
-        if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
-            net.enable_gradient_checkpointing()
+        if self.lora:  # student and round teacher: LoRA adapters on the teacher's own (shared, frozen) network
+            net, round_teacher = self.lora_views(["student", "round_teacher"], sec.gradient_checkpointing)
+            round_teacher.requires_grad_(False)
+            self.pred = t.prediction_type
+        else:
+            net = self.make_student()
+            if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+                net.enable_gradient_checkpointing()
+            round_teacher = copy.deepcopy(net).requires_grad_(False).eval()
         # no EMA (Salimans & Ho use none for distillation): the linear decay of the learning rate to 0 ends
         # every round on settled weights, and the exported student IS the next round's teacher
         self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers())
-        self.add("round_teacher", copy.deepcopy(net).requires_grad_(False).eval())
+        self.add("round_teacher", round_teacher)
         self.round, self._round_started = 0, -1
         self.num_classes = t.num_classes
 
@@ -203,17 +209,21 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         r = self.round_of(self.step - 1) if r is None else r
         n = self.plan[r][0]
         if self.teacher.is_text:
-            return TextToImagePipeline(self.unwrap("student"), scheduler=self.export_scheduler(), num_inference_steps=n,
+            return TextToImagePipeline(self.export_network("student"), scheduler=self.export_scheduler(), num_inference_steps=n,
                                        timesteps=self.grids(r)[1],
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
                                        **self.teacher.frozen_components(reload=not for_samples),
                                        **self.pipeline_kwargs())
-        return FewStepPipeline(self.unwrap("student"), self.export_scheduler(), num_inference_steps=n,
+        return FewStepPipeline(self.export_network("student"), self.export_scheduler(), num_inference_steps=n,
                                timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
                                num_classes=self.num_classes, **self.pipeline_kwargs())
 
     def pipeline_kwargs(self) -> dict:
         return {}
+
+    def lora_inference(self) -> tuple:
+        """DDIM on the trailing grid of the last round's step count (= the student's own grid), no guidance."""
+        return self.export_scheduler(), {"num_inference_steps": self.plan[-1][0], "guidance_scale": 1.0}
 
     def export_round(self, r: int):
         return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",

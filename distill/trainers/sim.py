@@ -49,21 +49,25 @@ class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):
         cfg, sec = self.config, self.section
         t = self.teacher
         shape, ncls = t.sample_shape, t.num_classes
-        if cfg.student.arch == "copy":
-            gen = build_network(cfg, t, shape, ncls)
+        if self.lora:  # student and fake score: LoRA adapters on the teacher's own (shared, frozen) network
+            gen, fake = self.lora_views(["student", "fake"], sec.gradient_checkpointing)
             self.gen_pred = t.prediction_type
         else:
-            cfg.student.conditional = bool(ncls)
-            gen = build_network(cfg, t, shape, ncls)
-            self.gen_pred = cfg.student.prediction_type or t.prediction_type
-            if sec.init_denoiser_steps:
-                self.fit_to_teacher(gen, sec.init_denoiser_steps, self.gen_pred)
-        fake = copy.deepcopy(gen).requires_grad_(True).train()
+            if cfg.student.arch == "copy":
+                gen = build_network(cfg, t, shape, ncls)
+                self.gen_pred = t.prediction_type
+            else:
+                cfg.student.conditional = bool(ncls)
+                gen = build_network(cfg, t, shape, ncls)
+                self.gen_pred = cfg.student.prediction_type or t.prediction_type
+                if sec.init_denoiser_steps:
+                    self.fit_to_teacher(gen, sec.init_denoiser_steps, self.gen_pred)
+            fake = copy.deepcopy(gen).requires_grad_(True).train()
+            if sec.gradient_checkpointing:
+                for net in (t.model, fake, gen):
+                    if hasattr(net, "enable_gradient_checkpointing"):
+                        net.enable_gradient_checkpointing()
         self.fake_pred = self.gen_pred
-        if sec.gradient_checkpointing:
-            for net in (t.model, fake, gen):
-                if hasattr(net, "enable_gradient_checkpointing"):
-                    net.enable_gradient_checkpointing()
         self.group = ScoreGroup()
         self.add(self.group.generator, gen, lr=cfg.optim.lr, ema=True)
         self.add(self.group.fake, fake, lr=sec.lr_fake or cfg.optim.lr)
@@ -91,13 +95,23 @@ class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):
 
     def export(self, for_samples: bool = False):
         if self.teacher.is_text:
-            return TextToImagePipeline(self.unwrap(self.group.generator), scheduler=self.export_scheduler(),
+            return TextToImagePipeline(self.export_network(self.group.generator), scheduler=self.export_scheduler(),
                                        generator_timestep=self.section.generator_timestep,
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
                                        **self.teacher.frozen_components(reload=not for_samples))
-        return OneStepPipeline(self.unwrap(self.group.generator), self.export_scheduler(),
+        return OneStepPipeline(self.export_network(self.group.generator), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)
+
+    def lora_inference(self) -> tuple:
+        """One Euler step at t*: the teacher pipeline's input (z times the scheduler's init_noise_sigma, divided by
+        sqrt(sigma_VE^2 + 1)) is then sigma(t*) z, and one Euler step to sigma = 0 returns the denoised x0 = G(z)."""
+        sched = diffusers.EulerDiscreteScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.gen_pred,
+                                                             timestep_spacing="trailing")
+        t_star = self.section.generator_timestep
+        steps = {"num_inference_steps": 1} if t_star == self.teacher.schedule.num_train_timesteps - 1 else {
+            "timesteps": [t_star]}
+        return sched, {**steps, "guidance_scale": 1.0}
 
     def card_info(self) -> dict:
         s = self.section

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..conditioning import network_kwargs
+from ..lora import AdapterView
 from ..objectives.score import (
     DiffInstructLoss,
     UniInstructLoss,
@@ -105,8 +106,11 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             return
         g = self.group
         g.disc = "disc"
-        module, channels, spatial = feature_module(self.modules[g.fake])
-        module.register_forward_hook(lambda _m, _i, out: self._features.__setitem__("f", out))
+        fake = self.modules[g.fake]
+        module, channels, spatial = feature_module(getattr(fake, "shared_base", fake))
+        # a LoRA fake score shares its layers with the student and the teacher: keep the fake's features only
+        mine = fake.active if isinstance(fake, AdapterView) else (lambda: True)
+        module.register_forward_hook(lambda _m, _i, out: self._features.__setitem__("f", out) if mine() else None)
         self.add(g.disc, DiscriminatorHead(channels, spatial), lr=self.section.lr_fake or self.config.optim.lr)
 
     def _logit(self, head) -> torch.Tensor:
