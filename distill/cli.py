@@ -167,6 +167,17 @@ def cmd_fid(args) -> int:
     return fid_command(args)
 
 
+def cmd_estimate_memory(args) -> int:
+    """Memory of one training step of a config, per network (reads the teacher's config files only)."""
+    from .config import load_config
+    from .memory import estimate, estimate_json
+
+    cfg = load_config(args.config, args.overrides)
+    est = estimate(cfg, device=args.device)
+    print(estimate_json(est) if args.json else f"{cfg.method} with {cfg.teacher.path} ({args.device}):\n{est.table()}")
+    return 0
+
+
 def cmd_launch(args) -> int:
     """``distill launch [ACCELERATE LAUNCH OPTIONS] CONFIG [OVERRIDES] [--overwrite]``: ``accelerate launch -m
     distill train ...`` whose failures end in the child's one-line message and exit code.
@@ -281,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "grid intervals (1: the paper's setting)")
     h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
+    m = sub.add_parser("estimate-memory", help="Memory of one training step of a config: parameters, optimizer "
+                       "state, EMA and saved activations per network (GiB); nothing is trained or downloaded but "
+                       "the teacher's config files.")
+    m.add_argument("config", help="YAML config (see configs/)")
+    m.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.lora_rank=64 train.batch_size=4")
+    m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda adds the fused AdamW step's "
+                   "temporary (default: cuda)")
+    m.add_argument("--json", action="store_true", help="print JSON (bytes) instead of the table")
+
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
     f.add_argument("source", help="pipeline folder or image folder")
     f.add_argument("--reference", required=True, help="data spec (e.g. sklearn:digits) or a saved stats file")
@@ -307,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "teacher": lambda a: cmd_train(a, force_method="teacher"),
-            "quickstart": cmd_quickstart, "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid}
+            "quickstart": cmd_quickstart, "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid,
+            "estimate-memory": cmd_estimate_memory}
 # what a user's input causes (a bad value, a missing or damaged file, no network): one line, exit 2. Anything
 # else is a bug in distill and keeps its traceback. DISTILL_DEBUG=1 shows the traceback of these too.
 USER_ERRORS = (ConfigError, OSError)

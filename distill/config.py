@@ -97,6 +97,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: a sample grid at the end only
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     progress_bar: bool = True
+    # attention of diffusers networks: auto = xformers when installed and on CUDA, else PyTorch SDPA
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
 
 
 @dataclass

@@ -56,7 +56,7 @@ def clip_tokenizer(folder, model_max_length: int):
     return transformers.CLIPTokenizer.from_pretrained(folder)
 
 
-def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0):
+def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0, **unet_overrides):
     """A tiny random Stable-Diffusion-format pipeline folder (SD 1.5 layout, or SDXL's with two text encoders),
     built offline: UNet2DConditionModel (8x8 latents), AutoencoderKL (x2 -> 16x16 images), CLIP text model(s)
     and a CLIP tokenizer whose vocab.json / merges.txt are written here."""
@@ -77,6 +77,7 @@ def make_tiny_sd(folder, sdxl: bool = False, prediction_type: str = "epsilon", s
     unet_kw = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    unet_kw.update(unet_overrides)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
                                   up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, scaling_factor=0.5)

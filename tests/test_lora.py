@@ -144,7 +144,8 @@ assert "distill" not in sys.modules
 """
 
 
-@pytest.mark.parametrize("method", ["sim", "uni_instruct", "progressive"])
+@pytest.mark.parametrize("method", ["sim", pytest.param("uni_instruct", marks=pytest.mark.slow),
+                                    pytest.param("progressive", marks=pytest.mark.slow)])
 def test_lora_students_train_and_export_an_adapter_for_the_teachers_own_pipeline(tiny_sd_folder, tmp_path, method):
     sd, out = tiny_sd_folder / "sd", tmp_path / "run"
     trainer = _train(method, sd, tiny_sd_folder / "prompts.txt", out, ["student.lora_rank=4"])
@@ -215,6 +216,9 @@ def test_lora_refusals(tiny_sd_folder, tmp_path):
         load_config(REPO / "configs" / "sim_digits.yaml", ["student.lora_rank=4", "student.arch=mlp"])
     with pytest.raises(ConfigError, match="student.lora_rank: 0 is impossible"):
         load_config(REPO / "configs" / "sim_digits.yaml", ["student.lora_rank=0"])
+    with pytest.raises(ConfigError, match="train.attention=xformers needs the xformers package and a CUDA device"):
+        _train("sim", tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt", tmp_path / "y",
+               ["student.lora_rank=4", "train.attention=xformers"])
     with pytest.raises(ConfigError, match="matches no layer"):
         _train("sim", tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt", tmp_path / "x",
                ["student.lora_rank=4", "student.lora_target_modules=[nothing_here]"])

@@ -19,6 +19,7 @@ uninterrupted one, and its final weights are bitwise equal on CPU.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -449,6 +450,7 @@ class DistillationTrainer:
                               seed=cfg.train.seed, channels=channels or 3, caption_column=cfg.data.caption_column)
         self.check_data()
         self.build()
+        self.choose_attention()
         names = list(self.modules)
         prepared = self.accelerator.prepare(*[self.modules[n] for n in names],
                                             *[self.optimizers[n] for n in self.optimizers])
@@ -461,6 +463,27 @@ class DistillationTrainer:
         for ema in self.emas.values():
             ema.to(self.device)
         self._built = True
+
+    def choose_attention(self) -> str | None:
+        """PyTorch SDPA (diffusers' default processor), or xformers' memory-efficient attention when
+        ``train.attention`` is xformers, or auto with xformers installed and CUDA; the choice is printed."""
+        nets = [self.teacher.weights] if self.teacher is not None else []
+        nets += [getattr(m, "shared_base", m) for m in self.modules.values()]
+        nets = [n for n in nets if hasattr(n, "enable_xformers_memory_efficient_attention")]
+        if not nets:
+            return None
+        want = self.config.train.attention
+        have = importlib.util.find_spec("xformers") is not None and torch.cuda.is_available()
+        if want == "xformers" and not have:
+            raise ConfigError("train.attention=xformers needs the xformers package and a CUDA device (pip install "
+                              "xformers); use train.attention=sdpa or auto.")
+        choice = "xformers" if want == "xformers" or (want == "auto" and have) else "sdpa"
+        if choice == "xformers":
+            for n in nets:
+                n.enable_xformers_memory_efficient_attention()
+        self.accelerator.print("attention: " + ("xformers memory-efficient attention" if choice == "xformers" else
+                                                "PyTorch scaled_dot_product_attention (SDPA)"))
+        return choice
 
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
