@@ -9,8 +9,9 @@ CUDA and samples from it. Each run's exit status, losses, updates/s and sample s
 ``OUT_DIR/gpu_check.md`` (written after every run, so a timeout keeps what finished).
 ``--full-guided`` also runs ``configs/guided_digits.yaml`` end to end in fp32 (report included).
 Then a resume check (``resume_check``): Uni-Instruct in bf16 resumed from a mid-run checkpoint on CUDA.
-Last, ``sd15_step_check``: one training step per method on a random SD1.5-architecture text-to-image
-teacher (64x64 latents, bf16, gradient checkpointing) with step time and peak memory.
+Last, ``sd15_step_check``: one training step per method (and SIM with LoRA rank 64) on a random
+SD1.5-architecture text-to-image teacher (64x64 latents, bf16, gradient checkpointing) with step time, peak
+memory (``torch.cuda.max_memory_allocated``) and ``distill estimate-memory``'s figure for the same config.
 """
 
 from __future__ import annotations
@@ -166,13 +167,19 @@ def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = Fals
     prompts.write_text("a photo of a cat\na watercolor of a lighthouse at dusk\na red car in the snow\n")
     cuda = torch.cuda.is_available()
     rows = []
-    for method in ("sim", "uni_instruct", "progressive", "guided"):
-        row = {"run": f"sd15 {method} ({'tiny, CPU dry run' if tiny else 'SD1.5 architecture'})", "batch": batch}
+    from distill.memory import estimate
+
+    runs = [("sim", []), ("sim", ["student.lora_rank=64"]), ("uni_instruct", []), ("progressive", []), ("guided", [])]
+    for method, extra in runs:
+        label = method + (" LoRA 64" if extra else "")
+        row = {"run": f"sd15 {label} ({'tiny, CPU dry run' if tiny else 'SD1.5 architecture'})", "batch": batch}
         try:
             cfg = load_config(f"configs/{method}_sd15.yaml", COMMON + [
                 f"teacher.path={folder}", f"data.spec=prompts:{prompts}", f"train.batch_size={batch}",
-                "data.teacher_sample_steps=4", f"output_dir={out / 'runs' / ('sd15_' + method)}"]
-                + ([] if cuda else ["train.mixed_precision=no"]))
+                "data.teacher_sample_steps=4", f"output_dir={out / 'runs' / ('sd15_' + label.replace(' ', '_'))}"]
+                + extra + ([] if cuda else ["train.mixed_precision=no"]))
+            if method != "guided":  # distill estimate-memory's figure next to the measured peak
+                row["estimate_GiB"] = round(estimate(cfg, device="cuda" if cuda else "cpu").peak / 2**30, 2)
             trainer = trainer_class(method)(cfg)
             trainer.setup()
             if cuda:

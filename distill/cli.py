@@ -185,10 +185,13 @@ def cmd_launch(args) -> int:
     The config is read and checked here first, so a wrong value fails before any process starts. Then
     Accelerate's own launcher runs in this process; the error it raises when a child fails (a second
     traceback under ``accelerate launch``) becomes the child's exit code. The config is the first argument
-    ending in ``.yaml`` / ``.yml``; the arguments before it are Accelerate's.
+    ending in ``.yaml`` / ``.yml`` that is not the value of ``--config_file``; the arguments before it are
+    Accelerate's.
     """
     rest = list(args.rest)
-    at = next((i for i, a in enumerate(rest) if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    file_options = ("--config_file", "--config-file", "--deepspeed_config_file", "--deepspeed-config-file")
+    at = next((i for i, a in enumerate(rest) if a.endswith((".yaml", ".yml")) and not a.startswith("-")
+               and not (i and rest[i - 1] in file_options)), None)
     if at is None:
         raise ConfigError("distill launch needs a config: distill launch [accelerate launch options] CONFIG.yaml "
                           "[key=value ...], e.g. distill launch --multi_gpu --num_processes 8 configs/sim_cifar10.yaml")

@@ -97,6 +97,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: a sample grid at the end only
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     progress_bar: bool = True
+    # shard every trained network with PyTorch FSDP2 over the launch's processes (sim, uni_instruct; set by an
+    # Accelerate FSDP launch too, see configs/accelerate/fsdp.yaml)
+    fsdp: bool = False
     # attention of diffusers networks: auto = xformers when installed and on CUDA, else PyTorch SDPA
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
 
@@ -468,6 +471,17 @@ def validate(cfg: Config) -> None:
         if cfg.student.arch != "copy":
             raise ConfigError(f"student.lora_rank={lora} adapts the teacher's own network and needs student.arch=copy "
                               f"(got {cfg.student.arch!r}).")
+    if t.fsdp:
+        if cfg.method not in FSDP_METHODS:
+            raise ConfigError(f"train.fsdp (sharded training) is supported by methods {', '.join(FSDP_METHODS)}; method "
+                              f"{cfg.method!r} trains unsharded: launch it with plain data parallel (--multi_gpu).")
+        for bad, why in ((lora is not None, "student.lora_rank (LoRA adapters are small: train them with plain data "
+                                            "parallel; the frozen base is replicated either way)"),
+                         (t.gradient_accumulation_steps > 1, "train.gradient_accumulation_steps > 1 (raise "
+                                                             "train.batch_size instead)"),
+                         (t.sample_every > 0, "train.sample_every > 0 (the final sample grid is still written)")):
+            if bad:
+                raise ConfigError(f"train.fsdp does not support {why}.")
     if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation samples its own "
                           "guidance scales (guided.guidance_min / guidance_max); remove teacher.guidance_scale.")
@@ -484,6 +498,7 @@ def validate(cfg: Config) -> None:
 
 
 LORA_METHODS = ("sim", "uni_instruct", "progressive")
+FSDP_METHODS = ("sim", "uni_instruct")
 
 
 def _one_step_checks(key: str, s) -> list[tuple]:

@@ -55,9 +55,20 @@ class NetworkMemory:
 @dataclass
 class MemoryEstimate:
     networks: list[NetworkMemory]
-    update_activations: int  # the heaviest update's saved activations (all its networks together)
+    passes: list[int]  # saved activations of each forward pass of the heaviest update
+    other_passes: list[int]  # the other update's (the fake score's)
     step_temporary: int
+    checkpointing: bool
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def update_activations(self) -> int:
+        """Saved activations of the heaviest update: all its passes together, or with gradient checkpointing
+        the largest single pass (its recomputation)."""
+        def total(passes):
+            return max(passes, default=0) if self.checkpointing else sum(passes)
+
+        return max(total(self.passes), total(self.other_passes))
 
     @property
     def static(self) -> int:
@@ -264,28 +275,24 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         torch.nn.Module.to(net, torch.bfloat16)  # (on meta: shapes only; diffusers' own .to() warns here)
     args, kw = _forward_inputs(net, b, sample_shape, low, text)
     adapter = [p for n_, p in net.named_parameters() if ".probe." in n_]
-    layers = tuner_layers(net)
-    with adapter_on(layers, "probe" if lora else None):  # student and fake: the adapter on (LoRA)
+    with adapter_on(tuner_layers(net), "probe" if lora else None):  # student and fake: the adapter on (LoRA)
         trained_fwd = saved_bytes(net, args, kw, adapter if lora else list(net.parameters()), False, low)
-        fake_through = saved_bytes(net, args, kw, [], True, low) if one_step else 0
-    guided = cfg.teacher.guidance_scale is not None and one_step
-    t_args, t_kw = _forward_inputs(net, 2 * b if guided else b, sample_shape, low, text)
-    with adapter_on(layers, None):
-        through = saved_bytes(net, t_args, t_kw, [], True, low) if one_step else 0
+        # a frozen network differentiated through its input: the fake score; the teacher's pass is the same
+        # network (for LoRA without the adapter's few saved inputs), on twice the batch with CFG; saved
+        # activations are linear in the batch
+        through = saved_bytes(net, args, kw, [], True, low) if one_step else 0
+    teacher_through = through * (2 if cfg.teacher.guidance_scale is not None and one_step else 1)
     for r in rows:
-        r.activations = {"student": trained_fwd, "fake": trained_fwd, "teacher": through}.get(r.name, 0)
-    if one_step:  # generator update: student (weights) + teacher and fake (their inputs); fake update: fake alone
-        passes = [trained_fwd, through, fake_through]
-        extra = trained_fwd if cfg.method == "uni_instruct" else 0  # the discriminator's pass on real samples
-        update = max(sum(passes), trained_fwd + extra)
+        r.activations = {"student": trained_fwd, "fake": trained_fwd, "teacher": teacher_through}.get(r.name, 0)
+    if one_step:  # generator update: student (weights) + teacher and fake (inputs); fake update: fake alone
+        passes = [trained_fwd, teacher_through, through]
+        other = [trained_fwd] * (2 if cfg.method == "uni_instruct" else 1)  # + the discriminator's real-data pass
     else:
-        passes = [trained_fwd]
-        update = trained_fwd
+        passes, other = [trained_fwd], []
     if checkpointing:
-        update = max(passes)
         notes.append("gradient checkpointing: an update keeps its inputs and recomputes one pass at a time")
     temp = max((r.trainable for r in rows), default=0) * 4 if device == "cuda" else 0
-    return MemoryEstimate(rows, update, temp, notes)
+    return MemoryEstimate(rows, passes, other, temp, checkpointing, notes)
 
 
 def estimate_json(est: MemoryEstimate) -> str:

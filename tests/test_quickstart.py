@@ -45,8 +45,8 @@ def _readme_commands():
     return cmds
 
 
-def _run(cmd: list[str], cwd, expect_ok=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+def _run(cmd: list[str], cwd, expect_ok=True, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-3000:])
@@ -79,6 +79,17 @@ def test_every_readme_command_runs(tmp_path):
             _run(args + ["train.max_steps=2", "mar.width=16", "mar.num_heads=2", "mar.depth=1", "mar.head_width=16",
                          "mar.head_depth=1", "train.batch_size=8", f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
             continue
+        if args[:2] == ["distill", "estimate-memory"]:  # reads the Hub teacher's config files: offline, a message
+            res = _run(args, ROOT, expect_ok=False)
+            assert res.returncode == 2 and "HF_HUB_OFFLINE" in res.stderr
+            continue
+        if "--config_file" in args:  # the FSDP launch config, on 2 CPU processes (it names 8 GPUs)
+            at = args.index("--config_file") + 2
+            args[at:at] = ["--num_processes", "2", "--mixed_precision", "no"]
+            res = _run(args + ["train.max_steps=1", f"output_dir={tmp_path / 'fsdp'}"], ROOT, expect_ok=False,
+                       env={"ACCELERATE_USE_CPU": "1"})
+            assert res.returncode != 0 and "HF_HUB_OFFLINE" in res.stderr + res.stdout
+            continue
         if args[:2] == ["distill", "launch"]:
             # the real-teacher example: offline it must fail fast with a message naming the fix
             res = _run(args + ["train.max_steps=1", "eval.enabled=false", f"output_dir={tmp_path / 'cifar'}"], ROOT,
@@ -103,6 +114,20 @@ def test_every_readme_command_runs(tmp_path):
                 if "MaskedAutoregressive" in c or "step_schedule=" in c)
     _run([sys.executable, "-c", code.replace("outputs/mar_digits", str(tmp_path / "mar_digits"))
           + "\nassert len(out.images) == 10 and out.diffusion_steps[0] == 50 and out.diffusion_steps[-1] == 5"], ROOT)
+    # the Python block of the LoRA section: a tiny SD-format teacher, its one-update LoRA SIM student
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "load_lora_weights" in c)
+    from conftest import make_tiny_sd
+
+    teacher = make_tiny_sd(tmp_path / "lora_sd" / "teacher")
+    (tmp_path / "lora_sd" / "prompts.txt").write_text("a red cat\n")
+    _run([sys.executable, "-m", "distill", "train", "configs/sim_sd15.yaml", f"teacher.path={teacher}",
+          f"data.spec=prompts:{tmp_path / 'lora_sd' / 'prompts.txt'}", "train.max_steps=1", "train.batch_size=2",
+          "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false", "student.lora_rank=4",
+          f"output_dir={tmp_path / 'lora_sd' / 'run'}"], ROOT)
+    code = code.replace("runwayml/stable-diffusion-v1-5", str(teacher)).replace(
+        "outputs/sim_sd15/lora", str(tmp_path / "lora_sd" / "run" / "lora"))
+    _run([sys.executable, "-c", code + "\nassert image.size == (16, 16)"], ROOT)
     # the Python block of the multi-student section, on the demo run's export
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "MultiStudentPipeline" in c)

@@ -19,6 +19,7 @@ uninterrupted one, and its final weights are bitwise equal on CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..conditioning import network_kwargs
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, validate
 from ..data import load_data
 from ..export import export_lora_adapter, export_pipeline
 from ..lora import AdapterView, adapter_state_dict, add_adapters, default_targets, matches, merged_copy
@@ -53,6 +54,7 @@ from ..runs import (
     prepare_output_dir,
     write_run,
 )
+from ..sharding import Gathered, ShardedLoad, gather, load_ema, load_model, load_optimizer, reshard
 from ..teachers import Teacher, analytic_teacher
 
 logger = logging.getLogger("distill")
@@ -70,6 +72,9 @@ def frozen(*modules: torch.nn.Module):
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+        # an FSDP2 network that ran frozen (no backward reached its weights) is left unsharded, holding
+        # gathered weights with the frozen flags; reshard it so its next pass gathers afresh
+        reshard(*modules)
 
 
 @contextlib.contextmanager
@@ -96,24 +101,30 @@ def _stop_on_signals(trainer):
             signal.signal(s, h)
 
 
-SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+REFUSED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for this config; refuses set-ups that would silently misbehave.
 
-    Sharded launches (FSDP, DeepSpeed) are refused: distill prepares several models in one
-    ``accelerator.prepare`` call (DeepSpeed takes one model per engine) and saves checkpoints as
-    full state dicts from the main process (wrong for sharded parameters). fp16 is refused (see
-    ``config.validate``); an fp16 launch flag is refused too rather than silently overridden.
+    An Accelerate FSDP launch (``accelerate launch --use_fsdp`` or ``configs/accelerate/fsdp.yaml``) turns on
+    ``train.fsdp``: distill shards its trained networks itself (see :mod:`distill.sharding`) over a plain
+    multi-process Accelerator. DeepSpeed is refused: it takes one model per engine, and a score-distillation
+    step trains two or three networks from one loss. fp16 is refused (see ``config.validate``); an fp16
+    launch flag is refused too rather than silently overridden.
     """
-    for var, name in SHARDED_LAUNCH.items():
+    for var, name in REFUSED_LAUNCH.items():
         if os.environ.get(var, "").lower() in ("1", "true", "yes"):
             raise ConfigError(f"This launch uses {name} ({var} is set by your Accelerate config), which distill does not "
-                              "support yet: several networks share one prepare() call and checkpoints are saved "
-                              "unsharded. Launch with plain data parallel instead: `accelerate launch --multi_gpu "
-                              "--num_processes N -m distill train CONFIG` (or a config file without fsdp/deepspeed).")
+                              "support: a score-distillation step trains two or three networks from one loss, and "
+                              f"{name} takes one model per engine. Shard with FSDP instead (`distill launch "
+                              "--config_file configs/accelerate/fsdp.yaml CONFIG`, or train.fsdp=true), or use plain "
+                              "data parallel (`distill launch --multi_gpu --num_processes N CONFIG`).")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        os.environ.pop("ACCELERATE_USE_FSDP")  # distill shards itself; Accelerate runs plain multi-process
+        if not cfg.train.fsdp:
+            cfg.train.fsdp = True
+            validate(cfg)
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16":
         raise ConfigError("The launch asks for fp16 mixed precision (accelerate launch --mixed_precision fp16 or "
                           "its config file), which distill refuses: use --mixed_precision bf16 together with "
@@ -242,6 +253,8 @@ class DistillationTrainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, EMAModel] = {}
         self._base_lr: dict[str, float] = {}
+        self._add_args: dict[str, tuple] = {}
+        self.sharded = False  # train.fsdp: the trained networks are FSDP2-sharded (distill.sharding)
         self.rng: torch.Generator | None = None
         self.step = 0
         self.history: list[dict] = []
@@ -293,6 +306,13 @@ class DistillationTrainer:
         ``lr_multipliers``: parameter-name prefix -> learning-rate multiplier (its own param group)."""
         module = module.to(self.device)
         self.modules[name] = module
+        self._add_args[name] = (lr, ema, betas, lr_multipliers)
+        self._optimize(name)
+
+    def _optimize(self, name: str) -> None:
+        """The optimizer and EMA of a registered network, over its current parameters."""
+        module = self.modules[name]
+        lr, ema, betas, lr_multipliers = self._add_args[name]
         if lr is not None:
             o = self.config.optim
             groups: dict[float, list] = {}
@@ -339,7 +359,7 @@ class DistillationTrainer:
         if self.accelerator.sync_gradients:
             params = [p for p in self.modules[name].parameters() if p.grad is not None]
             if params:
-                bad = sum((~torch.isfinite(p.grad)).sum() for p in params)
+                bad = _plain(sum((~torch.isfinite(p.grad)).sum() for p in params))
                 self.count(f"nonfinite_grads/{name}", bad)
                 if bool(bad):
                     self.count(f"skipped_updates/{name}", 1)
@@ -348,9 +368,9 @@ class DistillationTrainer:
                     return None
             max_norm = self.config.optim.max_grad_norm
             if max_norm is not None and params:
-                norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
+                norm = float(_plain(self.accelerator.clip_grad_norm_(params, max_norm)))
             elif params:
-                norm = float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+                norm = float(torch.norm(torch.stack([_plain(p.grad.norm()) for p in params])))
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -451,15 +471,18 @@ class DistillationTrainer:
         self.check_data()
         self.build()
         self.choose_attention()
-        names = list(self.modules)
-        prepared = self.accelerator.prepare(*[self.modules[n] for n in names],
-                                            *[self.optimizers[n] for n in self.optimizers])
-        if not isinstance(prepared, (list, tuple)):
-            prepared = [prepared]
-        for i, n in enumerate(names):
-            self.modules[n] = prepared[i]
-        for j, n in enumerate(list(self.optimizers)):
-            self.optimizers[n] = prepared[len(names) + j]
+        if cfg.train.fsdp:
+            self.shard()
+        else:
+            names = list(self.modules)
+            prepared = self.accelerator.prepare(*[self.modules[n] for n in names],
+                                                *[self.optimizers[n] for n in self.optimizers])
+            if not isinstance(prepared, (list, tuple)):
+                prepared = [prepared]
+            for i, n in enumerate(names):
+                self.modules[n] = prepared[i]
+            for j, n in enumerate(list(self.optimizers)):
+                self.optimizers[n] = prepared[len(names) + j]
         for ema in self.emas.values():
             ema.to(self.device)
         self._built = True
@@ -484,6 +507,22 @@ class DistillationTrainer:
         self.accelerator.print("attention: " + ("xformers memory-efficient attention" if choice == "xformers" else
                                                 "PyTorch scaled_dot_product_attention (SDPA)"))
         return choice
+
+    def shard(self) -> None:
+        """FSDP2-shard every network that has an optimizer (its optimizer and EMA rebuilt over the sharded
+        parameters); frozen networks stay replicated. Keeps an unsharded template of each on the meta device for
+        the export."""
+        from ..sharding import shard_network
+
+        self._templates = {}
+        for name in list(self.optimizers):
+            net = self.modules[name]
+            self._templates[name] = copy.deepcopy(net).to("meta")
+            shard_network(net)
+            self._optimize(name)
+        self.sharded = True
+        self.accelerator.print(f"sharding: FSDP2 over {self.accelerator.num_processes} process(es) for "
+                               f"{', '.join(self._templates)}; frozen networks replicated")
 
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
@@ -574,10 +613,16 @@ class DistillationTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        models = {n: self.unwrap(n) for n in self.modules}
+        opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
+        emas = self.emas
+        if self.sharded:  # every process gathers; the main process keeps the full tensors and writes them
+            keep = acc.is_main_process
+            models = {n: Gathered(gather(m.state_dict(), keep)) for n, m in models.items()}
+            opts = {n: Gathered(gather(o.state_dict(), keep)) for n, o in opts.items()}
+            emas = {n: Gathered(gather(e.state_dict(), keep)) for n, e in emas.items()}
         if acc.is_main_process:
-            models = {n: self.unwrap(n) for n in self.modules}
-            opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
-            path = save_checkpoint(self.checkpoint_dir, self.step, models, opts, self.emas,
+            path = save_checkpoint(self.checkpoint_dir, self.step, models, opts, emas,
                                    {"method": self.method, "fingerprint": self.fingerprint,
                                     "history": self.history, "state": self.state()},
                                    self.config.train.checkpoints_total_limit)
@@ -614,7 +659,12 @@ class DistillationTrainer:
             return
         models = {n: self.unwrap(n) for n in self.modules}
         opts = {n: getattr(o, "optimizer", o) for n, o in self.optimizers.items()}
-        state = load_checkpoint(path, models, opts, self.emas)
+        emas = self.emas
+        if self.sharded:  # each process reads the full tensors and keeps its shard
+            models = {n: ShardedLoad(m, load_model) for n, m in models.items()}
+            opts = {n: ShardedLoad(o, load_optimizer) for n, o in opts.items()}
+            emas = {n: ShardedLoad(e, load_ema) for n, e in emas.items()}
+        state = load_checkpoint(path, models, opts, emas)
         for ema in self.emas.values():  # loaded shadow weights are CPU tensors; EMAModel.step needs them on the device
             ema.to(self.device)
         self.step = int(state["step"])
@@ -750,6 +800,8 @@ class DistillationTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        if self.sharded:
+            self.unshard()
         if acc.is_main_process:
             bad = [n for n in self.modules if not all(torch.isfinite(p).all() for p in self.unwrap(n).parameters())]
             bad += [n for n, e in self.emas.items() if not all(torch.isfinite(p).all() for p in e.shadow_params)]
@@ -769,6 +821,22 @@ class DistillationTrainer:
             acc.print(f"Pipeline written to {path}")
         acc.end_training()
         return path
+
+    def unshard(self) -> None:
+        """End of a sharded run: every process gathers the trained networks (EMA weights where tracked); the main
+        process rebuilds them unsharded for the export. The EMA has been applied, so it is dropped."""
+        keep = self.accelerator.is_main_process
+        with self.ema_weights():
+            full = {n: gather(self.modules[n].state_dict(), keep) for n in self._templates}
+        self.emas = {}
+        if keep:
+            for name, state in full.items():
+                net = self._templates[name].to_empty(device=self.device)
+                net.load_state_dict(state)
+                for key, buf in self.modules[name].named_buffers():  # buffers are replicated, never sharded
+                    net.get_buffer(key).copy_(buf)
+                self.modules[name] = net
+        self.sharded = False
 
     # ------------------------------------------------------------------ EMA and samples
     class _EMAContext:
@@ -807,6 +875,13 @@ class DistillationTrainer:
         path = self.out / "samples" / f"{tag}.png"
         save_grid(x, path)
         return path
+
+
+def _plain(x):
+    """A DTensor reduction (a sharded network's gradient count or norm) as a plain tensor (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
