@@ -1,9 +1,12 @@
 """Sharded training (train.fsdp: PyTorch FSDP2 over gloo on CPU, 2 processes): the same weights as unsharded
-data parallel, checkpoints in the unsharded format that resume at another process count, sharded or not."""
+data parallel, checkpoints in the unsharded format that resume at another process count, sharded or not,
+after the sharded run was killed."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,24 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_
 TOL = 1e-5
 
 
-def run(config, out, processes, *extra):
+def command(config, out, processes, *extra):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
-    cmd = (launch if processes > 1 else [sys.executable, "-m", "distill"]) + [
+    return (launch if processes > 1 else [sys.executable, "-m", "distill"]) + [
         "train", config, f"output_dir={out}", *COMMON, *extra]
-    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def run(config, out, processes, *extra):
+    res = subprocess.run(command(config, out, processes, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def start(config, out, processes, *extra):
+    """The run in its own process group (so that a kill reaches every process of the launch)."""
+    return subprocess.Popen(command(config, out, processes, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -44,15 +57,23 @@ def max_difference(a: Path, b: Path) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/sim_digits.yaml", "configs/uni_instruct_digits.yaml"])
 def test_fsdp_matches_data_parallel_and_resumes_at_another_process_count(tmp_path, config):
-    # steps 1-2 on 2 processes (sharded / unsharded), then steps 3-4 on 1 process from the step-2 checkpoint
-    out = run(config, tmp_path / "fsdp", 2, "train.max_steps=2", "train.fsdp=true")
+    # steps 1-2 on 2 processes (sharded / unsharded), then steps 3-4 on 1 process from the step-2 checkpoint;
+    # the sharded run is killed (SIGKILL, no chance to write anything) once its step-2 checkpoint exists
+    killed = start(config, tmp_path / "fsdp", 2, "train.max_steps=100000", "train.fsdp=true",
+                   "train.checkpoints_total_limit=null")
+    step2 = Path("checkpoints") / "checkpoint-2"
+    deadline = time.time() + 300
+    while not (tmp_path / "fsdp" / step2 / "trainer_state.json").is_file() and time.time() < deadline:
+        assert killed.poll() is None, killed.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    out, _ = killed.communicate()
     assert "sharding: FSDP2 over 2 process(es)" in out
     run(config, tmp_path / "ddp", 2, "train.max_steps=2")
-    step2 = Path("checkpoints") / "checkpoint-2"
     # model, optimizer and EMA files: the unsharded format, with the same values
     assert max_difference(tmp_path / "ddp" / step2, tmp_path / "fsdp" / step2) < TOL
     for name in ("fsdp", "ddp"):
-        run(config, tmp_path / name, 1, "train.max_steps=4")
+        run(config, tmp_path / name, 1, "train.max_steps=4", f"train.resume_from_checkpoint={tmp_path / name / step2}")
     assert max_difference(tmp_path / "ddp" / "pipeline", tmp_path / "fsdp" / "pipeline") < TOL
     # and the other way: an unsharded checkpoint resumes sharded
     if "sim" in config:

@@ -53,17 +53,33 @@ def _run(cmd: list[str], cwd, expect_ok=True, env=None):
     return res
 
 
-def test_every_readme_command_runs(tmp_path):
+MAIN_JOB = "distill launch configs/quickstart.yaml"
+
+
+def _main_job(tmp_path):
+    """The README's main job with tiny overrides, and its "Use the result" Python block on the result."""
     cmds = _readme_commands()
     assert "make quickstart" in cmds and "make test" in cmds  # CI runs `make test` itself (.ci/run)
-    main_job = "distill launch configs/quickstart.yaml"
-    assert main_job in cmds
+    assert MAIN_JOB in cmds
     out = tmp_path / "outputs" / "quickstart"
-    # the main job, with tiny overrides
-    res = _run(main_job.split() + [f"output_dir={out}", *TINY_TRAIN], ROOT)
+    res = _run(MAIN_JOB.split() + [f"output_dir={out}", *TINY_TRAIN], ROOT)
     assert "student FID" in res.stdout and (out / "pipeline" / "model_index.json").is_file()
     assert (out / "report" / "fid_report.json").is_file()
-    ran = {main_job}
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    code = "import torch\n" + code.replace("outputs/quickstart", str(out))
+    _run([sys.executable, "-c", code], ROOT)
+    return cmds, out
+
+
+def test_the_readme_main_job_runs(tmp_path):
+    _main_job(tmp_path)
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path):
+    """Every bash command and Python block of the README (slow: several minutes; CI runs it)."""
+    cmds, out = _main_job(tmp_path)
+    ran = {MAIN_JOB}
     for cmd in cmds:
         if cmd in ran or cmd.startswith("make "):
             continue
@@ -100,10 +116,6 @@ def test_every_readme_command_runs(tmp_path):
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
     assert (tmp_path / "sd_report" / "fid_report.md").is_file()
     assert (tmp_path / "trajectory.png").is_file() and "Vendi" in (tmp_path / "hybrid_report" / "fid_report.md").read_text()
-    # the Python block of "Use the result"
-    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
-    code = "import torch\n" + code.replace("outputs/quickstart", str(out))
-    _run([sys.executable, "-c", code], ROOT)
     # the Python block of the hybrid-sampling section
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "HybridPipeline.from_pipelines" in c)
