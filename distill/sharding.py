@@ -16,7 +16,13 @@ sharded or not, and an unsharded checkpoint resumes sharded. On load each proces
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _dtensor():
+    """PyTorch's DTensor class (imported on use: FSDP2 needs torch >= 2.6 built with distributed support)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 BLOCK_LISTS = ("down_blocks", "up_blocks", "blocks", "transformer_blocks")
 
@@ -37,6 +43,8 @@ def shard_network(net: torch.nn.Module) -> torch.nn.Module:
 
 def reshard(*nets) -> None:
     """Free the gathered weights of every FSDP2 unit in ``nets`` (a no-op for unsharded networks)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
     from torch.distributed.fsdp import FSDPModule
 
     for net in nets:
@@ -49,7 +57,7 @@ def gather(value, keep: bool):
     """``value`` (a tensor, or a dict / list holding tensors) with every DTensor gathered into a full CPU tensor
     (a collective: every process calls it in the same order); ``keep`` False drops the result (processes other
     than the one that writes)."""
-    if isinstance(value, DTensor):
+    if isinstance(value, _dtensor()):
         full = value.full_tensor()
         return full.detach().cpu() if keep else None
     if isinstance(value, dict):
@@ -63,7 +71,9 @@ def gather(value, keep: bool):
 
 def like(value: torch.Tensor, ref) -> torch.Tensor:
     """A full tensor placed as ``ref``: this process's shard when ``ref`` is a DTensor."""
-    if isinstance(ref, DTensor):
+    if isinstance(ref, _dtensor()):
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
     return value
 

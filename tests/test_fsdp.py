@@ -37,6 +37,18 @@ def run(config, out, processes, *extra):
     return res.stdout
 
 
+def kill_every_process_of(launch, marker: str) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts the workers in sessions of their own, so the
+    launcher's process group does not reach them): every process whose command line names ``marker``."""
+    os.killpg(launch.pid, signal.SIGKILL)
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def start(config, out, processes, *extra):
     """The run in its own process group (so that a kill reaches every process of the launch)."""
     return subprocess.Popen(command(config, out, processes, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
@@ -66,7 +78,7 @@ def test_fsdp_matches_data_parallel_and_resumes_at_another_process_count(tmp_pat
     while not (tmp_path / "fsdp" / step2 / "trainer_state.json").is_file() and time.time() < deadline:
         assert killed.poll() is None, killed.communicate()[1][-3000:]
         time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)
+    kill_every_process_of(killed, str(tmp_path / "fsdp"))
     out, _ = killed.communicate()
     assert "sharding: FSDP2 over 2 process(es)" in out
     run(config, tmp_path / "ddp", 2, "train.max_steps=2")
@@ -100,6 +112,13 @@ def test_fsdp_refusals(tmp_path, monkeypatch):
     cfg = load_config("configs/teacher_digits.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="train.fsdp .* supported by methods"):
         make_accelerator(cfg)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    from distill.trainers import trainer_class
+
+    cfg = load_config("configs/sim_digits.yaml", [f"output_dir={tmp_path / 'one'}", "train.fsdp=true",
+                                                  "train.max_steps=1", "eval.enabled=false"])
+    with pytest.raises(ConfigError, match="single process"):
+        trainer_class("sim")(cfg).setup()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="uses DeepSpeed.*one model per engine"):
         make_accelerator(load_config("configs/sim_digits.yaml", [f"output_dir={tmp_path}"]))

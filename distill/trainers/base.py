@@ -512,8 +512,16 @@ class DistillationTrainer:
         """FSDP2-shard every network that has an optimizer (its optimizer and EMA rebuilt over the sharded
         parameters); frozen networks stay replicated. Keeps an unsharded template of each on the meta device for
         the export."""
-        from ..sharding import shard_network
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ConfigError("train.fsdp shards over the processes of a distributed launch, and this is a single "
+                              "process: `distill launch --config_file configs/accelerate/fsdp.yaml CONFIG` (or "
+                              "`distill launch --multi_gpu --num_processes N CONFIG train.fsdp=true`).")
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
 
+            from ..sharding import shard_network
+        except ImportError as err:
+            raise ConfigError(f"train.fsdp needs PyTorch's FSDP2 (torch >= 2.6; this is {torch.__version__}: {err}).") from None
         self._templates = {}
         for name in list(self.optimizers):
             net = self.modules[name]
@@ -879,9 +887,7 @@ class DistillationTrainer:
 
 def _plain(x):
     """A DTensor reduction (a sharded network's gradient count or norm) as a plain tensor (a collective)."""
-    from torch.distributed.tensor import DTensor
-
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
