@@ -206,12 +206,12 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
-def _forward_inputs(net, batch: int, sample_shape, dtype, text: dict | None):
+def _forward_inputs(net, batch: int, sample_shape, dtype, text_encoder):
     x = torch.empty(batch, *sample_shape, device="meta", dtype=dtype)
     t = torch.zeros(batch, device="meta", dtype=torch.long)
     kw = {}
     cfg = net.config
-    if text is not None:
+    if text_encoder is not None:  # SD-format: 77 prompt tokens
         kw["encoder_hidden_states"] = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=dtype)
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
