@@ -45,8 +45,9 @@ def _source_files(module) -> list[Path]:
     return files
 
 
-def model_card(info: dict) -> str:
-    """A Hub-style README: YAML metadata plus a table of what made the model."""
+def model_card(info: dict, load: list[str] | None = None) -> str:
+    """A Hub-style README: YAML metadata plus a table of what made the model, and how to load it (``load``: the
+    lines of the Python example; default: a distill pipeline folder)."""
     tags = ["diffusers", "distill", "diffusion-distillation"] + ([info["method"]] if info.get("method") else [])
     lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     if info.get("teacher") and not os.path.isdir(str(info["teacher"])) and "/" in str(info["teacher"]):
@@ -58,11 +59,10 @@ def model_card(info: dict) -> str:
         if key in ("title", "fid_report_md"):
             continue
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, (dict, list)) else value} |")
-    lines += ["", "## Load", "", "```python",
-              "import distill", "pipe = distill.load_pipeline('PATH')",
-              "# or, without distill installed:",
-              "from diffusers import DiffusionPipeline",
-              "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)", "```", ""]
+    load = load or ["import distill", "pipe = distill.load_pipeline('PATH')", "# or, without distill installed:",
+                    "from diffusers import DiffusionPipeline",
+                    "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)"]
+    lines += ["", "## Load", "", "```python", *load, "```", ""]
     if info.get("fid_report_md"):
         lines += ["## FID report", "", info["fid_report_md"], ""]
     return "\n".join(lines)
@@ -200,10 +200,8 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / "distill_lora.json").write_text(json.dumps({"call_kwargs": call_kwargs, "lora": lora_config,
                                                        "scheduler": type(scheduler).__name__}, indent=2) + "\n")
-    card = model_card({"title": f"distill {info.get('method', '')} LoRA adapter", **info,
-                       "scheduler": type(scheduler).__name__, "call": call_kwargs})
-    card = card.split("## Load")[0] + "\n".join(["## Load", "", "```python", *load, "```", ""])
-    (tmp / "README.md").write_text(card)
+    (tmp / "README.md").write_text(model_card({"title": f"distill {info.get('method', '')} LoRA adapter", **info,
+                                               "scheduler": type(scheduler).__name__, "call": call_kwargs}, load))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -249,3 +249,19 @@ def test_lora_on_a_pixel_unet_teacher_writes_a_peft_adapter(tmp_path, tiny_unet)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([999, 999])
     torch.testing.assert_close(net(x, t).sample, merged(x, t).sample, rtol=1e-4, atol=1e-5)
     assert (net(x, t).sample - diffusers.UNet2DModel.from_pretrained(folder / "unet")(x, t).sample).abs().max() > 1e-4
+
+
+def test_stored_network_of_an_in_memory_teacher_drops_its_adapters():
+    """A teacher built in memory (no folder to re-read) carrying LoRA adapters: its stored network is the plain
+    network, its weights taken from under peft's ``base_layer``."""
+    from distill.teachers import Teacher
+
+    plain = tiny_cond_unet()
+    teacher = Teacher.from_model(tiny_cond_unet(), diffusers.DDPMScheduler())
+    add_adapters(teacher.weights, ["student"], rank=2, alpha=2, targets=UNET_TARGETS)
+    stored = teacher.stored_network()
+    assert type(stored) is diffusers.UNet2DConditionModel and not any("lora" in k for k in stored.state_dict())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16)}
+    torch.testing.assert_close(stored(x, t, **kw).sample, plain(x, t, **kw).sample)
+    assert all(p.requires_grad for p in stored.parameters())

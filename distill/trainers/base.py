@@ -441,9 +441,8 @@ class DistillationTrainer:
         sdxl = None if not t.is_text else len(t.text_encoders) > 1
         scheduler, kwargs = self.lora_inference()
         view = self.unwrap("student")
-        info = {k: v for k, v in self.card_info().items()}
         return export_lora_adapter(adapter_state_dict(view), view.shared_base.distill_lora_config, self.out / "lora",
-                                   scheduler, kwargs, info, sdxl)
+                                   scheduler, kwargs, self.card_info(), sdxl)
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
         dtype = like.dtype if like is not None else torch.float32
