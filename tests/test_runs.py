@@ -78,6 +78,28 @@ def test_resume_with_deliberate_changes_needs_the_flag(tmp_path):
         trainer_class("sim")(cfg).train()
 
 
+def test_a_resumed_run_averages_with_its_own_ema_decay(tmp_path):
+    """EMAModel.load_state_dict restores the saved decay; a resume that changes train.ema_decay must use the new
+    one. diffusers' EMA decay at update k is min(decay, (1 + k) / (10 + k)): at the 13th update 13/22 = 0.59, so
+    the saved 0.9 and the new 0.5 give different shadows (shadow = d * saved shadow + (1 - d) * weights)."""
+    from distill.checkpoint import load_state_dict
+
+    assert _run(tmp_path, "train.max_steps=12", "train.checkpointing_steps=12", "train.ema_decay=0.9") == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-12"
+    saved = load_state_dict(ckpt, "ema_student")
+    assert saved["decay"] == 0.9 and saved["optimization_step"] == 12
+    cfg = load_config(TOY, FAST + [f"output_dir={tmp_path / 'b'}", "train.max_steps=13", "train.ema_decay=0.5",
+                                   f"train.resume_from_checkpoint={ckpt}", "train.resume_allow_config_change=true"])
+    trainer = trainer_class("sim")(cfg)
+    trainer.train()
+    ema = trainer.emas["student"]
+    assert ema.decay == 0.5 and ema.optimization_step == 13
+    weights = list(trainer.unwrap("student").parameters())
+    assert len(weights) == len(ema.shadow_params) == len(saved["shadow_params"])
+    for shadow, old, w in zip(ema.shadow_params, saved["shadow_params"], weights):
+        torch.testing.assert_close(shadow, 0.5 * old + 0.5 * w.detach())
+
+
 def _nan_after(trainer, step):
     first = next(trainer.unwrap("student").parameters())
     first.register_hook(lambda g: g * float("nan") if trainer.step >= step else g)

@@ -674,6 +674,7 @@ class DistillationTrainer:
         state = load_checkpoint(path, models, opts, emas)
         for ema in self.emas.values():  # loaded shadow weights are CPU tensors; EMAModel.step needs them on the device
             ema.to(self.device)
+            ema.decay = self.config.train.ema_decay  # EMAModel.load_state_dict restores the saved decay
         self.step = int(state["step"])
         self.history = list(state.get("history", state.get("history_tail", [])))
         self.load_state(state.get("state", {}))
