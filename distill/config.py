@@ -75,6 +75,8 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     lr_warmup_steps: int = 0
+    lr_milestones: list[int] = field(default_factory=list)  # step decay: lr *= lr_gamma at each of these updates
+    lr_gamma: float = 0.1
 
 
 @dataclass
@@ -423,6 +425,13 @@ def validate(cfg: Config) -> None:
         (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a number in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
+        (all(m >= 1 for m in cfg.optim.lr_milestones) and list(cfg.optim.lr_milestones) == sorted(
+            set(cfg.optim.lr_milestones)), "optim.lr_milestones", cfg.optim.lr_milestones,
+         "increasing update counts >= 1, e.g. [2000]"),
+        (0 < cfg.optim.lr_gamma <= 1, "optim.lr_gamma", cfg.optim.lr_gamma, "a number in (0, 1]"),
+        (not cfg.optim.lr_milestones or cfg.method not in ("progressive", "guided"), "optim.lr_milestones",
+         cfg.optim.lr_milestones, f"[] with method {cfg.method} (progressive / guided decay the learning rate "
+         "linearly within each halving round)"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
          "two numbers in [0, 1)"),
         *_one_step_checks("sim", cfg.sim),

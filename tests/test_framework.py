@@ -84,6 +84,36 @@ def test_teacher_on_gaussians8_covers_all_modes(tmp_path):
     assert (tmp_path / "samples" / "final.png").is_file() and (tmp_path / "config.yaml").is_file()
 
 
+def test_learning_rate_warmup_and_milestones_follow_torch_schedulers(tmp_path):
+    """optim.lr_warmup_steps then optim.lr_milestones / lr_gamma: the learning rate of every update equals torch's
+    LinearLR warm-up (factor (k + 1) / 4) chained with MultiStepLR on the same base rate."""
+    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=12", "optim.lr_warmup_steps=4",
+                                   "optim.lr_milestones=[6, 9]", "optim.lr_gamma=0.5"])
+    trainer = TeacherTrainer(cfg)
+    trainer.setup()
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    warm = torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=0.25, total_iters=3)
+    steps = torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[6, 9], gamma=0.5)
+    ref = []
+    for _ in range(12):
+        ref.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        warm.step()
+        steps.step()
+    ours = []
+    for k in range(12):
+        trainer._set_lr(k)
+        ours.append(trainer.optimizers["student"].param_groups[0]["lr"])
+    assert ours == pytest.approx(ref, rel=1e-12)
+    assert ours[5] == pytest.approx(2e-3) and ours[6] == pytest.approx(1e-3) and ours[11] == pytest.approx(5e-4)
+    for bad, match in (("optim.lr_milestones=[9, 6]", r"optim.lr_milestones: \[9, 6\].*increasing"),
+                       ("optim.lr_gamma=0", r"optim.lr_gamma: 0")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, TOY + [bad])
+    with pytest.raises(ConfigError, match=r"optim.lr_milestones.*progressive"):
+        load_config(None, ["method=progressive", "optim.lr_milestones=[10]"])
+
+
 def test_resume_gives_bitwise_identical_weights(tmp_path):
     common = TOY + ["train.checkpointing_steps=10", "train.gradient_accumulation_steps=2", "optim.lr_warmup_steps=5"]
     full = load_config(None, common + [f"output_dir={tmp_path / 'full'}", "train.max_steps=30"])

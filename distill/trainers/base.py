@@ -605,8 +605,10 @@ class DistillationTrainer:
         return {"x": x, "cond": cond, "label": y, "size": b}
 
     def _set_lr(self, step: int) -> None:
-        warm = self.config.optim.lr_warmup_steps
-        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        """Linear warm-up over ``optim.lr_warmup_steps``, then ``lr_gamma`` per milestone passed (torch's MultiStepLR)."""
+        o = self.config.optim
+        scale = min(1.0, (step + 1) / o.lr_warmup_steps) if o.lr_warmup_steps > 0 else 1.0
+        scale *= o.lr_gamma ** sum(step >= m for m in o.lr_milestones)
         for name, opt in self.optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = self._base_lr[name] * scale * g.get("lr_mult", 1.0)
