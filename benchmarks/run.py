@@ -1,6 +1,7 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
-    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid,msd,msd_digits]
+    python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid,msd,
+                                      msd_digits,disa,beat_teacher]
                              [--quick]
     python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
@@ -692,10 +693,128 @@ def bench_disa(quick: bool) -> str:
             + (f"\n\nSamples (cosine 50 -> 5, one row per class): `docs/{grid.name}`.\n" if not quick else "\n"))
 
 
+# ---------------------------------------------------------------------- (l) one step vs the 50-step teacher
+BEAT_SEEDS = (0, 1, 2)
+BEAT_TEACHER_STEPS = 50
+# (idea, config, overrides, updates); each row is trained once per seed in BEAT_SEEDS (train.seed = eval seed)
+BEAT_IDEAS = [
+    ("quickstart: SIM, pseudo-Huber, t_min 0.02", "configs/quickstart.yaml", [], 400),
+    ("best: Uni-Instruct rkl, t_min 0.05, lr x0.3 after 2,000, EMA 0.998", "configs/best_digits.yaml", [], 4000),
+]
+# the best digits recipe on the toy mixture: its 1,500 updates decayed after 1,000 (two thirds, as on digits)
+BEAT_TOY = ("configs/uni_instruct_gaussians8.yaml", ["uni_instruct.divergence=rkl", "uni_instruct.t_min=0.05",
+                                                     "optim.lr_milestones=[1000]", "optim.lr_gamma=0.3",
+                                                     "train.ema_decay=0.998"])
+
+
+def _jobs(commands: list[tuple[str, list[str]]], logs: str, parallel: int) -> dict[str, float]:
+    """Run ``distill`` subcommands ``(name, argv)`` as subprocesses, ``parallel`` at a time with one thread each,
+    logging to ``logs/NAME.log``; seconds per job by name. A failing job stops the section with its log's tail."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    pending, running, secs = list(commands), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, argv = pending.pop(0)
+            log = Path(logs) / f"{name}.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen([sys.executable, "-m", "distill", *argv], cwd=HERE.parent, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT)
+            running[name] = (proc, time.time(), log)
+        time.sleep(0.5)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode:
+                raise RuntimeError(f"job {name} failed (exit {proc.returncode}):\n{log.read_text()[-2000:]}")
+            secs[name] = time.time() - t0
+    return secs
+
+
+def _spread(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    per = " / ".join(f"{v:.3f}" for v in values)
+    return f"{t.mean():.3f} +- {t.std():.3f} ({per})" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def bench_beat_teacher(quick: bool) -> str:
+    """Each idea of BEAT_IDEAS trained once per seed (two runs side by side, one thread each), its one-step
+    student's FID at 1,000 and 5,000 samples (eval seed = training seed), and the builtin teacher's 50-step DDIM
+    FID at the same sizes and seeds, measured in this run; then the last idea's overrides on the exact toy
+    mixture: sliced W2 to exact samples vs the exact teacher's 50-step DDIM, with the floor of two exact sets."""
+    from distill import load_pipeline
+    from distill.config import load_config
+    from distill.eval.toy import toy_report
+    from distill.teachers import ASSETS, analytic_teacher
+    from distill.trainers import trainer_class
+
+    seeds = BEAT_SEEDS[:1] if quick else BEAT_SEEDS
+    sizes = (1000,) if quick else (1000, 5000)
+    ideas = [(i, c, o, 20 if quick else n) for i, c, o, n in BEAT_IDEAS]
+    with tempfile.TemporaryDirectory() as tmp:
+        def fid_job(name, src, n, s, *extra):
+            return (name, ["fid", src, "--reference", "sklearn:digits", "--num-samples", str(n), "--seed", str(s),
+                           "--metrics", "fid", *extra, "--out", f"{tmp}/{name}"])
+
+        trainings = sorted(((updates, k, s) for k, (*_, updates) in enumerate(ideas) for s in seeds), reverse=True)
+        jobs = [(f"run{k}-{s}", ["train", ideas[k][1], *ideas[k][2], f"train.max_steps={updates}", f"train.seed={s}",
+                                 "eval.enabled=false", "train.progress_bar=false", "train.report_to=none",
+                                 f"output_dir={tmp}/run{k}-{s}"]) for updates, k, s in trainings]
+        # longest trainings first; the teacher's evaluations fill the second core meanwhile
+        jobs += [fid_job(f"teacher-{n}-{s}", str(ASSETS / "digits_teacher"), n, s, "--steps", str(BEAT_TEACHER_STEPS))
+                 for s in seeds for n in sizes]
+        secs = _jobs(jobs, tmp, parallel=2)
+        _jobs([fid_job(f"run{k}-{s}-{n}", f"{tmp}/run{k}-{s}/pipeline", n, s) for k in range(len(ideas)) for s in seeds
+               for n in sizes], tmp, parallel=2)
+
+        def fid(name):
+            return json.loads((Path(tmp) / name / "fid_report.json").read_text())["results"][0]["fid"]
+
+        rows = [[f"teacher, DDIM {BEAT_TEACHER_STEPS} steps", "-", "-",
+                 *[_spread([fid(f"teacher-{n}-{s}") for s in seeds]) for n in sizes], "-", len(seeds)]]
+        for k, (idea, cfg, extra, updates) in enumerate(ideas):
+            rows.append([idea, f"`{' '.join([cfg, *extra])}`", updates,
+                         *[_spread([fid(f"run{k}-{s}-{n}") for s in seeds]) for n in sizes],
+                         f"{sum(secs[f'run{k}-{s}'] for s in seeds) / len(seeds):.0f}", len(seeds)])
+
+        teacher = analytic_teacher("gaussians8")
+        ref, _ = teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(1))
+        floor = toy_report(teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(2))[0],
+                           teacher.model, ref)["swd"]
+        ddim = [toy_report(teacher.sample(8000, num_steps=BEAT_TEACHER_STEPS, generator=torch.Generator().manual_seed(s)),
+                           teacher.model, ref)["swd"] for s in seeds]
+        toy_cfg, toy_extra = BEAT_TOY
+        swd, toy_secs = [], []
+        for s in seeds:
+            cfg = load_config(HERE.parent / toy_cfg, [*toy_extra, f"train.seed={s}", f"output_dir={tmp}/toy{s}",
+                                                      "train.progress_bar=false", "train.report_to=none",
+                                                      *(["train.max_steps=20"] if quick else [])])
+            t0 = time.time()
+            pipe = load_pipeline(str(trainer_class(cfg.method)(cfg).train()))
+            toy_secs.append(time.time() - t0)
+            pipe.set_progress_bar_config(disable=True)
+            x = pipe(batch_size=8000, generator=torch.Generator().manual_seed(s), output_type="pt").images
+            swd.append(toy_report(x, teacher.model, ref)["swd"])
+    toy_rows = [["exact samples, another seed (floor)", "-", f"{floor:.4f}", "-"],
+                [f"exact teacher, DDIM {BEAT_TEACHER_STEPS} steps", BEAT_TEACHER_STEPS, _spread(ddim), "-"],
+                [f"one-step student: `{' '.join([toy_cfg, *toy_extra])}`", 1, _spread(swd),
+                 f"{sum(toy_secs) / len(toy_secs):.0f}"]]
+    size_cols = [f"FID {n // 1000}k (mean +- sd over seeds)" for n in sizes]
+    return ("### (l) One step vs the teacher's 50 steps on digits (builtin teacher; FID with the digits extractor "
+            "against the 1,797 sklearn digits, eval seed = training seed; two trainings side by side, one thread "
+            "each; goal: a one-step student below the teacher's 50-step FID at 5,000 samples on 3 seeds)\n\n"
+            + table(["idea", "command", "updates", *size_cols, "train s", "seeds"], rows)
+            + "\n\nThe same recipe on the exact toy mixture (8,000 samples, sliced W2 to exact samples; goal: below the "
+              "exact teacher's 50-step DDIM, whose distance to the truth is the sampling floor plus its own error)\n\n"
+            + table(["model", "steps", "sliced W2 (mean +- sd over seeds)", "train s"], toy_rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="sampling,training,fid,quality,progressive,guided,uni_instruct_digits,hybrid,msd,"
-                    "msd_digits,disa")
+                    "msd_digits,disa,beat_teacher")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     parts = [p.strip() for p in args.only.split(",")]
@@ -705,7 +824,8 @@ def main() -> None:
            f"Date: {time.strftime('%Y-%m-%d')}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.", ""]
     funcs = {"sampling": bench_sampling, "training": bench_training, "fid": bench_fid, "quality": bench_quality,
              "progressive": bench_progressive, "guided": bench_guided, "uni_instruct_digits": bench_uni_instruct_digits,
-             "hybrid": bench_hybrid, "msd": bench_msd, "msd_digits": bench_msd_digits, "disa": bench_disa}
+             "hybrid": bench_hybrid, "msd": bench_msd, "msd_digits": bench_msd_digits, "disa": bench_disa,
+             "beat_teacher": bench_beat_teacher}
     sections = HERE / "results"
     sections.mkdir(exist_ok=True)
     for p in parts:

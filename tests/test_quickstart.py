@@ -95,6 +95,11 @@ def test_every_readme_command_runs(tmp_path):
             _run(args + ["train.max_steps=2", "mar.width=16", "mar.num_heads=2", "mar.depth=1", "mar.head_width=16",
                          "mar.head_depth=1", "train.batch_size=8", f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
             continue
+        if args[:3] == ["distill", "launch", "configs/best_digits.yaml"]:  # 25 minutes as shipped: 3 updates here
+            _run(args + ["train.max_steps=3", "optim.lr_milestones=[2]", "eval.num_samples=100", "eval.teacher_steps=[1]",
+                         f"output_dir={tmp_path / 'best_digits'}"], ROOT)
+            assert (tmp_path / "best_digits" / "report" / "fid_report.md").is_file()
+            continue
         if args[:2] == ["distill", "estimate-memory"]:  # reads the Hub teacher's config files: offline, a message
             res = _run(args, ROOT, expect_ok=False)
             assert res.returncode == 2 and "HF_HUB_OFFLINE" in res.stderr
