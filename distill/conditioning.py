@@ -117,7 +117,7 @@ class Condition:
     def drop(self, mask: torch.Tensor) -> Condition:
         """Rows where ``mask`` is True replaced by the null condition (condition dropout, Ho & Salimans
         2022 sec. 3.2, for training a model that can be guided)."""
-        if self.kind == "none" or not bool(mask.any()):
+        if self.kind == "none":
             return self
         null = self.null_like()
         out = {}

@@ -46,6 +46,10 @@ class DataConfig:
     # prompts-only data (prompts:FILE) for methods that need clean samples (progressive, guided, Uni-Instruct's
     # discriminator): the clean latents are the teacher's own DDIM samples with this many steps
     teacher_sample_steps: int = 25
+    # image data sets up to this size (as uint8) are decoded once and kept on the training device; larger ones
+    # are decoded every step (0: always)
+    device_cache_gib: float = 2.0
+    num_workers: int = 2  # DataLoader workers decoding the images of larger data sets ahead (0: in the main process)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class TrainConfig:
     fsdp: bool = False
     # attention of diffusers networks: auto = xformers when installed and on CUDA, else PyTorch SDPA
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    # compile every network with torch.compile (inductor; CPU and CUDA): the first update compiles
+    compile: bool = False
 
 
 @dataclass

@@ -131,6 +131,21 @@ class ImageData(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
+    def all_labels(self) -> torch.Tensor:
+        """Every row's label (-1 without a label column), read from the column without decoding images."""
+        if not self.label_col:
+            return torch.full((len(self),), -1, dtype=torch.long)
+        return torch.as_tensor(self.ds[self.label_col], dtype=torch.long)
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """Every row's caption (None without a caption column), read from the column."""
+        if not self.caption_col:
+            return None
+        if not hasattr(self, "_prompts"):
+            self._prompts = [str(p or "") for p in self.ds[self.caption_col]]
+        return self._prompts
+
     def __getitem__(self, i):
         i = int(i)
         for k in [(i + j) % len(self) for j in range(min(len(self), 100))]:
@@ -167,6 +182,92 @@ class PromptData(Dataset):
 
     def __getitem__(self, i):
         return {"prompt": self.prompts[int(i)], "label": torch.tensor(-1)}
+
+    def all_labels(self) -> torch.Tensor:
+        return torch.full((len(self),), -1, dtype=torch.long)
+
+
+class CachedImages(Dataset):
+    """An image data set decoded once into one uint8 tensor (N, C, H, W) (see :func:`cache_images`)."""
+
+    has_images = True
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: str,
+                 prompts: list[str] | None):
+        self.x, self.labels, self.num_classes, self.spec, self.prompts = x, labels, num_classes, spec, prompts
+        self.has_prompts = prompts is not None
+
+    @property
+    def sample_shape(self) -> list[int]:
+        return list(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        i = int(i)
+        item = {"x": self.x[i].float() / 127.5 - 1, "label": self.labels[i]}
+        if self.prompts is not None:
+            item["prompt"] = self.prompts[i]
+        return item
+
+
+class _StepRows(torch.utils.data.Sampler):
+    """The rows of each (step, micro-step) batch, in training order, for a DataLoader's ``batch_sampler``."""
+
+    def __init__(self, keys: list[tuple[int, int]], rows_of):
+        self.keys, self.rows_of = keys, rows_of
+
+    def __iter__(self):
+        for key in self.keys:
+            yield self.rows_of(*key).tolist()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _stack_images(items: list[dict]) -> torch.Tensor:
+    return torch.stack([it["x"] for it in items])
+
+
+class StreamedImages:
+    """Images of the coming batches decoded ahead in DataLoader workers (pinned memory, prefetch) for data sets
+    too large to cache. ``rows_of(step, micro)`` gives a batch's rows (a CPU tensor, seeded per step, so the
+    stream can start at any step: a resumed run reads the batches of an uninterrupted one). ``images(step,
+    micro)`` returns that batch; asked out of order, it restarts the stream there."""
+
+    def __init__(self, data: Dataset, rows_of, micro_steps: int, last_step: int, num_workers: int, pin_memory: bool):
+        self.data, self.rows_of, self.micro, self.last = data, rows_of, micro_steps, last_step
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.next_key, self.batches = None, None
+
+    def images(self, step: int, micro: int) -> torch.Tensor:
+        if (step, micro) != self.next_key:
+            keys = [(s, m) for s in range(step, max(self.last, step + 1)) for m in range(self.micro)][micro:]
+            loader = torch.utils.data.DataLoader(
+                self.data, batch_sampler=_StepRows(keys, self.rows_of), num_workers=self.num_workers,
+                pin_memory=self.pin_memory, collate_fn=_stack_images,
+                prefetch_factor=2 if self.num_workers else None)
+            self.batches = iter(loader)
+        self.next_key = (step, micro + 1) if micro + 1 < self.micro else (step + 1, 0)
+        return next(self.batches)
+
+
+def cache_images(ds: Dataset, max_gib: float) -> CachedImages | None:
+    """``ds`` decoded once into a uint8 tensor when it is an :class:`ImageData` of at most ``max_gib`` GiB
+    (a training run then indexes it on the device instead of decoding images every step); else None.
+    Decoding ``ImageData[i]`` maps bytes b to b / 127.5 - 1, so the bytes give back exactly those floats."""
+    if not isinstance(ds, ImageData) or max_gib <= 0:
+        return None
+    n, shape = len(ds), ds.sample_shape
+    if n * math.prod(shape) > max_gib * 2**30:
+        return None
+    from tqdm.auto import tqdm
+
+    x = torch.empty((n, *shape), dtype=torch.uint8)
+    for i in tqdm(range(n), desc=f"decoding {ds.spec} once", disable=n < 2000):
+        x[i] = ((ds[i]["x"] + 1) * 127.5).round().to(torch.uint8)
+    return CachedImages(x, ds.all_labels(), ds.num_classes, ds.spec, ds.prompts)
 
 
 def read_prompts(path: str, column: str | None = None) -> list[str]:

@@ -69,6 +69,13 @@ class NoiseSchedule:
             self.num_train_timesteps = len(ac)
             # log-SNR table, clipped so that a zero-terminal-SNR schedule stays finite.
             self._logsnr = torch.log(ac.clamp_min(1e-20) / (1 - ac).clamp_min(1e-20))
+            self._tables = {self._logsnr.device: self._logsnr}  # the log-SNR table per device, copied once
+
+    def _logsnr_on(self, device) -> torch.Tensor:
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self._logsnr.to(device)
+        return table
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -111,7 +118,7 @@ class NoiseSchedule:
         """log(alpha^2 / sigma^2) at continuous time t (float64)."""
         t = self._t(t)
         if self.kind == "vp":
-            table = self._logsnr.to(t.device)
+            table = self._logsnr_on(t.device)
             pos = t.clamp(0, 1) * (self.num_train_timesteps - 1)
             lo = pos.floor().long().clamp(0, self.num_train_timesteps - 2)
             frac = pos - lo

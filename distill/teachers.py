@@ -174,7 +174,8 @@ class Teacher:
             return images
         cfg = self.vae.config
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else "cpu").to(dist.mean.device)
         z = (dist.mean.float() + dist.std.float() * noise)
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1)
@@ -218,13 +219,20 @@ class Teacher:
             if class_labels is not None:
                 raise ValueError(f"Teacher {self.source!r} is unconditional; it takes no class labels.")
             return None
-        null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
+        null = self._null_class()
         if class_labels is None:
             return Condition(class_labels=torch.full((batch or 1,), self.num_classes, device=self.device), null=null)
         labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
         if batch is not None and labels.numel() == 1:
             labels = labels.expand(batch)
         return Condition(class_labels=labels, null=null)
+
+    def _null_class(self) -> Condition:
+        """The null-class condition on the teacher's device (made once: no host copy per batch)."""
+        device = self.device
+        if getattr(self, "_null_cache", None) is None or self._null_cache.class_labels.device != device:
+            self._null_cache = Condition(class_labels=torch.tensor([self.num_classes], device=device))
+        return self._null_cache
 
     def _null_text(self) -> Condition:
         null = self._encode_prompts([""])
@@ -309,7 +317,8 @@ class Teacher:
         from .pipelines.samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
-        x = (torch.randn(shape, generator=generator) if noise is None else noise).to(self.device)
+        gen_device = generator.device if generator is not None else "cpu"
+        x = (torch.randn(shape, generator=generator, device=gen_device) if noise is None else noise).to(self.device)
         T = self.schedule.num_train_timesteps
         times = vp_grid(self.schedule.alphas_cumprod, trailing_timesteps(num_steps, T))
 

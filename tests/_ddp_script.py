@@ -19,7 +19,9 @@ else:
 trainer = trainer_class(cfg.method)(cfg)
 trainer.setup()
 acc = trainer.accelerator
-first = trainer._batch(trainer.step_generator(0, 0))["x"]
+trainer.rng = trainer.step_generator(0, 0)
+first = trainer._batch()
+first = first["x"] if first["x"] is not None else first["label"].float()[:, None]  # MSD needs no clean samples
 trainer.train()
 params = torch.cat([p.detach().flatten() for n in sorted(trainer.modules) for p in trainer.unwrap(n).parameters()])
 digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()

@@ -35,13 +35,13 @@ import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..conditioning import network_kwargs
 from ..config import Config, ConfigError, validate
-from ..data import load_data
+from ..data import StreamedImages, cache_images, load_data
+from ..ema import ForeachEMA
 from ..export import export_lora_adapter, export_pipeline
 from ..lora import AdapterView, adapter_state_dict, add_adapters, default_targets, matches, merged_copy
 from ..models import GuidedUNet2DModel, MLPDenoiser
@@ -251,11 +251,12 @@ class DistillationTrainer:
         self.device = self.accelerator.device
         self.modules: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.emas: dict[str, EMAModel] = {}
+        self.emas: dict[str, ForeachEMA] = {}
         self._base_lr: dict[str, float] = {}
         self._add_args: dict[str, tuple] = {}
         self.sharded = False  # train.fsdp: the trained networks are FSDP2-sharded (distill.sharding)
-        self.rng: torch.Generator | None = None
+        self.rng: torch.Generator | None = None  # this micro-step's generator on the training device
+        self._host_rng: torch.Generator | None = None  # the same seed on the CPU (host-side draws on a GPU run)
         self.step = 0
         self.history: list[dict] = []
         self._counts: dict = {}
@@ -270,8 +271,18 @@ class DistillationTrainer:
         self.already_finished = False  # train() found the run finished: nothing trained, nothing exported
         self._continue = False  # output_dir holds this same run: continue it from its latest checkpoint
         self._resume_path: Path | None = None
-        self._nonfinite: set[str] = set()  # why the current step is non-finite (empty: it is finite)
+        # non-finite bookkeeping, on the device between synchronisations: why the current step is non-finite
+        # (reason -> bool tensor), the reasons seen since the last check, the current and longest run of
+        # non-finite steps
+        self._flags: dict[str, torch.Tensor] = {}
+        self._reasons: dict[str, torch.Tensor] = {}
+        self._bad_run: torch.Tensor | None = None
+        self._worst_run: torch.Tensor | None = None
         self._stop_signal: int | None = None
+        self._data_x = self._data_labels = None  # in-memory data on the training device (see setup)
+        self._stream: StreamedImages | None = None  # images too many to cache, decoded ahead by workers
+        self._micro = 0
+        self.compile_seconds: float | None = None  # train.compile: the first update's time, compilation included
 
     # ------------------------------------------------------------------ hooks for methods
     def build(self) -> None:
@@ -320,11 +331,14 @@ class DistillationTrainer:
                 mult = next((m for prefix, m in (lr_multipliers or {}).items() if pname.startswith(prefix)), 1.0)
                 groups.setdefault(mult, []).append(p)
             params = [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in groups.items()]
+            # fused AdamW (one kernel per step; it skips a step with non-finite gradients on the device, see
+            # apply_gradients); sharded (DTensor) parameters use the foreach implementation
+            kind = {"foreach": True} if self.sharded else {"fused": True}
             self.optimizers[name] = torch.optim.AdamW(params, lr=lr, betas=tuple(betas or o.betas),
-                                                      weight_decay=o.weight_decay, eps=o.eps)
+                                                      weight_decay=o.weight_decay, eps=o.eps, **kind)
             self._base_lr[name] = lr
         if ema:
-            self.emas[name] = EMAModel(module.parameters(), decay=self.config.train.ema_decay)
+            self.emas[name] = ForeachEMA(module.parameters(), decay=self.config.train.ema_decay)
 
     def unwrap(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.modules[name])
@@ -339,38 +353,68 @@ class DistillationTrainer:
         summed over the steps since the last log."""
         self._counts[key] = self._counts.get(key, 0) + n
 
+    def flag(self, reason: str, bad: torch.Tensor) -> None:
+        """Mark the current step non-finite where ``bad`` (a bool tensor, kept on the device) is True."""
+        old = self._flags.get(reason)
+        self._flags[reason] = bad if old is None else old | bad
+
     def finite_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         """Batch mean of the finite per-sample losses; the dropped samples are counted (``nonfinite_samples``).
-        A batch with no finite sample gives a zero loss and marks the step non-finite."""
+        A batch with no finite sample gives a zero loss and marks the step non-finite. No host synchronisation."""
         keep = torch.isfinite(per_sample)
-        self.count("nonfinite_samples", (~keep).sum())
-        if keep.any():
-            return per_sample[keep].mean()
-        self._nonfinite.add("every sample's loss")
-        return per_sample[keep].sum()
+        kept = keep.sum()
+        self.count("nonfinite_samples", keep.numel() - kept)
+        self.flag("every sample's loss", kept == 0)
+        return torch.where(keep, per_sample, 0).sum() / kept.clamp_min(1)
 
-    def apply_gradients(self, name: str) -> float | None:
+    def apply_gradients(self, name: str) -> torch.Tensor | None:
         """Clipping, optimizer step and zero_grad of one network whose gradients are already accumulated;
-        returns the (pre-clip) gradient norm. An update whose gradient holds a non-finite value is skipped
-        (as a loss scaler does): the values are counted as ``nonfinite_grads/NAME``, the skipped update as
-        ``skipped_updates/NAME``, and the step is marked non-finite (see ``train.max_nonfinite_steps``)."""
-        norm = None
+        returns the (pre-clip) gradient norm as a tensor. An update whose gradient holds a non-finite value is
+        skipped (as a loss scaler does): the gradient tensors holding one are counted as ``nonfinite_grads/NAME``,
+        the skipped update as ``skipped_updates/NAME``, and the step is marked non-finite (see
+        ``train.max_nonfinite_steps``). All of it stays on the device: the norms decide, and fused AdamW skips
+        its step (parameters, moments and step count) where ``found_inf`` is set."""
         opt = self.optimizers[name]
-        if self.accelerator.sync_gradients:
-            params = [p for p in self.modules[name].parameters() if p.grad is not None]
-            if params:
-                bad = _plain(sum((~torch.isfinite(p.grad)).sum() for p in params))
-                self.count(f"nonfinite_grads/{name}", bad)
-                if bool(bad):
-                    self.count(f"skipped_updates/{name}", 1)
-                    self._nonfinite.add(f"network {name!r}")
-                    opt.zero_grad(set_to_none=True)
-                    return None
-            max_norm = self.config.optim.max_grad_norm
-            if max_norm is not None and params:
-                norm = float(_plain(self.accelerator.clip_grad_norm_(params, max_norm)))
-            elif params:
-                norm = float(torch.norm(torch.stack([_plain(p.grad.norm()) for p in params])))
+        inner = getattr(opt, "optimizer", opt)
+        params = [p for p in self.modules[name].parameters() if p.grad is not None]
+        if not (self.accelerator.sync_gradients and params):
+            opt.step()  # Accelerate's optimizer wrapper steps only at the end of an accumulation
+            opt.zero_grad(set_to_none=True)
+            return None
+        if self.sharded:
+            return self._apply_sharded_gradients(name, params)
+        grads = [p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        total = torch.linalg.vector_norm(norms, 2.0)  # torch.nn.utils.clip_grad_norm_'s total norm, bitwise
+        bad = ~torch.isfinite(norms)
+        found_inf = bad.any()
+        self.count(f"nonfinite_grads/{name}", bad.sum())
+        self.count(f"skipped_updates/{name}", found_inf.long())
+        self.flag(f"network {name!r}", found_inf)
+        max_norm = self.config.optim.max_grad_norm
+        if max_norm is not None:  # clip_grad_norm_'s scaling, bitwise
+            torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+        inner.found_inf = found_inf.float()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    def _apply_sharded_gradients(self, name: str, params: list) -> torch.Tensor | None:
+        """apply_gradients for FSDP2-sharded (DTensor) parameters: the foreach optimizer cannot skip on the
+        device, so the host decides (one synchronisation per update)."""
+        opt = self.optimizers[name]
+        bad = _plain(sum((~torch.isfinite(p.grad)).sum() for p in params))
+        self.count(f"nonfinite_grads/{name}", bad)
+        self.count(f"skipped_updates/{name}", (bad > 0).long())
+        self.flag(f"network {name!r}", bad > 0)
+        if bool(bad):
+            opt.zero_grad(set_to_none=True)
+            return None
+        max_norm = self.config.optim.max_grad_norm
+        if max_norm is not None:
+            norm = _plain(self.accelerator.clip_grad_norm_(params, max_norm))
+        else:
+            norm = torch.norm(torch.stack([_plain(p.grad.norm()) for p in params]))
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -445,15 +489,32 @@ class DistillationTrainer:
                                    scheduler, kwargs, self.card_info(), sdxl)
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise drawn on the training device from this micro-step's generator (no host copy)."""
         dtype = like.dtype if like is not None else torch.float32
-        return torch.randn(*shape, generator=self.rng, device="cpu", dtype=dtype).to(self.device)
+        return torch.randn(*shape, generator=self.rng, device=self.rng.device, dtype=dtype).to(self.device)
 
-    def rand(self, *shape) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.rng, device="cpu").to(self.device)
+    def rand(self, *shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.rng, device=self.rng.device, dtype=dtype).to(self.device)
+
+    @property
+    def host_rng(self) -> torch.Generator:
+        """A CPU generator of this micro-step for draws the host needs (prompt rows, MAR's masking ratio): on a
+        CPU run the one generator itself, so that every draw comes from one stream as before."""
+        if self.rng is None or self.rng.device.type == "cpu":
+            return self.rng
+        return self._host_rng
+
+    def step_seed(self, step: int, micro: int) -> int:
+        return (self.config.train.seed * 1_000_003 + step * 1009 + micro * 17
+                + self.accelerator.process_index * 7919) % (2**63)
 
     def step_generator(self, step: int, micro: int) -> torch.Generator:
-        seed = (self.config.train.seed * 1_000_003 + step * 1009 + micro * 17 + self.accelerator.process_index * 7919)
-        return torch.Generator().manual_seed(seed % (2**63))
+        """The generator of step ``step``, micro-step ``micro`` on this process, on the training device, seeded
+        by (seed, step, micro-step, rank): a resumed run draws exactly the noise of an uninterrupted one."""
+        seed = self.step_seed(step, micro)
+        if self.device.type != "cpu":
+            self._host_rng = torch.Generator().manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -470,6 +531,9 @@ class DistillationTrainer:
         self.check_data()
         self.build()
         self.choose_attention()
+        self.place_data()
+        if cfg.train.compile:
+            self.compile_networks()
         if cfg.train.fsdp:
             self.shard()
         else:
@@ -522,14 +586,46 @@ class DistillationTrainer:
         except ImportError as err:
             raise ConfigError(f"train.fsdp needs PyTorch's FSDP2 (torch >= 2.6; this is {torch.__version__}: {err}).") from None
         self._templates = {}
+        self.sharded = True
         for name in list(self.optimizers):
             net = self.modules[name]
             self._templates[name] = copy.deepcopy(net).to("meta")
             shard_network(net)
             self._optimize(name)
-        self.sharded = True
         self.accelerator.print(f"sharding: FSDP2 over {self.accelerator.num_processes} process(es) for "
                                f"{', '.join(self._templates)}; frozen networks replicated")
+
+    def place_data(self) -> None:
+        """In-memory data (toys, digits, and image sets small enough, decoded once: ``data.device_cache_gib``)
+        becomes one tensor on the training device, so a batch is an index on the device. Larger image sets are
+        decoded ahead by ``data.num_workers`` DataLoader workers into pinned memory. A method that needs no clean
+        samples (SIM, MSD) never touches the images: its batches are labels or prompts."""
+        cached = cache_images(self.data, self.config.data.device_cache_gib) if self.needs_clean_samples else None
+        if cached is not None:
+            self.data = cached
+        if hasattr(self.data, "x"):
+            self._data_x = self.data.x.to(self.device)
+        elif self.needs_clean_samples and getattr(self.data, "has_images", False):
+            d, b, rows = self.config.data, self.config.train.batch_size, self.batch_indices
+            self._stream = StreamedImages(
+                self.data, lambda step, micro: rows(torch.Generator().manual_seed(self.step_seed(step, micro)), b),
+                self.config.train.gradient_accumulation_steps, self.config.train.max_steps, d.num_workers,
+                pin_memory=self.device.type == "cuda")
+        labels = self.data.labels if hasattr(self.data, "labels") else self.data.all_labels()
+        self._data_labels = labels.to(self.device)
+        self._unlabelled = bool((labels < 0).any())
+
+    def compile_networks(self) -> None:
+        """``train.compile``: every network (the teacher's too) compiled in place with ``torch.compile``
+        (``nn.Module.compile``: state-dict keys unchanged). Compilation happens at the first update, whose time
+        is reported separately (``compile_seconds``)."""
+        nets = [self.teacher.weights] if self.teacher is not None else []
+        nets += [getattr(m, "shared_base", m) for m in self.modules.values()]
+        for net in {id(n): n for n in nets}.values():
+            if any(True for _ in net.parameters()):
+                net.compile()
+        self.accelerator.print(f"train.compile: {len(nets)} network(s) compiled with torch.compile (inductor); the "
+                               "first update includes the compilation")
 
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
@@ -568,39 +664,46 @@ class DistillationTrainer:
                               "builtin:digits, toy:gaussians8 for analytic:gaussians8).")
 
     def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
-        """The data rows of one batch: uniform with replacement (a method may stratify them)."""
-        return torch.randint(len(self.data), (b,), generator=gen)
+        """The data rows of one batch, drawn on ``gen``'s device: uniform with replacement (a method may
+        stratify them)."""
+        return torch.randint(len(self.data), (b,), generator=gen, device=gen.device)
 
-    def _batch(self, gen: torch.Generator) -> dict:
-        """One batch in the teacher's space: ``x`` (clean samples, or None for prompts-only data when the
-        method needs none), ``cond`` (a :class:`Condition`, or None), ``label`` and ``size``."""
+    def _batch(self) -> dict:
+        """One batch in the teacher's space: ``x`` (clean samples, or None when the method needs none),
+        ``cond`` (a :class:`Condition`, or None), ``label`` and ``size``. In-memory data is indexed on the device;
+        prompt rows are drawn on the host (their strings are host data)."""
         b = self.config.train.batch_size
-        idx = self.batch_indices(gen, b)
-        prompts = None
-        if hasattr(self.data, "x"):
-            x, y = self.data.x[idx], self.data.labels[idx]
-        else:
-            items = [self.data[int(i)] for i in idx]
-            x = torch.stack([it["x"] for it in items]) if "x" in items[0] else None
-            y = torch.stack([torch.as_tensor(it["label"]) for it in items])
-            prompts = [it["prompt"] for it in items] if "prompt" in items[0] else None
-        y = y.to(self.device)
+        prompts = getattr(self.data, "prompts", None)
+        streamed = self._stream is not None and self.needs_clean_samples
+        host = prompts is not None or streamed  # rows the host needs: drawn on the host generator
+        idx = self.batch_indices(self.host_rng if host else self.rng, b)
+        if prompts is not None:
+            prompts = [prompts[i] for i in idx.tolist()]  # a CPU tensor: no device synchronisation
+        images = self._stream.images(self.step, self._micro) if streamed else None
+        idx = idx.to(self.device)
+        y = self._data_labels[idx]
         t = self.teacher
         cond = None
         if t is not None and t.is_text:
             cond = t.condition(prompts=prompts)
         elif t is not None and t.num_classes:
-            if (y < 0).any():  # unlabelled data under a class-conditional teacher: random classes
-                y = torch.where(y < 0, torch.randint(t.num_classes, y.shape, generator=gen).to(y.device), y)
+            if self._unlabelled:  # unlabelled rows under a class-conditional teacher: random classes
+                y = torch.where(y < 0, torch.randint(t.num_classes, y.shape, generator=self.rng,
+                                                     device=self.rng.device).to(y.device), y)
             cond = t.condition(class_labels=y)
-        if x is not None:
-            x = x.to(self.device)
+        x = None
+        if self.needs_clean_samples and getattr(self.data, "has_images", True):
+            if self._data_x is not None:
+                x = self._data_x[idx]
+                x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # images cached as bytes
+            else:  # streamed images, decoded ahead by the DataLoader's workers
+                x = images.to(self.device, non_blocking=True)
             if t is not None and t.is_latent:
                 with self.accelerator.autocast():
-                    x = t.encode(x, generator=gen)
+                    x = t.encode(x, generator=self.rng)
         elif self.needs_clean_samples:  # prompts only: the teacher's own samples stand in for data
             with self.accelerator.autocast():
-                x = t.sample(b, self.config.data.teacher_sample_steps, gen, cond,
+                x = t.sample(b, self.config.data.teacher_sample_steps, self.rng, cond,
                              self.config.teacher.guidance_scale).float()
         return {"x": x, "cond": cond, "label": y, "size": b}
 
@@ -749,62 +852,115 @@ class DistillationTrainer:
                                "on" + (", or pass --overwrite to start afresh." if same else "."))
         return run_dir / "pipeline"
 
+    def train_iteration(self) -> dict:
+        """One update as ``train()`` runs it: for each micro-step its seeded generators, a batch and the method's
+        ``train_step`` (backward, clipping, optimizer steps), then the EMA. Increments ``step`` and returns the
+        method's logs of the last micro-step as tensors. Nothing here synchronises with the device: the non-finite
+        state is kept on it and read at the checks of ``train()`` (every ``min(log_every, max_nonfinite_steps)``
+        updates, and at checkpoints)."""
+        cfg, acc = self.config, self.accelerator
+        step = self.step
+        self._set_lr(step)
+        self._flags = {}
+        logs: dict = {}
+        for micro in range(cfg.train.gradient_accumulation_steps):
+            self.rng, self._micro = self.step_generator(step, micro), micro
+            batch = self._batch()
+            with acc.accumulate(*self.modules.values()):
+                logs = self.train_step(batch, step)
+        for name, ema in self.emas.items():
+            ema.step(self.unwrap(name).parameters())
+        self.step += 1
+        logs = {k: v for k, v in logs.items() if v is not None}
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                self.flag(f"loss {k}", ~torch.isfinite(v.detach()).all())
+        if self._bad_run is None:
+            self._bad_run = torch.zeros((), dtype=torch.long, device=self.device)
+            self._worst_run = torch.zeros((), dtype=torch.long, device=self.device)
+        if self._flags:
+            bad = torch.stack([f.reshape(()) for f in self._flags.values()]).any()
+            self._bad_run = torch.where(bad, self._bad_run + 1, 0)
+            self._worst_run = torch.maximum(self._worst_run, self._bad_run)
+            for k, f in self._flags.items():
+                old = self._reasons.get(k)
+                self._reasons[k] = f if old is None else old | f
+        else:
+            self._bad_run = torch.zeros_like(self._bad_run)
+        return logs
+
     def _loop(self) -> None:
         cfg, acc = self.config, self.accelerator
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=f"{self.method}", dynamic_ncols=True,
-                   disable=not (acc.is_main_process and cfg.train.progress_bar))
-        bad_run, last_good = 0, latest_checkpoint(self.checkpoint_dir)
-        while self.step < cfg.train.max_steps:
-            step = self.step
-            self._set_lr(step)
-            self._nonfinite = set()
-            logs: dict = {}
-            for micro in range(cfg.train.gradient_accumulation_steps):
-                self.rng = self.step_generator(step, micro)
-                batch = self._batch(self.rng)
-                with acc.accumulate(*self.modules.values()):
-                    logs = self.train_step(batch, step)
-            for name, ema in self.emas.items():
-                ema.step(self.unwrap(name).parameters())
-            self.step += 1
-            logs = {k: float(v) for k, v in logs.items() if v is not None}
-            self._nonfinite.update(f"loss {k}={v}" for k, v in logs.items() if not math.isfinite(v))
-            bad_run = bad_run + 1 if self._nonfinite else 0
-            if bad_run >= cfg.train.max_nonfinite_steps:
+        tc = cfg.train
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc=f"{self.method}", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and tc.progress_bar))
+        last_good = latest_checkpoint(self.checkpoint_dir)
+        check_every = min(tc.log_every, tc.max_nonfinite_steps)
+        while self.step < tc.max_steps:
+            started = time.perf_counter()
+            logs = self.train_iteration()
+            if tc.compile and self.compile_seconds is None:
+                self.compile_seconds = round(time.perf_counter() - started, 2)
+                acc.print(f"train.compile: the first update took {self.compile_seconds} s (compilation included)")
+            bar.update(1)
+            s = self.step
+            log_now = s % tc.log_every == 0 or s == tc.max_steps
+            ckpt_now = s % tc.checkpointing_steps == 0 or s == tc.max_steps
+            samples_now = bool(tc.sample_every) and s % tc.sample_every == 0
+            signalled = acc.num_processes == 1 and self._stop_signal is not None
+            if not (log_now or ckpt_now or samples_now or signalled or s % check_every == 0):
+                continue
+            state = self._synchronize(logs if log_now else None)  # the one host synchronisation
+            if state["worst_run"] >= tc.max_nonfinite_steps:
                 bar.close()
                 raise TrainingDiverged(
-                    f"Training stopped at step {self.step}: {bad_run} steps in a row had non-finite values "
-                    f"({', '.join(sorted(self._nonfinite))}); their updates were skipped. The last good checkpoint is "
+                    f"Training stopped at step {s}: {state['worst_run']} steps in a row had non-finite values "
+                    f"({', '.join(state['reasons'])}); their updates were skipped. The last good checkpoint is "
                     f"{last_good or 'none (no checkpoint was written)'}; resume from it with a lower optim.lr (or "
                     "raise train.max_nonfinite_steps). Nothing was exported.")
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                logs.update({k: float(v) for k, v in self._counts.items()})
-                self._counts.clear()
-                acc.log(logs, step=self.step)
-                self.history.append({"step": self.step, **logs})
-                bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
-            bar.update(1)
-            stop = self._stop_requested()
-            if self.step % cfg.train.checkpointing_steps == 0 or self.step == cfg.train.max_steps or stop:
-                if bad_run == 0:
-                    last_good = self.save_checkpoint() or last_good
+            if state["logs"] is not None:
+                acc.log(state["logs"], step=s)
+                self.history.append({"step": s, **state["logs"]})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(state["logs"].items())[:4]})
+            stop = state["stop"]
+            if (ckpt_now or stop) and state["bad_run"] == 0:
+                last_good = self.save_checkpoint() or last_good
             if stop:
                 bar.close()
                 name = signal.Signals(stop).name
-                written = "written" if bad_run == 0 else "is the last good one (this step was non-finite)"
-                raise Interrupted(stop, f"{name} at step {self.step}: checkpoint {last_good} {written}. Resume with "
+                written = "written" if state["bad_run"] == 0 else "is the last good one (this step was non-finite)"
+                raise Interrupted(stop, f"{name} at step {s}: checkpoint {last_good} {written}. Resume with "
                                         f"the same command (or train.resume_from_checkpoint=latest).")
-            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                self.save_samples(f"step-{self.step:06d}")
+            if samples_now:
+                self.save_samples(f"step-{s:06d}")
         bar.close()
 
-    def _stop_requested(self) -> int | None:
-        """The signal that asked this run to stop, agreed by every process (a max over ranks: one rank's
-        signal stops them all at the same step)."""
-        if self.accelerator.num_processes == 1:
-            return self._stop_signal
-        flag = torch.tensor([self._stop_signal or 0], device=self.device)
-        return int(self.accelerator.reduce(flag, reduction="max").item()) or None
+    def _synchronize(self, logs: dict | None) -> dict:
+        """Read the device-side state in one host synchronisation: the logs of this step (with the counters since
+        the last log), the current and longest run of non-finite steps and their reasons, and the stop signal
+        (a max over processes: one rank's signal stops them all at the same step)."""
+        values: dict[str, object] = {"bad_run": self._bad_run, "worst_run": self._worst_run}
+        reasons = {f"reason {k}": v for k, v in self._reasons.items()}
+        values.update(reasons)
+        if logs is not None:
+            logs = {**logs, **self._counts}
+            values.update({f"log {k}": v for k, v in logs.items()})
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(self._stop_signal or 0, device=self.device)
+            values["stop"] = self.accelerator.reduce(flag, reduction="max")
+        tensors = [(k, v) for k, v in values.items() if isinstance(v, torch.Tensor)]
+        read = dict(zip([k for k, _ in tensors], torch.stack([v.detach().double().reshape(()) for _, v in tensors])
+                        .tolist())) if tensors else {}
+        out = {k: read.get(k, v) for k, v in values.items()}
+        if logs is not None:
+            self._counts.clear()
+        state = {"bad_run": int(out["bad_run"] or 0), "worst_run": int(out["worst_run"] or 0),
+                 "reasons": sorted(k.removeprefix("reason ") for k in reasons if out[k]),
+                 "logs": None if logs is None else {k: float(out[f"log {k}"]) for k in logs},
+                 "stop": int(out["stop"]) or None if "stop" in out else self._stop_signal}
+        self._reasons = {}
+        self._worst_run = torch.zeros_like(self._bad_run) if self._bad_run is not None else None
+        return state
 
     def finish(self, seconds: float) -> Path | None:
         acc = self.accelerator

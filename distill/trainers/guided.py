@@ -71,8 +71,8 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
     def guidance_weight(self, batch_size: int) -> torch.Tensor:
         """Meng's w = s - 1 with s ~ U[guidance_min, guidance_max] per example."""
         sec = self.section
-        s = sec.guidance_min + (sec.guidance_max - sec.guidance_min) * torch.rand(batch_size, generator=self.rng)
-        return (s - 1.0).to(self.device)
+        s = sec.guidance_min + (sec.guidance_max - sec.guidance_min) * self.rand(batch_size)
+        return s - 1.0
 
     def train_step(self, batch: dict, step: int) -> dict:
         r = self.enter_round(step)
@@ -84,14 +84,14 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
         x0 = batch["x"]
         b, cond = x0.shape[0], batch["cond"]
         w = self.guidance_weight(b)
-        t = (torch.randint(T, (b,), generator=self.rng, dtype=torch.float64) / (T - 1)).to(self.device)
+        t = torch.randint(T, (b,), generator=self.rng, dtype=torch.float64, device=self.rng.device) / (T - 1)
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
         with torch.no_grad(), self.accelerator.autocast():
             target = self.teacher.predict_x0(z, t, cond, guidance_scale=1.0 + w).float()
         x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
         norm = self.step_optimizer("student", loss)
-        return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+        return {"loss": loss.detach(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
 
     def pipeline_kwargs(self) -> dict:
         sec = self.section

@@ -32,6 +32,7 @@ from .base import DistillationTrainer
 class MaskedAutoregressiveTrainer(DistillationTrainer):
     method = "mar"
     uses_teacher = False
+    needs_clean_samples = True
 
     def check_data(self) -> None:
         shape = self.data.sample_shape
@@ -57,7 +58,7 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         """normal(1, 0.25) truncated to [mask_ratio_min, 1], by inverting its CDF on a uniform draw."""
         lo = (self.config.mar.mask_ratio_min - 1.0) / 0.25
         phi = torch.special.ndtr(torch.tensor([lo, 0.0], dtype=torch.float64))
-        u = torch.rand(1, generator=self.rng, dtype=torch.float64)
+        u = torch.rand(1, generator=self.host_rng, dtype=torch.float64)  # a host value: no device synchronisation
         return float(1.0 + 0.25 * torch.special.ndtri(phi[0] + u * (phi[1] - phi[0])))
 
     def train_step(self, batch: dict, step: int) -> dict:
@@ -65,23 +66,27 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         model = self.unwrap("mar")
         tokens = model.patchify(batch["x"])
         b, length, _ = tokens.shape
-        rank = torch.argsort(torch.argsort(torch.rand(b, length, generator=self.rng), dim=1), dim=1).to(self.device)
-        mask = rank < math.ceil(length * self.mask_ratio())
+        order = torch.argsort(self.rand(b, length), dim=1)  # the generation order of each image's tokens
+        rank = torch.argsort(order, dim=1)
+        n = math.ceil(length * self.mask_ratio())
+        mask = rank < n
+        # the masked positions of each row in raster order (= tokens[mask], without a data-dependent shape)
+        where = order[:, :n].sort(dim=1).values
         labels = batch["label"] if self.num_classes else None
         if labels is not None:
             labels = torch.where(self.rand(b) < m.label_dropout, torch.full_like(labels, self.num_classes), labels)
         with self.accelerator.autocast():
             z = model.encode(tokens, mask, labels)
-            target = tokens[mask].repeat(m.diffusion_batch_mul, 1)
-            cond = z[mask].repeat(m.diffusion_batch_mul, 1)
-            k = torch.randint(0, 1000, (len(target),), generator=self.rng).to(self.device)
+            target = _rows(tokens, where).repeat(m.diffusion_batch_mul, 1)
+            cond = _rows(z, where).repeat(m.diffusion_batch_mul, 1)
+            k = torch.randint(0, 1000, (len(target),), generator=self.rng, device=self.rng.device).to(self.device)
             eps = self.randn(*target.shape)
             ab = self.alphas_cumprod[k].to(target.dtype)[:, None]
             x_t = ab.sqrt() * target + (1 - ab).sqrt() * eps
             pred = net(x_t, k, cond)
         loss = self.finite_mean((pred.float() - eps).pow(2).mean(dim=1))
         norm = self.step_optimizer("mar", loss)
-        return {"loss": loss.item(), "grad_norm": norm, "mask_ratio": float(mask.float().mean())}
+        return {"loss": loss.detach(), "grad_norm": norm, "mask_ratio": n / length}
 
     def export(self, for_samples: bool = False):
         return MaskedAutoregressivePipeline(self.unwrap("mar"), self.scheduler)
@@ -93,3 +98,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         return {"method": "mar (masked autoregressive, diffusion head)", "data": self.config.data.spec,
                 "num_classes": self.num_classes, "sampling": "pipe(num_iter=16, step_schedule='cosine', "
                 "diffusion_steps=50, min_diffusion_steps=5) for DiSA step annealing"}
+
+
+def _rows(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """x[b, where[b, j]] for every row b, flattened to (B * n, D): the gathered tokens, row by row."""
+    return x.gather(1, where[..., None].expand(-1, -1, x.shape[-1])).reshape(-1, x.shape[-1])

@@ -151,7 +151,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def regression_loss(self, g: ScoreGroup, n: int) -> torch.Tensor:
         """weight x mean |G(z) - y|^2 on ``n`` pairs of any condition."""
         rows, z, y = self.pairs
-        idx = torch.randint(len(z), (n,), generator=self.rng)
+        idx = torch.randint(len(z), (n,), generator=self.host_rng)  # the pairs are kept on the host
         x0 = self.generate(self.modules[g.generator], z[idx].to(self.device), self.rows_condition(rows[idx]))
         return self.section.regression_weight * (x0 - y[idx].to(self.device)).pow(2).mean()
 
@@ -237,7 +237,10 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
         """batch_size / K rows of every student's part, student by student."""
         per = b // self.section.num_students
-        return torch.cat([part[torch.randint(len(part), (per,), generator=gen)] for part in self.parts])
+        if getattr(self, "_parts_on", (None,))[0] != gen.device:  # each part's rows on the drawing device, once
+            self._parts_on = (gen.device, [part.to(gen.device) for part in self.parts])
+        return torch.cat([part[torch.randint(len(part), (per,), generator=gen, device=gen.device)]
+                          for part in self._parts_on[1]])
 
     # ------------------------------------------------------------------ step
     def shared_fake_step(self, cond, conds: list, per: int) -> dict:
@@ -248,7 +251,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         with self.accelerator.autocast():
             pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
         loss = fake_score_loss(pred, target).mean()
-        return {"fake_loss": loss.item(), "fake_grad_norm": self.step_optimizer("fake", loss)}
+        return {"fake_loss": loss.detach(), "fake_grad_norm": self.step_optimizer("fake", loss)}
 
     def train_step(self, batch: dict, step: int) -> dict:
         sec = self.section

@@ -187,17 +187,24 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         x0 = batch["x"]
         b, cond = x0.shape[0], batch["cond"]
         w = self.guidance_weight(b)
-        j = torch.randint(len(student_grid), (b,), generator=self.rng).tolist()
-        grid = teacher_grid + [-1]  # -1: the interval ends at the data
-        k0, k1, k2 = (torch.tensor([grid[2 * i + d] for i in j], dtype=torch.float64) for d in (0, 1, 2))
-        t, t1 = (k0 / (T - 1)).to(self.device), (k1 / (T - 1)).to(self.device)
-        t2 = torch.where(k2 >= 0, k2 / (T - 1), torch.tensor(float("nan"), dtype=torch.float64)).to(self.device)
+        j = torch.randint(len(student_grid), (b,), generator=self.rng, device=self.rng.device).to(self.device)
+        grid = self._grid_tensor(r, teacher_grid)  # the teacher grid and -1 (the interval ends at the data)
+        k0, k1, k2 = (grid[2 * j + d] for d in (0, 1, 2))
+        t, t1 = k0 / (T - 1), k1 / (T - 1)
+        t2 = torch.where(k2 >= 0, k2 / (T - 1), float("nan"))
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
         target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, cond, w), z, t, t1, t2)
         x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
         norm = self.step_optimizer("student", loss)
-        return {"loss": loss.item(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+        return {"loss": loss.detach(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+
+    def _grid_tensor(self, r: int, teacher_grid: list[int]) -> torch.Tensor:
+        """Round ``r``'s teacher grid followed by -1, as a float64 tensor on the device (made once per round)."""
+        if getattr(self, "_grid_round", None) != r:
+            self._grid_round = r
+            self._grid = torch.tensor(teacher_grid + [-1], dtype=torch.float64, device=self.device)
+        return self._grid
 
     # ------------------------------------------------------------------ export
     def export_scheduler(self):

@@ -38,16 +38,19 @@ class OneStepScoreHelpers:
     def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
         """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
         sched = self.teacher.schedule
-        sigma = sched.sigma(self.t_star).item()
-        x_in = sigma * z
-        ts = sched.timestep(self.t_star).expand(z.shape[0]).to(z.device)
+        if getattr(self, "_t_star_device", None) is None:  # t*, sigma(t*) and its timestep, on the device once
+            self._sigma_star = float(sched.sigma(self.t_star))
+            self._t_star_device = self.t_star.to(self.device)
+            self._timestep_star = sched.timestep(self.t_star).to(self.device)
+        x_in = self._sigma_star * z
+        ts = self._timestep_star.expand(z.shape[0])
         with self.accelerator.autocast():
             out = net(x_in, ts, **network_kwargs(net, cond)).sample.float()
-        return sched.to_x0_eps(out, x_in, self.t_star, self.gen_pred)[0]
+        return sched.to_x0_eps(out, x_in, self._t_star_device, self.gen_pred)[0]
 
     def sample_t(self, n: int) -> torch.Tensor:
         s = self.section
-        return (s.t_min + (s.t_max - s.t_min) * torch.rand(n, generator=self.rng, dtype=torch.float64)).to(self.device)
+        return s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64)
 
     def fake_x0(self, net, x_t, t, cond) -> torch.Tensor:
         sched = self.teacher.schedule
@@ -76,7 +79,7 @@ class OneStepScoreHelpers:
             pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
         loss = fake_score_loss(pred, target).mean()
         norm = self.step_optimizer(g.fake, loss)
-        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
+        return {"fake_loss": loss.detach(), "fake_grad_norm": norm}
 
     def generator_terms(self, g: ScoreGroup, cond, b: int):
         """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
@@ -104,8 +107,8 @@ class OneStepScoreHelpers:
             loss = self.finite_mean(per_sample)
             if extra_loss is not None:
                 extra = extra_loss()
-                logs["extra_loss"] = extra.item()
+                logs["extra_loss"] = extra.detach()
                 loss = loss + extra
             norm = self.step_optimizer(g.generator, loss)
-        return {"gen_loss": loss.item(), "grad_norm": norm,
-                "teacher_gap": (d_real - d_fake).pow(2).mean().sqrt().item(), **logs}
+        return {"gen_loss": loss.detach(), "grad_norm": norm,
+                "teacher_gap": (d_real - d_fake).detach().pow(2).mean().sqrt(), **logs}

@@ -32,6 +32,7 @@ from .base import DistillationTrainer, build_network
 class TeacherTrainer(DistillationTrainer):
     method = "teacher"
     uses_teacher = False
+    needs_clean_samples = True
 
     def check_data(self) -> None:
         if not getattr(self.data, "has_images", True) or getattr(self.data, "has_prompts", False):
@@ -91,22 +92,24 @@ class TeacherTrainer(DistillationTrainer):
         x0 = batch["x"]
         b = x0.shape[0]
         lo, hi = self._index_range()
-        k = torch.randint(lo, hi, (b,), generator=self.rng).to(self.device)
+        k = torch.randint(lo, hi, (b,), generator=self.rng, device=self.rng.device).to(self.device)
         eps = self.randn(*x0.shape)
-        t = self.schedule.t_from_timestep(k.cpu()).to(self.device)
+        t = self.schedule.t_from_timestep(k)
         x_t = self.schedule.add_noise(x0, eps, t)
         target = self.schedule.from_x0_eps(x0, eps, t, tc.prediction_type)
         cond = None
         if self.num_classes:  # condition dropout to the null class, for classifier-free guidance
-            null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
-            cond = Condition(class_labels=batch["label"], null=null).drop(self.rand(b) < tc.label_dropout)
+            if getattr(self, "_null", None) is None:
+                self._null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
+            cond = Condition(class_labels=batch["label"], null=self._null).drop(self.rand(b) < tc.label_dropout)
         net = self.modules["student"]
         with self.accelerator.autocast():
             pred = net(x_t, k, **network_kwargs(net, cond)).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         norm = self.step_optimizer("student", loss)
-        self._update_curriculum(loss.item())
-        return {"loss": loss.item(), "grad_norm": norm, "curriculum_stage": self.stage or None}
+        if tc.curriculum_clusters:  # the curriculum decides on the host: one synchronisation per step
+            self._update_curriculum(loss.item())
+        return {"loss": loss.detach(), "grad_norm": norm, "curriculum_stage": self.stage or None}
 
     def export(self, for_samples: bool = False):
         net = self.unwrap("student")

@@ -139,8 +139,8 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         loss = dsm + self.section.discriminator_weight * bce
         self.accelerator.backward(loss)
         norms = {name: self.apply_gradients(name) for name in (g.fake, g.disc)}
-        acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()).item() / 2
-        return {"fake_loss": dsm.item(), "disc_loss": bce.item(), "disc_acc": acc, "fake_grad_norm": norms[g.fake]}
+        acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
+        return {"fake_loss": dsm.detach(), "disc_loss": bce.detach(), "disc_acc": acc, "fake_grad_norm": norms[g.fake]}
 
     def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
         nets = [self.unwrap(g.fake)] + ([self.unwrap(g.disc)] if self.uses_discriminator else [])
@@ -158,7 +158,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             logit = self._logit(self.unwrap(g.disc))  # features of the fake network at x_t (input-differentiable)
             log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
             ratio = log_r.exp()
-            logs["log_ratio_mean"] = log_r.mean().item()
+            logs["log_ratio_mean"] = log_r.mean()
             if sec.gan_weight > 0:
                 gan = generator_gan_loss(logit)
         loss_fn = self.generator_loss(step)
@@ -173,7 +173,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             per_sample = per_sample + sec.gan_weight * gan
         loss = self.finite_mean(per_sample)
         norm = self.step_optimizer(g.generator, loss)
-        logs.update(gen_loss=loss.item(), grad_norm=norm, teacher_gap=(d_real - d_fake).pow(2).mean().sqrt().item())
+        logs.update(gen_loss=loss.detach(), grad_norm=norm, teacher_gap=(d_real - d_fake).detach().pow(2).mean().sqrt())
         return logs
 
     def card_info(self) -> dict:
