@@ -1,6 +1,8 @@
 """CUDA / bf16 smoke check of every trainer, run on a GPU machine (not part of CI: CI has no GPU).
 
     python benchmarks/gpu_check.py OUT_DIR [--full-guided]
+    python benchmarks/gpu_check.py --perf OUT_DIR [--budget SECONDS] [--work DIR] [--dry-run]
+        (training-loop performance against bare network passes: see benchmarks/gpu_perf.py)
 
 For each digits config (SIM, Uni-Instruct, progressive, guided) it runs a short training through
 ``accelerate launch -m distill train`` with ``train.mixed_precision=bf16`` (and SIM once more with
@@ -9,9 +11,10 @@ CUDA and samples from it. Each run's exit status, losses, updates/s and sample s
 ``OUT_DIR/gpu_check.md`` (written after every run, so a timeout keeps what finished).
 ``--full-guided`` also runs ``configs/guided_digits.yaml`` end to end in fp32 (report included).
 Then a resume check (``resume_check``): Uni-Instruct in bf16 resumed from a mid-run checkpoint on CUDA.
-Last, ``sd15_step_check``: one training step per method (and SIM with LoRA rank 64) on a random
-SD1.5-architecture text-to-image teacher (64x64 latents, bf16, gradient checkpointing) with step time, peak
-memory (``torch.cuda.max_memory_allocated``) and ``distill estimate-memory``'s figure for the same config.
+Last, ``sd15_step_check``: a few training iterations per method (and SIM with LoRA rank 64) on a random
+SD1.5-architecture text-to-image teacher (64x64 latents, bf16, gradient checkpointing) with the time of a whole
+iteration (``trainer.train_iteration()``: batch, update, EMA), peak memory (``torch.cuda.max_memory_allocated``)
+and ``distill estimate-memory``'s figure for the same config.
 """
 
 from __future__ import annotations
@@ -151,9 +154,10 @@ def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
 
 
 def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = False) -> list[dict]:
-    """One training step per method (configs/*_sd15.yaml: bf16, gradient checkpointing) on a random SD1.5-sized
-    pipeline (64x64 latents): median step time after the first, peak CUDA memory, and the batch-making time
-    (prompt encoding, plus the teacher's samples for prompts-only progressive / guided / Uni-Instruct)."""
+    """Training iterations per method (configs/*_sd15.yaml: bf16, gradient checkpointing) on a random SD1.5-sized
+    pipeline (64x64 latents): the median time of a whole ``trainer.train_iteration()`` after the first (the batch
+    included: prompt encoding, plus the teacher's samples for prompts-only progressive / guided / Uni-Instruct),
+    and peak CUDA memory."""
     import gc
     import statistics
 
@@ -185,24 +189,20 @@ def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = Fals
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            times, batch_times, logs = [], [], {}
-            for step in range(steps):
-                t0 = time.time()
-                trainer.rng = trainer.step_generator(step, 0)
-                b = trainer._batch(trainer.rng)
+            times, logs = [], {}
+            for _ in range(steps):
                 if cuda:
                     torch.cuda.synchronize()
-                t1 = time.time()
-                with trainer.accelerator.accumulate(*trainer.modules.values()):
-                    logs = trainer.train_step(b, step)
+                t0 = time.perf_counter()
+                logs = trainer.train_iteration()
                 if cuda:
                     torch.cuda.synchronize()
-                times.append(time.time() - t1)
-                batch_times.append(t1 - t0)
+                times.append(time.perf_counter() - t0)
             row.update(step_seconds=round(statistics.median(times[1:] or times), 3),
-                       batch_seconds=round(statistics.median(batch_times[1:] or batch_times), 3),
+                       first_step_seconds=round(times[0], 3),
                        peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                       finite=all(v is None or torch.isfinite(torch.tensor(float(v))) for v in logs.values()), rc=0)
+                       finite=all(bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float32)).all())
+                                  for v in logs.values() if v is not None), rc=0)
             del trainer
         except Exception as err:  # noqa: BLE001 - a failed method is a row of the report, the others still run
             row.update(rc=1, error=f"{type(err).__name__}: {err}"[:300])
@@ -214,6 +214,11 @@ def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = Fals
 
 
 def main() -> None:
+    if "--perf" in sys.argv:  # training-loop performance (benchmarks/gpu_perf.py)
+        from gpu_perf import cli
+
+        cli([a for a in sys.argv[1:] if a != "--perf"])
+        return
     out = Path(sys.argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     import torch
