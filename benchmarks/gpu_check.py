@@ -12,9 +12,9 @@ CUDA and samples from it. Each run's exit status, losses, updates/s and sample s
 ``--full-guided`` also runs ``configs/guided_digits.yaml`` end to end in fp32 (report included).
 Then a resume check (``resume_check``): Uni-Instruct in bf16 resumed from a mid-run checkpoint on CUDA.
 Last, ``sd15_step_check``: a few training iterations per method (and SIM with LoRA rank 64) on a random
-SD1.5-architecture text-to-image teacher (64x64 latents, bf16, gradient checkpointing) with the time of a whole
-iteration (``trainer.train_iteration()``: batch, update, EMA), peak memory (``torch.cuda.max_memory_allocated``)
-and ``distill estimate-memory``'s figure for the same config.
+SD1.5-architecture text-to-image teacher (64x64 latents, bf16, gradient checkpointing) with the time of a
+whole iteration (``trainer.train_iteration()``: batch, update, EMA), peak memory
+(``torch.cuda.max_memory_allocated``) and ``distill estimate-memory``'s figure for the same config.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def train(name: str, config: str, overrides: list[str], out: Path, log) -> dict:
     if hist.is_file():
         h = [r for r in json.loads(hist.read_text()) if isinstance(r, dict)]
         losses = [v for r in h for k, v in r.items() if "loss" in k and isinstance(v, (int, float))]
-        row.update(updates=h[-1].get("step") if h else 0, updates_per_s=round((h[-1].get("step") or 0) / secs, 2)
+        row.update(updates=h[-1].get("step") if h else 0,
+                   updates_per_s=round((h[-1].get("step") or 0) / secs, 2)
                    if h else None, last_loss=round(losses[-1], 5) if losses else None,
                    all_losses_finite=all(v == v and abs(v) < float("inf") for v in losses))
     if proc.returncode == 0 and (run_dir / "pipeline").is_dir():
@@ -100,16 +101,19 @@ def resume_check(out: Path, log, steps: int = 30) -> dict:
     from safetensors.torch import load_file
 
     half = steps // 2
-    ckpt = ["train.checkpoints_total_limit=null", f"train.checkpointing_steps={half}", f"train.max_steps={steps}"]
+    ckpt = ["train.checkpoints_total_limit=null", f"train.checkpointing_steps={half}",
+            f"train.max_steps={steps}"]
     full = train("resume bf16: uninterrupted", "configs/uni_instruct_digits.yaml",
                  ckpt + ["uni_instruct.ratio_warmup_steps=5"], out, log)
     src = out / "runs" / "resume_bf16:_uninterrupted"
     dst = out / "runs" / "resume_bf16:_resumed"
     shutil.rmtree(dst, ignore_errors=True)
     if (src / "checkpoints" / f"checkpoint-{half}").is_dir():
-        shutil.copytree(src / "checkpoints" / f"checkpoint-{half}", dst / "checkpoints" / f"checkpoint-{half}")
+        shutil.copytree(src / "checkpoints" / f"checkpoint-{half}",
+                        dst / "checkpoints" / f"checkpoint-{half}")
     resumed = train("resume bf16: resumed", "configs/uni_instruct_digits.yaml",
-                    ckpt + ["uni_instruct.ratio_warmup_steps=5", "train.resume_from_checkpoint=latest"], out, log)
+                    ckpt + ["uni_instruct.ratio_warmup_steps=5", "train.resume_from_checkpoint=latest"], out,
+                    log)
     row = {"run": "resume bf16 (uni_instruct, EMA + discriminator)", "rc": max(full["rc"], resumed["rc"])}
     a_dir, b_dir = src / "checkpoints" / f"checkpoint-{steps}", dst / "checkpoints" / f"checkpoint-{steps}"
     if a_dir.is_dir() and b_dir.is_dir():
@@ -125,8 +129,9 @@ def resume_check(out: Path, log, steps: int = 30) -> dict:
 
 
 def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
-    """A Stable-Diffusion-1.5-architecture pipeline with random weights (UNet2DConditionModel 860M, the SD VAE,
-    a CLIP ViT-L/14-sized text encoder, a tokenizer from a vocab written here); ``tiny``: the tests' tiny one."""
+    """A Stable-Diffusion-1.5-architecture pipeline with random weights (UNet2DConditionModel 860M, the SD
+    VAE, a CLIP ViT-L/14-sized text encoder, a tokenizer from a vocab written here); ``tiny``: the tests' tiny
+    one."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import clip_tokenizer, make_tiny_sd
 
@@ -138,26 +143,29 @@ def sd15_random_folder(folder: Path, tiny: bool = False) -> Path:
 
     tokenizer = clip_tokenizer(folder.parent / "sd15-tokenizer-src", 77)
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD1.5
+    # diffusers' defaults = SD1.5
+    unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                  layers_per_block=2, scaling_factor=0.18215)
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                                  scaling_factor=0.18215)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, scheduler=sched, safety_checker=None,
-                                      tokenizer=tokenizer,
-                                      feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, scheduler=sched,
+                                      safety_checker=None, tokenizer=tokenizer, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(folder)
     return folder
 
 
 def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = False) -> list[dict]:
-    """Training iterations per method (configs/*_sd15.yaml: bf16, gradient checkpointing) on a random SD1.5-sized
-    pipeline (64x64 latents): the median time of a whole ``trainer.train_iteration()`` after the first (the batch
-    included: prompt encoding, plus the teacher's samples for prompts-only progressive / guided / Uni-Instruct),
-    and peak CUDA memory."""
+    """Training iterations per method (configs/*_sd15.yaml: bf16, gradient checkpointing) on a random
+    SD1.5-sized pipeline (64x64 latents): the median time of a whole ``trainer.train_iteration()`` after the
+    first (the batch included: prompt encoding, plus the teacher's samples for prompts-only progressive /
+    guided / Uni-Instruct), and peak CUDA memory."""
     import gc
     import statistics
 
@@ -173,14 +181,17 @@ def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = Fals
     rows = []
     from distill.memory import estimate
 
-    runs = [("sim", []), ("sim", ["student.lora_rank=64"]), ("uni_instruct", []), ("progressive", []), ("guided", [])]
+    runs = [("sim", []), ("sim", ["student.lora_rank=64"]), ("uni_instruct", []), ("progressive", []),
+            ("guided", [])]
     for method, extra in runs:
         label = method + (" LoRA 64" if extra else "")
-        row = {"run": f"sd15 {label} ({'tiny, CPU dry run' if tiny else 'SD1.5 architecture'})", "batch": batch}
+        row = {"run": f"sd15 {label} ({'tiny, CPU dry run' if tiny else 'SD1.5 architecture'})",
+               "batch": batch}
         try:
             cfg = load_config(f"configs/{method}_sd15.yaml", COMMON + [
                 f"teacher.path={folder}", f"data.spec=prompts:{prompts}", f"train.batch_size={batch}",
-                "data.teacher_sample_steps=4", f"output_dir={out / 'runs' / ('sd15_' + label.replace(' ', '_'))}"]
+                "data.teacher_sample_steps=4",
+                f"output_dir={out / 'runs' / ('sd15_' + label.replace(' ', '_'))}"]
                 + extra + ([] if cuda else ["train.mixed_precision=no"]))
             if method != "guided":  # distill estimate-memory's figure next to the measured peak
                 row["estimate_GiB"] = round(estimate(cfg, device="cuda" if cuda else "cpu").peak / 2**30, 2)
@@ -204,7 +215,8 @@ def sd15_step_check(out: Path, batch: int = 4, steps: int = 4, tiny: bool = Fals
                        finite=all(bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float32)).all())
                                   for v in logs.values() if v is not None), rc=0)
             del trainer
-        except Exception as err:  # noqa: BLE001 - a failed method is a row of the report, the others still run
+        # noqa: BLE001 - a failed method is a row of the report, the others still run
+        except Exception as err:
             row.update(rc=1, error=f"{type(err).__name__}: {err}"[:300])
         gc.collect()
         if cuda:
@@ -231,10 +243,9 @@ def main() -> None:
     if os.environ.get("GPU_CHECK_ONLY"):  # e.g. GPU_CHECK_ONLY=guided: the runs whose name contains it
         jobs = [j for j in jobs if os.environ["GPU_CHECK_ONLY"] in j[0]]
     if os.environ.get("GPU_CHECK_DRY"):  # a seconds-long pass of the script itself on CPU
-        jobs = [(n, (c, [o for o in ov if "steps" not in o] + ["train.max_steps=2", "progressive.steps_per_round=1",
-                                                                "guided.steps_per_round=1", "guided.stage_one_steps=1",
-                                                                "progressive.start_steps=2", "guided.start_steps=2"]))
-                for n, (c, ov) in jobs]
+        dry = ["train.max_steps=2", "progressive.steps_per_round=1", "guided.steps_per_round=1",
+               "guided.stage_one_steps=1", "progressive.start_steps=2", "guided.start_steps=2"]
+        jobs = [(n, (c, [o for o in ov if "steps" not in o] + dry)) for n, (c, ov) in jobs]
     if "--full-guided" in sys.argv:
         jobs.append(("guided_digits fp32 full", ("configs/guided_digits.yaml", ["eval.enabled=true"])))
     with open(out / "gpu_check.log", "w") as log:

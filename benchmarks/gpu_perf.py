@@ -4,35 +4,37 @@
 
 On the device (a GPU machine without diffusers / torch-fidelity and without internet; wheels in ``.whl/``):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \\
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+      --target /tmp/site .whl/*.whl \\
       && export PYTHONPATH=/tmp/site:$PYTHONPATH \\
       && PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 benchmarks/gpu_check.py --perf $OUT/perf
 
-What it measures (one H100 / H200, about 6 minutes; ``--budget`` seconds, default 330, after which the remaining
-rows are skipped and marked so):
+What it measures (one H100 / H200, about 6 minutes; ``--budget`` seconds, default 330, after which the
+remaining rows are skipped and marked so):
 
 * the teacher: a random-weight ``UNet2DModel`` with google/ddpm-cifar10-32's configuration (35.7M parameters,
   epsilon prediction, linear betas) saved as a ``DDPMPipeline`` folder (seeded), and 512 random 32x32 RGB PNGs
-  standing in for CIFAR-10 (when the image folder does not load, e.g. without the ``datasets`` package, sklearn
-  digits at 32x32 and the same UNet with one input / output channel instead; the header says which);
-* trainers teacher, sim, uni_instruct (fkl, no ratio warm-up) and progressive from the shipped CIFAR-10 configs
-  (the teacher trainer: ``configs/teacher_digits.yaml`` on the images with ``student.arch=unet`` and
-  block_out_channels [128, 256, 256, 256], two layers per block: a teacher-training config cannot reproduce the
-  CIFAR UNet's block types, so its attention sits at 4x4 instead of 16x16), bf16, batch 128 and 64, eager and
-  ``train.compile=true``;
-* per row: ``trainer.train_iteration()`` (batch, the method's losses, backward, clipping, optimizer steps, EMA)
-  timed INTERLEAVED with a bare plain-torch step over the same networks (the same forward / backward passes,
-  gradient clipping and fused AdamW steps under bf16 autocast; no Accelerate, EMA or logging), each call between
-  two ``torch.cuda.synchronize()``; the median ratio of the pairs and its 10-90% range; model FLOPs of one update
-  (``torch.utils.flop_counter.FlopCounterMode`` around one eager iteration, reused by the compiled rows), the
-  achieved TFLOP/s and MFU against a measured 8192^3 bf16 matmul and against the card's datasheet dense bf16
-  peak; the trainer's peak memory (``torch.cuda.max_memory_allocated`` over its own warm-up iterations);
-* ``OneStepPipeline`` sampling at batch 256 against the bare generator forward, with a CUDA and a CPU generator
-  (goal <= 1.05x with the device generator).
+  standing in for CIFAR-10 (when the image folder does not load, e.g. without the ``datasets`` package,
+  sklearn digits at 32x32 and the same UNet with one input / output channel instead; the header says which);
+* trainers teacher, sim, uni_instruct (fkl, no ratio warm-up) and progressive from the shipped CIFAR-10
+  configs (the teacher trainer: ``configs/teacher_digits.yaml`` on the images with ``student.arch=unet`` and
+  block_out_channels [128, 256, 256, 256], two layers per block: a teacher-training config cannot reproduce
+  the CIFAR UNet's block types, so its attention sits at 4x4 instead of 16x16), bf16, batch 128 and 64, eager
+  and ``train.compile=true``;
+* per row: ``trainer.train_iteration()`` (batch, the method's losses, backward, clipping, optimizer steps,
+  EMA) timed INTERLEAVED with a bare plain-torch step over the same networks (the same forward / backward
+  passes, gradient clipping and fused AdamW steps under bf16 autocast; no Accelerate, EMA or logging), each
+  call between two ``torch.cuda.synchronize()``; the median ratio of the pairs and its 10-90% range; model
+  FLOPs of one update (``torch.utils.flop_counter.FlopCounterMode`` around one eager iteration, reused by the
+  compiled rows), the achieved TFLOP/s and MFU against a measured 8192^3 bf16 matmul and against the card's
+  datasheet dense bf16 peak; the trainer's peak memory (``torch.cuda.max_memory_allocated`` over its own
+  warm-up iterations);
+* ``OneStepPipeline`` sampling at batch 256 against the bare generator forward, with a CUDA and a CPU
+  generator (goal <= 1.05x with the device generator).
 
-Rows go to ``OUT/perf.md`` and ``OUT/perf.json`` after every row and to stdout as one JSON line each; the random
-teacher (143 MB), the images and the runs' output folders to ``--work`` (default: a temporary folder, removed at
-the end), so that OUT holds the two reports alone.
+Rows go to ``OUT/perf.md`` and ``OUT/perf.json`` after every row and to stdout as one JSON line each; the
+random teacher (143 MB), the images and the runs' output folders to ``--work`` (default: a temporary folder,
+removed at the end), so that OUT holds the two reports alone.
 ``--dry-run``: the same code path on the CPU with a tiny UNet, 16x16 images, batch 4, fp32 and 3 timed pairs.
 """
 
@@ -66,21 +68,23 @@ CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_bloc
 CIFAR_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                        clip_sample=True, variance_type="fixed_large")
 TINY_UNET = dict(CIFAR_UNET, sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                 norm_num_groups=8)
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (first match on torch.cuda.get_device_name)
-DATASHEET_BF16 = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0),
-                  ("A100", 312.0), ("L40S", 362.0), ("B200", 2250.0)]
+DATASHEET_BF16 = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                  ("H800", 989.0), ("A100", 312.0), ("L40S", 362.0), ("B200", 2250.0)]
 TRAINERS = ["teacher", "sim", "uni_instruct", "progressive"]
 CONFIGS = {"teacher": "configs/teacher_digits.yaml", "sim": "configs/sim_cifar10.yaml",
-           "uni_instruct": "configs/uni_instruct_cifar10.yaml", "progressive": "configs/progressive_cifar10.yaml"}
+           "uni_instruct": "configs/uni_instruct_cifar10.yaml",
+           "progressive": "configs/progressive_cifar10.yaml"}
 COLUMNS = [("trainer", "trainer"), ("batch", "batch"), ("mode", "mode"), ("compile_s", "compile s"),
            ("trainer_ms", "trainer ms/update"), ("bare_ms", "bare ms"), ("ratio", "ratio (median of pairs)"),
            ("ratio_range", "ratio 10-90%"), ("img_per_s", "img/s"), ("gflop", "GFLOP/update"),
-           ("tflops", "TFLOP/s"), ("mfu_measured", "MFU (measured peak)"), ("mfu_datasheet", "MFU (datasheet)"),
-           ("peak_gib", "peak GiB"), ("status", "status")]
+           ("tflops", "TFLOP/s"), ("mfu_measured", "MFU (measured peak)"),
+           ("mfu_datasheet", "MFU (datasheet)"), ("peak_gib", "peak GiB"), ("status", "status")]
 BARE = {"teacher": "1 fwd+bwd of the student",
-        "sim": "fake DSM (gen fwd no-grad, fake fwd+bwd); generator (gen fwd+bwd, fake and teacher fwd+bwd to input)",
+        "sim": "fake DSM (gen fwd no-grad, fake fwd+bwd); generator (gen fwd+bwd, fake and teacher fwd+bwd "
+               "to input)",
         "uni_instruct": "as sim, plus the fake's second forward on noised data and the discriminator head",
         "progressive": "two no-grad teacher passes + one student fwd+bwd",
         "sampling": "the generator's forward on pre-drawn input (no_grad)"}
@@ -107,7 +111,8 @@ class Plan:
 
     @classmethod
     def make(cls, dry_run: bool) -> Plan:
-        if dry_run:  # compiling on a small CPU takes minutes: the compiled row only with GPU_PERF_DRY_COMPILE=1
+        # compiling on a small CPU takes minutes: the compiled row only with GPU_PERF_DRY_COMPILE=1
+        if dry_run:
             compiled = [("sim", 4)] if os.environ.get("GPU_PERF_DRY_COMPILE") else []
             return cls(True, "cpu", TINY_UNET, 16, 16, [4], 1, 3, 3, 8, "no", compiled, [32, 64], 1)
         order = [("sim", 128), ("sim", 64)] + [(t, b) for b in (128, 64) for t in TRAINERS if t != "sim"]
@@ -128,20 +133,22 @@ def random_png_folder(folder: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def random_teacher(folder: Path, unet: dict, seed: int = 0) -> int:
-    """A ``DDPMPipeline`` folder with a random-weight ``UNet2DModel`` of configuration ``unet`` (seeded); returns
-    its number of parameters."""
+    """A ``DDPMPipeline`` folder with a random-weight ``UNet2DModel`` of configuration ``unet`` (seeded);
+    returns its number of parameters."""
     import diffusers
 
     torch.manual_seed(seed)
     net = diffusers.UNet2DModel(**unet)
-    diffusers.DDPMPipeline(unet=net, scheduler=diffusers.DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(folder)
+    diffusers.DDPMPipeline(unet=net,
+                           scheduler=diffusers.DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(folder)
     return sum(p.numel() for p in net.parameters())
 
 
 def make_inputs(work: Path, plan: Plan) -> dict:
-    """The teacher folder and the data spec. Image folders need the ``datasets`` package; when the folder does not
-    load (``datasets`` missing or broken, or ``GPU_PERF_NO_DATASETS`` set) the data is sklearn digits at the
-    teacher's resolution and the teacher takes one channel (the FLOPs differ only in its first and last layers)."""
+    """The teacher folder and the data spec. Image folders need the ``datasets`` package; when the folder does
+    not load (``datasets`` missing or broken, or ``GPU_PERF_NO_DATASETS`` set) the data is sklearn digits at
+    the teacher's resolution and the teacher takes one channel (the FLOPs differ only in its first and last
+    layers)."""
     from distill.data import load_data
 
     reason = "GPU_PERF_NO_DATASETS is set" if os.environ.get("GPU_PERF_NO_DATASETS") else None
@@ -159,8 +166,8 @@ def make_inputs(work: Path, plan: Plan) -> dict:
         data = f"{plan.images} random {plan.resolution}x{plan.resolution} RGB PNGs (an image folder)"
     else:
         spec = "sklearn:digits"
-        data = (f"sklearn:digits at {plan.resolution}x{plan.resolution}, 1 channel, in place of random RGB PNGs "
-                f"({reason}); the teacher UNet takes 1 channel")
+        data = (f"sklearn:digits at {plan.resolution}x{plan.resolution}, 1 channel, in place of random RGB "
+                f"PNGs ({reason}); the teacher UNet takes 1 channel")
     return {"teacher": str(teacher), "spec": spec, "data": data, "channels": unet["in_channels"],
             "params_m": round(params / 1e6, 2)}
 
@@ -168,16 +175,18 @@ def make_inputs(work: Path, plan: Plan) -> dict:
 def overrides(name: str, batch: int, compiled: bool, inputs: dict, work: Path, plan: Plan) -> list[str]:
     tag = f"{name}_b{batch}_{'compiled' if compiled else 'eager'}"
     common = [f"teacher.path={inputs['teacher']}", f"data.spec={inputs['spec']}",
-              f"train.mixed_precision={plan.mixed_precision}", "train.report_to=none", "train.progress_bar=false",
-              "eval.enabled=false", "train.checkpointing_steps=1000000", f"output_dir={work / 'runs' / tag}",
-              f"train.batch_size={batch}"]
+              f"train.mixed_precision={plan.mixed_precision}", "train.report_to=none",
+              "train.progress_bar=false", "eval.enabled=false", "train.checkpointing_steps=1000000",
+              f"output_dir={work / 'runs' / tag}", f"train.batch_size={batch}"]
     if compiled:
         common.append("train.compile=true")
-    if name == "teacher":  # the image data at the teacher's shape, a CIFAR-sized UNet, the CIFAR teacher's schedule
-        common += [f"data.resolution={plan.resolution}", f"data.channels={inputs['channels']}", "student.arch=unet",
-                   f"student.block_out_channels={plan.teacher_channels}", f"student.layers_per_block={plan.teacher_layers}",
-                   "student.attention=true", "teacher_train.beta_schedule=linear",
-                   "teacher_train.prediction_type=epsilon", "optim.lr_warmup_steps=0"]
+    # the image data at the teacher's shape, a CIFAR-sized UNet, the CIFAR teacher's schedule
+    if name == "teacher":
+        common += [f"data.resolution={plan.resolution}", f"data.channels={inputs['channels']}",
+                   "student.arch=unet", f"student.block_out_channels={plan.teacher_channels}",
+                   f"student.layers_per_block={plan.teacher_layers}", "student.attention=true",
+                   "teacher_train.beta_schedule=linear", "teacher_train.prediction_type=epsilon",
+                   "optim.lr_warmup_steps=0"]
     if name == "uni_instruct":
         common.append("uni_instruct.ratio_warmup_steps=0")
     if name == "progressive":  # the config's 1024 exceeds the 1000-entry table of the DDPM CIFAR-10 teacher
@@ -231,12 +240,12 @@ def datasheet_peak() -> tuple[str, float | None]:
     return name, next((v for k, v in DATASHEET_BF16 if k in name), None)
 
 
-# ---------------------------------------------------------------------- bare steps (plain torch, same networks)
+# ------------------------------------------------------------- bare steps (plain torch, same networks)
 class Bare:
     """The network passes of one update in plain torch on the trainer's own networks: bf16 autocast, gradient
-    clipping, fused AdamW (on CUDA), device-side random draws; no Accelerate, no EMA, no logging. Timesteps are
-    passed as the trainers pass them (float training indices; integer ones for the teacher trainer), so compiled
-    networks reuse the trainer's graphs where they can."""
+    clipping, fused AdamW (on CUDA), device-side random draws; no Accelerate, no EMA, no logging. Timesteps
+    are passed as the trainers pass them (float training indices; integer ones for the teacher trainer), so
+    compiled networks reuse the trainer's graphs where they can."""
 
     def __init__(self, name: str, trainer, plan: Plan):
         from distill.data import as_tensor
@@ -358,10 +367,12 @@ class Bare:
         self._one_step_parts(trainer, trainer.config.uni_instruct)
         disc = trainer.unwrap("disc")
         feats = {}
-        self.hooks.append(self.fake.mid_block.register_forward_hook(lambda _m, _i, o: feats.__setitem__("f", o)))
+        self.hooks.append(self.fake.mid_block.register_forward_hook(
+            lambda _m, _i, o: feats.__setitem__("f", o)))
         params = list(self.fake.parameters()) + list(disc.parameters())
         o = trainer.config.optim
-        opt_f = torch.optim.AdamW(params, lr=1e-7, betas=tuple(o.betas), eps=o.eps, fused=self.dev.type == "cuda")
+        opt_f = torch.optim.AdamW(params, lr=1e-7, betas=tuple(o.betas), eps=o.eps,
+                                  fused=self.dev.type == "cuda")
         bce = torch.nn.functional.binary_cross_entropy_with_logits
 
         def run():
@@ -371,7 +382,8 @@ class Bare:
                 logit_fake = disc(feats.pop("f")).float()
                 self.fake(a * self.batch() + s * torch.randn(self.shape, device=self.dev), k.float())
                 logit_real = disc(feats.pop("f")).float()
-            loss_f = loss_f + bce(logit_real, torch.ones_like(logit_real)) + bce(logit_fake, torch.zeros_like(logit_fake))
+            loss_f = (loss_f + bce(logit_real, torch.ones_like(logit_real))
+                      + bce(logit_fake, torch.zeros_like(logit_fake)))
             loss_f.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt_f.step()
@@ -385,7 +397,8 @@ class Bare:
             c = (a / (s * s)).flatten()
             dk = (d * kk).mean(1)
             kappa = 2 * r * dk  # forward KL, full sampling: h = r, h' = 1, h'' = 0
-            loss_g = (r * dk + (c / 2) * kappa.detach() * (d.detach() * xt.flatten(1)).sum(1)).mean() / r.mean()
+            loss_g = (r * dk
+                      + (c / 2) * kappa.detach() * (d.detach() * xt.flatten(1)).sum(1)).mean() / r.mean()
             self.update(self.gen, self.opt_g, loss_g)
             self.fake.requires_grad_(True)
             disc.requires_grad_(True)
@@ -427,9 +440,11 @@ class Report:
         (self.out / "perf.json").write_text(json.dumps({"header": self.head, "rows": self.rows}, indent=1))
         lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in self.rows]
-        notes = [f"- {r['trainer']} b{r['batch']} {r['mode']}: {r['note']}" for r in self.rows if r.get("note")]
-        (self.out / "perf.md").write_text(self.head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n"
-                                                                                  if notes else ""))
+        notes = [f"- {r['trainer']} b{r['batch']} {r['mode']}: {r['note']}" for r in self.rows
+                 if r.get("note")]
+        (self.out / "perf.md").write_text(self.head + "\n".join(lines) + "\n"
+                                          + ("\n" + "\n".join(notes) + "\n"
+                                              if notes else ""))
 
 
 def fmt(v) -> str:
@@ -440,7 +455,8 @@ def fmt(v) -> str:
     return str(v)
 
 
-def finish_row(row: dict, t_trainer: list[float], t_bare: list[float], flops: float | None, peaks: dict) -> dict:
+def finish_row(row: dict, t_trainer: list[float], t_bare: list[float], flops: float | None,
+               peaks: dict) -> dict:
     med_t, med_b = statistics.median(t_trainer), statistics.median(t_bare)
     lo, mid, hi = quantiles([a / b for a, b in zip(t_trainer, t_bare)])
     row.update(trainer_ms=round(med_t * 1e3, 3), bare_ms=round(med_b * 1e3, 3), ratio=round(mid, 4),
@@ -492,11 +508,13 @@ def trainer_row(name: str, batch: int, compiled: bool, inputs: dict, work: Path,
         t0 = time.perf_counter()
         trainer.setup()
         row["setup_s"] = round(time.perf_counter() - t0, 2)
-        bare = Bare(name, trainer, plan)  # hooks and optimizers before the first update: no recompilation later
+        # hooks and optimizers before the first update: no recompilation later
+        bare = Bare(name, trainer, plan)
         if plan.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm = [timed(trainer.train_iteration, plan) for _ in range(plan.warmup)]
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if plan.device == "cuda" else None
+        row["peak_gib"] = (round(torch.cuda.max_memory_allocated() / 2**30, 3) if plan.device == "cuda"
+                           else None)
         if compiled:
             row.update(dynamo_stats())
         if not compiled:
@@ -520,7 +538,8 @@ def trainer_row(name: str, batch: int, compiled: bool, inputs: dict, work: Path,
 
 
 def sampling_rows(inputs: dict, plan: Plan, peaks: dict, deadline: float) -> list[dict]:
-    """OneStepPipeline at batch ``plan.sample_batch`` vs the bare generator forward, device and CPU generator."""
+    """OneStepPipeline at batch ``plan.sample_batch`` vs the bare generator forward, device and CPU
+    generator."""
     import diffusers
 
     from distill import OneStepPipeline
@@ -528,7 +547,8 @@ def sampling_rows(inputs: dict, plan: Plan, peaks: dict, deadline: float) -> lis
     folder = Path(inputs["teacher"])
     dtype = torch.bfloat16 if plan.mixed_precision == "bf16" else torch.float32
     net = diffusers.UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype).to(plan.device).eval()
-    pipe = OneStepPipeline(net, diffusers.DDPMScheduler.from_pretrained(folder / "scheduler"), generator_timestep=625)
+    pipe = OneStepPipeline(net, diffusers.DDPMScheduler.from_pretrained(folder / "scheduler"),
+                           generator_timestep=625)
     pipe.set_progress_bar_config(disable=True)
     b = plan.sample_batch
     x = torch.randn(b, *pipe.config.sample_shape, device=plan.device, dtype=dtype)
@@ -542,7 +562,8 @@ def sampling_rows(inputs: dict, plan: Plan, peaks: dict, deadline: float) -> lis
     rows = []
     for label, gen in (("cuda" if plan.device == "cuda" else "device", torch.Generator(device=plan.device)),
                        ("CPU", torch.Generator())):
-        row = {"trainer": f"OneStepPipeline ({label} generator)", "batch": b, "mode": "eager", "compile_s": None}
+        row = {"trainer": f"OneStepPipeline ({label} generator)", "batch": b, "mode": "eager",
+               "compile_s": None}
         gen.manual_seed(0)
 
         def call(gen=gen):
@@ -554,7 +575,8 @@ def sampling_rows(inputs: dict, plan: Plan, peaks: dict, deadline: float) -> lis
             timed(call, plan), timed(bare, plan)
         t_pipe, t_bare = interleave(call, bare, plan, deadline)
         finish_row(row, t_pipe, t_bare, flops, peaks)
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if plan.device == "cuda" else None
+        row["peak_gib"] = (round(torch.cuda.max_memory_allocated() / 2**30, 3) if plan.device == "cuda"
+                           else None)
         row["status"] = "ok" + (" (goal <= 1.05)" if label != "CPU" else "")
         rows.append(row)
     return rows
@@ -564,8 +586,8 @@ OLD_SRC = ROOT / ".gpu_baseline"  # the package before the GPU-loop change: `git
 
 
 def old_loop_rows(report, inputs: dict, work: Path, plan: Plan, deadline: float) -> None:
-    """SIM's update with the loop of the commit before the GPU-loop change (``.gpu_baseline/distill``, run in a
-    subprocess by ``gpu_perf_old_loop.py``), at each batch size: "today's eager" measured in this run."""
+    """SIM's update with the loop of the commit before the GPU-loop change (``.gpu_baseline/distill``, run in
+    a subprocess by ``gpu_perf_old_loop.py``), at each batch size: "today's eager" measured in this run."""
     import subprocess
 
     if not (OLD_SRC / "distill").is_dir() or "sim" not in TRAINERS:
@@ -591,7 +613,8 @@ def old_loop_rows(report, inputs: dict, work: Path, plan: Plan, deadline: float)
 
 
 def speedups(report) -> None:
-    """Compiled and eager SIM img/s against the loop before the change, per batch size (goal: compiled >= 1.5x)."""
+    """Compiled and eager SIM img/s against the loop before the change, per batch size (goal: compiled
+    >= 1.5x)."""
     by = {(r.get("trainer"), r.get("batch"), r.get("mode")): r for r in report.rows}
     for (name, b, mode), r in list(by.items()):
         old = by.get(("sim (loop before the change)", b, "eager"))
@@ -609,9 +632,9 @@ def free(plan: Plan) -> None:
 
 # ---------------------------------------------------------------------- main
 def main(out: Path, dry_run: bool, budget: float = 330.0, work: Path | None = None) -> list[dict]:
-    """Measure, writing ``out/perf.md`` and ``out/perf.json``; the teacher folder, the images and the runs' output
-    folders go to ``work`` (default: a temporary folder, removed at the end; it holds a 143 MB teacher, which the
-    device machine's ``$OUT`` should not)."""
+    """Measure, writing ``out/perf.md`` and ``out/perf.json``; the teacher folder, the images and the runs'
+    output folders go to ``work`` (default: a temporary folder, removed at the end; it holds a 143 MB teacher,
+    which the device machine's ``$OUT`` should not)."""
     start = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -644,38 +667,39 @@ def main(out: Path, dry_run: bool, budget: float = 330.0, work: Path | None = No
     measured = matmul_peak(plan)
     free(plan)
     peaks = {"measured": measured, "datasheet": datasheet}
-    print(f"gpu_perf: {card}; measured bf16 matmul peak {fmt(measured)} TFLOP/s, datasheet {fmt(datasheet)} TFLOP/s; "
-          f"data: {inputs['data']}", flush=True)
-    head = (f"# Training-loop performance{' (CPU dry run)' if dry_run else ''}\n\n"
-            f"{card}; torch {torch.__version__}, CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; "
-            f"measured bf16 matmul peak (8192^3): {fmt(measured)} TFLOP/s; datasheet dense bf16 peak: "
-            f"{fmt(datasheet)} TFLOP/s.\n\n"
-            f"- teacher: random-weight UNet2DModel with google/ddpm-cifar10-32's config ({inputs['params_m']}M "
+    print(f"gpu_perf: {card}; measured bf16 matmul peak {fmt(measured)} TFLOP/s, datasheet {fmt(datasheet)} "
+          f"TFLOP/s; data: {inputs['data']}", flush=True)
+    head = (f"# Training-loop performance{' (CPU dry run)' if dry_run else ''}\n\n{card}; torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; measured "
+            f"bf16 matmul peak (8192^3): {fmt(measured)} TFLOP/s; datasheet dense bf16 peak: "
+            f"{fmt(datasheet)} TFLOP/s.\n\n- teacher: random-weight UNet2DModel with "
+            f"google/ddpm-cifar10-32's config ({inputs['params_m']}M "
             f"parameters){' (tiny variant for the dry run)' if dry_run else ''}; data: {inputs['data']}; "
-            f"precision: {plan.mixed_precision}.\n"
-            f"- trainer `teacher`: configs/teacher_digits.yaml with student.arch=unet, block_out_channels "
-            f"{plan.teacher_channels}, layers_per_block {plan.teacher_layers} (a teacher-training config cannot "
-            "rebuild the CIFAR UNet's block types: attention at the lowest resolution, 8 norm groups); the others: "
+            f"precision: {plan.mixed_precision}.\n- trainer `teacher`: configs/teacher_digits.yaml with "
+            f"student.arch=unet, block_out_channels {plan.teacher_channels}, layers_per_block "
+            f"{plan.teacher_layers} (a teacher-training config cannot rebuild the CIFAR UNet's block types: "
+            "attention at the lowest resolution, 8 norm groups); the others: "
             "configs/{sim,uni_instruct,progressive}_cifar10.yaml (uni_instruct.ratio_warmup_steps=0; "
-            "progressive.start_steps=512: the config's 1024 exceeds the teacher's 1000-entry table, which the "
-            "trainer refuses; an iteration costs the same at any round).\n"
-            "- trainer ms/update: `trainer.train_iteration()` (batch, losses, backward, clipping, optimizer steps, "
-            "EMA); bare ms: the same network passes in plain torch (bf16 autocast, clipping, fused AdamW; no "
-            "Accelerate / EMA / logging), timed interleaved with it, each call between two device synchronisations. "
-            f"{plan.pairs} pairs after {plan.warmup} warm-up iteration(s); ratio = trainer / bare per pair.\n"
-            "- bare passes: " + "; ".join(f"{k}: {v}" for k, v in BARE.items()) + ".\n"
-            "- GFLOP/update: FlopCounterMode around one eager iteration (compiled rows reuse it); MFU = achieved "
-            "TFLOP/s / peak. compile s: the warm-up iterations' time beyond steady state. peak GiB: "
-            "max_memory_allocated over the trainer's warm-up iterations (sampling: over the timed calls).\n"
-            f"- sampling rows: trainer ms = one `OneStepPipeline` call at batch {plan.sample_batch} (output_type='pt', "
-            "the images copied to the host), bare ms = the generator's forward alone; the goal is <= 1.05 with the "
-            "device generator.\n"
-            f"- rows are skipped once {budget:.0f} s have passed since the start (or when the last row of the same "
-            "kind would not fit).\n\n")
+            "progressive.start_steps=512: the config's 1024 exceeds the teacher's 1000-entry table, which "
+            "the trainer refuses; an iteration costs the same at any round).\n- trainer ms/update: "
+            "`trainer.train_iteration()` (batch, losses, backward, clipping, optimizer steps, EMA); bare "
+            "ms: the same network passes in plain torch (bf16 autocast, clipping, fused AdamW; no "
+            "Accelerate / EMA / logging), timed interleaved with it, each call between two device "
+            f"synchronisations. {plan.pairs} pairs after {plan.warmup} warm-up iteration(s); ratio = trainer "
+            "/ bare per pair.\n- bare passes: "
+            + "; ".join(f"{k}: {v}" for k, v in BARE.items()) + ".\n- GFLOP/update: FlopCounterMode around "
+            "one eager iteration (compiled rows reuse it); MFU = achieved TFLOP/s / peak. compile s: the "
+            "warm-up iterations' time beyond steady state. peak GiB: max_memory_allocated over the "
+            "trainer's warm-up iterations (sampling: over the timed calls).\n- sampling rows: trainer ms = "
+            f"one `OneStepPipeline` call at batch {plan.sample_batch} (output_type='pt', the images copied "
+            "to the host), bare ms = the generator's forward alone; the goal is <= 1.05 with the device "
+            f"generator.\n- rows are skipped once {budget:.0f} s have passed since the start (or when the "
+            "last row of the same kind would not fit).\n\n")
     report = Report(out, head)
     deadline = start + budget
 
-    last: dict = {}  # kind -> seconds of its last row (a row that would end well past the deadline is skipped)
+    # kind -> seconds of its last row (a row that would end well past the deadline is skipped)
+    last: dict = {}
 
     def section(jobs):
         for kind, name, batch in jobs:
@@ -691,8 +715,8 @@ def main(out: Path, dry_run: bool, budget: float = 330.0, work: Path | None = No
                 free(plan)
             else:
                 try:
-                    rows = [trainer_row(name, batch, kind == "compiled", inputs, work, plan, peaks, flops_cache,
-                                        deadline)]
+                    rows = [trainer_row(name, batch, kind == "compiled", inputs, work, plan, peaks,
+                                        flops_cache, deadline)]
                 except Exception as err:  # noqa: BLE001
                     rows = [{"trainer": name, "batch": batch, "mode": kind, "status": "error",
                              "note": f"{type(err).__name__}: {err}"[:400]}]
@@ -711,7 +735,8 @@ def main(out: Path, dry_run: bool, budget: float = 330.0, work: Path | None = No
         section([("sampling", "OneStepPipeline", plan.sample_batch)])
     section([("compiled", t, b) for t, b in plan.compiled if t in only and b in plan.batches])
     speedups(report)
-    print(f"gpu_perf: {len(report.rows)} rows in {time.perf_counter() - start:.1f} s -> {out / 'perf.md'}", flush=True)
+    print(f"gpu_perf: {len(report.rows)} rows in {time.perf_counter() - start:.1f} s -> {out / 'perf.md'}",
+          flush=True)
     return report.rows
 
 
@@ -719,7 +744,8 @@ def cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="gpu_check.py --perf", description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--dry-run", action="store_true", help="CPU pass with a tiny UNet (seconds)")
-    p.add_argument("--budget", type=float, default=330.0, help="seconds; later rows are skipped (default 330)")
+    p.add_argument("--budget", type=float, default=330.0,
+                   help="seconds; later rows are skipped (default 330)")
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the random teacher, the images and the runs (default: a temporary one)")
     args = p.parse_args(argv)

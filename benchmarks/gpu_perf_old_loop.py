@@ -33,7 +33,8 @@ cuda = torch.cuda.is_available()
 
 
 def old_iteration():
-    """The loop body of distill before the GPU-loop change (its DistillationTrainer._loop, minus checkpoints)."""
+    """The loop body of distill before the GPU-loop change (its DistillationTrainer._loop, minus
+    checkpoints)."""
     step = trainer.step
     trainer._set_lr(step)
     trainer._nonfinite = set()

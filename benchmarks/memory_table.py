@@ -40,7 +40,8 @@ def config_folder(root: Path, unet: str, encoders) -> Path:
 
 
 def main() -> None:
-    rows = ["| teacher | px | full, checkpointing | full | LoRA 64, checkpointing | LoRA 64 |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| teacher | px | full, checkpointing | full | LoRA 64, checkpointing | LoRA 64 |",
+            "|---|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, (unet, encoders) in MODELS.items():
             folder = config_folder(Path(tmp), unet, encoders)

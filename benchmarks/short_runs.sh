@@ -16,3 +16,9 @@ run sim_digits configs/sim_digits.yaml train.max_steps=6 train.batch_size=8
 run ui_digits configs/uni_instruct_digits.yaml train.max_steps=6 train.batch_size=8
 run prog_digits configs/progressive_digits.yaml progressive.start_steps=4 progressive.steps_per_round=2 train.batch_size=8
 run teacher_cond configs/teacher_digits_cond.yaml train.max_steps=6 train.batch_size=8
+run msd_g8 configs/msd_gaussians8.yaml train.max_steps=10 msd.tsm_steps=5 train.batch_size=64
+run msd_digits configs/msd_digits.yaml train.max_steps=4 train.batch_size=8
+run mar_digits configs/mar_digits.yaml train.max_steps=6 train.batch_size=8 mar.depth=1 mar.width=32 mar.head_width=32
+# a hybrid export: the builtin conditional teacher's first step, then the progressive digits student
+(cd $SRC && PYTHONPATH=$SRC HF_HUB_OFFLINE=1 python -m distill train configs/progressive_digits.yaml progressive.start_steps=4 progressive.steps_per_round=2 train.batch_size=8 teacher.path=builtin:digits-cond $F output_dir=$OUT/prog_cond > $OUT/prog_cond.log 2>&1 && PYTHONPATH=$SRC HF_HUB_OFFLINE=1 python -m distill hybrid distill/assets/digits_teacher_cond $OUT/prog_cond/pipeline --num-base-steps 1 --out $OUT/hybrid > $OUT/hybrid.log 2>&1) || echo "FAIL hybrid"
+

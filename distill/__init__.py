@@ -15,7 +15,7 @@ from .pipelines import (
            TextToImagePipeline,
 )
 
-__all__ = ["Condition", "FewStepPipeline", "HybridPipeline", "GaussianMixtureTeacher", "MaskedAutoregressiveModel",
-           "MaskedAutoregressivePipeline", "MLPDenoiser",
-           "MultiStudentPipeline", "NoiseSchedule", "OneStepPipeline", "StudentBank", "TextToImagePipeline",
-           "export_pipeline", "load_pipeline", "__version__"]
+__all__ = ["Condition", "FewStepPipeline", "HybridPipeline", "GaussianMixtureTeacher",
+           "MaskedAutoregressiveModel", "MaskedAutoregressivePipeline", "MLPDenoiser", "MultiStudentPipeline",
+           "NoiseSchedule", "OneStepPipeline", "StudentBank", "TextToImagePipeline", "export_pipeline",
+           "load_pipeline", "__version__"]

@@ -104,7 +104,8 @@ def save_checkpoint(root: Path, step: int, models: dict, optimizers: dict, emas:
 def load_checkpoint(folder: Path, models: dict, optimizers: dict, emas: dict) -> dict:
     folder = Path(folder)
     if not (folder / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a complete distill checkpoint (no trainer_state.json).")
+        raise FileNotFoundError(f"{str(folder)!r} is not a complete distill checkpoint (no "
+                                "trainer_state.json).")
     for name, model in models.items():
         model.load_state_dict(load_file(str(folder / f"model_{name}.safetensors")))
     for name, opt in optimizers.items():

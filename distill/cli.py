@@ -18,7 +18,8 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def _config_path(path: str) -> str:
     p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (REPO_CONFIGS / p.name).is_file() and p.parent == Path("configs"):
+    if (not p.is_file() and not p.is_absolute() and (REPO_CONFIGS / p.name).is_file()
+            and p.parent == Path("configs")):
         return str(REPO_CONFIGS / p.name)
     return path
 
@@ -64,10 +65,12 @@ def headline(report: dict, output_dir: str) -> str:
         group = [r for r in rows if r.get("guidance_scale") == gs]
         tag = "" if gs is None else f" (guidance_scale {gs:g})"
         student = next((r for r in group if r["model"].split("-s")[0] == "student"), None)
-        teacher = sorted((r for r in group if r["model"].split("-s")[0] == "teacher"), key=lambda r: r["steps"])
+        teacher = sorted((r for r in group if r["model"].split("-s")[0] == "teacher"),
+                         key=lambda r: r["steps"])
         if student:
-            lines.append(f"student FID{tag} ({report['feature_extractor']} extractor, {student['num_samples']} "
-                         f"samples): {student['fid']:.3g} at {student['steps']} step")
+            lines.append(f"student FID{tag} ({report['feature_extractor']} extractor, "
+                         f"{student['num_samples']} samples): {student['fid']:.3g} at "
+                         f"{student['steps']} step")
         if teacher:
             lines.append(f"teacher FID{tag}: " + ", ".join(f"{r['fid']:.3g} @ {r['steps']}" for r in teacher))
             best = teacher[-1]
@@ -79,7 +82,8 @@ def headline(report: dict, output_dir: str) -> str:
 
 
 def _call(pipe, **kwargs):
-    """A pipeline call whose argument checks (ValueError, the diffusers convention) become a one-line error."""
+    """A pipeline call whose argument checks (ValueError, the diffusers convention) become a one-line
+    error."""
     try:
         return pipe(**kwargs)
     except ValueError as err:
@@ -108,27 +112,30 @@ def cmd_sample(args) -> int:
         import inspect
 
         if "guidance_scale" not in inspect.signature(pipe.__call__).parameters:
-            raise ConfigError(f"--guidance-scale {args.guidance_scale}: a {type(pipe).__name__} takes no guidance scale "
-                              "(an unconditional or one-step model); drop --guidance-scale.")
+            raise ConfigError(f"--guidance-scale {args.guidance_scale}: a {type(pipe).__name__} takes no "
+                              "guidance scale (an unconditional or one-step model); drop --guidance-scale.")
         kwargs["guidance_scale"] = args.guidance_scale
     gen = torch.Generator().manual_seed(args.seed)
     if args.num_base_steps is not None or args.trajectory:
         if type(pipe).__name__ != "HybridPipeline":
-            print(f"distill: error: --trajectory / --num-base-steps need a hybrid pipeline folder (made by `distill "
-                  f"hybrid BASE STUDENT --out DIR`); {args.pipeline} holds a {type(pipe).__name__}.", file=sys.stderr)
+            print("distill: error: --trajectory / --num-base-steps need a hybrid pipeline folder (made by "
+                  f"`distill hybrid BASE STUDENT --out DIR`); {args.pipeline} holds a {type(pipe).__name__}.",
+                  file=sys.stderr)
             return 2
         if args.num_base_steps is not None:
             kwargs["num_base_steps"] = args.num_base_steps
     if args.trajectory:
-        traj = _call(pipe, batch_size=args.num_images, generator=gen, output_type="pt", return_trajectory=True,
-                     **kwargs).trajectory
+        traj = _call(pipe, batch_size=args.num_images, generator=gen, output_type="pt",
+                     return_trajectory=True, **kwargs).trajectory
         x = torch.stack(traj, 1)  # (samples, steps, C, H, W): one row per sample
         out = save_grid(x.flatten(0, 1), args.out, nrow=len(traj))
         print(f"Wrote the {len(traj)}-step trajectories of {args.num_images} samples to {out}")
         return 0
-    if getattr(pipe, "text_encoder", None) is not None:  # text-to-image: the prompts, repeated to fill the grid
+    # text-to-image: the prompts, repeated to fill the grid
+    if getattr(pipe, "text_encoder", None) is not None:
         if not args.prompt:
-            print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).", file=sys.stderr)
+            print("distill: error: this is a text-to-image pipeline: pass --prompt TEXT (repeatable).",
+                  file=sys.stderr)
             return 2
         prompts = (args.prompt * args.num_images)[: args.num_images]
         x = _call(pipe, prompt=prompts, generator=gen, output_type="pt", **kwargs).images
@@ -149,14 +156,15 @@ def cmd_hybrid(args) -> int:
     try:
         hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=args.num_base_steps,
                                                num_base_substeps=args.num_base_substeps)
-        hybrid.schedule(args.num_base_steps)  # a step count the student's grid cannot take fails here, not at sampling
+        # a step count the student's grid cannot take fails here, not at sampling
+        hybrid.schedule(args.num_base_steps)
     except ValueError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
-    path = export_pipeline(hybrid, args.out, {"title": "distill hybrid base/student sampler", "method": "hybrid",
-                                              "base": args.base, "student": args.student,
-                                              "num_base_steps": args.num_base_steps,
-                                              "num_base_substeps": args.num_base_substeps})
+    path = export_pipeline(hybrid, args.out,
+                           {"title": "distill hybrid base/student sampler", "method": "hybrid",
+                            "base": args.base, "student": args.student, "num_base_steps": args.num_base_steps,
+                            "num_base_substeps": args.num_base_substeps})
     print(f"Hybrid pipeline ({args.num_base_steps} base step(s), then the student) written to {path}")
     return 0
 
@@ -174,7 +182,8 @@ def cmd_estimate_memory(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     est = estimate(cfg, device=args.device)
-    print(estimate_json(est) if args.json else f"{cfg.method} with {cfg.teacher.path} ({args.device}):\n{est.table()}")
+    print(estimate_json(est) if args.json
+          else f"{cfg.method} with {cfg.teacher.path} ({args.device}):\n{est.table()}")
     return 0
 
 
@@ -193,8 +202,9 @@ def cmd_launch(args) -> int:
     at = next((i for i, a in enumerate(rest) if a.endswith((".yaml", ".yml")) and not a.startswith("-")
                and not (i and rest[i - 1] in file_options)), None)
     if at is None:
-        raise ConfigError("distill launch needs a config: distill launch [accelerate launch options] CONFIG.yaml "
-                          "[key=value ...], e.g. distill launch --multi_gpu --num_processes 8 configs/sim_cifar10.yaml")
+        raise ConfigError("distill launch needs a config: distill launch [accelerate launch options] "
+                          "CONFIG.yaml [key=value ...], e.g. distill launch --multi_gpu --num_processes 8 "
+                          "configs/sim_cifar10.yaml")
     accel, train_args = rest[:at], [_config_path(rest[at]), *rest[at + 1:]]
     from .config import load_config
 
@@ -213,8 +223,8 @@ def cmd_launch(args) -> int:
         if not failures:
             raise
         first = failures[min(failures)]
-        print(f"distill: process {first.local_rank} failed with exit code {first.exitcode} (its message is above).",
-              file=sys.stderr)
+        print(f"distill: process {first.local_rank} failed with exit code {first.exitcode} (its message is "
+              "above).", file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 1
     return 0
 
@@ -255,53 +265,63 @@ def build_parser() -> argparse.ArgumentParser:
     def train_like(name, help_text):
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("config", help="YAML config (see configs/)")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 optim.lr=1e-4")
+        sp.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. train.max_steps=200 optim.lr=1e-4")
         sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-        sp.add_argument("--overwrite", action="store_true", help="replace another run found in output_dir (without "
-                        "it such a folder is refused; the same config continues its run)")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace another run found in output_dir (without it such a folder is refused; "
+                        "the same config continues its run)")
         return sp
 
-    train_like("train", "Train (distil) with a config; run under `accelerate launch -m distill train` to scale.")
+    train_like("train",
+               "Train (distil) with a config; run under `accelerate launch -m distill train` to scale.")
     train_like("teacher", "Train a teacher by denoising score matching (method=teacher).")
-    la = sub.add_parser("launch", add_help=False, help="accelerate launch -m distill train, with one-line errors: "
-                        "distill launch [ACCELERATE LAUNCH OPTIONS] CONFIG [key=value ...] [--overwrite]")
+    la = sub.add_parser("launch", add_help=False,
+                        help="accelerate launch -m distill train, with one-line errors: distill launch "
+                        "[ACCELERATE LAUNCH OPTIONS] CONFIG [key=value ...] [--overwrite]")
     la.add_argument("rest", nargs=argparse.REMAINDER)
     q = sub.add_parser("quickstart", help="The main job: configs/quickstart.yaml (digits teacher -> one-step "
                        "student -> FID report).")
     q.add_argument("overrides", nargs="*", help="dotted overrides")
     q.add_argument("--dry-run", action="store_true")
-    q.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run with other settings")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier quickstart run with other settings")
 
     s = sub.add_parser("sample", help="Sample a grid from a pipeline folder.")
     s.add_argument("pipeline", help="pipeline folder (or Hub id)")
     s.add_argument("--num-images", type=_positive_int, default=64)
     s.add_argument("--out", required=True, help="PNG file to write")
-    s.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps (few-step pipelines)")
+    s.add_argument("--steps", type=_positive_int, default=None,
+                   help="num_inference_steps (few-step pipelines)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
     s.add_argument("--trajectory", action="store_true", help="hybrid pipelines: a grid of every step's clean "
                    "prediction (rows = samples, columns = steps)")
     s.add_argument("--num-base-steps", type=int, default=None, help="hybrid pipelines: base-model steps")
-    s.add_argument("--prompt", action="append", default=None, help="text-to-image pipelines: a prompt (repeat the "
-                   "option for several; they are cycled to fill the grid)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image pipelines: a prompt (repeat the option for several; they are cycled "
+                   "to fill the grid)")
 
-    h = sub.add_parser("hybrid", help="Combine a base (teacher) pipeline and a distilled student into a hybrid "
+    h = sub.add_parser("hybrid",
+                       help="Combine a base (teacher) pipeline and a distilled student into a hybrid "
                        "sampler: the base takes the first steps (Gandikota & Bau 2025).")
     h.add_argument("base", help="the base pipeline folder (a teacher: DDPMPipeline or FewStepPipeline)")
     h.add_argument("student", help="the distilled student's pipeline folder")
     h.add_argument("--num-base-steps", type=int, default=1)
-    h.add_argument("--num-base-substeps", type=int, default=1, help="DDIM steps of the base within each of its "
-                   "grid intervals (1: the paper's setting)")
+    h.add_argument("--num-base-substeps", type=int, default=1,
+                   help="DDIM steps of the base within each of its grid intervals (1: the paper's setting)")
     h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
-    m = sub.add_parser("estimate-memory", help="Memory of one training step of a config: parameters, optimizer "
-                       "state, EMA and saved activations per network (GiB); nothing is trained or downloaded but "
-                       "the teacher's config files.")
+    m = sub.add_parser("estimate-memory",
+                       help="Memory of one training step of a config: parameters, optimizer state, EMA and "
+                       "saved activations per network (GiB); nothing is trained or downloaded but the "
+                       "teacher's config files.")
     m.add_argument("config", help="YAML config (see configs/)")
-    m.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.lora_rank=64 train.batch_size=4")
-    m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda adds the fused AdamW step's "
-                   "temporary (default: cuda)")
+    m.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. student.lora_rank=64 train.batch_size=4")
+    m.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda adds the fused AdamW step's temporary (default: cuda)")
     m.add_argument("--json", action="store_true", help="print JSON (bytes) instead of the table")
 
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
@@ -311,26 +331,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=_step_counts, default=None, help="comma-separated step counts, e.g. 1,2,4")
     f.add_argument("--compare", default=None, help="a teacher pipeline folder to evaluate at the same steps")
     f.add_argument("--guidance-scales", default=None,
-                   help="comma-separated guidance scales (diffusers convention, 1 = none) for guidance-conditioned "
-                        "students and class-conditional pipelines (classifier-free guidance)")
+                   help="comma-separated guidance scales (diffusers convention, 1 = none) for "
+                        "guidance-conditioned students and class-conditional pipelines (classifier-free "
+                        "guidance)")
     f.add_argument("--feature-extractor", default="digits", choices=["digits", "inception-v3-compat"])
     f.add_argument("--feature-extractor-weights", default=None)
     f.add_argument("--metrics", default="fid,kid,prc")
     f.add_argument("--batch-size", type=int, default=250)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--resolution", type=int, default=None, help="reference resolution (default: the source's)")
-    f.add_argument("--prompts", default=None, help="text-to-image pipelines: a prompt file (.txt one per line, "
-                   ".csv / .jsonl with a prompt, caption or text column); sample i uses prompt i mod n")
-    f.add_argument("--diversity", action="store_true", help="also report sample diversity per condition (mean "
-                   "pairwise cosine distance and Vendi score of the extractor's features)")
+    f.add_argument("--resolution", type=int, default=None,
+                   help="reference resolution (default: the source's)")
+    f.add_argument("--prompts", default=None,
+                   help="text-to-image pipelines: a prompt file (.txt one per line, .csv / .jsonl with a "
+                   "prompt, caption or text column); sample i uses prompt i mod n")
+    f.add_argument("--diversity", action="store_true",
+                   help="also report sample diversity per condition (mean pairwise cosine distance and "
+                   "Vendi score of the extractor's features)")
     f.add_argument("--clip-model", default=None, help="a local CLIP model folder: also report the CLIP score "
                    "(nothing is downloaded)")
     f.add_argument("--out", required=True, help="report folder")
     return p
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "teacher": lambda a: cmd_train(a, force_method="teacher"),
-            "quickstart": cmd_quickstart, "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid,
+COMMANDS = {"train": cmd_train, "launch": cmd_launch,
+            "teacher": lambda a: cmd_train(a, force_method="teacher"), "quickstart": cmd_quickstart,
+            "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid,
             "estimate-memory": cmd_estimate_memory}
 # what a user's input causes (a bad value, a missing or damaged file, no network): one line, exit 2. Anything
 # else is a bug in distill and keeps its traceback. DISTILL_DEBUG=1 shows the traceback of these too.
@@ -347,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     signal N (130 Ctrl-C, 143 SIGTERM) after writing a checkpoint."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):  # Accelerate's options pass through as is
+    # Accelerate's options pass through as is
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
         args = argparse.Namespace(command="launch", rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)

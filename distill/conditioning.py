@@ -1,4 +1,4 @@
-"""One conditioning type for every teacher, trainer and loss (DESIGN.md s9.1).
+"""One conditioning type for every teacher, trainer and loss.
 
 A :class:`Condition` is what a denoiser is conditioned on, for a batch:
 
@@ -52,9 +52,10 @@ class Condition:
                 return v.shape[0]
         return 0
 
-    def _map(self, fn, null: bool = True) -> Condition:
+    def map(self, fn, null: bool = True) -> Condition:
+        """``fn`` applied to every tensor held (and to the null condition's, unless ``null`` is False)."""
         out = {n: (fn(getattr(self, n)) if getattr(self, n) is not None else None) for n in _TENSORS}
-        nul = self.null._map(fn) if (null and self.null is not None) else self.null
+        nul = self.null.map(fn) if (null and self.null is not None) else self.null
         return Condition(**out, null=nul)
 
     # ------------------------------------------------------------------ batching
@@ -65,7 +66,7 @@ class Condition:
             v = v.to(device) if device is not None else v
             return v.to(dtype) if (dtype is not None and v.is_floating_point()) else v
 
-        return self._map(move)
+        return self.map(move)
 
     def __getitem__(self, idx) -> Condition:
         """Rows ``idx`` (the null is indexed too when it is per-sample, kept when it has one row)."""
@@ -82,7 +83,7 @@ class Condition:
             return self
         if n != 1:
             raise ValueError(f"Cannot expand a condition of {n} rows to {batch} rows.")
-        return self._map(lambda v: v.expand(batch, *v.shape[1:]), null=False)
+        return self.map(lambda v: v.expand(batch, *v.shape[1:]), null=False)
 
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:
@@ -169,8 +170,8 @@ def as_condition(cond) -> Condition | None:
     """``cond`` when it is a Condition or None; a clear error for the old label-tensor argument."""
     if cond is None or isinstance(cond, Condition):
         return cond
-    raise TypeError(f"Expected a distill.Condition (or None), got {type(cond).__name__}. Class labels go in as "
-                    "teacher.condition(class_labels=labels), prompts as teacher.condition(prompts=[...]).")
+    raise TypeError(f"Expected a distill.Condition (or None), got {type(cond).__name__}. Class labels go in "
+                    "as teacher.condition(class_labels=labels), prompts as teacher.condition(prompts=[...]).")
 
 
 __all__ = ["Condition", "network_kwargs", "as_condition"]

@@ -1,4 +1,4 @@
-"""Typed configuration: YAML in, dotted overrides, strict validation (DESIGN.md s7).
+"""Typed configuration: YAML in, dotted overrides, strict validation.
 
 A config maps onto :class:`Config`: shared sections (``teacher``, ``data``, ``student``, ``optim``,
 ``train``, ``eval``) plus one section per method. Unknown keys, wrong types and impossible values
@@ -42,14 +42,16 @@ class DataConfig:
     resolution: int | None = None  # None: the teacher's image resolution (teacher training: the data's)
     channels: int | None = None  # None: the teacher's image channels (teacher training: 3, or 1 for digits)
     num_samples: int = 20000  # toy data sets only
-    caption_column: str | None = None  # image+caption data / .csv / .jsonl prompts; None: prompt, caption or text
-    # prompts-only data (prompts:FILE) for methods that need clean samples (progressive, guided, Uni-Instruct's
-    # discriminator): the clean latents are the teacher's own DDIM samples with this many steps
+    # image+caption data / .csv / .jsonl prompts; None: prompt, caption or text
+    caption_column: str | None = None
+    # prompts-only data (prompts:FILE) for methods that need clean samples (progressive, guided,
+    # Uni-Instruct's discriminator): the clean latents are the teacher's own DDIM samples with this many steps
     teacher_sample_steps: int = 25
     # image data sets up to this size (as uint8) are decoded once and kept on the training device; larger ones
     # are decoded every step (0: always)
     device_cache_gib: float = 2.0
-    num_workers: int = 2  # DataLoader workers decoding the images of larger data sets ahead (0: in the main process)
+    # DataLoader workers decoding the images of larger data sets ahead (0: in the main process)
+    num_workers: int = 2
 
 
 @dataclass
@@ -63,12 +65,12 @@ class StudentConfig:
     layers_per_block: int = 1  # unet
     attention: bool = True  # unet: attention in the lowest-resolution blocks
     prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None  # None = the teacher's
-    conditional: bool = False  # class-conditional student (null class added for CFG)
-    # LoRA (sim, uni_instruct, progressive; student.arch=copy): student and fake score are adapters on ONE frozen
-    # copy of the teacher (distill.lora). null = full networks
+    # LoRA (sim, uni_instruct, progressive; student.arch=copy): student and fake score are adapters on ONE
+    # frozen copy of the teacher (distill.lora). null = full networks
     lora_rank: int | None = None
     lora_alpha: float | None = None  # null = lora_rank (scale 1)
-    lora_target_modules: list[str] | None = None  # null = LCM-LoRA's list for UNet2DModel / UNet2DConditionModel
+    # null = LCM-LoRA's list for UNet2DModel / UNet2DConditionModel
+    lora_target_modules: list[str] | None = None
 
 
 @dataclass
@@ -79,7 +81,8 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     lr_warmup_steps: int = 0
-    lr_milestones: list[int] = field(default_factory=list)  # step decay: lr *= lr_gamma at each of these updates
+    # step decay: lr *= lr_gamma at each of these updates
+    lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
 
 
@@ -136,11 +139,15 @@ class TeacherTrainConfig:
 
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999 (ecosystem_api.md gotcha 6)
+    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
     label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
     curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
     curriculum_patience: int = 200
+
+    def validate(self, cfg: Config) -> None:
+        _require([(0 <= self.label_dropout < 1, "teacher_train.label_dropout", self.label_dropout,
+                   "a number in [0, 1)")])
 
 
 @dataclass
@@ -160,11 +167,28 @@ class SIMConfig:
     sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
     gradient_checkpointing: bool = False
 
+    def validate(self, cfg: Config) -> None:
+        _require(_one_step_checks("sim", self) + [(self.huber_c > 0, "sim.huber_c", self.huber_c,
+                                                   "a positive number")])
+        if self.sid_alpha is not None and self.distance != "l2":
+            raise ConfigError(f"sim.sid_alpha={self.sid_alpha} (SiD, Zhou et al. 2024) is defined with the "
+                              f"L2 distance, but sim.distance is {self.distance!r}: add sim.distance=l2, or "
+                              "remove sim.sid_alpha for SIM's pseudo-Huber distance.")
+
 
 @dataclass
-class UniInstructConfig(SIMConfig):
-    """Uni-Instruct (Wang et al. 2025): f-divergence expansion, s5.2 of score_distillation.md."""
+class UniInstructConfig:
+    """Uni-Instruct (Wang et al. 2025): the diffusion expansion of an f-divergence, with Diff-Instruct
+    (``di``) and DMD (``dmd``) as special cases."""
 
+    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
+    t_max: float = 0.98
+    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
+    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
+    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
+    gradient_checkpointing: bool = False
     divergence: Literal["rkl", "fkl", "jeffreys", "js", "chi2", "di", "dmd"] = "fkl"
     sampling: Literal["full", "fixed"] = "full"  # (a) exact expanded-divergence gradient / (b) SIM convention
     gan_weight: float = 0.0  # generator GAN term weight (0 = off)
@@ -176,6 +200,13 @@ class UniInstructConfig(SIMConfig):
     # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
     fake_steps_per_generator_step: int | None = None
 
+    def validate(self, cfg: Config) -> None:
+        _require(_one_step_checks("uni_instruct", self) + [
+            (self.ratio_clip > 0, "uni_instruct.ratio_clip", self.ratio_clip, "a positive number"),
+            (self.gan_weight >= 0, "uni_instruct.gan_weight", self.gan_weight, "a number >= 0"),
+            (self.ratio_warmup_steps >= 0, "uni_instruct.ratio_warmup_steps", self.ratio_warmup_steps,
+             "an integer >= 0")])
+
 
 @dataclass
 class ProgressiveConfig:
@@ -184,10 +215,23 @@ class ProgressiveConfig:
     start_steps: int = 64
     target_steps: int = 1
     steps_per_round: int = 500
-    final_rounds_multiplier: float = 2.0  # the 2- and 1-step rounds train this much longer (paper s5.2)
+    # the 2- and 1-step rounds train this much longer (the paper: 100k instead of 50k updates)
+    final_rounds_multiplier: float = 2.0
     loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
     init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
     gradient_checkpointing: bool = False  # recompute the student's activations in backward (large teachers)
+
+    def validate(self, cfg: Config, key: str = "progressive") -> None:
+        strict = key == "progressive"  # guided: its stage one may already be at target_steps
+        _require([(_pow2(self.start_steps) and _pow2(self.target_steps)
+                   and (self.target_steps < self.start_steps if strict
+                        else self.target_steps <= self.start_steps),
+                   f"{key}.start_steps/target_steps", (self.start_steps, self.target_steps),
+                   f"powers of two with target {'<' if strict else '<='} start")])
+        if cfg.method == key and cfg.optim.lr_milestones:
+            raise ConfigError(f"optim.lr_milestones={cfg.optim.lr_milestones} with method {key}: {key} "
+                              "decays the learning rate linearly within each halving round; remove "
+                              "optim.lr_milestones.")
 
 
 @dataclass
@@ -195,7 +239,7 @@ class GuidedConfig(ProgressiveConfig):
     """Guided distillation (Meng et al. 2023): stage one + progressive rounds from ``start_steps``.
 
     Guidance scales use diffusers' convention s = 1 + w (w: Meng et al.'s weight, 0 = no guidance).
-    Defaults: s in [1, 5] is the paper's pixel range w in [0, 4] [recall, paper_checks.md s4].
+    Defaults: s in [1, 5] is the paper's pixel range w in [0, 4] (recalled, not read in the paper).
     """
 
     guidance_min: float = 1.0  # diffusers guidance_scale range, sampled uniformly per example
@@ -204,6 +248,18 @@ class GuidedConfig(ProgressiveConfig):
     stage_one_steps: int = 1000  # updates of the w-conditioned regression onto the CFG teacher
     guidance_embed_dim: int = 64  # sinusoidal embedding width of 1000 w
     guidance_lr_multiplier: float = 10.0  # learning-rate multiplier of the new (zero-initialised) w embedding
+
+    def validate(self, cfg: Config, key: str = "guided") -> None:
+        super().validate(cfg, key)
+        _require([(1.0 <= self.guidance_min <= self.guidance_max, "guided.guidance_min/guidance_max",
+                   (self.guidance_min, self.guidance_max),
+                   "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
+                  (self.stage_one_steps >= 1, "guided.stage_one_steps", self.stage_one_steps,
+                   "an integer >= 1")])
+        if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
+            raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation "
+                              "samples its own guidance scales (guided.guidance_min / guidance_max); remove "
+                              "teacher.guidance_scale.")
 
 
 @dataclass
@@ -220,18 +276,37 @@ class MSDConfig:
     objective: Literal["dmd", "di", "sim"] = "dmd"  # per-student one-step objective (the paper: DMD)
     distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"  # objective: sim
     huber_c: float = 1.0  # objective: sim
-    shared_fake: bool = False  # one fake score for all students (K + 1 networks) instead of one per student (2K)
+    # one fake score for all students (K + 1 networks) instead of one per student (2K)
+    shared_fake: bool = False
     generator_timestep: int = 625  # t*: each student is the denoiser at this index on sigma(t*) z
     fake_steps_per_generator_step: int = 1
     lr_fake: float | None = None  # default optim.lr
     t_min: float = 0.02
     t_max: float = 0.98
-    tsm_steps: int = 0  # student.arch mlp/unet: teacher score matching on the student's part before distillation
+    # student.arch mlp/unet: teacher score matching on the student's part before distillation
+    tsm_steps: int = 0
     # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of
     # (noise, teacher DDIM sample at data.teacher_sample_steps) pairs, drawn from ALL conditions, not filtered
     regression_weight: float = 0.0
     regression_pairs: int = 1024
     gradient_checkpointing: bool = False
+
+    def validate(self, cfg: Config) -> None:
+        _require(_one_step_checks("msd", self) + [
+            (self.huber_c > 0, "msd.huber_c", self.huber_c, "a positive number"),
+            (self.num_students >= 1, "msd.num_students", self.num_students, "an integer >= 1"),
+            (self.tsm_steps >= 0, "msd.tsm_steps", self.tsm_steps, "an integer >= 0"),
+            (self.regression_weight >= 0, "msd.regression_weight", self.regression_weight, "a number >= 0"),
+            (self.regression_pairs >= 1, "msd.regression_pairs", self.regression_pairs, "an integer >= 1")])
+        b = cfg.train.batch_size
+        if cfg.method == "msd" and b % self.num_students:
+            raise ConfigError(f"train.batch_size={b} is not a multiple of "
+                              f"msd.num_students={self.num_students}: each student trains on batch_size / "
+                              "num_students samples of its own part per step. Use "
+                              f"train.batch_size={max(1, b // self.num_students) * self.num_students}.")
+        if cfg.method == "msd" and self.partition == "file" and not self.partition_file:
+            raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of "
+                              "each class).")
 
 
 @dataclass
@@ -250,6 +325,16 @@ class MARConfig:
     diffusion_batch_mul: int = 4  # head samples (t, noise) per token per step (MAR: 4)
     num_iter: int = 16  # sampling defaults written into the exported pipeline's card and sample grids
     diffusion_steps: int = 50
+
+    def validate(self, cfg: Config) -> None:
+        _require([(0 < self.mask_ratio_min <= 1, "mar.mask_ratio_min", self.mask_ratio_min,
+                   "a number in (0, 1]"),
+                  (0 <= self.label_dropout < 1, "mar.label_dropout", self.label_dropout,
+                   "a number in [0, 1)"),
+                  (self.diffusion_batch_mul >= 1, "mar.diffusion_batch_mul", self.diffusion_batch_mul,
+                   "an integer >= 1"),
+                  (self.width % self.num_heads == 0, "mar.width/num_heads", (self.width, self.num_heads),
+                   "a width divisible by num_heads")])
 
 
 @dataclass
@@ -309,10 +394,12 @@ def _coerce(value, tp, key: str):
         raise ConfigError(f"{key}: expected null, got {value!r}.")
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+        # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
+        if value is False and "no" in allowed:
             value = "no"
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
+                              f"{', '.join(map(repr, allowed))}.")
         return value
     if origin is list:
         if isinstance(value, str):
@@ -406,107 +493,90 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"Config file {str(p)!r} not found. The configs shipped with distill are in configs/.")
+            raise ConfigError(f"Config file {str(p)!r} not found. The configs shipped with distill are in "
+                              "configs/.")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"Config file {str(p)!r} is not valid YAML: "
+                              f"{' '.join(str(err).split())}") from None
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
 
 
+SECTIONS = ("teacher_train", "sim", "uni_instruct", "progressive", "guided", "msd", "mar")
+
+
 def validate(cfg: Config) -> None:
-    """Values that parse but cannot work."""
+    """Values that parse but cannot work: the shared sections here, each method's section in its own
+    ``validate``. Everything a config alone can get wrong is found here, before any teacher, data or network
+    loads."""
     t = cfg.train
-    checks = [
+    _require([
         (t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1"),
-        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", t.gradient_accumulation_steps,
-         "an integer >= 1"),
+        (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+         t.gradient_accumulation_steps, "an integer >= 1"),
         (t.checkpointing_steps >= 1, "train.checkpointing_steps", t.checkpointing_steps, "an integer >= 1"),
         (t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit",
          t.checkpoints_total_limit, "null or an integer >= 1"),
         (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1"),
+        (t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a number in [0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive number"),
         (all(m >= 1 for m in cfg.optim.lr_milestones) and list(cfg.optim.lr_milestones) == sorted(
             set(cfg.optim.lr_milestones)), "optim.lr_milestones", cfg.optim.lr_milestones,
          "increasing update counts >= 1, e.g. [2000]"),
         (0 < cfg.optim.lr_gamma <= 1, "optim.lr_gamma", cfg.optim.lr_gamma, "a number in (0, 1]"),
-        (not cfg.optim.lr_milestones or cfg.method not in ("progressive", "guided"), "optim.lr_milestones",
-         cfg.optim.lr_milestones, f"[] with method {cfg.method} (progressive / guided decay the learning rate "
-         "linearly within each halving round)"),
-        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
-         "two numbers in [0, 1)"),
-        *_one_step_checks("sim", cfg.sim),
-        *_one_step_checks("uni_instruct", cfg.uni_instruct),
-        *_one_step_checks("msd", cfg.msd),
-        (0 <= cfg.teacher_train.label_dropout < 1, "teacher_train.label_dropout", cfg.teacher_train.label_dropout,
-         "a number in [0, 1)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
+         cfg.optim.betas, "two numbers in [0, 1)"),
         (cfg.data.teacher_sample_steps >= 1, "data.teacher_sample_steps", cfg.data.teacher_sample_steps,
          "an integer >= 1"),
+        (cfg.data.device_cache_gib >= 0, "data.device_cache_gib", cfg.data.device_cache_gib, "a number >= 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0"),
         (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
-        (_pow2(cfg.progressive.start_steps) and _pow2(cfg.progressive.target_steps)
-         and cfg.progressive.target_steps < cfg.progressive.start_steps, "progressive.start_steps/target_steps",
-         (cfg.progressive.start_steps, cfg.progressive.target_steps), "powers of two with target < start"),
-        (_pow2(cfg.guided.start_steps) and _pow2(cfg.guided.target_steps)
-         and cfg.guided.target_steps <= cfg.guided.start_steps, "guided.start_steps/target_steps",
-         (cfg.guided.start_steps, cfg.guided.target_steps), "powers of two with target <= start"),
-        (1.0 <= cfg.guided.guidance_min <= cfg.guided.guidance_max, "guided.guidance_min/guidance_max",
-         (cfg.guided.guidance_min, cfg.guided.guidance_max),
-         "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
-        (cfg.guided.stage_one_steps >= 1, "guided.stage_one_steps", cfg.guided.stage_one_steps, "an integer >= 1"),
-        (0 < cfg.mar.mask_ratio_min <= 1, "mar.mask_ratio_min", cfg.mar.mask_ratio_min, "a number in (0, 1]"),
-        (0 <= cfg.mar.label_dropout < 1, "mar.label_dropout", cfg.mar.label_dropout, "a number in [0, 1)"),
-        (cfg.mar.diffusion_batch_mul >= 1, "mar.diffusion_batch_mul", cfg.mar.diffusion_batch_mul, "an integer >= 1"),
-        (cfg.mar.width % cfg.mar.num_heads == 0, "mar.width/num_heads", (cfg.mar.width, cfg.mar.num_heads),
-         "a width divisible by num_heads"),
-        (cfg.msd.num_students >= 1, "msd.num_students", cfg.msd.num_students, "an integer >= 1"),
-        (cfg.msd.tsm_steps >= 0, "msd.tsm_steps", cfg.msd.tsm_steps, "an integer >= 0"),
-        (cfg.msd.regression_weight >= 0, "msd.regression_weight", cfg.msd.regression_weight, "a number >= 0"),
-        (cfg.msd.regression_pairs >= 1, "msd.regression_pairs", cfg.msd.regression_pairs, "an integer >= 1"),
-    ]
-    if cfg.method == "msd" and t.batch_size % cfg.msd.num_students:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of msd.num_students="
-                          f"{cfg.msd.num_students}: each student trains on batch_size / num_students samples of its "
-                          f"own part per step. Use train.batch_size="
-                          f"{max(1, t.batch_size // cfg.msd.num_students) * cfg.msd.num_students}.")
-    if cfg.method == "msd" and cfg.msd.partition == "file" and not cfg.msd.partition_file:
-        raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of each class).")
+    ])
+    for name in SECTIONS:
+        getattr(cfg, name).validate(cfg)
     lora = cfg.student.lora_rank
     if lora is not None:
         if not (isinstance(lora, int) and lora >= 1):
-            raise ConfigError(f"student.lora_rank: {lora!r} is impossible; expected an integer >= 1, or null for "
-                              "full (not LoRA) student networks.")
+            raise ConfigError(f"student.lora_rank: {lora!r} is impossible; expected an integer >= 1, or null "
+                              "for full (not LoRA) student networks.")
         if cfg.method not in LORA_METHODS:
-            raise ConfigError(f"student.lora_rank={lora} is supported by methods {', '.join(LORA_METHODS)}; method "
-                              f"{cfg.method!r} trains full networks: remove student.lora_rank.")
+            raise ConfigError(f"student.lora_rank={lora} is supported by methods {', '.join(LORA_METHODS)}; "
+                              f"method {cfg.method!r} trains full networks: remove student.lora_rank.")
         if cfg.student.arch != "copy":
-            raise ConfigError(f"student.lora_rank={lora} adapts the teacher's own network and needs student.arch=copy "
-                              f"(got {cfg.student.arch!r}).")
+            raise ConfigError(f"student.lora_rank={lora} adapts the teacher's own network and needs "
+                              f"student.arch=copy (got {cfg.student.arch!r}).")
     if t.fsdp:
         if cfg.method not in FSDP_METHODS:
-            raise ConfigError(f"train.fsdp (sharded training) is supported by methods {', '.join(FSDP_METHODS)}; method "
-                              f"{cfg.method!r} trains unsharded: launch it with plain data parallel (--multi_gpu).")
-        for bad, why in ((lora is not None, "student.lora_rank (LoRA adapters are small: train them with plain data "
-                                            "parallel; the frozen base is replicated either way)"),
+            raise ConfigError("train.fsdp (sharded training) is supported by methods "
+                              f"{', '.join(FSDP_METHODS)}; method {cfg.method!r} trains unsharded: launch it "
+                              "with plain data parallel (--multi_gpu).")
+        for bad, why in ((lora is not None, "student.lora_rank (LoRA adapters are small: train them with "
+                                            "plain data parallel; the frozen base is replicated either way)"),
                          (t.gradient_accumulation_steps > 1, "train.gradient_accumulation_steps > 1 (raise "
                                                              "train.batch_size instead)"),
-                         (t.sample_every > 0, "train.sample_every > 0 (the final sample grid is still written)")):
+                         (t.sample_every > 0, "train.sample_every > 0 (the final sample grid is still "
+                                              "written)")):
             if bad:
                 raise ConfigError(f"train.fsdp does not support {why}.")
-    if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
-        raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation samples its own "
-                          "guidance scales (guided.guidance_min / guidance_max); remove teacher.guidance_scale.")
     if t.mixed_precision == "fp16":
         raise ConfigError(
-            "train.mixed_precision: 'fp16' is refused: its loss scaling needs one GradScaler update per step and "
-            "unscaled gradients before clipping, and distill's trainers step two or three optimizers from one "
-            "backward; use 'bf16' (same speed on Ampere/Hopper GPUs, no loss scaling) or 'no'.")
+            "train.mixed_precision: 'fp16' is refused: its loss scaling needs one GradScaler update per step "
+            "and unscaled gradients before clipping, and distill's trainers step two or three optimizers "
+            "from one backward; use 'bf16' (same speed on Ampere/Hopper GPUs, no loss scaling) or 'no'.")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ConfigError(f"output_dir={cfg.output_dir!r} is a file, not a folder: choose another output_dir.")
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is a file, not a folder: choose another "
+                          "output_dir.")
+
+
+def _require(checks: list[tuple]) -> None:
+    """(ok, key, value, what is allowed) rows: the first that fails is a ConfigError naming the key and
+    value."""
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")
@@ -523,7 +593,6 @@ def _one_step_checks(key: str, s) -> list[tuple]:
         (0 <= s.generator_timestep < 1000, f"{key}.generator_timestep", s.generator_timestep,
          "a training index in [0, 999]"),
         (0 <= s.t_min < s.t_max <= 1, f"{key}.t_min/t_max", (s.t_min, s.t_max), "0 <= t_min < t_max <= 1"),
-        (s.huber_c > 0, f"{key}.huber_c", s.huber_c, "a positive number"),
         (n is None or n >= 1, f"{key}.fake_steps_per_generator_step", n, "an integer >= 1"
          + (" or null (the method's default)" if key == "uni_instruct" else "")),
     ]

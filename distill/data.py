@@ -11,7 +11,8 @@ A spec is a string:
 * a local folder       an ``imagefolder`` (class sub-folders become labels; a ``metadata.jsonl`` /
                        ``metadata.csv`` with a caption column gives prompts)
 * ``owner/name``       a Hugging Face dataset (image column auto-detected, label column optional, caption
-                       column auto-detected among ``prompt``, ``caption``, ``text`` or set by ``caption_column``)
+                       column auto-detected among ``prompt``, ``caption``, ``text`` or set by
+                       ``caption_column``)
 
 Every dataset yields ``{"x": float tensor in [-1, 1] (images CxHxW, toys (2,)), "label": int}``
 (label -1 when the data has none), plus ``"prompt"`` when it has captions (prompt data has no
@@ -81,7 +82,8 @@ def _toy(name: str, n: int, seed: int) -> TensorData:
         return TensorData(x, labels, len(means), f"toy:{name}")
     if name == "swissroll":
         u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=gen))
-        x = torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / 7.0 + 0.05 * torch.randn(n, 2, generator=gen)
+        x = (torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / 7.0
+             + 0.05 * torch.randn(n, 2, generator=gen))
         return TensorData(x, None, 0, "toy:swissroll")
     raise ConfigError(f"Unknown toy data {('toy:' + name)!r}; choose one of {', '.join(TOY_SPECS)}.")
 
@@ -89,7 +91,8 @@ def _toy(name: str, n: int, seed: int) -> TensorData:
 def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
     if resolution is None or x.shape[-1] == resolution:
         return x
-    return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear",
+                                           align_corners=False)
 
 
 def digits(resolution: int = 16) -> TensorData:
@@ -151,13 +154,14 @@ class ImageData(Dataset):
         for k in [(i + j) % len(self) for j in range(min(len(self), 100))]:
             try:  # decoding happens here (datasets decodes lazily)
                 row = self.ds[k]
-                img = square(row[self.image_col].convert("RGB" if self.channels == 3 else "L"), self.resolution)
+                img = square(row[self.image_col].convert("RGB" if self.channels == 3 else "L"),
+                             self.resolution)
                 break
             except (OSError, SyntaxError, ValueError) as err:  # PIL: unreadable / truncated image files
                 if k not in self.damaged:
                     self.damaged.add(k)
-                    warnings.warn(f"{self.spec}: image {k} cannot be read ({type(err).__name__}: {err}); it is "
-                                  "skipped (the next readable image takes its place).", stacklevel=2)
+                    warnings.warn(f"{self.spec}: image {k} cannot be read ({type(err).__name__}: {err}); it "
+                                  "is skipped (the next readable image takes its place).", stacklevel=2)
         else:
             raise ValueError(f"{self.spec}: none of the 100 images from {i} on can be read; check the data.")
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
@@ -231,12 +235,13 @@ def _stack_images(items: list[dict]) -> torch.Tensor:
 
 
 class StreamedImages:
-    """Images of the coming batches decoded ahead in DataLoader workers (pinned memory, prefetch) for data sets
-    too large to cache. ``rows_of(step, micro)`` gives a batch's rows (a CPU tensor, seeded per step, so the
-    stream can start at any step: a resumed run reads the batches of an uninterrupted one). ``images(step,
+    """Images of the coming batches decoded ahead in DataLoader workers (pinned memory, prefetch) for data
+    sets too large to cache. ``rows_of(step, micro)`` gives a batch's rows (a CPU tensor, seeded per step, so
+    the stream can start at any step: a resumed run reads the batches of an uninterrupted one). ``images(step,
     micro)`` returns that batch; asked out of order, it restarts the stream there."""
 
-    def __init__(self, data: Dataset, rows_of, micro_steps: int, last_step: int, num_workers: int, pin_memory: bool):
+    def __init__(self, data: Dataset, rows_of, micro_steps: int, last_step: int, num_workers: int,
+                 pin_memory: bool):
         self.data, self.rows_of, self.micro, self.last = data, rows_of, micro_steps, last_step
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.next_key, self.batches = None, None
@@ -278,8 +283,9 @@ def read_prompts(path: str, column: str | None = None) -> list[str]:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"Prompt file {path!r} not found (resolved to {str(p.resolve())!r}); data.spec "
-                                "prompts:FILE needs a .txt file with one prompt per line, or a .csv / .jsonl file.")
+        raise FileNotFoundError(f"Prompt file {path!r} not found (resolved to {str(p.resolve())!r}); "
+                                "data.spec prompts:FILE needs a .txt file with one prompt per line, or a "
+                                ".csv / .jsonl file.")
     if p.suffix.lower() in (".csv", ".jsonl"):
         if p.suffix.lower() == ".csv":
             with p.open(newline="") as f:
@@ -308,8 +314,9 @@ def _hf_images(spec: str, resolution: int | None, channels: int, split: str,
     if looks_local:
         if not path.is_dir():
             raise FileNotFoundError(
-                f"Data folder {spec!r} not found (resolved to {str(path.resolve())!r}). Pass an existing image "
-                f"folder, a Hub dataset id 'owner/name', or one of: {', '.join(TOY_SPECS)}, sklearn:digits.")
+                f"Data folder {spec!r} not found (resolved to {str(path.resolve())!r}). Pass an existing "
+                f"image folder, a Hub dataset id 'owner/name', or one of: {', '.join(TOY_SPECS)}, "
+                "sklearn:digits.")
         ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     else:
         try:

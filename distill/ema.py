@@ -19,7 +19,8 @@ from diffusers.training_utils import EMAModel
 
 
 class ForeachEMA(EMAModel):
-    """diffusers' ``EMAModel`` whose ``step`` is three foreach operations (bitwise the per-parameter update)."""
+    """diffusers' ``EMAModel`` whose ``step`` is three foreach operations (bitwise the per-parameter
+    update)."""
 
     @torch.no_grad()
     def step(self, parameters) -> None:

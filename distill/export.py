@@ -1,4 +1,4 @@
-"""Writing and reading self-contained pipeline folders (DESIGN.md s5, loading contract).
+"""Writing and reading self-contained pipeline folders.
 
 ``export_pipeline`` writes a diffusers folder whose ``model_index.json`` names
 ``[module, Class]`` for the pipeline (source file at the root) and ``[distill_<file>, Class]`` for each
@@ -46,9 +46,10 @@ def _source_files(module) -> list[Path]:
 
 
 def model_card(info: dict, load: list[str] | None = None) -> str:
-    """A Hub-style README: YAML metadata plus a table of what made the model, and how to load it (``load``: the
-    lines of the Python example; default: a distill pipeline folder)."""
-    tags = ["diffusers", "distill", "diffusion-distillation"] + ([info["method"]] if info.get("method") else [])
+    """A Hub-style README: YAML metadata plus a table of what made the model, and how to load it (``load``:
+    the lines of the Python example; default: a distill pipeline folder)."""
+    tags = (["diffusers", "distill", "diffusion-distillation"]
+            + ([info["method"]] if info.get("method") else []))
     lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     if info.get("teacher") and not os.path.isdir(str(info["teacher"])) and "/" in str(info["teacher"]):
         lines.append(f"base_model: {info['teacher']}")
@@ -59,8 +60,8 @@ def model_card(info: dict, load: list[str] | None = None) -> str:
         if key in ("title", "fid_report_md"):
             continue
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, (dict, list)) else value} |")
-    load = load or ["import distill", "pipe = distill.load_pipeline('PATH')", "# or, without distill installed:",
-                    "from diffusers import DiffusionPipeline",
+    load = load or ["import distill", "pipe = distill.load_pipeline('PATH')",
+                    "# or, without distill installed:", "from diffusers import DiffusionPipeline",
                     "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)"]
     lines += ["", "## Load", "", "```python", *load, "```", ""]
     if info.get("fid_report_md"):
@@ -87,7 +88,8 @@ def export_pipeline(pipe, path, card: dict | None = None) -> Path:
             lib = _models.EXPORT_NAMES[module]
             main, *siblings = _source_files(module)
             shutil.copy(main, tmp / name / f"{lib}.py")
-            for f in siblings:  # relative imports keep their file names (diffusers copies them with remote code)
+            # relative imports keep their file names (diffusers copies them with remote code)
+            for f in siblings:
                 shutil.copy(f, tmp / name / f.name)
             index[name] = [lib, type(component).__name__]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -111,7 +113,8 @@ def resolve_pretrained(path_or_id: str) -> Path:
     p = Path(str(path_or_id)).expanduser()
     if p.is_dir():
         return p
-    looks_local = str(path_or_id).startswith((".", "/", "~")) or os.sep in str(path_or_id).strip("/").split("/", 1)[-1]
+    looks_local = (str(path_or_id).startswith((".", "/", "~"))
+                   or os.sep in str(path_or_id).strip("/").split("/", 1)[-1])
     if p.exists() or looks_local or str(path_or_id).count("/") != 1:
         raise FileNotFoundError(
             f"No pipeline folder at {str(p)!r} (resolved to {str(p.resolve())!r}). Pass an existing local "
@@ -124,9 +127,9 @@ def resolve_pretrained(path_or_id: str) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
         raise OSError(
-            f"{str(path_or_id)!r} is not a local folder (nothing at {str(p.resolve())!r}) and could not be fetched "
-            f"as a Hugging Face Hub id ({type(err).__name__}: {first[:200]}). If you meant a local folder, check "
-            "the path; for the Hub, "
+            f"{str(path_or_id)!r} is not a local folder (nothing at {str(p.resolve())!r}) and could not be "
+            f"fetched as a Hugging Face Hub id ({type(err).__name__}: {first[:200]}). If you meant a local "
+            "folder, check the path; for the Hub, "
             + ("HF_HUB_OFFLINE is set: unset it, or " if offline else "check the network and the id, or ")
             + "download the folder elsewhere and pass its local path.") from None
 
@@ -140,11 +143,11 @@ def read_model_index(folder: Path) -> dict:
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{str(index_file)!r} is not valid JSON ({err}): the folder is damaged or was copied "
-                          "incompletely; download or export it again.") from None
+        raise ConfigError(f"{str(index_file)!r} is not valid JSON ({err}): the folder is damaged or was "
+                          "copied incompletely; download or export it again.") from None
     if not isinstance(index, dict):
-        raise ConfigError(f"{str(index_file)!r} holds {type(index).__name__}, not a JSON object: the folder is "
-                          "damaged; download or export it again.")
+        raise ConfigError(f"{str(index_file)!r} holds {type(index).__name__}, not a JSON object: the folder "
+                          "is damaged; download or export it again.")
     return index
 
 
@@ -170,8 +173,8 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
 
     ``sdxl`` True / False: a Stable-Diffusion(-XL) teacher; the adapter is written in diffusers' LoRA format
     (``pipe.load_lora_weights(folder)``). None: a pixel ``UNet2DModel`` teacher; the adapter is written in
-    peft's format (``adapter_config.json`` + ``adapter_model.safetensors``). Either way ``scheduler/`` holds the
-    scheduler the student samples with, ``distill_lora.json`` the call arguments, ``README.md`` both.
+    peft's format (``adapter_config.json`` + ``adapter_model.safetensors``). Either way ``scheduler/`` holds
+    the scheduler the student samples with, ``distill_lora.json`` the call arguments, ``README.md`` both.
     The folder is written next to its destination and renamed into place.
     """
     import safetensors.torch
@@ -184,13 +187,14 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
         safetensors.torch.save_file(state_dict, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **lora_config}, indent=2))
         load = ["import json, peft, safetensors.torch", "unet = ...  # the teacher's UNet2DModel",
-                "peft.inject_adapter_in_model(peft.LoraConfig(**{k: v for k, v in json.load(open('PATH/adapter_config"
-                ".json')).items() if k != 'peft_type'}), unet)",
-                "peft.set_peft_model_state_dict(unet, safetensors.torch.load_file('PATH/adapter_model.safetensors'))"]
+                "peft.inject_adapter_in_model(peft.LoraConfig(**{k: v for k, v in "
+                "json.load(open('PATH/adapter_config.json')).items() if k != 'peft_type'}), unet)",
+                "peft.set_peft_model_state_dict(unet, "
+                "safetensors.torch.load_file('PATH/adapter_model.safetensors'))"]
     else:
         cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-        cls.save_lora_weights(tmp, unet_lora_layers=state_dict, weight_name=LORA_FILE, safe_serialization=True,
-                              unet_lora_adapter_metadata=dict(lora_config))
+        cls.save_lora_weights(tmp, unet_lora_layers=state_dict, weight_name=LORA_FILE,
+                              safe_serialization=True, unet_lora_adapter_metadata=dict(lora_config))
         args = ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items())
         load = [f"from diffusers import DiffusionPipeline, {type(scheduler).__name__}",
                 f"pipe = DiffusionPipeline.from_pretrained({info.get('teacher', 'TEACHER')!r})",
@@ -199,9 +203,11 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
                 f"image = pipe(prompt, {args}).images[0]"]
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / "distill_lora.json").write_text(json.dumps({"call_kwargs": call_kwargs, "lora": lora_config,
-                                                       "scheduler": type(scheduler).__name__}, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card({"title": f"distill {info.get('method', '')} LoRA adapter", **info,
-                                               "scheduler": type(scheduler).__name__, "call": call_kwargs}, load))
+                                                       "scheduler": type(scheduler).__name__},
+                                                      indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card({"title": f"distill {info.get('method', '')} LoRA adapter",
+                                               **info, "scheduler": type(scheduler).__name__,
+                                               "call": call_kwargs}, load))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -29,8 +29,9 @@ import torch
 
 # LCM-LoRA's targets (diffusers examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py): attention
 # projections, feed-forward, resnet convolutions, resampling convolutions and the time-embedding projections
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                "time_emb_proj"]
 DEFAULT_TARGETS = {"UNet2DConditionModel": UNET_TARGETS, "UNet2DModel": UNET_TARGETS}
 
 
@@ -57,7 +58,8 @@ def add_adapters(base: torch.nn.Module, names: list[str], rank: int, alpha: floa
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
                         init_lora_weights=True)
-    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the design here
+    # peft warns that a second adapter joins the first: that is the design here
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name in names:
             inject_adapter_in_model(config, base, adapter_name=name)

@@ -80,14 +80,17 @@ class MemoryEstimate:
         return self.static + max(self.update_activations, grads) + self.step_temporary
 
     def table(self) -> str:
-        rows = ["| network | role | parameters | trainable | weights | grads | optimizer | EMA | activations |",
+        rows = ["| network | role | parameters | trainable | weights | grads | optimizer | EMA | "
+                "activations |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for n in self.networks:
-            rows.append(f"| {n.name} | {n.role} | {n.params / 1e6:.1f}M | {n.trainable / 1e6:.2f}M | {_gib(n.weights)} | "
-                        f"{_gib(n.grads)} | {_gib(n.optimizer)} | {_gib(n.ema)} | {_gib(n.activations)} |")
+            rows.append(f"| {n.name} | {n.role} | {n.params / 1e6:.1f}M | {n.trainable / 1e6:.2f}M | "
+                        f"{_gib(n.weights)} | {_gib(n.grads)} | {_gib(n.optimizer)} | {_gib(n.ema)} | "
+                        f"{_gib(n.activations)} |")
         rows += ["", f"Peak of one training step: {_gib(self.peak)} GiB = weights, optimizer state and EMA "
-                     f"{_gib(self.static)} GiB + max(activations of one update {_gib(self.update_activations)} GiB, "
-                     f"gradients of one network) + step temporary {_gib(self.step_temporary)} GiB."]
+                     f"{_gib(self.static)} GiB + max(activations of one update "
+                     f"{_gib(self.update_activations)} GiB, gradients of one network) + step temporary "
+                     f"{_gib(self.step_temporary)} GiB."]
         return "\n".join(rows + [f"- {note}" for note in self.notes])
 
 
@@ -102,8 +105,8 @@ def _teacher_folder(path: str) -> Path:
     if path in BUILTIN:
         return ASSETS / BUILTIN[path]
     if path.startswith("analytic:"):
-        raise ConfigError(f"teacher.path={path!r} is an analytic mixture (no network); estimate-memory is for "
-                          "teachers with a UNet (a diffusers pipeline folder or Hub id).")
+        raise ConfigError(f"teacher.path={path!r} is an analytic mixture (no network); estimate-memory is "
+                          "for teachers with a UNet (a diffusers pipeline folder or Hub id).")
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -118,7 +121,7 @@ def _teacher_folder(path: str) -> Path:
 
 
 def _meta_component(folder: Path, name: str, spec):
-    from .teachers import _component_class
+    from .teachers import component_class
 
     lib, cls_name = spec
     with torch.device("meta"):
@@ -128,7 +131,7 @@ def _meta_component(folder: Path, name: str, spec):
             cls = getattr(transformers, cls_name)
             config = cls.config_class.from_pretrained(folder / name)
             return cls._from_config(config)
-        cls = _component_class(spec)
+        cls = component_class(spec)
         return cls.from_config(cls.load_config(folder / name))
 
 
@@ -160,7 +163,8 @@ def saved_bytes(net, args: tuple, kwargs: dict, trained: list, input_grad: bool,
 
     def pack(t):
         base = t._base if t._base is not None else t
-        if id(t) not in weights and id(base) not in weights:  # a weight saved for backward costs nothing extra
+        # a weight saved for backward costs nothing extra
+        if id(t) not in weights and id(base) not in weights:
             seen[id(base)] = base
         return t
 
@@ -212,7 +216,8 @@ def _forward_inputs(net, batch: int, sample_shape, dtype, text_encoder):
     kw = {}
     cfg = net.config
     if text_encoder is not None:  # SD-format: 77 prompt tokens
-        kw["encoder_hidden_states"] = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=dtype)
+        kw["encoder_hidden_states"] = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta",
+                                                  dtype=dtype)
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
             kw["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
@@ -226,8 +231,8 @@ def _forward_inputs(net, batch: int, sample_shape, dtype, text_encoder):
 def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
     """Memory of one training step of ``cfg`` (see the module docstring)."""
     if cfg.method not in METHODS:
-        raise ConfigError(f"estimate-memory covers methods {', '.join(METHODS)}; method {cfg.method!r} is not "
-                          "covered.")
+        raise ConfigError(f"estimate-memory covers methods {', '.join(METHODS)}; method {cfg.method!r} is "
+                          "not covered.")
     parts = meta_teacher(cfg.teacher.path)
     net = parts["net"]
     bf16 = cfg.train.mixed_precision == "bf16"
@@ -250,14 +255,15 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
     for name, part in parts["frozen"].items():
         n = sum(p.numel() for p in part.parameters())
         rows.append(NetworkMemory(name, "frozen", n, 0, n * low_bytes))
-    notes = [f"batch {b}, samples {'x'.join(map(str, sample_shape))}, {'bf16' if bf16 else 'fp32'} activations"
-             + (", gradient checkpointing" if checkpointing else "")]
+    notes = [f"batch {b}, samples {'x'.join(map(str, sample_shape))}, {'bf16' if bf16 else 'fp32'} "
+             "activations" + (", gradient checkpointing" if checkpointing else "")]
     trained = ["student", "fake"] if one_step else ["student"]
     if lora:
         targets = cfg.student.lora_target_modules or default_targets(net)
         add_adapters(net, ["probe"], cfg.student.lora_rank, cfg.student.lora_alpha, targets)
         n_train = sum(p.numel() for n_, p in net.named_parameters() if ".probe." in n_)
-        notes.append(f"LoRA rank {cfg.student.lora_rank}: student and fake are adapters on the teacher's weights")
+        notes.append(f"LoRA rank {cfg.student.lora_rank}: student and fake are adapters on the teacher's "
+                     "weights")
     else:
         n_train = n_params
     for name in trained:
@@ -283,10 +289,12 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         through = saved_bytes(net, args, kw, [], True, low) if one_step else 0
     teacher_through = through * (2 if cfg.teacher.guidance_scale is not None and one_step else 1)
     for r in rows:
-        r.activations = {"student": trained_fwd, "fake": trained_fwd, "teacher": teacher_through}.get(r.name, 0)
+        r.activations = {"student": trained_fwd, "fake": trained_fwd,
+                         "teacher": teacher_through}.get(r.name, 0)
     if one_step:  # generator update: student (weights) + teacher and fake (inputs); fake update: fake alone
         passes = [trained_fwd, teacher_through, through]
-        other = [trained_fwd] * (2 if cfg.method == "uni_instruct" else 1)  # + the discriminator's real-data pass
+        # + the discriminator's real-data pass
+        other = [trained_fwd] * (2 if cfg.method == "uni_instruct" else 1)
     else:
         passes, other = [trained_fwd], []
     if checkpointing:

@@ -29,7 +29,7 @@ import torch
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 
 
-def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def expand_like(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample coefficient of shape (B,) or () over a batch x of shape (B, ...)."""
     c = torch.as_tensor(c, device=x.device)
     if c.ndim == 0:
@@ -174,14 +174,14 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ noising
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         a, s = self.alpha_sigma(t, x0)
-        return _expand(a, x0) * x0 + _expand(s, x0) * eps
+        return expand_like(a, x0) * x0 + expand_like(s, x0) * eps
 
     # ------------------------------------------------------------------ conversions
     def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t, prediction_type: str | None = None):
         """Network output of the given parameterisation -> (x0, eps), exactly."""
         pred = prediction_type or self.prediction_type
         a, s = self.alpha_sigma(t, x_t)
-        a, s = _expand(a, x_t), _expand(s, x_t)
+        a, s = expand_like(a, x_t), expand_like(s, x_t)
         if pred == "epsilon":
             eps = output
             x0 = (x_t - s * eps) / a
@@ -203,7 +203,7 @@ class NoiseSchedule:
         """(x0, eps) -> the output a network of the given parameterisation should produce."""
         pred = prediction_type or self.prediction_type
         a, s = self.alpha_sigma(t, x0)
-        a, s = _expand(a, x0), _expand(s, x0)
+        a, s = expand_like(a, x0), expand_like(s, x0)
         if pred == "epsilon":
             return eps
         if pred == "sample":
@@ -224,7 +224,7 @@ class NoiseSchedule:
     def score_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """grad log p_t(x_t) = (alpha x0_hat - x_t) / sigma^2 (Tweedie)."""
         a, s = self.alpha_sigma(t, x_t)
-        a, s = _expand(a, x_t), _expand(s, x_t)
+        a, s = expand_like(a, x_t), expand_like(s, x_t)
         return (a * x0 - x_t) / (s * s)
 
     # ------------------------------------------------------------------ sampling
@@ -240,20 +240,8 @@ class NoiseSchedule:
             return x0
         a_t, s_t = self.alpha_sigma(t, x_t)
         a_s, s_s = self.alpha_sigma(s, x_t)
-        return ddim_step(x_t, x0, _expand(a_t, x_t), _expand(s_t, x_t), _expand(a_s, x_t), _expand(s_s, x_t))
-
-    def trailing_times(self, num_steps: int) -> list[float]:
-        """Continuous times of diffusers' ``timestep_spacing="trailing"`` grid (vp), else uniform.
-
-        For a 1000-step table: 1 step -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249] (as t = k/999).
-        """
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-        if self.kind == "vp":
-            T = self.num_train_timesteps
-            ks = [round(T - i * T / num_steps) - 1 for i in range(num_steps)]
-            return [k / (T - 1) for k in ks]
-        return [1 - i / num_steps for i in range(num_steps)]
+        return ddim_step(x_t, x0, expand_like(a_t, x_t), expand_like(s_t, x_t), expand_like(a_s, x_t),
+                         expand_like(s_s, x_t))
 
 
-__all__ = ["NoiseSchedule", "PREDICTION_TYPES"]
+__all__ = ["NoiseSchedule", "PREDICTION_TYPES", "expand_like"]

@@ -40,7 +40,8 @@ class TrainingDiverged(RuntimeError):
 def fingerprint(cfg: Config) -> dict:
     """Flat {dotted key: value} of everything a checkpoint must agree with."""
     d = cfg.to_dict()
-    train = {k: d["train"][k] for k in ("seed", "batch_size", "gradient_accumulation_steps", "mixed_precision")}
+    train = {k: d["train"][k]
+             for k in ("seed", "batch_size", "gradient_accumulation_steps", "mixed_precision")}
     parts = {"method": cfg.method, "teacher": d["teacher"], "data": d["data"], "student": d["student"],
              "optim": d["optim"], "train": train}
     if cfg.method in d:
@@ -76,8 +77,9 @@ def check_resumable(saved: dict | None, cfg: Config, where: str, written_with: P
     if saved is None:
         if cfg.train.resume_allow_config_change:
             return
-        raise ConfigError(f"{where} records no run fingerprint (written by an older distill): it cannot be checked "
-                          "to belong to this config. Set train.resume_allow_config_change=true to resume it anyway.")
+        raise ConfigError(f"{where} records no run fingerprint (written by an older distill): it cannot be "
+                          "checked to belong to this config. Set train.resume_allow_config_change=true to "
+                          "resume it anyway.")
     diff = differences(saved, new)
     if not diff:
         return
@@ -86,8 +88,8 @@ def check_resumable(saved: dict | None, cfg: Config, where: str, written_with: P
         return
     shown = "; ".join((structural or diff)[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
     own = f" ({written_with})" if written_with is not None and Path(written_with).is_file() else ""
-    fix = (f"Its networks cannot take these values: resume it with the config it was written with{own} or choose "
-           "another output_dir (or --overwrite)."
+    fix = (f"Its networks cannot take these values: resume it with the config it was written with{own} or "
+           "choose another output_dir (or --overwrite)."
            if structural else
            "Resume it with its own values, choose another output_dir (or --overwrite), or set "
            "train.resume_allow_config_change=true to continue it with the new ones.")
@@ -144,9 +146,9 @@ def prepare_output_dir(cfg: Config, overwrite: bool) -> str:
         return "continue"
     diff = differences(run.get("fingerprint") or {}, fingerprint(cfg))
     raise ConfigError(f"output_dir={str(out)!r} holds another {run.get('state', 'unknown')} run "
-                      f"({run.get('method')}, started {run.get('started')}, step {run.get('step')}); this config "
-                      f"differs in {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Pass --overwrite to replace "
-                      "it, or choose another output_dir.")
+                      f"({run.get('method')}, started {run.get('started')}, step {run.get('step')}); this "
+                      f"config differs in {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}. Pass "
+                      "--overwrite to replace it, or choose another output_dir.")
 
 
 def clear_output_dir(out: Path) -> None:

@@ -29,7 +29,8 @@ BLOCK_LISTS = ("down_blocks", "up_blocks", "blocks", "transformer_blocks")
 
 def shard_network(net: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over the default process group: each block of the network's block lists (diffusers UNets:
-    down_blocks, up_blocks and mid_block) is its own unit, the root holds the rest. In place; returns ``net``."""
+    down_blocks, up_blocks and mid_block) is its own unit, the root holds the rest. In place; returns
+    ``net``."""
     from torch.distributed.fsdp import fully_shard
 
     for name in BLOCK_LISTS:
@@ -54,9 +55,9 @@ def reshard(*nets) -> None:
 
 
 def gather(value, keep: bool):
-    """``value`` (a tensor, or a dict / list holding tensors) with every DTensor gathered into a full CPU tensor
-    (a collective: every process calls it in the same order); ``keep`` False drops the result (processes other
-    than the one that writes)."""
+    """``value`` (a tensor, or a dict / list holding tensors) with every DTensor gathered into a full CPU
+    tensor (a collective: every process calls it in the same order); ``keep`` False drops the result
+    (processes other than the one that writes)."""
     if isinstance(value, _dtensor()):
         full = value.full_tensor()
         return full.detach().cpu() if keep else None
@@ -100,7 +101,8 @@ def load_ema(ema, full: dict) -> None:
 
 
 class ShardedLoad:
-    """``obj`` offered with the ``load_state_dict(full)`` the checkpoint reader calls, keeping this process's shard."""
+    """``obj`` offered with the ``load_state_dict(full)`` the checkpoint reader calls, keeping this process's
+    shard."""
 
     def __init__(self, obj, load):
         self.obj, self.load = obj, load

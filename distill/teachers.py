@@ -1,4 +1,4 @@
-"""Teachers: one frozen-denoiser API for every trainer (DESIGN.md s3, s9.1-9.2).
+"""Teachers: one frozen-denoiser API for every trainer.
 
 ``Teacher.predict_x0(x_t, t, cond, guidance_scale)`` evaluates a diffusers denoiser at continuous
 time ``t`` (see :mod:`distill.noise`) on a :class:`~distill.conditioning.Condition` and returns its
@@ -56,8 +56,8 @@ class Teacher:
         prompt_cache_size: prompts whose encodings are kept (LRU).
     """
 
-    def __init__(self, model, schedule: NoiseSchedule, num_classes: int = 0, sample_shape=None, scheduler=None,
-                 source: str | None = None, vae=None, text_encoders=(), tokenizers=(),
+    def __init__(self, model, schedule: NoiseSchedule, num_classes: int = 0, sample_shape=None,
+                 scheduler=None, source: str | None = None, vae=None, text_encoders=(), tokenizers=(),
                  force_zeros_for_empty_prompt: bool = False, folder: Path | None = None,
                  prompt_cache_size: int = 4096, network_subfolder: str | None = None):
         self.model = model.eval().requires_grad_(False)
@@ -82,27 +82,31 @@ class Teacher:
                    scheduler=scheduler, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", dtype=torch.float32) -> Teacher:
+    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu",
+                        dtype=torch.float32) -> Teacher:
         """A diffusers pipeline folder or Hub id (``unet`` + ``scheduler``; for text-to-image also ``vae``,
-        ``text_encoder`` and ``tokenizer``, SDXL's ``text_encoder_2`` / ``tokenizer_2``), or ``builtin:digits``.
-        Every part is loaded frozen in ``dtype``."""
+        ``text_encoder`` and ``tokenizer``, SDXL's ``text_encoder_2`` / ``tokenizer_2``), or
+        ``builtin:digits``. Every part is loaded frozen in ``dtype``."""
         src = str(path_or_id)
         if src in BUILTIN:
             folder = ASSETS / BUILTIN[src]
             if not folder.is_dir():
-                raise FileNotFoundError(f"The builtin teacher {src!r} is missing at {folder}; reinstall distill.")
+                raise FileNotFoundError(f"The builtin teacher {src!r} is missing at {folder}; reinstall "
+                                        "distill.")
         elif src.startswith(("builtin:", "analytic:")):
-            raise FileNotFoundError(f"No builtin teacher {src!r}: the builtin teachers are {', '.join(BUILTIN)} "
-                                    "(analytic:gaussians8 / analytic:gaussians25 in a config's teacher.path).")
+            raise FileNotFoundError(f"No builtin teacher {src!r}: the builtin teachers are "
+                                    f"{', '.join(BUILTIN)} (analytic:gaussians8 / analytic:gaussians25 in a "
+                                    "config's teacher.path).")
         else:
             folder = resolve_pretrained(src)
         index = read_model_index(folder)
         net_name = next((k for k in ("unet", "transformer", "generator") if k in index), None)
         if net_name is None or "scheduler" not in index:
-            raise ConfigError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a 'scheduler'; "
-                              f"it has {sorted(k for k in index if not k.startswith('_'))}.")
+            raise ConfigError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a "
+                              f"'scheduler'; it has {sorted(k for k in index if not k.startswith('_'))}.")
         with _damaged(folder, net_name):
-            model = _component_class(index[net_name]).from_pretrained(folder / net_name, dtype=dtype).to(device)
+            model = (component_class(index[net_name])
+                     .from_pretrained(folder / net_name, dtype=dtype).to(device))
         with _damaged(folder, "scheduler"):
             scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
         text = {}
@@ -117,8 +121,9 @@ class Teacher:
         return self.schedule.prediction_type
 
     def stored_network(self) -> torch.nn.Module:
-        """A trainable fp32 copy of the network as stored (re-read from the teacher's folder, so a teacher held in
-        bf16 gives the unrounded weights; a teacher built in memory is copied), without any LoRA layer."""
+        """A trainable fp32 copy of the network as stored (re-read from the teacher's folder, so a teacher
+        held in bf16 gives the unrounded weights; a teacher built in memory is copied), without any LoRA
+        layer."""
         net = self.weights
         if self.folder is not None and self.network_subfolder is not None:
             fresh = type(net).from_pretrained(self.folder / self.network_subfolder, dtype=torch.float32)
@@ -132,7 +137,8 @@ class Teacher:
 
     @property
     def weights(self) -> torch.nn.Module:
-        """The module holding the network's weights (with LoRA students, ``model`` is a view of a shared base)."""
+        """The module holding the network's weights (with LoRA students, ``model`` is a view of a shared
+        base)."""
         return getattr(self.model, "shared_base", self.model)
 
     @property
@@ -142,7 +148,8 @@ class Teacher:
 
     @property
     def dtype(self) -> torch.dtype | None:
-        """The network's reduced precision (bf16 / fp16) when it was loaded in one, else None (inputs kept)."""
+        """The network's reduced precision (bf16 / fp16) when it was loaded in one, else None (inputs
+        kept)."""
         p = next(iter(self.weights.parameters()), None)
         return p.dtype if p is not None and p.dtype in (torch.bfloat16, torch.float16) else None
 
@@ -193,8 +200,8 @@ class Teacher:
         return latents_to_images(self.vae, x).float()
 
     # ------------------------------------------------------------------ conditions
-    def condition(self, class_labels=None, prompts: list[str] | None = None, negative_prompts: list[str] | None = None,
-                  batch: int | None = None) -> Condition | None:
+    def condition(self, class_labels=None, prompts: list[str] | None = None,
+                  negative_prompts: list[str] | None = None, batch: int | None = None) -> Condition | None:
         """The :class:`Condition` this teacher takes, with its null attached.
 
         Class teachers: ``class_labels`` (None: the null class for ``batch`` rows). Text teachers:
@@ -221,7 +228,8 @@ class Teacher:
             return None
         null = self._null_class()
         if class_labels is None:
-            return Condition(class_labels=torch.full((batch or 1,), self.num_classes, device=self.device), null=null)
+            return Condition(class_labels=torch.full((batch or 1,), self.num_classes, device=self.device),
+                             null=null)
         labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
         if batch is not None and labels.numel() == 1:
             labels = labels.expand(batch)
@@ -237,8 +245,9 @@ class Teacher:
     def _null_text(self) -> Condition:
         null = self._encode_prompts([""])
         if self.force_zeros_for_empty_prompt:
-            null = null._map(torch.zeros_like) if null.time_ids is None else Condition(
-                embeds=torch.zeros_like(null.embeds), pooled=torch.zeros_like(null.pooled), time_ids=null.time_ids)
+            null = null.map(torch.zeros_like) if null.time_ids is None else Condition(
+                embeds=torch.zeros_like(null.embeds), pooled=torch.zeros_like(null.pooled),
+                time_ids=null.time_ids)
         return null
 
     @torch.no_grad()
@@ -283,13 +292,16 @@ class Teacher:
             cond = self.condition(batch=b)
         x_in = x_t.to(self.dtype) if self.dtype is not None else x_t
         if cond is not None:
-            cond = cond.expand(b).to(x_t.device, self.dtype or (torch.float32 if cond.kind == "text" else None))
+            cond = cond.expand(b).to(x_t.device,
+                                     self.dtype or (torch.float32 if cond.kind == "text" else None))
+        # per-sample scales allowed
         guided = guidance_scale is not None and cond is not None and cond.kind != "none" and (
-            torch.as_tensor(guidance_scale).numel() > 1 or float(guidance_scale) != 1.0)  # per-sample scales allowed
+            torch.as_tensor(guidance_scale).numel() > 1 or float(guidance_scale) != 1.0)
         if not guided:
             return self.model(x_in, ts, **network_kwargs(self.model, cond)).sample
         pair = cond.with_cfg_pair()
-        out = self.model(torch.cat([x_in, x_in]), torch.cat([ts, ts]), **network_kwargs(self.model, pair)).sample
+        out = self.model(torch.cat([x_in, x_in]), torch.cat([ts, ts]),
+                         **network_kwargs(self.model, pair)).sample
         c, u = out.chunk(2)
         w = torch.as_tensor(guidance_scale, device=x_t.device, dtype=out.dtype)
         w = w.reshape(-1, *([1] * (x_t.ndim - 1))) if w.ndim else w
@@ -298,10 +310,6 @@ class Teacher:
     def predict_x0(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
         out = self.network_output(x_t, t, cond, guidance_scale).to(x_t.dtype)
         return self.schedule.to_x0_eps(out, x_t, t)[0].to(x_t.dtype)
-
-    def epsilon(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
-        out = self.network_output(x_t, t, cond, guidance_scale).to(x_t.dtype)
-        return self.schedule.to_x0_eps(out, x_t, t)[1].to(x_t.dtype)
 
     def score(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
         x0 = self.predict_x0(x_t, t, cond, guidance_scale)
@@ -318,7 +326,8 @@ class Teacher:
 
         shape = (n, *self.sample_shape)
         gen_device = generator.device if generator is not None else "cpu"
-        x = (torch.randn(shape, generator=generator, device=gen_device) if noise is None else noise).to(self.device)
+        x = (torch.randn(shape, generator=generator, device=gen_device) if noise is None
+             else noise).to(self.device)
         T = self.schedule.num_train_timesteps
         times = vp_grid(self.schedule.alphas_cumprod, trailing_timesteps(num_steps, T))
 
@@ -340,7 +349,8 @@ class Teacher:
             parts = {"vae": self.vae, "text_encoders": self.text_encoders, "tokenizers": self.tokenizers}
         encs, toks = parts["text_encoders"], parts["tokenizers"]
         return {"vae": parts["vae"], "text_encoder": encs[0], "tokenizer": toks[0],
-                "text_encoder_2": encs[1] if len(encs) > 1 else None, "tokenizer_2": toks[1] if len(toks) > 1 else None}
+                "text_encoder_2": encs[1] if len(encs) > 1 else None,
+                "tokenizer_2": toks[1] if len(toks) > 1 else None}
 
 
 def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
@@ -350,8 +360,9 @@ def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
 
     missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in index or index[k][0] is None]
     if missing:
-        raise ConfigError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no {missing}; "
-                          "a Stable-Diffusion-format folder has unet, vae, text_encoder, tokenizer and scheduler.")
+        raise ConfigError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no "
+                          f"{missing}; a Stable-Diffusion-format folder has unet, vae, text_encoder, "
+                          "tokenizer and scheduler.")
     kw = {} if dtype is None else {"dtype": dtype}
     vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
     encs, toks = [], []
@@ -377,11 +388,12 @@ def _damaged(folder: Path, part: str):
     except Exception as err:  # safetensors, json, diffusers / transformers loading errors
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"Could not load the teacher's {part} from {str(folder)!r} ({type(err).__name__}: "
-                          f"{first[:300]}): a file there is damaged or incomplete; download or export the folder "
-                          "again.") from err
+                          f"{first[:300]}): a file there is damaged or incomplete; download or export the "
+                          "folder again.") from err
 
 
-def _component_class(spec):
+def component_class(spec):
+    """The class a ``model_index.json`` entry ``[library, class name]`` names (diffusers' or distill's)."""
     lib, name = spec
     if lib in ("diffusers",):
         return getattr(diffusers, name)
@@ -423,4 +435,4 @@ def analytic_teacher(name: str, prediction_type: str = "epsilon", beta_schedule:
     return Teacher.from_model(model, scheduler, source=name)
 
 
-__all__ = ["Teacher", "GaussianMixtureTeacher", "analytic_teacher"]
+__all__ = ["Teacher", "GaussianMixtureTeacher", "analytic_teacher", "component_class"]

@@ -16,7 +16,6 @@ from distill.eval.fid import (
     extract_features,
     metrics_from_features,
     reference_features,
-    save_image_folder,
     to_uint8,
 )
 
@@ -35,6 +34,13 @@ class TableExtractor(FeatureExtractorBase):
     def forward(self, x):
         idx = x[:, 0, 0, 0].long() * 256 + x[:, 1, 0, 0].long()
         return (self.table[idx],)
+
+
+def save_image_folder(images_u8, folder):
+    """uint8 (B, 3, H, W) images as PNGs 000000.png, 000001.png, ... in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_u8.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
 
 
 def _index_images(n):
@@ -90,7 +96,8 @@ def test_distill_fid_equals_torch_fidelity_on_same_pngs(tmp_path, monkeypatch):
                                            feature_extractor=ours["torch_fidelity_feature_extractor"],
                                            feature_layer_fid=ours["feature_layer_fid"],
                                            feature_extractor_weights_path=ours["feature_extractor_weights"],
-                                           cache=False, verbose=False, save_cpu_ram=True, samples_find_ext="png")
+                                           cache=False, verbose=False, save_cpu_ram=True,
+                                           samples_find_ext="png")
     assert abs(ours["fid"] - ref["frechet_inception_distance"]) < 1e-6
     assert ours["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-6, abs=1e-6)
     assert ours["isc"] == pytest.approx(ref["inception_score_mean"], rel=1e-6, abs=1e-6)
@@ -129,7 +136,8 @@ def test_digits_extractor_accuracy_and_noise_monotonic(tmp_path, monkeypatch):
 
 def test_inception_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth.*feature-extractor-weights"):
+    with pytest.raises(FileNotFoundError,
+                       match="weights-inception-2015-12-05-6726825d.pth.*feature-extractor-weights"):
         make_extractor("inception-v3-compat")
 
 
@@ -141,8 +149,8 @@ def test_fid_cli_on_image_folder_writes_report(tmp_path, monkeypatch):
     import json
 
     rep = json.loads((tmp_path / "rep" / "fid_report.json").read_text())
-    for key in ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
-                "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights"):
+    for key in ("feature_extractor", "feature_extractor_sha256", "torch_fidelity_version", "reference",
+                "seed", "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights"):
         assert key in rep
     assert "feature_layer_fid='feat64'" in (tmp_path / "rep" / "fid_report.md").read_text()
     r = rep["results"][0]

@@ -16,8 +16,9 @@ from distill.config import ConfigError, load_config
 from distill.teachers import Teacher
 from distill.trainers import TeacherTrainer
 
-TOY = ["method=teacher", "data.spec=toy:gaussians8", "student.arch=mlp", "student.hidden=64", "student.num_layers=2",
-       "train.batch_size=128", "train.progress_bar=false", "train.report_to=none", "optim.lr=2e-3"]
+TOY = ["method=teacher", "data.spec=toy:gaussians8", "student.arch=mlp", "student.hidden=64",
+       "student.num_layers=2", "train.batch_size=128", "train.progress_bar=false", "train.report_to=none",
+       "optim.lr=2e-3"]
 
 
 def test_bad_config_fails_fast_with_key_named(tmp_path):
@@ -25,7 +26,8 @@ def test_bad_config_fails_fast_with_key_named(tmp_path):
         load_config(None, ["train.max_step=5"])
     with pytest.raises(ConfigError, match=r"train.batch_size: expected an integer, got 'big'"):
         load_config(None, ["train.batch_size=big"])
-    with pytest.raises(ConfigError, match=r"train.mixed_precision: 'fp32' is not allowed; choose one of 'no', 'bf16'"):
+    with pytest.raises(ConfigError,
+                       match=r"train.mixed_precision: 'fp32' is not allowed; choose one of 'no', 'bf16'"):
         load_config(None, ["train.mixed_precision=fp32"])
     with pytest.raises(ConfigError, match=r"train.max_steps: 0 is impossible"):
         load_config(None, ["train.max_steps=0"])
@@ -34,7 +36,9 @@ def test_bad_config_fails_fast_with_key_named(tmp_path):
     with pytest.raises(ConfigError, match=r"sim.distance: 'l3'.*'pseudo_huber', 'l2'"):
         load_config(bad)
     assert main(["train", str(bad)]) == 2
-    cfg = load_config(None, ["optim.betas=[0.0, 0.99]", "eval.teacher_steps=1,2,4", "train.checkpoints_total_limit=null"])
+    cfg = load_config(None,
+                      ["optim.betas=[0.0, 0.99]", "eval.teacher_steps=1,2,4",
+                       "train.checkpoints_total_limit=null"])
     assert cfg.optim.betas == [0.0, 0.99] and cfg.eval.teacher_steps == [1, 2, 4]
     assert cfg.train.checkpoints_total_limit is None
 
@@ -59,7 +63,8 @@ def test_fp16_is_refused_on_every_device_before_any_work(tmp_path, monkeypatch):
 
 
 def test_deepspeed_launches_are_refused_at_start_up(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --config_file ds.yaml` exports
+    # what `accelerate launch --config_file ds.yaml` exports
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=2"])
     with pytest.raises(ConfigError, match="uses DeepSpeed.*does not support.*--multi_gpu"):
         TeacherTrainer(cfg)
@@ -85,8 +90,8 @@ def test_teacher_on_gaussians8_covers_all_modes(tmp_path):
 
 
 def test_learning_rate_warmup_and_milestones_follow_torch_schedulers(tmp_path):
-    """optim.lr_warmup_steps then optim.lr_milestones / lr_gamma: the learning rate of every update equals torch's
-    LinearLR warm-up (factor (k + 1) / 4) chained with MultiStepLR on the same base rate."""
+    """optim.lr_warmup_steps then optim.lr_milestones / lr_gamma: the learning rate of every update equals
+    torch's LinearLR warm-up (factor (k + 1) / 4) chained with MultiStepLR on the same base rate."""
     cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=12", "optim.lr_warmup_steps=4",
                                    "optim.lr_milestones=[6, 9]", "optim.lr_gamma=0.5"])
     trainer = TeacherTrainer(cfg)
@@ -105,7 +110,8 @@ def test_learning_rate_warmup_and_milestones_follow_torch_schedulers(tmp_path):
         trainer._set_lr(k)
         ours.append(trainer.optimizers["student"].param_groups[0]["lr"])
     assert ours == pytest.approx(ref, rel=1e-12)
-    assert ours[5] == pytest.approx(2e-3) and ours[6] == pytest.approx(1e-3) and ours[11] == pytest.approx(5e-4)
+    assert (ours[5] == pytest.approx(2e-3) and ours[6] == pytest.approx(1e-3)
+            and ours[11] == pytest.approx(5e-4))
     for bad, match in (("optim.lr_milestones=[9, 6]", r"optim.lr_milestones: \[9, 6\].*increasing"),
                        ("optim.lr_gamma=0", r"optim.lr_gamma: 0")):
         with pytest.raises(ConfigError, match=match):
@@ -115,13 +121,16 @@ def test_learning_rate_warmup_and_milestones_follow_torch_schedulers(tmp_path):
 
 
 def test_resume_gives_bitwise_identical_weights(tmp_path):
-    common = TOY + ["train.checkpointing_steps=10", "train.gradient_accumulation_steps=2", "optim.lr_warmup_steps=5"]
+    common = (TOY
+              + ["train.checkpointing_steps=10", "train.gradient_accumulation_steps=2",
+                 "optim.lr_warmup_steps=5"])
     full = load_config(None, common + [f"output_dir={tmp_path / 'full'}", "train.max_steps=30"])
     TeacherTrainer(full).train()
     part = load_config(None, common + [f"output_dir={tmp_path / 'part'}", "train.max_steps=20"])
     TeacherTrainer(part).train()
     # a half-written checkpoint from a killed run must be ignored
-    shutil.copytree(tmp_path / "part/checkpoints/checkpoint-20", tmp_path / "part/checkpoints/checkpoint-25.partial")
+    shutil.copytree(tmp_path / "part/checkpoints/checkpoint-20",
+                    tmp_path / "part/checkpoints/checkpoint-25.partial")
     os.remove(tmp_path / "part/checkpoints/checkpoint-25.partial/trainer_state.json")
     assert latest_checkpoint(tmp_path / "part/checkpoints").name == "checkpoint-20"
     resumed = load_config(None, common + [f"output_dir={tmp_path / 'part'}", "train.max_steps=30",
@@ -136,7 +145,8 @@ def test_resume_gives_bitwise_identical_weights(tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), (stem, k)
     # checkpoints_total_limit=2 (default) keeps the two newest
-    assert [p.name for p in list_checkpoints(tmp_path / "full/checkpoints")] == ["checkpoint-20", "checkpoint-30"]
+    kept = [p.name for p in list_checkpoints(tmp_path / "full/checkpoints")]
+    assert kept == ["checkpoint-20", "checkpoint-30"]
     assert not list((tmp_path / "full").rglob("*.pkl")) and not list((tmp_path / "full").rglob("*.bin"))
 
 
@@ -152,9 +162,11 @@ def test_resume_from_missing_path_is_clear(tmp_path):
 def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path, method):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     script = Path(__file__).with_name("_ddp_script.py")
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          str(script), str(tmp_path), method], env=env, capture_output=True, text=True, timeout=600,
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", str(script), str(tmp_path),
+                          method], env=env, capture_output=True, text=True,
+                         timeout=600,
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     r0 = (tmp_path / "rank0.txt").read_text().split()
@@ -165,8 +177,10 @@ def test_two_process_accelerate_launch_keeps_ranks_identical(tmp_path, method):
 
 
 def test_curriculum_starts_at_high_noise_and_accumulates_harder_clusters(tmp_path):
-    cfg = load_config(None, TOY + [f"output_dir={tmp_path}", "train.max_steps=1", "teacher_train.curriculum_clusters=4",
-                                   "teacher_train.curriculum_patience=3"])
+    cfg = load_config(None,
+                      TOY
+                      + [f"output_dir={tmp_path}", "train.max_steps=1", "teacher_train.curriculum_clusters=4",
+                         "teacher_train.curriculum_patience=3"])
     trainer = TeacherTrainer(cfg)
     trainer.setup()
     assert trainer._index_range() == (750, 1000)  # the easiest (noisiest) cluster first

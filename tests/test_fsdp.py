@@ -18,21 +18,22 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = ["train.batch_size=8", "train.report_to=none", "train.progress_bar=false", "eval.enabled=false",
           "train.checkpointing_steps=2"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-# Adam's first updates are lr * g / |g|: a float reduction-order difference can move a weight by a small part of
-# lr = 1e-4; 1e-5 is a tenth of one update
+# Adam's first updates are lr * g / |g|: a float reduction-order difference can move a weight by a small part
+# of lr = 1e-4; 1e-5 is a tenth of one update
 TOL = 1e-5
 
 
 def command(config, out, processes, *extra):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "distill"]
     return (launch if processes > 1 else [sys.executable, "-m", "distill"]) + [
         "train", config, f"output_dir={out}", *COMMON, *extra]
 
 
 def run(config, out, processes, *extra):
-    res = subprocess.run(command(config, out, processes, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(command(config, out, processes, *extra), cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -43,7 +44,8 @@ def kill_every_process_of(launch, marker: str) -> None:
     os.killpg(launch.pid, signal.SIGKILL)
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+            if (proc.name.isdigit()
+                    and marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()):
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
@@ -51,8 +53,8 @@ def kill_every_process_of(launch, marker: str) -> None:
 
 def start(config, out, processes, *extra):
     """The run in its own process group (so that a kill reaches every process of the launch)."""
-    return subprocess.Popen(command(config, out, processes, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command(config, out, processes, *extra), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -85,7 +87,8 @@ def test_fsdp_matches_data_parallel_and_resumes_at_another_process_count(tmp_pat
     # model, optimizer and EMA files: the unsharded format, with the same values
     assert max_difference(tmp_path / "ddp" / step2, tmp_path / "fsdp" / step2) < TOL
     for name in ("fsdp", "ddp"):
-        run(config, tmp_path / name, 1, "train.max_steps=4", f"train.resume_from_checkpoint={tmp_path / name / step2}")
+        run(config, tmp_path / name, 1, "train.max_steps=4",
+            f"train.resume_from_checkpoint={tmp_path / name / step2}")
     assert max_difference(tmp_path / "ddp" / "pipeline", tmp_path / "fsdp" / "pipeline") < TOL
     # and the other way: an unsharded checkpoint resumes sharded
     if "sim" in config:
@@ -95,7 +98,8 @@ def test_fsdp_matches_data_parallel_and_resumes_at_another_process_count(tmp_pat
         assert max_difference(tmp_path / "to_ddp" / "pipeline", tmp_path / "to_fsdp" / "pipeline") < TOL
         a = load_file(tmp_path / "to_ddp" / "pipeline" / "generator" / "diffusion_pytorch_model.safetensors")
         b = load_file(tmp_path / "ddp" / "pipeline" / "generator" / "diffusion_pytorch_model.safetensors")
-        assert max((a[k] - b[k]).abs().max().item() for k in a) > 0  # the process schedules differ: data differs
+        # the process schedules differ: data differs
+        assert max((a[k] - b[k]).abs().max().item() for k in a) > 0
 
 
 def test_fsdp_refusals(tmp_path, monkeypatch):
@@ -106,7 +110,7 @@ def test_fsdp_refusals(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="does not support train.gradient_accumulation_steps"):
         load_config("configs/sim_digits.yaml", ["train.fsdp=true", "train.gradient_accumulation_steps=2"])
     # an Accelerate FSDP launch turns train.fsdp on (and so is refused for a method that cannot shard)
-    from distill.trainers.base import make_accelerator
+    from distill.engine import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg = load_config("configs/teacher_digits.yaml", [f"output_dir={tmp_path}"])

@@ -1,5 +1,5 @@
-"""The training loop as a GPU needs it, checked on the CPU: no host synchronisation inside an update and one per
-log line, the foreach EMA equal to diffusers' reference, device-resident data equal to per-step decoding,
+"""The training loop as a GPU needs it, checked on the CPU: no host synchronisation inside an update and one
+per log line, the foreach EMA equal to diffusers' reference, device-resident data equal to per-step decoding,
 fused AdamW's on-device skip of a non-finite update, and torch.compile equal to eager."""
 
 import contextlib
@@ -15,11 +15,12 @@ from distill.config import load_config
 from distill.ema import ForeachEMA
 from distill.trainers import trainer_class
 
-FAST = ["train.progress_bar=false", "train.report_to=none", "eval.enabled=false", "train.checkpointing_steps=1000"]
+FAST = ["train.progress_bar=false", "train.report_to=none", "eval.enabled=false",
+        "train.checkpointing_steps=1000"]
 
 # every way a tensor's value reaches the host (a device synchronisation on a GPU)
-SYNCS = [(torch.Tensor, name) for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
-                                           "__index__")]
+SYNCS = [(torch.Tensor, name)
+         for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")]
 
 
 @contextlib.contextmanager
@@ -45,23 +46,26 @@ def counting_syncs():
 
 SYNC_CASES = {
     "sim": ("configs/sim_gaussians8.yaml", ["sim.init_denoiser_steps=2", "train.batch_size=64"]),
-    "uni_instruct": ("configs/uni_instruct_gaussians8.yaml", ["uni_instruct.init_denoiser_steps=2",
-                                                              "uni_instruct.ratio_warmup_steps=0",
-                                                              "train.batch_size=64"]),
+    "uni_instruct": ("configs/uni_instruct_gaussians8.yaml",
+                     ["uni_instruct.init_denoiser_steps=2", "uni_instruct.ratio_warmup_steps=0",
+                      "train.batch_size=64"]),
     "teacher": ("configs/teacher_gaussians8.yaml", ["train.batch_size=64"]),
-    "progressive": ("configs/progressive_gaussians8.yaml", ["progressive.init_denoiser_steps=2",
-                                                            "progressive.steps_per_round=100", "train.batch_size=64"]),
-    "guided": ("configs/guided_gaussians8.yaml", ["guided.init_denoiser_steps=2", "guided.stage_one_steps=100",
-                                                  "train.batch_size=64"]),
+    "progressive": ("configs/progressive_gaussians8.yaml",
+                    ["progressive.init_denoiser_steps=2", "progressive.steps_per_round=100",
+                     "train.batch_size=64"]),
+    "guided": ("configs/guided_gaussians8.yaml",
+               ["guided.init_denoiser_steps=2", "guided.stage_one_steps=100", "train.batch_size=64"]),
     "msd": ("configs/msd_gaussians8.yaml", ["msd.num_students=2", "train.batch_size=64"]),
-    "mar": ("configs/mar_digits.yaml", ["train.batch_size=8", "mar.depth=1", "mar.width=32", "mar.head_width=32"]),
+    "mar": ("configs/mar_digits.yaml",
+            ["train.batch_size=8", "mar.depth=1", "mar.width=32", "mar.head_width=32"]),
 }
 
 
 @pytest.mark.parametrize("method", list(SYNC_CASES))
 def test_updates_never_synchronise_and_a_log_line_synchronises_once(tmp_path, method):
     config, extra = SYNC_CASES[method]
-    cfg = load_config(config, FAST + extra + [f"output_dir={tmp_path}", "train.log_every=5", "train.max_steps=200"])
+    cfg = load_config(config,
+                      FAST + extra + [f"output_dir={tmp_path}", "train.log_every=5", "train.max_steps=200"])
     trainer = trainer_class(cfg.method)(cfg)
     trainer.setup()
     trainer.train_iteration()  # first use: constants (t*, nulls, grids) reach the device once
@@ -75,12 +79,14 @@ def test_updates_never_synchronise_and_a_log_line_synchronises_once(tmp_path, me
     with counting_syncs() as calls:
         state = trainer._synchronize(logs)
     assert calls == ["tolist"], calls  # logs, counters and the non-finite state in one read
-    assert state["bad_run"] == 0 and state["logs"] and all(isinstance(v, float) for v in state["logs"].values())
+    assert (state["bad_run"] == 0 and state["logs"]
+            and all(isinstance(v, float) for v in state["logs"].values()))
 
 
 def test_the_loop_reads_the_device_once_per_log_line(tmp_path, monkeypatch):
-    cfg = load_config("configs/sim_gaussians8.yaml", FAST + [f"output_dir={tmp_path}", "train.max_steps=30",
-                                                              "train.log_every=10", "sim.init_denoiser_steps=2"])
+    cfg = load_config("configs/sim_gaussians8.yaml",
+                      FAST + [f"output_dir={tmp_path}", "train.max_steps=30", "train.log_every=10",
+                              "sim.init_denoiser_steps=2"])
     trainer = trainer_class("sim")(cfg)
     reads = []
     real = trainer._synchronize
@@ -93,7 +99,8 @@ def test_the_loop_reads_the_device_once_per_log_line(tmp_path, monkeypatch):
 def test_foreach_ema_equals_diffusers_reference_ema():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(300, 7)) for _ in range(3)]
-    params.append(torch.nn.Parameter(torch.randn(5), requires_grad=False))  # frozen: copied, as diffusers does
+    # frozen: copied, as diffusers does
+    params.append(torch.nn.Parameter(torch.randn(5), requires_grad=False))
     ref, ours = EMAModel(params, decay=0.999, foreach=False), ForeachEMA(params, decay=0.999)
     for _ in range(40):
         with torch.no_grad():
@@ -131,7 +138,8 @@ def test_images_cached_on_the_device_give_the_run_of_per_step_decoding(tmp_path)
 
 
 def test_fused_adamw_skips_a_non_finite_update_on_the_device(tmp_path):
-    cfg = load_config("configs/sim_gaussians8.yaml", FAST + [f"output_dir={tmp_path}", "sim.init_denoiser_steps=2"])
+    cfg = load_config("configs/sim_gaussians8.yaml",
+                      FAST + [f"output_dir={tmp_path}", "sim.init_denoiser_steps=2"])
     trainer = trainer_class("sim")(cfg)
     trainer.setup()
     opt = trainer.optimizers["student"]
@@ -145,7 +153,8 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device(tmp_path):
         trainer.train_iteration()
     hook.remove()
     assert calls == []
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # weights, moments, step count kept
+    # weights, moments, step count kept
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     state = getattr(opt, "optimizer", opt).state[next(net.parameters())]
     assert all(torch.equal(moments[k], state[k]) for k in moments)
     assert trainer._synchronize(None)["bad_run"] == 1
@@ -156,13 +165,14 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_gives_the_eager_student(tmp_path):
-    """train.compile=true (torch.compile, inductor on the CPU) trains the toy SIM config to the same student."""
+    """train.compile=true (torch.compile, inductor on the CPU) trains the toy SIM config to the same
+    student."""
     weights = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
-        cfg = load_config("configs/sim_gaussians8.yaml", FAST + [f"output_dir={out}", "train.max_steps=20",
-                                                                  "sim.init_denoiser_steps=5",
-                                                                  f"train.compile={str(compiled).lower()}"])
+        cfg = load_config("configs/sim_gaussians8.yaml",
+                          FAST + [f"output_dir={out}", "train.max_steps=20", "sim.init_denoiser_steps=5",
+                                  f"train.compile={str(compiled).lower()}"])
         trainer = trainer_class("sim")(cfg)
         trainer.train()
         assert (trainer.compile_seconds is not None) == compiled

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ["trainer", "batch", "mode", "compile s", "trainer ms/update", "bare ms", "ratio (median of pairs)",
-          "ratio 10-90%", "img/s", "GFLOP/update", "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak GiB",
-          "status"]
+          "ratio 10-90%", "img/s", "GFLOP/update", "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)",
+          "peak GiB", "status"]
 TRAINERS = ["teacher", "sim", "uni_instruct", "progressive"]
 
 
@@ -18,8 +18,8 @@ def test_perf_dry_run(tmp_path):
     out = tmp_path / "perf"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("GPU_PERF_DRY_COMPILE", None)
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--perf", "--dry-run", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--perf", "--dry-run", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     md = (out / "perf.md").read_text()
@@ -31,8 +31,10 @@ def test_perf_dry_run(tmp_path):
     assert [json.loads(line)["trainer"] for line in proc.stdout.splitlines() if line.startswith("{")] == [
         r["trainer"] for r in rows]  # one JSON line per row on stdout
 
-    ran = [r for r in rows if r["status"].startswith("ok") and "bare_ms" in r]  # rows timed against bare passes
-    for r in rows:  # the loop of an earlier commit (only where .gpu_baseline/ holds its source) and ratios to it
+    # rows timed against bare passes
+    ran = [r for r in rows if r["status"].startswith("ok") and "bare_ms" in r]
+    # the loop of an earlier commit (only where .gpu_baseline/ holds its source) and ratios to it
+    for r in rows:
         if "loop before the change" in r["trainer"] and r["status"].startswith(("ok", "img/s")):
             assert r["img_per_s"] > 0 and (r.get("ratio", 1) > 0), r
     keys = [(r["trainer"], r["batch"], r["mode"]) for r in ran]

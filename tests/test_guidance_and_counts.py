@@ -25,9 +25,11 @@ def _spy_guidance(monkeypatch):
 
 
 @pytest.mark.parametrize("config,overrides", [
-    ("configs/sim_gaussians8.yaml", ["sim.init_denoiser_steps=3", "train.max_steps=2"]),  # fit_to_teacher, then SIM
+    # fit_to_teacher, then SIM
+    ("configs/sim_gaussians8.yaml", ["sim.init_denoiser_steps=3", "train.max_steps=2"]),
     ("configs/progressive_gaussians8.yaml", ["progressive.start_steps=2", "progressive.steps_per_round=2",
-                                             "progressive.init_denoiser_steps=3"]),  # round 0, student.arch=mlp
+                                             # round 0, student.arch=mlp
+                                             "progressive.init_denoiser_steps=3"]),
 ])
 def test_teacher_guidance_scale_is_used_by_every_teacher_evaluation(tmp_path, monkeypatch, config, overrides):
     seen = _spy_guidance(monkeypatch)
@@ -37,7 +39,8 @@ def test_teacher_guidance_scale_is_used_by_every_teacher_evaluation(tmp_path, mo
 
 
 def test_guidance_scale_on_an_unconditional_teacher_or_a_guided_run_is_refused(tmp_path):
-    cfg = load_config("configs/progressive_gaussians8.yaml", FAST + [f"output_dir={tmp_path}", "teacher.guidance_scale=2"])
+    cfg = load_config("configs/progressive_gaussians8.yaml",
+                      FAST + [f"output_dir={tmp_path}", "teacher.guidance_scale=2"])
     with pytest.raises(ConfigError, match="teacher.guidance_scale=2.0 needs a class-conditional teacher"):
         trainer_class(cfg.method)(cfg).train()
     with pytest.raises(ConfigError, match="guided distillation samples its own guidance scales"):
@@ -47,7 +50,8 @@ def test_guidance_scale_on_an_unconditional_teacher_or_a_guided_run_is_refused(t
 @pytest.mark.parametrize("config", ["configs/sim_gaussians8.yaml", "configs/uni_instruct_gaussians8.yaml"])
 def test_dropped_samples_and_repaired_gradients_are_counted(tmp_path, config):
     cfg = load_config(config, FAST + [f"output_dir={tmp_path}", "train.max_steps=4", "train.log_every=2",
-                                      "train.batch_size=32", f"{load_config(config).method}.init_denoiser_steps=0"])
+                                      "train.batch_size=32",
+                                      f"{load_config(config).method}.init_denoiser_steps=0"])
     trainer = trainer_class(cfg.method)(cfg)
     trainer.setup()
     real_loss = trainer.loss
@@ -68,5 +72,6 @@ def test_dropped_samples_and_repaired_gradients_are_counted(tmp_path, config):
     assert [h["step"] for h in logs] == [2, 4]
     for h in logs:  # two generator steps per log window, each with one gradient tensor holding NaNs, skipped
         assert h["nonfinite_samples"] == 4 and h["nonfinite_grads/student"] == 2, h
-        assert h["skipped_updates/student"] == 2 and h["nonfinite_grads/fake"] == h["skipped_updates/fake"] == 0
+        assert (h["skipped_updates/student"] == 2
+                and h["nonfinite_grads/fake"] == h["skipped_updates/fake"] == 0)
     assert all(torch.isfinite(p).all() for p in trainer.unwrap("student").parameters())

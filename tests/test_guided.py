@@ -30,7 +30,8 @@ def test_teacher_cfg_is_meng_combination_with_w_equal_scale_minus_one():
     assert (x_c - x_u).abs().max() > 1e-2  # the two predictions differ, so the check below can fail
     for s in (1.0, 2.5, 4.0):
         w = s - 1.0
-        torch.testing.assert_close(teacher.predict_x0(x, t, labels, guidance_scale=s), (1 + w) * x_c - w * x_u)
+        torch.testing.assert_close(teacher.predict_x0(x, t, labels, guidance_scale=s),
+                                   (1 + w) * x_c - w * x_u)
     # per-example scales (the guided trainer's stage one)
     s = torch.linspace(1.0, 5.0, 16, dtype=torch.float64)
     w = (s - 1)[:, None]
@@ -75,7 +76,8 @@ def test_unguided_pipeline_cfg_equals_teacher_cfg_sampler():
     """A class-conditional FewStepPipeline with guidance_scale runs classifier-free guidance (the
     CFG teacher baseline), equal to the Teacher's own guided DDIM chain."""
     teacher = analytic_teacher("gaussians8", conditional=True, prediction_type="sample")
-    pipe = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=4, sample_shape=[2], num_classes=8)
+    pipe = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=4, sample_shape=[2],
+                           num_classes=8)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(32) % 8
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))  # what Teacher.sample draws
@@ -110,7 +112,8 @@ def test_guided_unet_starts_equal_to_teacher_and_round_trips(tiny_unet, tmp_path
         torch.testing.assert_close(back(x, t, class_labels=c, guidance_weight=w).sample, a)
     # the hook is removed after the call: the inner UNet alone is unchanged
     with torch.no_grad():
-        torch.testing.assert_close(guided.unet(x, t, class_labels=c).sample, unet(x, t, class_labels=c).sample)
+        torch.testing.assert_close(guided.unet(x, t, class_labels=c).sample,
+                                   unet(x, t, class_labels=c).sample)
 
 
 def test_mlp_guidance_input_starts_at_zero():
@@ -129,7 +132,7 @@ def test_mlp_guidance_input_starts_at_zero():
 
 # ---------------------------------------------------------------------- stochastic sampler
 def test_stochastic_sampler_is_meng_double_step_then_renoise():
-    """Against the formula of step_reduction.md s2.4, written out independently here."""
+    """Against the sampler of Meng et al. 2023, sec. 4.2, written out independently here."""
     ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
     grid = [999, 749, 499, 249]
 
@@ -160,15 +163,17 @@ def test_stochastic_sampler_is_meng_double_step_then_renoise():
 # ---------------------------------------------------------------------- trainer
 def _cfg(tmp_path, *extra):
     return load_config("configs/guided_gaussians8.yaml", [
-        f"output_dir={tmp_path}", "guided.start_steps=4", "guided.stage_one_steps=6", "guided.steps_per_round=3",
+        f"output_dir={tmp_path}", "guided.start_steps=4", "guided.stage_one_steps=6",
+        "guided.steps_per_round=3",
         "guided.init_denoiser_steps=20", "train.progress_bar=false", "train.report_to=none",
         "train.checkpointing_steps=100", *extra])
 
 
 def test_guided_trainer_exports_stage_one_and_rounds_with_guidance_input(tmp_path):
     cfg = _cfg(tmp_path)
-    final = trainer_class("guided")(cfg).train()
-    assert cfg.train.max_steps == 6 + 6 + 6  # stage one, then 4->2 and 2->1 (doubled)
+    trainer = trainer_class("guided")(cfg)
+    final = trainer.train()
+    assert trainer.max_steps == trainer.step == 6 + 6 + 6  # stage one, then 4->2 and 2->1 (doubled)
     for n, grid in ((4, [999, 749, 499, 249]), (2, [999, 499]), (1, [999])):
         folder = tmp_path / "rounds" / f"steps-{n}"
         index = json.loads((folder / "model_index.json").read_text())
@@ -181,12 +186,13 @@ def test_guided_trainer_exports_stage_one_and_rounds_with_guidance_input(tmp_pat
         pipe.set_progress_bar_config(disable=True)
         x = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
         assert x.shape == (4, 2) and torch.isfinite(x).all()
-        assert len(calls) == n and torch.allclose(calls[0], torch.ones(4))  # default guidance_scale 2 -> w = 1
+        # default guidance_scale 2 -> w = 1
+        assert len(calls) == n and torch.allclose(calls[0], torch.ones(4))
     assert final == tmp_path / "pipeline"
-    a = load_pipeline(str(final))(batch_size=8, generator=torch.Generator().manual_seed(0), guidance_scale=1.0,
-                                  output_type="pt").images
-    b = load_pipeline(str(final))(batch_size=8, generator=torch.Generator().manual_seed(0), guidance_scale=4.0,
-                                  output_type="pt").images
+    a = load_pipeline(str(final))(batch_size=8, generator=torch.Generator().manual_seed(0),
+                                  guidance_scale=1.0, output_type="pt").images
+    b = load_pipeline(str(final))(batch_size=8, generator=torch.Generator().manual_seed(0),
+                                  guidance_scale=4.0, output_type="pt").images
     assert (a - b).abs().max() > 1e-4  # the guidance input changes the samples
 
 
@@ -206,7 +212,8 @@ def test_new_guidance_embedding_gets_its_learning_rate_multiplier(tmp_path):
 
 def test_guided_export_loads_in_plain_diffusers(tmp_path):
     cfg = load_config("configs/guided_gaussians8.yaml", [
-        f"output_dir={tmp_path}", "guided.start_steps=2", "guided.stage_one_steps=2", "guided.steps_per_round=1",
+        f"output_dir={tmp_path}", "guided.start_steps=2", "guided.stage_one_steps=2",
+        "guided.steps_per_round=1",
         "guided.init_denoiser_steps=2", "train.progress_bar=false", "train.report_to=none"])
     path = trainer_class("guided")(cfg).train()
     code = textwrap.dedent(f"""
@@ -214,7 +221,8 @@ def test_guided_export_loads_in_plain_diffusers(tmp_path):
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({str(path)!r}, trust_remote_code=True)
         assert "distill" not in sys.modules
-        x = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), guidance_scale=3.0, output_type="pt").images
+        x = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), guidance_scale=3.0,
+                 output_type="pt").images
         print(type(pipe).__name__, tuple(x.shape))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
@@ -245,8 +253,8 @@ def test_guided_student_tracks_the_cfg_teacher_across_scales(tmp_path):
         for k in (2, 1):
             pipe = load_pipeline(str(tmp_path / "rounds" / f"steps-{k}"))
             pipe.set_progress_bar_config(disable=True)
-            x = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels, guidance_scale=s,
-                     output_type="pt").images
+            x = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), class_labels=labels,
+                     guidance_scale=s, output_type="pt").images
             ddim = teacher.sample(n, k, torch.Generator().manual_seed(0), cond, guidance_scale=s)
             rows.append((s, k, sliced_wasserstein(x, ref), sliced_wasserstein(ddim, ref)))
     print(rows)
@@ -265,14 +273,16 @@ def test_guided_digits_config_and_readme_example_run(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "guided_digits"
     cmd = [sys.executable, "-m", "distill", "train", "configs/guided_digits.yaml", f"output_dir={out}",
-           "train.progress_bar=false", "train.report_to=none", "guided.start_steps=4", "guided.stage_one_steps=2",
-           "guided.steps_per_round=1", "train.batch_size=8", "eval.num_samples=100", "eval.teacher_steps=[1,4]"]
+           "train.progress_bar=false", "train.report_to=none", "guided.start_steps=4",
+           "guided.stage_one_steps=2", "guided.steps_per_round=1", "train.batch_size=8",
+           "eval.num_samples=100", "eval.teacher_steps=[1,4]"]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "student FID (guidance_scale 2)" in res.stdout and "teacher FID (guidance_scale 3)" in res.stdout
     report = json.loads((out / "report" / "fid_report.json").read_text())
     rows = {(r["model"], r["guidance_scale"], r["steps"]): r for r in report["results"]}
-    assert ("student-s1", 1.0, 1) in rows and ("student-s3", 3.0, 4) in rows and ("teacher-s2", 2.0, 4) in rows
+    assert (("student-s1", 1.0, 1) in rows and ("student-s3", 3.0, 4) in rows
+            and ("teacher-s2", 2.0, 4) in rows)
     assert rows[("teacher-s2", 2.0, 4)]["nfe"] == 8  # classifier-free guidance: 2 evaluations per step
     assert rows[("teacher-s1", 1.0, 4)]["nfe"] == 4
     blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)

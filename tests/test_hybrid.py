@@ -13,7 +13,8 @@ from distill.teachers import analytic_teacher
 MEANS = [[-1.0, 0.5], [1.5, -0.5]]
 
 
-def _gmm(beta_schedule="squaredcos_cap_v2", stds=(0.3, 0.2), means=MEANS, prediction_type="epsilon", classes=None):
+def _gmm(beta_schedule="squaredcos_cap_v2", stds=(0.3, 0.2), means=MEANS, prediction_type="epsilon",
+         classes=None):
     model = GaussianMixtureTeacher(means, list(stds), component_classes=classes, beta_schedule=beta_schedule,
                                    prediction_type=prediction_type)
     return model, diffusers.DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
@@ -21,7 +22,8 @@ def _gmm(beta_schedule="squaredcos_cap_v2", stds=(0.3, 0.2), means=MEANS, predic
 
 def _pipes(student_schedule="squaredcos_cap_v2"):
     base_net, base_sched = _gmm()
-    # a "student": a different mixture (so the two models are told apart), few-step on the trailing 4-step grid
+    # a "student": a different mixture (so the two models are told apart), few-step on the trailing
+    # 4-step grid
     student_net, student_sched = _gmm(student_schedule, stds=(0.1, 0.1), means=[[0.0, 1.0], [1.0, 0.0]],
                                       prediction_type="sample")
     base = FewStepPipeline(base_net, base_sched, num_inference_steps=4, sample_shape=[2])
@@ -40,8 +42,8 @@ def test_zero_base_steps_is_the_student_and_all_base_steps_is_the_base():
     hybrid = HybridPipeline.from_pipelines(base, student)
     hybrid.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_run(hybrid, num_base_steps=0), _run(student), rtol=0, atol=0)
-    torch.testing.assert_close(_run(hybrid, num_base_steps=4), _run(base, timesteps=trailing_timesteps(4)), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(_run(hybrid, num_base_steps=4), _run(base, timesteps=trailing_timesteps(4)),
+                               rtol=0, atol=0)
     one, two = _run(hybrid, num_base_steps=1), _run(hybrid, num_base_steps=2)
     assert (one - _run(student)).abs().max() > 1e-3 and (one - two).abs().max() > 1e-3
     out = hybrid(batch_size=5, num_base_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt",
@@ -101,7 +103,8 @@ def test_hand_over_is_at_the_students_noise_level_in_closed_form():
         hybrid(batch_size=len(z), num_base_steps=1, latents=z, output_type="pt")
         assert int(seen["t"][0]) == t1
         var = std**2
-        x0 = mu + a0 * var / (a0**2 * var + s0**2) * (z - a0 * mu)  # exact posterior mean at the student's level
+        # exact posterior mean at the student's level
+        x0 = mu + a0 * var / (a0**2 * var + s0**2) * (z - a0 * mu)
         expected = a1 * x0 + s1 * (z - a0 * x0) / s0
         torch.testing.assert_close(seen["x"], expected, rtol=0, atol=atol)
         if std < 1e-3:  # the point mass: exactly the student's first-step marginal
@@ -112,8 +115,10 @@ def test_hand_over_is_at_the_students_noise_level_in_closed_form():
 
 def test_hybrid_exports_and_reloads(tmp_path):
     teacher = analytic_teacher("gaussians8", conditional=True)
-    base = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=4, sample_shape=[2], num_classes=8)
-    student = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=2, sample_shape=[2], num_classes=8)
+    base = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=4, sample_shape=[2],
+                           num_classes=8)
+    student = FewStepPipeline(teacher.model, teacher.scheduler, num_inference_steps=2, sample_shape=[2],
+                              num_classes=8)
     hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=1)
     path = export_pipeline(hybrid, tmp_path / "hybrid")
     again = load_pipeline(str(path))
@@ -121,10 +126,10 @@ def test_hybrid_exports_and_reloads(tmp_path):
     for p in (hybrid, again):
         p.set_progress_bar_config(disable=True)
     labels = torch.arange(16) % 8
-    a = hybrid(batch_size=16, class_labels=labels, base_guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
-               output_type="np").images
-    b = again(batch_size=16, class_labels=labels, base_guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
-              output_type="np").images
+    a = hybrid(batch_size=16, class_labels=labels, base_guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(3), output_type="np").images
+    b = again(batch_size=16, class_labels=labels, base_guidance_scale=2.0,
+              generator=torch.Generator().manual_seed(3), output_type="np").images
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="same classes"):
         HybridPipeline.from_pipelines(base, FewStepPipeline(*_gmm(), num_inference_steps=2, sample_shape=[2]))
@@ -147,7 +152,8 @@ def test_diversity_metrics_in_closed_form():
     lam = lam[lam > 1e-15]
     assert vendi(f) == pytest.approx(float(np.exp(-(lam * np.log(lam)).sum())), rel=1e-9)
     cos = (u @ u.T).numpy()
-    assert pairwise_distance(f) == pytest.approx(float(np.mean([1 - cos[i, j] for i in range(7) for j in range(i)])))
+    assert pairwise_distance(f) == pytest.approx(
+        float(np.mean([1 - cos[i, j] for i in range(7) for j in range(i)])))
     div = diversity_by_condition(torch.cat([eye, torch.ones(4, 5)]), [0] * 5 + [1] * 4)
     assert div["per_condition"][0]["vendi"] == pytest.approx(5.0) and div["vendi"] == pytest.approx(3.0)
 
@@ -188,9 +194,10 @@ def test_base_substeps_refine_the_base_intervals():
                                _run(base, timesteps=[999, 874, 749, 624, 499, 374, 249, 124]), rtol=0, atol=0)
     times, k = hybrid.schedule(1, num_base_substeps=4)
     assert k == 4 and times[:, 0].tolist() == [999, 936, 874, 812, 749, 499, 249]
-    out = hybrid(batch_size=3, num_base_steps=1, num_base_substeps=4, generator=torch.Generator().manual_seed(0),
-                 output_type="pt", return_trajectory=True)
+    out = hybrid(batch_size=3, num_base_steps=1, num_base_substeps=4,
+                 generator=torch.Generator().manual_seed(0), output_type="pt", return_trajectory=True)
     assert len(out.trajectory) == 7
-    torch.testing.assert_close(_run(hybrid, num_base_steps=1, num_base_substeps=1), _run(hybrid, num_base_steps=1))
+    torch.testing.assert_close(_run(hybrid, num_base_steps=1, num_base_substeps=1),
+                               _run(hybrid, num_base_steps=1))
     with pytest.raises(ValueError, match="too fine"):
         hybrid.schedule(1, num_base_substeps=400)

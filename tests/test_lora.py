@@ -25,7 +25,8 @@ def tiny_cond_unet(seed=0):
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=4, cross_attention_dim=16)
 
 
@@ -56,7 +57,8 @@ def test_views_share_one_frozen_base_and_switch_adapters_per_call():
     # only the adapter is a view's parameter set, and its size is the closed form r (in + out) per layer
     assert sum(p.numel() for p in teacher.parameters()) == 0
     n = sum(p.numel() for p in student.parameters())
-    assert n == lora_rank_count(plain, 4, UNET_TARGETS) and 0 < n < sum(p.numel() for p in plain.parameters()) / 5
+    assert (n == lora_rank_count(plain, 4, UNET_TARGETS)
+            and 0 < n < sum(p.numel() for p in plain.parameters()) / 5)
     assert all(p.requires_grad for p in student.parameters())
     assert {id(p) for p in student.parameters()}.isdisjoint(id(p) for p in fake.parameters())
     # a change to the student's adapter moves the student only
@@ -119,15 +121,18 @@ def _train(method, folder, prompts_file, out, extra=()):
     overrides = {
         "sim": ["train.max_steps=2", "sim.lr_fake=0.01"],
         "uni_instruct": ["train.max_steps=2", "uni_instruct.lr_fake=0.01"],
-        "progressive": ["progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=2"],
+        "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
+                        "progressive.steps_per_round=2"],
     }[method]
     cfg = load_config(REPO / "configs" / f"{method}_sd15.yaml", [
         f"teacher.path={folder}", f"data.spec=prompts:{prompts_file}", "train.batch_size=2",
-        "data.teacher_sample_steps=2", "train.report_to=none", "train.progress_bar=false", f"output_dir={out}",
+        "data.teacher_sample_steps=2", "train.report_to=none", "train.progress_bar=false",
+        f"output_dir={out}",
         "optim.lr=0.01", "train.mixed_precision=no", *overrides, *extra])
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # runs of this file use different mixed precisions
+    # runs of this file use different mixed precisions
+    AcceleratorState._reset_state(reset_partial_state=True)
     trainer = trainer_class(cfg.method)(cfg)
     trainer.train()
     return trainer
@@ -146,19 +151,23 @@ assert "distill" not in sys.modules
 
 @pytest.mark.parametrize("method", ["sim", pytest.param("uni_instruct", marks=pytest.mark.slow),
                                     pytest.param("progressive", marks=pytest.mark.slow)])
-def test_lora_students_train_and_export_an_adapter_for_the_teachers_own_pipeline(tiny_sd_folder, tmp_path, method):
+def test_lora_students_train_and_export_an_adapter_for_the_teachers_own_pipeline(
+        tiny_sd_folder, tmp_path, method):
     sd, out = tiny_sd_folder / "sd", tmp_path / "run"
     trainer = _train(method, sd, tiny_sd_folder / "prompts.txt", out, ["student.lora_rank=4"])
     # the trainable parameters are the adapters' only (closed form), and the teacher's weights are shared
     plain = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet")
     expected = lora_rank_count(plain, 4, UNET_TARGETS)
-    trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in trainer.modules.items()}
+    trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n,
+                 m in trainer.modules.items()}
     frozen_copy = {"sim": "fake", "uni_instruct": "fake", "progressive": "round_teacher"}[method]
     assert trainable["student"] == expected
-    assert trainable[frozen_copy] == (0 if method == "progressive" else expected)  # progressive's round teacher: frozen
+    # progressive's round teacher: frozen
+    assert trainable[frozen_copy] == (0 if method == "progressive" else expected)
     assert set(trainable) - {"student", frozen_copy} <= {"disc"}  # Uni-Instruct's discriminator head (small)
     assert trainer.teacher.weights is trainer.unwrap("student").shared_base
-    ckpt = safetensors.torch.load_file(next((out / "checkpoints").glob("checkpoint-*")) / "model_student.safetensors")
+    ckpt = safetensors.torch.load_file(next((out / "checkpoints").glob("checkpoint-*"))
+                                       / "model_student.safetensors")
     assert sum(v.numel() for v in ckpt.values()) == expected  # checkpoints hold the adapter, not the base
     # the adapter folder, loaded into the teacher's own pipeline with the scheduler it names, changes the
     # teacher's output and samples what the merged student pipeline samples
@@ -187,16 +196,19 @@ def test_lora_students_train_and_export_an_adapter_for_the_teachers_own_pipeline
     assert unet["_class_name"] == "UNet2DConditionModel"
 
 
-def test_lora_resume_is_exact_and_bf16_keeps_the_merged_export_on_the_stored_weights(tiny_sd_folder, tmp_path):
+def test_lora_resume_is_exact_and_bf16_keeps_the_merged_export_on_the_stored_weights(
+        tiny_sd_folder, tmp_path):
     sd, prompts = tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt"
     full = _train("sim", sd, prompts, tmp_path / "a", ["student.lora_rank=2", "train.max_steps=4"])
     _train("sim", sd, prompts, tmp_path / "b", ["student.lora_rank=2", "train.max_steps=2"])
     resumed = _train("sim", sd, prompts, tmp_path / "b", ["student.lora_rank=2", "train.max_steps=4",
                                                           "train.resume_allow_config_change=true"])
-    for (n, a), (_, b) in zip(full.unwrap("student").state_dict().items(), resumed.unwrap("student").state_dict().items()):
+    for (n, a), (_, b) in zip(full.unwrap("student").state_dict().items(),
+                              resumed.unwrap("student").state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     # bf16: the teacher is held in bf16, but the merged export adds the adapter to the weights as stored
-    trainer = _train("sim", sd, prompts, tmp_path / "c", ["student.lora_rank=2", "train.mixed_precision=bf16"])
+    trainer = _train("sim", sd, prompts, tmp_path / "c",
+                     ["student.lora_rank=2", "train.mixed_precision=bf16"])
     assert trainer.teacher.weights.dtype == torch.bfloat16
     stored = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet")
     exported = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "c" / "pipeline" / "unet")
@@ -216,7 +228,8 @@ def test_lora_refusals(tiny_sd_folder, tmp_path):
         load_config(REPO / "configs" / "sim_digits.yaml", ["student.lora_rank=4", "student.arch=mlp"])
     with pytest.raises(ConfigError, match="student.lora_rank: 0 is impossible"):
         load_config(REPO / "configs" / "sim_digits.yaml", ["student.lora_rank=0"])
-    with pytest.raises(ConfigError, match="train.attention=xformers needs the xformers package and a CUDA device"):
+    with pytest.raises(ConfigError,
+                       match="train.attention=xformers needs the xformers package and a CUDA device"):
         _train("sim", tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt", tmp_path / "y",
                ["student.lora_rank=4", "train.attention=xformers"])
     with pytest.raises(ConfigError, match="matches no layer"):
@@ -237,7 +250,8 @@ def test_lora_on_a_pixel_unet_teacher_writes_a_peft_adapter(tmp_path, tiny_unet)
     random_png_folder(tmp_path / "imgs", 8, size=8)
     cfg = load_config(REPO / "configs" / "sim_digits.yaml", [
         f"teacher.path={folder}", f"data.spec={tmp_path / 'imgs'}", "data.channels=1", "train.max_steps=2",
-        "train.batch_size=2", "student.lora_rank=3", "student.arch=copy", "optim.lr=0.01", "train.report_to=none",
+        "train.batch_size=2", "student.lora_rank=3", "student.arch=copy", "optim.lr=0.01",
+        "train.report_to=none",
         "train.progress_bar=false", "eval.enabled=false", f"output_dir={tmp_path / 'run'}"])
     trainer_class(cfg.method)(cfg).train()
     lora = tmp_path / "run" / "lora"
@@ -248,19 +262,21 @@ def test_lora_on_a_pixel_unet_teacher_writes_a_peft_adapter(tmp_path, tiny_unet)
     merged = load_pipeline(str(tmp_path / "run" / "pipeline")).generator
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([999, 999])
     torch.testing.assert_close(net(x, t).sample, merged(x, t).sample, rtol=1e-4, atol=1e-5)
-    assert (net(x, t).sample - diffusers.UNet2DModel.from_pretrained(folder / "unet")(x, t).sample).abs().max() > 1e-4
+    plain = diffusers.UNet2DModel.from_pretrained(folder / "unet")
+    assert (net(x, t).sample - plain(x, t).sample).abs().max() > 1e-4
 
 
 def test_stored_network_of_an_in_memory_teacher_drops_its_adapters():
-    """A teacher built in memory (no folder to re-read) carrying LoRA adapters: its stored network is the plain
-    network, its weights taken from under peft's ``base_layer``."""
+    """A teacher built in memory (no folder to re-read) carrying LoRA adapters: its stored network is the
+    plain network, its weights taken from under peft's ``base_layer``."""
     from distill.teachers import Teacher
 
     plain = tiny_cond_unet()
     teacher = Teacher.from_model(tiny_cond_unet(), diffusers.DDPMScheduler())
     add_adapters(teacher.weights, ["student"], rank=2, alpha=2, targets=UNET_TARGETS)
     stored = teacher.stored_network()
-    assert type(stored) is diffusers.UNet2DConditionModel and not any("lora" in k for k in stored.state_dict())
+    assert (type(stored) is diffusers.UNet2DConditionModel
+            and not any("lora" in k for k in stored.state_dict()))
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     kw = {"encoder_hidden_states": torch.randn(2, 5, 16)}
     torch.testing.assert_close(stored(x, t, **kw).sample, plain(x, t, **kw).sample)

@@ -58,7 +58,8 @@ def test_schedule_values_printed_next_to_their_formula(capsys):
 
 def test_one_iteration_and_callables_and_bad_values():
     # K = 1 divides by zero in the reference; the single iteration is the first (p = 0)
-    assert [step_schedule(1, 50, 5, s) for s in ("linear", "cosine", "two-stage", "constant")] == [[50], [50], [50], [5]]
+    assert [step_schedule(1, 50, 5, s) for s in ("linear", "cosine", "two-stage", "constant")] == [
+        [50], [50], [50], [5]]
     assert step_schedule(4, 50, 5, lambda k, K, hi, lo: hi - 10 * k) == [50, 40, 30, 20]
     with pytest.raises(ValueError, match="step_schedule 'exp' is not one of"):
         step_schedule(4, 50, 5, "exp")
@@ -98,8 +99,8 @@ def test_masking_generates_every_token_once(K, L):
 
 def _tiny(num_classes=3, seed=0):
     torch.manual_seed(seed)
-    model = MaskedAutoregressiveModel(sample_size=4, in_channels=1, patch_size=2, width=16, depth=1, num_heads=2,
-                                      num_classes=num_classes, head_width=16, head_depth=1)
+    model = MaskedAutoregressiveModel(sample_size=4, in_channels=1, patch_size=2, width=16, depth=1,
+                                      num_heads=2, num_classes=num_classes, head_width=16, head_depth=1)
     import diffusers
 
     sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
@@ -160,21 +161,24 @@ print(type(pipe).__name__, out.head_evaluations)
 
 def test_trains_exports_and_loads_in_plain_diffusers(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "configs/mar_digits.yaml", "train.max_steps=2", "train.batch_size=8", "mar.width=16",
-                 "mar.num_heads=2", "mar.depth=1", "mar.head_width=16", "mar.head_depth=1", "train.report_to=none",
-                 "train.progress_bar=false", "mar.num_iter=4", "mar.diffusion_steps=4", f"output_dir={out}"]) == 0
+    assert main(["train", "configs/mar_digits.yaml", "train.max_steps=2", "train.batch_size=8",
+                 "mar.width=16", "mar.num_heads=2", "mar.depth=1", "mar.head_width=16", "mar.head_depth=1",
+                 "train.report_to=none", "train.progress_bar=false", "mar.num_iter=4",
+                 "mar.diffusion_steps=4", f"output_dir={out}"]) == 0
     res = subprocess.run([sys.executable, "-c", PLAIN, str(out / "pipeline"), str(tmp_path / "a.npy")],
-                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                         timeout=600)
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     name, evaluations = res.stdout.split()
     steps = step_schedule(4, 10, 3, "cosine")
-    assert name == "MaskedAutoregressivePipeline" and int(evaluations) == sum(len(head_timesteps(t)) for t in steps)
+    assert (name == "MaskedAutoregressivePipeline"
+            and int(evaluations) == sum(len(head_timesteps(t)) for t in steps))
     import distill
 
     pipe = distill.load_pipeline(str(out / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
-    ours = pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_iter=4, step_schedule="cosine", diffusion_steps=10,
-                min_diffusion_steps=3, generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_iter=4, step_schedule="cosine",
+                diffusion_steps=10, min_diffusion_steps=3, generator=torch.Generator().manual_seed(1),
+                output_type="np").images
     np.testing.assert_array_equal(ours, np.load(tmp_path / "a.npy"))
     assert ours.shape == (4, 16, 16, 1)

@@ -19,7 +19,8 @@ RUNS = {
     "sim full": ("sim", []),
     "sim LoRA": ("sim", ["student.lora_rank=4"]),
     "sim LoRA, no checkpointing": ("sim", ["student.lora_rank=4", "sim.gradient_checkpointing=false"]),
-    "uni_instruct LoRA": ("uni_instruct", ["student.lora_rank=4", "uni_instruct.gradient_checkpointing=false"]),
+    "uni_instruct LoRA": ("uni_instruct",
+                          ["student.lora_rank=4", "uni_instruct.gradient_checkpointing=false"]),
     "progressive LoRA": ("progressive", ["student.lora_rank=4", "progressive.start_steps=4",
                                          "progressive.target_steps=2", "progressive.steps_per_round=4"]),
 }
@@ -35,8 +36,8 @@ def mid_sd(tmp_path_factory):
 
 
 def _overrides(mid_sd, extra):
-    return [f"teacher.path={mid_sd / 'sd'}", f"data.spec=prompts:{mid_sd / 'prompts.txt'}", "train.batch_size=2",
-            "train.mixed_precision=no", "data.teacher_sample_steps=2", *extra]
+    return [f"teacher.path={mid_sd / 'sd'}", f"data.spec=prompts:{mid_sd / 'prompts.txt'}",
+            "train.batch_size=2", "train.mixed_precision=no", "data.teacher_sample_steps=2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def measured(mid_sd, tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_estimate_is_within_20_percent_of_the_measured_peak(mid_sd, measured, name):
     method, extra = RUNS[name]
-    est = estimate(load_config(REPO / "configs" / f"{method}_sd15.yaml", _overrides(mid_sd, extra)), device="cpu")
+    est = estimate(load_config(REPO / "configs" / f"{method}_sd15.yaml", _overrides(mid_sd, extra)),
+                   device="cpu")
     print(f"{name}: estimate {est.peak / 2**20:.1f} MiB, measured {measured[name] / 2**20:.1f} MiB")
     assert abs(est.peak - measured[name]) <= 0.2 * measured[name], (name, est.peak, measured[name])
 
@@ -74,7 +76,8 @@ def test_saved_activations_of_a_linear_layer_match_autograd():
         net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     x = torch.empty(5, 64, device="meta")
     trained = saved_bytes(net, (x,), {}, list(net.parameters()), False, torch.float32)
-    assert trained == 4 * (5 * 64 + 5 * 32)  # the first input, and ReLU's output (kept once for ReLU and Linear 2)
+    # the first input, and ReLU's output (kept once for ReLU and Linear 2)
+    assert trained == 4 * (5 * 64 + 5 * 32)
     through = saved_bytes(net, (x,), {}, [], True, torch.float32)
     assert through == 4 * (5 * 32)  # ReLU's output only
     assert saved_bytes(net, (x,), {}, [], False, torch.float32) == 0

@@ -73,7 +73,8 @@ def _bank(k=3, num_classes=5, seed=0):
 def _pipe(table=(2, 0, 1, 0, 2), t_star=700):
     nets, bank = _bank(num_classes=len(table))
     sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
-    pipe = MultiStudentPipeline(bank, sched, generator_timestep=t_star, sample_shape=[2], num_classes=len(table),
+    pipe = MultiStudentPipeline(bank, sched, generator_timestep=t_star, sample_shape=[2],
+                                num_classes=len(table),
                                 routing={"kind": "classes", "student_of_class": list(table)})
     pipe.set_progress_bar_config(disable=True)
     return nets, pipe
@@ -90,8 +91,8 @@ def test_every_condition_goes_to_its_one_student_and_mixed_batches_come_back_in_
     for i, c in enumerate(labels.tolist()):  # row i is student table[c] at t* on sigma z_i, and no other
         x_in = (1 - ac) ** 0.5 * z[i:i + 1]
         with torch.no_grad():
-            want = {k: x0_from_output(net(x_in, torch.tensor([700]), class_labels=labels[i:i + 1]).sample, x_in,
-                                      ac**0.5, (1 - ac) ** 0.5, "sample") for k, net in enumerate(nets)}
+            want = {k: x0_from_output(net(x_in, torch.tensor([700]), class_labels=labels[i:i + 1]).sample,
+                                      x_in, ac**0.5, (1 - ac) ** 0.5, "sample") for k, net in enumerate(nets)}
         assert torch.allclose(out[i], want[table[c]][0], atol=1e-6)
         assert all(not torch.allclose(out[i], want[k][0], atol=1e-3) for k in want if k != table[c])
         alone = pipe(class_labels=labels[i:i + 1], latents=z[i:i + 1], output_type="pt").images
@@ -128,8 +129,8 @@ print(type(pipe).__name__, type(pipe.students).__name__, len(pipe.students))
 
 def _plain_load(folder, tmp_path, kind):
     res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy"), kind],
-                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                         timeout=600)
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.strip(), np.load(tmp_path / "plain.npy")
 
@@ -139,7 +140,8 @@ def test_saved_and_reloaded_pipeline_routes_and_samples_identically(tmp_path):
     labels = [4, 1, 0, 3, 2, 2]
     before = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="np").images
     folder = export_pipeline(pipe, tmp_path / "msd")
-    assert (folder / "students" / "distill_student_bank.py").is_file() and (folder / "students" / "mlp.py").is_file()
+    assert ((folder / "students" / "distill_student_bank.py").is_file()
+            and (folder / "students" / "mlp.py").is_file())
     again = load_pipeline(str(folder))
     again.set_progress_bar_config(disable=True)
     assert again.config.routing == pipe.config.routing
@@ -153,7 +155,8 @@ def test_saved_and_reloaded_pipeline_routes_and_samples_identically(tmp_path):
 # ---------------------------------------------------------------------- the trainer
 def _toy_cfg(tmp_path, *extra):
     return load_config("configs/msd_gaussians8.yaml", FAST + [f"output_dir={tmp_path}", "train.max_steps=2",
-                                                              "msd.tsm_steps=3", "train.batch_size=32", *extra])
+                                                              "msd.tsm_steps=3", "train.batch_size=32",
+                                                              *extra])
 
 
 def test_each_student_trains_on_its_own_classes_and_only_there(tmp_path):
@@ -179,14 +182,16 @@ def test_each_student_trains_on_its_own_classes_and_only_there(tmp_path):
     for name, fake, classes, _ in seen:  # 8 rows of the student's own classes, against its own fake score
         j = int(name.split("_")[1])
         assert fake == f"fake_{j}" and classes and all(table[c] == j for c in classes)
-    assert sorted(trainer.modules) == sorted([f"student_{j}" for j in range(4)] + [f"fake_{j}" for j in range(4)])
+    assert sorted(trainer.modules) == sorted([f"student_{j}" for j in range(4)]
+                                             + [f"fake_{j}" for j in range(4)])
     for n, ps in before.items():  # every network moved
         assert any(not torch.equal(a, b) for a, b in zip(ps, trainer.unwrap(n).parameters())), n
     pipe = load_pipeline(str(tmp_path / "pipeline"))
     assert pipe.config.routing == trainer.routing and len(pipe.students) == 4
     with trainer.ema_weights():  # the export holds each student's EMA weights, in order
         for j in range(4):
-            for a, b in zip(pipe.students.students[j].parameters(), trainer.unwrap(f"student_{j}").parameters()):
+            for a, b in zip(pipe.students.students[j].parameters(),
+                            trainer.unwrap(f"student_{j}").parameters()):
                 assert torch.equal(a, b)
 
 
@@ -204,7 +209,8 @@ def test_shared_fake_score_is_one_network_trained_on_every_students_samples(tmp_
 
 def test_regression_pairs_are_teacher_ode_samples_of_every_condition(tmp_path):
     """DMD's paired set: y is the teacher's DDIM sample from x_T = z at the pair's class, the pairs span every
-    student's classes (MSD: not filtered by partition), and the regression term enters each student's update."""
+    student's classes (MSD: not filtered by partition), and the regression term enters each student's
+    update."""
     cfg = _toy_cfg(tmp_path, "msd.num_students=4", "msd.regression_weight=0.5", "msd.regression_pairs=300",
                    "data.teacher_sample_steps=4")
     trainer = trainer_class("msd")(cfg)
@@ -229,7 +235,8 @@ def test_regression_pairs_are_teacher_ode_samples_of_every_condition(tmp_path):
 
 
 def test_teacher_score_matching_fits_a_small_student_to_the_teacher_on_its_part(tmp_path):
-    """TSM: after fitting, student j predicts the teacher's x0 far better on its own classes than a fresh network."""
+    """TSM: after fitting, student j predicts the teacher's x0 far better on its own classes than a fresh
+    network."""
     cfg = _toy_cfg(tmp_path, "msd.num_students=2", "msd.tsm_steps=150", "student.hidden=32")
     trainer = trainer_class("msd")(cfg)
     trainer.setup()
@@ -266,13 +273,15 @@ def test_msd_refusals(tmp_path):
 # ---------------------------------------------------------------------- text-to-image
 def test_text_teacher_prompt_clusters_train_export_and_route(tiny_sd_folder, tmp_path):
     """configs/msd_sd15.yaml on the tiny SD-format teacher, 2 steps, K = 2: the prompt clusters route every
-    training prompt to the student it trained, and the export loads with plain diffusers, sampling the same."""
+    training prompt to the student it trained, and the export loads with plain diffusers, sampling the
+    same."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "distill", "train", "configs/msd_sd15.yaml", f"teacher.path={tiny_sd_folder / 'sd'}",
-           f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}", "train.batch_size=2", "train.max_steps=2",
-           "msd.num_students=2", "train.mixed_precision=no", *FAST, f"output_dir={out}"]
-    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                         timeout=600)
+    cmd = [sys.executable, "-m", "distill", "train", "configs/msd_sd15.yaml",
+           f"teacher.path={tiny_sd_folder / 'sd'}", f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}",
+           "train.batch_size=2", "train.max_steps=2", "msd.num_students=2", "train.mixed_precision=no", *FAST,
+           f"output_dir={out}"]
+    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     folder = out / "pipeline"
     pipe = load_pipeline(str(folder))
@@ -291,7 +300,8 @@ def test_text_teacher_prompt_clusters_train_export_and_route(tiny_sd_folder, tmp
     with torch.no_grad():
         embeds = encode_prompt([pipe.tokenizer], [pipe.text_encoder], prompts, "cpu")[0]
     routes = pipe.route(prompt_embeds=embeds)
-    assert routes.tolist() == nearest_centroid(prompt_feature(embeds), torch.tensor(routing["centroids"])).tolist()
+    assert routes.tolist() == nearest_centroid(prompt_feature(embeds),
+                                               torch.tensor(routing["centroids"])).tolist()
     mine = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert mine.shape == (3, 16, 16, 3) and mine.std() > 0.01
     said, plain = _plain_load(folder, tmp_path, "text")

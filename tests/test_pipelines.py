@@ -39,8 +39,10 @@ def test_few_step_uses_stored_grid_and_stochastic_is_seeded(tiny_unet):
     pipe.set_progress_bar_config(disable=True)
     assert pipe.grid() == [999, 600]
     assert pipe.grid(4) == [999, 749, 499, 249]
-    a = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt", stochastic=True).images
-    b = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt", stochastic=True).images
+    a = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt",
+             stochastic=True).images
+    b = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt",
+             stochastic=True).images
     c = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-4
@@ -71,8 +73,8 @@ def _fresh_python(code: str, tmp_path) -> str:
     """Run code in a fresh interpreter, with a clean HF modules cache, never importing distill."""
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin",
            "DIFFUSERS_VERBOSITY": "error"}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -86,7 +88,8 @@ def test_export_loads_in_plain_diffusers_with_identical_images(tmp_path, tiny_un
         pipe = OneStepPipeline(MLPDenoiser(data_dim=2, hidden=16, num_layers=1, time_embed_dim=8),
                                diffusers.DDPMScheduler(prediction_type="sample"), generator_timestep=999)
     else:
-        pipe = FewStepPipeline(tiny_unet(), _ddim("v_prediction"), num_inference_steps=2, timesteps=[999, 400])
+        pipe = FewStepPipeline(tiny_unet(), _ddim("v_prediction"), num_inference_steps=2,
+                               timesteps=[999, 400])
     pipe.set_progress_bar_config(disable=True)
     path = export_pipeline(pipe, tmp_path / "pipe", {"method": "test"})
     assert not list(path.rglob("*.bin")) and list(path.rglob("*.safetensors"))

@@ -11,7 +11,7 @@ from distill.eval.toy import toy_report
 from distill.objectives.progressive import progressive_target
 from distill.teachers import analytic_teacher
 from distill.trainers import trainer_class
-from distill.trainers.progressive import round_plan
+from distill.trainers.rounds import round_plan
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -22,7 +22,8 @@ def test_x_tilde_makes_one_student_step_land_on_two_teacher_steps(pred):
     z = torch.randn(64, 2, generator=g, dtype=torch.float64)
     for k0, k1, k2 in [(999, 749, 499), (499, 374, 249), (600, 550, 500)]:
         t, t1, t2 = (torch.full((64,), k / 999, dtype=torch.float64) for k in (k0, k1, k2))
-        x_t = sched.alpha(t)[:, None] * torch.randn(64, 2, generator=g, dtype=torch.float64) + sched.sigma(t)[:, None] * z
+        x_t = (sched.alpha(t)[:, None] * torch.randn(64, 2, generator=g, dtype=torch.float64)
+               + sched.sigma(t)[:, None] * z)
 
         def x0(zz, tt):
             return teacher.predict_x0(zz, tt)
@@ -53,7 +54,7 @@ def test_rounds_export_students_that_sample_with_their_stored_steps(tmp_path):
         "train.checkpointing_steps=100"])
     trainer = trainer_class("progressive")(cfg)
     final = trainer.train()
-    assert cfg.train.max_steps == 8 + 8  # rounds 4->2 and 2->1, both doubled
+    assert trainer.max_steps == trainer.step == 8 + 8  # rounds 4->2 and 2->1, both doubled
     for n, grid in ((2, [999, 499]), (1, [999])):
         folder = tmp_path / "rounds" / f"steps-{n}"
         index = json.loads((folder / "model_index.json").read_text())
@@ -68,7 +69,8 @@ def test_rounds_export_students_that_sample_with_their_stored_steps(tmp_path):
 @pytest.mark.slow
 def test_progressive_students_beat_ddim_at_every_step_count(tmp_path):
     cfg = load_config("configs/progressive_gaussians8.yaml", [
-        f"output_dir={tmp_path}", "progressive.start_steps=16", "train.progress_bar=false", "train.report_to=none"])
+        f"output_dir={tmp_path}", "progressive.start_steps=16", "train.progress_bar=false",
+        "train.report_to=none"])
     trainer_class("progressive")(cfg).train()
     teacher = analytic_teacher("gaussians8")
     ref, _ = teacher.model.sample_data(8000, generator=torch.Generator().manual_seed(1))

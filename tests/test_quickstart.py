@@ -46,7 +46,8 @@ def _readme_commands():
 
 
 def _run(cmd: list[str], cwd, expect_ok=True, env=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+           **(env or {})}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-3000:])
@@ -84,23 +85,32 @@ def test_every_readme_command_runs(tmp_path):
         if cmd in ran or cmd.startswith("make "):
             continue
         ran.add(cmd)
-        args = cmd.replace("outputs/quickstart", str(out)).replace("outputs/msd_demo", str(tmp_path / "msd_demo")).split()
-        args = [str(tmp_path / a) if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/")
+        args = (cmd.replace("outputs/quickstart", str(out))
+                .replace("outputs/msd_demo", str(tmp_path / "msd_demo")).split())
+        args = [str(tmp_path / a)
+                if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/")
                 else a for a in args]
         if "--num-samples" in args:
             args[args.index("--num-samples") + 1] = "100"
-        if "--prompts" in args:  # the text-to-image FID command, on a tiny SD-format teacher and its SIM student
+        # the text-to-image FID command, on a tiny SD-format teacher and its SIM student
+        if "--prompts" in args:
             args = _tiny_text_to_image_args(args, tmp_path)
-        if args[:3] == ["distill", "launch", "configs/mar_digits.yaml"]:  # tiny: the README's MAR block samples it
-            _run(args + ["train.max_steps=2", "mar.width=16", "mar.num_heads=2", "mar.depth=1", "mar.head_width=16",
-                         "mar.head_depth=1", "train.batch_size=8", f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
+        # tiny: the README's MAR block samples it
+        if args[:3] == ["distill", "launch", "configs/mar_digits.yaml"]:
+            _run(args
+                 + ["train.max_steps=2", "mar.width=16", "mar.num_heads=2", "mar.depth=1",
+                    "mar.head_width=16", "mar.head_depth=1", "train.batch_size=8",
+                    f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
             continue
-        if args[:3] == ["distill", "launch", "configs/best_digits.yaml"]:  # 25 minutes as shipped: 3 updates here
-            _run(args + ["train.max_steps=3", "optim.lr_milestones=[2]", "eval.num_samples=100", "eval.teacher_steps=[1]",
-                         f"output_dir={tmp_path / 'best_digits'}"], ROOT)
+        # 25 minutes as shipped: 3 updates here
+        if args[:3] == ["distill", "launch", "configs/best_digits.yaml"]:
+            _run(args
+                 + ["train.max_steps=3", "optim.lr_milestones=[2]", "eval.num_samples=100",
+                    "eval.teacher_steps=[1]", f"output_dir={tmp_path / 'best_digits'}"], ROOT)
             assert (tmp_path / "best_digits" / "report" / "fid_report.md").is_file()
             continue
-        if args[:2] == ["distill", "estimate-memory"]:  # reads the Hub teacher's config files: offline, a message
+        # reads the Hub teacher's config files: offline, a message
+        if args[:2] == ["distill", "estimate-memory"]:
             res = _run(args, ROOT, expect_ok=False)
             assert res.returncode == 2 and "HF_HUB_OFFLINE" in res.stderr
             continue
@@ -113,24 +123,27 @@ def test_every_readme_command_runs(tmp_path):
             continue
         if args[:2] == ["distill", "launch"]:
             # the real-teacher example: offline it must fail fast with a message naming the fix
-            res = _run(args + ["train.max_steps=1", "eval.enabled=false", f"output_dir={tmp_path / 'cifar'}"], ROOT,
-                       expect_ok=False)
+            res = _run(args + ["train.max_steps=1", "eval.enabled=false", f"output_dir={tmp_path / 'cifar'}"],
+                       ROOT, expect_ok=False)
             assert res.returncode != 0 and "HF_HUB_OFFLINE" in res.stderr + res.stdout
             continue
         _run(args, ROOT)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
     assert (tmp_path / "sd_report" / "fid_report.md").is_file()
-    assert (tmp_path / "trajectory.png").is_file() and "Vendi" in (tmp_path / "hybrid_report" / "fid_report.md").read_text()
+    assert ((tmp_path / "trajectory.png").is_file()
+            and "Vendi" in (tmp_path / "hybrid_report" / "fid_report.md").read_text())
     # the Python block of the hybrid-sampling section
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "HybridPipeline.from_pipelines" in c)
-    _run([sys.executable, "-c", code.replace("outputs/quickstart", str(out)) + "\nassert len(out.trajectory) == 2"],
+    _run([sys.executable, "-c",
+          code.replace("outputs/quickstart", str(out)) + "\nassert len(out.trajectory) == 2"],
          ROOT)
     # the Python block of the MAR section, on the tiny run's export
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "MaskedAutoregressive" in c or "step_schedule=" in c)
     _run([sys.executable, "-c", code.replace("outputs/mar_digits", str(tmp_path / "mar_digits"))
-          + "\nassert len(out.images) == 10 and out.diffusion_steps[0] == 50 and out.diffusion_steps[-1] == 5"], ROOT)
+          + "\nassert len(out.images) == 10 and out.diffusion_steps[0] == 50 and out.diffusion_steps[-1] == "
+            "5"], ROOT)
     # the Python block of the LoRA section: a tiny SD-format teacher, its one-update LoRA SIM student
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "load_lora_weights" in c)
@@ -139,8 +152,9 @@ def test_every_readme_command_runs(tmp_path):
     teacher = make_tiny_sd(tmp_path / "lora_sd" / "teacher")
     (tmp_path / "lora_sd" / "prompts.txt").write_text("a red cat\n")
     _run([sys.executable, "-m", "distill", "train", "configs/sim_sd15.yaml", f"teacher.path={teacher}",
-          f"data.spec=prompts:{tmp_path / 'lora_sd' / 'prompts.txt'}", "train.max_steps=1", "train.batch_size=2",
-          "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false", "student.lora_rank=4",
+          f"data.spec=prompts:{tmp_path / 'lora_sd' / 'prompts.txt'}", "train.max_steps=1",
+          "train.batch_size=2", "train.mixed_precision=no", "train.report_to=none",
+          "train.progress_bar=false", "student.lora_rank=4",
           f"output_dir={tmp_path / 'lora_sd' / 'run'}"], ROOT)
     code = code.replace("runwayml/stable-diffusion-v1-5", str(teacher)).replace(
         "outputs/sim_sd15/lora", str(tmp_path / "lora_sd" / "run" / "lora"))
@@ -154,7 +168,8 @@ def test_every_readme_command_runs(tmp_path):
 
 def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:
     """The README's SD commands with the Hub teacher, the prompt file, the student and the reference images
-    replaced by tiny offline stand-ins (a random SD-format pipeline, a one-update SIM student, random PNGs)."""
+    replaced by tiny offline stand-ins (a random SD-format pipeline, a one-update SIM student, random
+    PNGs)."""
     from conftest import make_tiny_sd, random_png_folder
 
     root = tmp_path / "sd"
@@ -164,8 +179,9 @@ def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:
     refs = random_png_folder(root / "refs", 8)
     student = root / "student"
     _run([sys.executable, "-m", "distill", "train", "configs/sim_sd15.yaml", f"teacher.path={teacher}",
-          f"data.spec=prompts:{prompts}", "train.max_steps=1", "train.batch_size=2", "train.mixed_precision=no",
-          "train.report_to=none", "train.progress_bar=false", f"output_dir={student}"], ROOT)
+          f"data.spec=prompts:{prompts}", "train.max_steps=1", "train.batch_size=2",
+          "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false",
+          f"output_dir={student}"], ROOT)
     swap = {"outputs/sim_sd15/pipeline": str(student / "pipeline"), "prompts.txt": str(prompts),
             "coco_val_images/": str(refs), "runwayml/stable-diffusion-v1-5": str(teacher),
             "sd_report/": str(tmp_path / "sd_report")}
@@ -176,7 +192,8 @@ def _tiny_text_to_image_args(args: list[str], tmp_path) -> list[str]:
 
 @pytest.mark.slow
 def test_full_quickstart_student_beats_teacher_4_steps(tmp_path):
-    res = _run([sys.executable, "-m", "distill", "quickstart", f"output_dir={tmp_path}", "train.progress_bar=false"],
+    res = _run([sys.executable, "-m", "distill", "quickstart", f"output_dir={tmp_path}",
+                "train.progress_bar=false"],
                ROOT)
     import json
 

@@ -14,7 +14,8 @@ from conftest import random_png_folder
 
 from distill.cli import main
 
-# google/ddpm-cifar10-32's unet/config.json and scheduler/scheduler_config.json (the fields that shape the model)
+# google/ddpm-cifar10-32's unet/config.json and scheduler/scheduler_config.json (the fields that shape
+# the model)
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                   block_out_channels=(128, 256, 256, 256),
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -32,7 +33,8 @@ def cifar_teacher(tmp_path_factory):
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**CIFAR_UNET)
     assert 35.6e6 < sum(p.numel() for p in unet.parameters()) < 35.8e6  # the real model's 35.7M parameters
-    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(folder)
+    diffusers.DDPMPipeline(unet=unet,
+                           scheduler=diffusers.DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(folder)
     images = random_png_folder(tmp_path_factory.mktemp("cifar_images") / "images", 8, size=32)
     return folder, images.parent
 
@@ -66,7 +68,8 @@ def test_real_teacher_config_trains_and_exports(method, cifar_teacher, tmp_path)
     assert rc == 0
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "pipeline")], cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[1] == "True"
 
@@ -79,11 +82,13 @@ def test_data_of_another_shape_than_the_teacher_is_refused(cifar_teacher, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "gives samples of shape 1x32x32" in err and "takes 3x32x32" in err, err
     rc = main(["train", "configs/sim_cifar10.yaml", f"teacher.path={teacher}", f"data.spec={images}",
-               "data.resolution=8", f"output_dir={tmp_path / 'b'}", "train.mixed_precision=no", "eval.enabled=false"])
+               "data.resolution=8", f"output_dir={tmp_path / 'b'}", "train.mixed_precision=no",
+               "eval.enabled=false"])
     err = capsys.readouterr().err
     assert rc == 2 and "data.resolution=8 does not match the teacher" in err and "3x32x32" in err, err
     rc = main(["train", "configs/sim_cifar10.yaml", f"teacher.path={teacher}", f"data.spec={images}",
-               "data.channels=1", f"output_dir={tmp_path / 'c'}", "train.mixed_precision=no", "eval.enabled=false"])
+               "data.channels=1", f"output_dir={tmp_path / 'c'}", "train.mixed_precision=no",
+               "eval.enabled=false"])
     err = capsys.readouterr().err
     assert rc == 2 and "data.channels=1 does not match the teacher" in err, err
 

@@ -7,7 +7,6 @@ import torch
 
 from distill.noise import NoiseSchedule
 from distill.pipelines.samplers import (
-    karras_grid,
     sample_ddim,
     sample_ddpm_ancestral,
     timestep_for,
@@ -70,20 +69,3 @@ def test_timestep_for_meets_another_table_at_the_same_noise_level():
         assert 0 < t < 999 and t != k
         lam = cos.logsnr(torch.tensor(t / 999, dtype=torch.float64))
         torch.testing.assert_close(lam, torch.log(torch.tensor(target / (1 - target), dtype=torch.float64)))
-
-
-def test_karras_grid_noise_levels_and_timesteps():
-    ac = diffusers.DDPMScheduler(beta_schedule="linear").alphas_cumprod.to(torch.float64)
-    grid = karras_grid(ac, 6)
-    sig = ((1 - grid[:, 1]) / grid[:, 1]).sqrt()
-    s_min, s_max = float(((1 - ac[0]) / ac[0]).sqrt()), float(((1 - ac[-1]) / ac[-1]).sqrt())
-    i = torch.arange(6, dtype=torch.float64)
-    expected = (s_max ** (1 / 7) + i / 5 * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7  # Karras et al. eq. 5
-    torch.testing.assert_close(sig, expected)
-    assert grid[0, 0] == 999 and grid[-1, 0] == 0 and (grid[1:, 0] < grid[:-1, 0]).all()
-    ns = NoiseSchedule.from_scheduler(diffusers.DDPMScheduler(beta_schedule="linear"))
-    lam = ns.logsnr(grid[:, 0] / 999)  # each fractional timestep sits at its row's noise level
-    torch.testing.assert_close(lam, torch.log(grid[:, 1] / (1 - grid[:, 1])))
-    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sample_ddim(lambda z, i, t: 0.1 * z, x, grid)  # runs on a fractional grid
-    assert torch.isfinite(out).all()

@@ -1,4 +1,4 @@
-"""Gradient checks of the score-distillation losses (score_distillation.md s9.2-s9.3).
+"""Gradient checks of the score-distillation losses.
 
 Affine generator x0 = theta1 + theta2 z, a two-Gaussian teacher, VP noise at one time: everything is
 closed form. The gradient of each loss class (as the trainers apply it: autograd through the input of
@@ -27,7 +27,8 @@ GRID = torch.linspace(-12, 12, 200001, dtype=torch.float64)
 DX = GRID[1] - GRID[0]
 GRID2 = torch.linspace(-9, 9, 2401, dtype=torch.float64)  # per axis of the 2-D grid
 DX2 = GRID2[1] - GRID2[0]
-POLY_H = {"rkl": {0: 1.0}, "fkl": {1: 1.0}, "jeffreys": {0: 1.0, 1: 1.0}, "chi2": {2: 2.0}}  # h(r) = sum a_m r^m
+# h(r) = sum a_m r^m
+POLY_H = {"rkl": {0: 1.0}, "fkl": {1: 1.0}, "jeffreys": {0: 1.0, 1: 1.0}, "chi2": {2: 2.0}}
 
 
 def log_p(x):
@@ -152,7 +153,8 @@ def test_sim_gradient_equals_fixed_pi_divergence_gradient(distance, c, dim):
     torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * exact.abs().max())
 
 
-UI_CASES = [(f, n) for f in ("rkl", "fkl", "jeffreys", "js", "chi2") for n in (1, 2, 4) if n < 4 or f in POLY_H]
+UI_CASES = [(f, n) for f in ("rkl", "fkl", "jeffreys", "js", "chi2") for n in (1, 2, 4) if n < 4
+            or f in POLY_H]
 
 
 @pytest.mark.parametrize("divergence,dim", UI_CASES)
@@ -174,7 +176,7 @@ def test_the_two_exact_objectives_agree_in_two_dimensions():
 
 
 def test_detaching_h_inside_the_sim_branch_would_be_wrong():
-    """Without the DI branch (public-code style) the FKL gradient is off (spec s5.2, s9.3)."""
+    """Without the DI branch (public-code style) the FKL gradient is off."""
     exact = fd(_expanded("fkl", "full"), THETA0)
     loss = UniInstructLoss("fkl", "full")
 

@@ -31,7 +31,8 @@ def _toy_metrics(path):
 
 
 def test_trainer_generator_equals_exported_pipeline(tmp_path):
-    trainer, path = _run("configs/sim_gaussians8.yaml", tmp_path, "train.max_steps=3", "sim.init_denoiser_steps=5")
+    trainer, path = _run("configs/sim_gaussians8.yaml", tmp_path, "train.max_steps=3",
+                         "sim.init_denoiser_steps=5")
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(3))
     with trainer.ema_weights():
         ours = trainer.generate(trainer.unwrap("student"), z, None)
@@ -83,7 +84,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, method):
         got = grads[gc] = {}
 
         def capture(name, _t=trainer, _got=got):
-            _got[name] = {k: p.grad.clone() for k, p in _t.unwrap(name).named_parameters() if p.grad is not None}
+            _got[name] = {k: p.grad.clone() for k,
+                          p in _t.unwrap(name).named_parameters() if p.grad is not None}
             _t.optimizers[name].zero_grad(set_to_none=True)
 
         trainer.apply_gradients = capture
@@ -104,9 +106,9 @@ def test_gradient_checkpointing_under_bf16_autocast(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "distill", "train", "configs/uni_instruct_digits.yaml", f"output_dir={tmp_path}",
-           *FAST, "train.max_steps=2", "train.batch_size=4", "eval.enabled=false", "train.log_every=1",
-           "uni_instruct.gradient_checkpointing=true", "train.mixed_precision=bf16"]
+    cmd = [sys.executable, "-m", "distill", "train", "configs/uni_instruct_digits.yaml",
+           f"output_dir={tmp_path}", *FAST, "train.max_steps=2", "train.batch_size=4", "eval.enabled=false",
+           "train.log_every=1", "uni_instruct.gradient_checkpointing=true", "train.mixed_precision=bf16"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     history = json.loads((tmp_path / "train_history.json").read_text())
@@ -137,7 +139,8 @@ def test_uni_instruct_warmup_is_pure_sim_l2_then_the_f_loss(tmp_path):
 
 def test_dmd_defaults_to_five_fake_updates_per_generator_update(tmp_path):
     counts = {}
-    for divergence, extra in (("dmd", []), ("di", []), ("dmd", ["uni_instruct.fake_steps_per_generator_step=2"])):
+    for divergence, extra in (("dmd", []), ("di", []),
+                              ("dmd", ["uni_instruct.fake_steps_per_generator_step=2"])):
         trainer = _setup("configs/uni_instruct_gaussians8.yaml", tmp_path / divergence,
                          f"uni_instruct.divergence={divergence}", "uni_instruct.init_denoiser_steps=0",
                          "train.batch_size=16", *extra)
@@ -155,8 +158,9 @@ def test_f_weights_change_the_update_after_the_warmup_and_the_ratio_moves(tmp_pa
     noise streams, the same SIM-L2 loss), different after the f-weights switch on."""
     def student(tag, warmup, steps):
         trainer, _ = _run("configs/uni_instruct_gaussians8.yaml", tmp_path / f"{tag}{steps}",
-                          f"train.max_steps={steps}", "uni_instruct.init_denoiser_steps=5", "train.batch_size=128",
-                          f"uni_instruct.ratio_warmup_steps={warmup}", "train.log_every=1")
+                          f"train.max_steps={steps}", "uni_instruct.init_denoiser_steps=5",
+                          "train.batch_size=128", f"uni_instruct.ratio_warmup_steps={warmup}",
+                          "train.log_every=1")
         return trainer.unwrap("student").state_dict(), trainer.history
 
     for steps, same in ((2, True), (5, False)):

@@ -17,7 +17,8 @@ def test_gmm_score_equals_autograd_of_log_density(pred, diagonal):
     means = torch.randn(5, 3, generator=g)
     stds = (0.2 + torch.rand(5, 3, generator=g)) if diagonal else (0.2 + torch.rand(5, generator=g))
     gmm = GaussianMixtureTeacher(means.tolist(), stds.tolist(), weights=[1, 2, 3, 4, 5], prediction_type=pred)
-    teacher = Teacher.from_model(gmm, diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=pred))
+    teacher = Teacher.from_model(gmm, diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2",
+                                                              prediction_type=pred))
     for t in (0.05, 0.3, 0.61, 0.9):
         x = torch.randn(16, 3, generator=g, dtype=torch.float64).requires_grad_(True)
         logp = gmm.log_prob(x, timestep=t * 999).sum()
@@ -49,7 +50,8 @@ def test_gmm_in_stock_ddpm_pipeline():
     # two constant 1x4x4 images at -0.5 and +0.5, weights 1:3
     means = [[-0.5] * 16, [0.5] * 16]
     gmm = GaussianMixtureTeacher(means, [0.05, 0.05], weights=[1, 3], sample_shape=[1, 4, 4])
-    pipe = diffusers.DDPMPipeline(unet=gmm, scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    pipe = diffusers.DDPMPipeline(unet=gmm,
+                                  scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
     pipe.set_progress_bar_config(disable=True)
     img = pipe(batch_size=400, generator=torch.Generator().manual_seed(0), output_type="np",
                num_inference_steps=1000).images
@@ -72,13 +74,15 @@ def test_class_conditional_gmm_and_cfg_convention():
         guided = teacher.network_output(x, t, labels, guidance_scale=gs)
         torch.testing.assert_close(guided, uncond + gs * (cond - uncond))
     torch.testing.assert_close(teacher.network_output(x, t, labels, guidance_scale=1.0), cond)
-    with pytest.raises(TypeError, match="teacher.condition"):  # the old label-tensor argument is refused clearly
+    # the old label-tensor argument is refused clearly
+    with pytest.raises(TypeError, match="teacher.condition"):
         teacher.network_output(x, t, torch.tensor([0, 1, 2, 3]))
     # the null label is the marginal mixture: equal to the unconditional teacher
     plain = analytic_teacher("toy:gaussians8")
     torch.testing.assert_close(plain.network_output(x, t), uncond)
     # conditional x0 near t=0 snaps to the labelled mode
-    x0 = teacher.predict_x0(torch.zeros(8, 2), torch.tensor(0.99), teacher.condition(class_labels=torch.arange(8)))
+    x0 = teacher.predict_x0(torch.zeros(8, 2), torch.tensor(0.99),
+                            teacher.condition(class_labels=torch.arange(8)))
     means = torch.tensor(toy_mixture("gaussians8")["means"], dtype=torch.float32)
     assert torch.cdist(x0, means).argmin(1).tolist() == list(range(8))
 
@@ -100,16 +104,21 @@ def test_teacher_from_pretrained_folder_and_errors(tmp_path, tiny_unet):
         Teacher.from_pretrained("google/ddpm-cifar10-32")
 
 
-@pytest.mark.parametrize("scheduler_cls,kind", [("EDMEulerScheduler", "edm"), ("FlowMatchEulerDiscreteScheduler", "flow")])
+@pytest.mark.parametrize("scheduler_cls,kind",
+                         [("EDMEulerScheduler", "edm"), ("FlowMatchEulerDiscreteScheduler", "flow")])
 def test_non_vp_teachers_are_refused_before_training(tmp_path, tiny_unet, scheduler_cls, kind):
-    """EDM / flow-matching teachers used to train and then fail at export: refused at build, naming the scheduler."""
+    """EDM / flow-matching teachers used to train and then fail at export: refused at build, naming the
+    scheduler."""
     from distill.config import ConfigError, load_config
     from distill.trainers import trainer_class
 
-    diffusers.DDPMPipeline(tiny_unet(), getattr(diffusers, scheduler_cls)()).save_pretrained(tmp_path / "teacher")
-    cfg = load_config("configs/sim_digits.yaml", [f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}",
-                                                  "train.max_steps=1", "train.report_to=none", "eval.enabled=false"])
+    diffusers.DDPMPipeline(tiny_unet(),
+                           getattr(diffusers, scheduler_cls)()).save_pretrained(tmp_path / "teacher")
+    cfg = load_config("configs/sim_digits.yaml",
+                      [f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}",
+                       "train.max_steps=1", "train.report_to=none", "eval.enabled=false"])
     trainer = trainer_class("sim")(cfg)
-    with pytest.raises(ConfigError, match=f"{scheduler_cls} \\({kind} noise schedule\\).*variance-preserving"):
+    with pytest.raises(ConfigError,
+                       match=f"{scheduler_cls} \\({kind} noise schedule\\).*variance-preserving"):
         trainer.train()
     assert trainer.step == 0 and not (tmp_path / "run" / "checkpoints").exists()

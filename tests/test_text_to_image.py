@@ -67,10 +67,11 @@ def test_condition_batching_null_and_dropout():
         Condition(class_labels=torch.tensor([1])).null_like()
     unet = diffusers.UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                          cross_attention_dim=5, attention_head_dim=4)
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                          norm_num_groups=4, cross_attention_dim=5, attention_head_dim=4)
     assert set(network_kwargs(unet, c)) == {"encoder_hidden_states"}  # no added conditioning on an SD1.5 UNet
-    assert network_kwargs(unet, None) == {} and network_kwargs(unet, labels) == {"class_labels": labels.class_labels}
+    assert (network_kwargs(unet, None) == {}
+            and network_kwargs(unet, labels) == {"class_labels": labels.class_labels})
 
 
 # ---------------------------------------------------------------------- teacher
@@ -104,7 +105,8 @@ def test_sdxl_prompts_pooled_and_time_ids_like_diffusers(sdxl_folder):
     null = cond.null_like()  # force_zeros_for_empty_prompt: zeros, as diffusers
     torch.testing.assert_close(null.embeds, neg) and torch.testing.assert_close(null.pooled, neg_pooled)
     assert float(null.embeds.abs().sum()) == 0.0
-    ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32,
+                                 pipe.text_encoder_2.config.projection_dim)
     torch.testing.assert_close(cond.time_ids, ids.expand(2, 6))
     x = torch.randn(2, 4, 8, 8)
     out = teacher.network_output(x, torch.tensor(0.5), cond)
@@ -133,8 +135,8 @@ def test_text_cfg_is_uncond_plus_scale_times_difference(tiny_sd_folder, scale):
     negc = teacher.condition(prompts=PROMPTS, negative_prompts=["blurry"] * 3)
     neg2 = pipe.encode_prompt(["blurry"] * 3, "cpu", 1, False)[0]
     u2 = pipe.unet(x, ts.float(), encoder_hidden_states=neg2).sample
-    torch.testing.assert_close(teacher.network_output(x, t, negc, guidance_scale=scale), u2 + scale * (c - u2),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(teacher.network_output(x, t, negc, guidance_scale=scale),
+                               u2 + scale * (c - u2), atol=1e-5, rtol=1e-5)
 
 
 def test_latents_encode_decode_use_vae_scaling(tiny_sd_folder):
@@ -147,7 +149,8 @@ def test_latents_encode_decode_use_vae_scaling(tiny_sd_folder):
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
     std = vae.encode(img).latent_dist.std
-    torch.testing.assert_close(teacher.encode(img, generator=g), (mean + std * noise) * vae.config.scaling_factor)
+    torch.testing.assert_close(teacher.encode(img, generator=g),
+                               (mean + std * noise) * vae.config.scaling_factor)
 
 
 def test_teacher_pipeline_equals_diffusers_stable_diffusion_ddim(tiny_sd_folder):
@@ -157,22 +160,24 @@ def test_teacher_pipeline_equals_diffusers_stable_diffusion_ddim(tiny_sd_folder)
     sd = _diffusers_pipe(folder)
     sd.scheduler = diffusers.DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing",
                                                        clip_sample=False, set_alpha_to_one=True)
-    ours = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, num_inference_steps=4)
+    ours = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler,
+                               num_inference_steps=4)
     ours.set_progress_bar_config(disable=True)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    # step counts that divide 1000: diffusers' DDIM steps to t - 1000 // N, which for N = 3 is 333, not the next
-    # trailing grid point 332 (distill steps to the grid point it evaluates next)
+    # step counts that divide 1000: diffusers' DDIM steps to t - 1000 // N, which for N = 3 is 333, not the
+    # next trailing grid point 332 (distill steps to the grid point it evaluates next)
     for steps, scale in ((4, 5.0), (5, 1.0)):
         for kind, tol in (("latent", 1e-6), ("np", 2e-3)):  # random tiny weights: |latents| ~ 60, decoded x30
             ref = sd(PROMPTS[:2], num_inference_steps=steps, guidance_scale=scale, latents=latents,
                      output_type=kind).images
             got = ours(PROMPTS[:2], num_inference_steps=steps, guidance_scale=scale, latents=latents,
                        output_type=kind).images
-            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=tol * float(np.abs(ref).max()))
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0,
+                                       atol=tol * float(np.abs(ref).max()))
             assert np.asarray(ref).std() > 0.01
     # a negative prompt, and precomputed embeddings, as diffusers takes them
-    ref = sd(PROMPTS[:2], negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
-             output_type="latent").images
+    ref = sd(PROMPTS[:2], negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=4.0,
+             latents=latents, output_type="latent").images
     got = ours(PROMPTS[:2], negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=4.0,
                latents=latents, output_type="latent").images
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
@@ -180,7 +185,8 @@ def test_teacher_pipeline_equals_diffusers_stable_diffusion_ddim(tiny_sd_folder)
     got = ours(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=4, guidance_scale=4.0,
                latents=latents, output_type="latent").images
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
-    plain = ours(PROMPTS[:2], num_inference_steps=4, guidance_scale=4.0, latents=latents, output_type="latent").images
+    plain = ours(PROMPTS[:2], num_inference_steps=4, guidance_scale=4.0, latents=latents,
+                 output_type="latent").images
     assert (plain - ref).abs().max() > 1e-3  # the negative prompt mattered
 
 
@@ -205,8 +211,8 @@ def test_prompt_files_and_caption_columns(tmp_path):
     img_dir.mkdir()
     for i in range(3):
         Image.fromarray(np.full((20, 24, 3), 40 * i, dtype=np.uint8)).save(img_dir / f"{i}.png")
-    (img_dir / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": f"grey {i}"}) + "\n"
-                                                    for i in range(3)))
+    (img_dir / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "caption": f"grey {i}"}) + "\n" for i in range(3)))
     ds = load_data(str(img_dir), resolution=16)
     item = ds[1]
     assert ds.has_prompts and item["prompt"] == "grey 1" and item["x"].shape == (3, 16, 16)
@@ -219,7 +225,8 @@ def test_text_teacher_refusals(tiny_sd_folder, tmp_path):
     with pytest.raises(ConfigError, match="text-to-image teacher is out of scope"):
         trainer_class("teacher")(cfg).train()
     cfg = load_config("configs/sim_sd15.yaml", fast + [f"teacher.path={tiny_sd_folder / 'sd'}",
-                                                       "data.spec=sklearn:digits", "train.mixed_precision=no"])
+                                                       "data.spec=sklearn:digits",
+                                                       "train.mixed_precision=no"])
     with pytest.raises(ConfigError, match="has no prompts"):
         trainer_class("sim")(cfg).train()
     cfg = load_config("configs/sim_digits.yaml", fast + [f"data.spec={prompts}"])
@@ -231,7 +238,8 @@ def test_text_teacher_refusals(tiny_sd_folder, tmp_path):
 METHOD_OVERRIDES = {
     "sim": ["train.max_steps=2"],
     "uni_instruct": ["train.max_steps=2"],
-    "progressive": ["progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=1"],
+    "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
+                    "progressive.steps_per_round=1"],
     "guided": ["guided.start_steps=2", "guided.target_steps=1", "guided.steps_per_round=1",
                "guided.stage_one_steps=1"],
 }
@@ -241,7 +249,8 @@ import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 pipe.set_progress_bar_config(disable=True)
-out = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+out = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+           output_type="np").images
 assert "distill" not in sys.modules
 np.save(sys.argv[2], out)
 print(type(pipe).__name__)
@@ -249,8 +258,8 @@ print(type(pipe).__name__)
 
 
 @pytest.mark.parametrize("method", ["sim", "uni_instruct", "progressive", "guided"])
-def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pipeline(tiny_sd_folder, tmp_path,
-                                                                                      method):
+def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pipeline(
+        tiny_sd_folder, tmp_path, method):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "distill", "train", f"configs/{method}_sd15.yaml",
@@ -270,10 +279,12 @@ def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pip
     plain = np.load(tmp_path / "plain.npy")
     pipe = load_pipeline(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+                output_type="np").images
     assert plain.shape == (2, 16, 16, 3) and plain.std() > 0.01
     np.testing.assert_array_equal(mine, plain)  # same seed, same images, with or without distill
-    if method == "sim":  # the CLI's sample grid takes prompts for a text pipeline, and says so when they are missing
+    # the CLI's sample grid takes prompts for a text pipeline, and says so when they are missing
+    if method == "sim":
         from distill.cli import main
 
         assert main(["sample", str(folder), "--num-images", "4", "--prompt", "a cat", "--prompt", "a dog",
@@ -284,7 +295,8 @@ def test_every_method_trains_on_a_text_teacher_and_exports_a_plain_diffusers_pip
         assert cfg.generator_timestep == 999
     else:
         assert cfg.generator_timestep is None and cfg.num_inference_steps == 1
-    if method == "guided":  # the w input is UNet2DConditionModel's time_cond_proj_dim, and it changes the output
+    # the w input is UNet2DConditionModel's time_cond_proj_dim, and it changes the output
+    if method == "guided":
         assert pipe.unet.config.time_cond_proj_dim == 256 and cfg.guidance_conditioned
         a = pipe(prompt=["a red cat"], guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                  output_type="np").images
@@ -300,20 +312,23 @@ def _tiny_clip(folder: Path):
     tokenizer = clip_tokenizer(folder.parent / "clip-tok-src", 16)
     torch.manual_seed(0)
     text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                  patch_size=8)
-    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=16, patch_size=8)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                           projection_dim=8))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16},
+                                    crop_size={"height": 16, "width": 16}).save_pretrained(
+folder)
     return model
 
 
 def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny_sd_folder, tmp_path):
-    """`distill fid PIPELINE --prompts FILE --reference IMAGES --compare TEACHER`: the student and the SD teacher
-    (at two step counts, two guidance scales) in one report; the CLIP score equals transformers' own
+    """`distill fid PIPELINE --prompts FILE --reference IMAGES --compare TEACHER`: the student and the SD
+    teacher (at two step counts, two guidance scales) in one report; the CLIP score equals transformers' own
     CLIPModel forward (logits_per_image / logit_scale) on the same images."""
 
     from distill.cli import main
@@ -321,16 +336,17 @@ def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny
     out = tmp_path / "run"
     cfg = load_config("configs/sim_sd15.yaml", [f"teacher.path={tiny_sd_folder / 'sd'}", f"output_dir={out}",
                                                 f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}",
-                                                "train.max_steps=1", "train.batch_size=2", "train.report_to=none",
-                                                "train.progress_bar=false", "train.mixed_precision=no"])
+                                                "train.max_steps=1", "train.batch_size=2",
+                                                "train.report_to=none", "train.progress_bar=false",
+                                                "train.mixed_precision=no"])
     trainer_class("sim")(cfg).train()
     ref = random_png_folder(tmp_path / "ref", 12)
     clip_dir = tmp_path / "clip"
     clip = _tiny_clip(clip_dir)
     rc = main(["fid", str(out / "pipeline"), "--prompts", str(tiny_sd_folder / "prompts.txt"), "--reference",
-               str(ref), "--compare", str(tiny_sd_folder / "sd"), "--steps", "1,2", "--guidance-scales", "1,3",
-               "--num-samples", "6", "--batch-size", "3", "--metrics", "fid", "--clip-model", str(clip_dir),
-               "--out", str(tmp_path / "report")])
+               str(ref), "--compare", str(tiny_sd_folder / "sd"), "--steps", "1,2", "--guidance-scales",
+               "1,3", "--num-samples", "6", "--batch-size", "3", "--metrics", "fid", "--clip-model",
+               str(clip_dir), "--out", str(tmp_path / "report")])
     assert rc == 0
     report = json.loads((tmp_path / "report" / "fid_report.json").read_text())
     rows = {(r["model"], r["steps"]): r for r in report["results"]}
@@ -353,16 +369,18 @@ def test_fid_command_for_a_text_student_with_teacher_compare_and_clip_score(tiny
     texts = [prompts[i % 4] for i in range(6)]
     with torch.no_grad():
         o = clip(**tok(texts, padding=True, truncation=True, return_tensors="pt"),
-                 pixel_values=proc(images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt").pixel_values)
+                 pixel_values=proc(images=list(images.permute(0, 2, 3, 1).numpy()),
+                                   return_tensors="pt").pixel_values)
         expected = float((100 * (o.logits_per_image.diagonal() / clip.logit_scale.exp()).clamp_min(0)).mean())
     assert rows[("model", 1)]["clip_score"] == pytest.approx(expected, rel=1e-4)
 
 
-# ---------------------------------------------------------------------- SDXL, v-prediction, image+caption data, dtypes
+# -------------------------------------------------------- SDXL, v-prediction, image+caption data, dtypes
 def _train(args, cwd=REPO):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "distill", "train", *args, "train.report_to=none",
-                          "train.progress_bar=false"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                          "train.progress_bar=false"], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -373,17 +391,21 @@ def test_sdxl_v_prediction_teacher_trains_and_exports_both_text_encoders(tmp_pat
             "train.max_steps=2", "train.batch_size=2", f"output_dir={tmp_path / 'run'}"])
     folder = tmp_path / "run" / "pipeline"
     assert (folder / "text_encoder_2").is_dir() and (folder / "tokenizer_2").is_dir()
-    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy")], cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy")],
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     pipe = load_pipeline(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.config.force_zeros_for_empty_prompt
-    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert (pipe.scheduler.config.prediction_type == "v_prediction"
+            and pipe.config.force_zeros_for_empty_prompt)
+    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+                output_type="np").images
     np.testing.assert_array_equal(mine, np.load(tmp_path / "plain.npy"))
 
 
-def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_precision(tiny_sd_folder, tmp_path):
+def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_precision(
+        tiny_sd_folder, tmp_path):
     """Image+caption data through a latent teacher (progressive, bf16): the exported VAE and text encoder are
     the teacher's own fp32 files, not the bf16 copies used for training."""
     from PIL import Image
@@ -398,14 +420,15 @@ def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_pre
         rows.append(json.dumps({"file_name": f"{i}.png", "text": f"noise picture {i}"}))
     (imgs / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     teacher = tiny_sd_folder / "sd"
-    _train(["configs/progressive_sd15.yaml", f"teacher.path={teacher}", f"data.spec={imgs}", "train.batch_size=2",
-            "progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=1",
-            f"output_dir={tmp_path / 'run'}", "eval.enabled=true", "eval.teacher_steps=[1,2]", "eval.num_samples=4",
-            "eval.batch_size=2", "eval.metrics=[fid]"])
+    _train(["configs/progressive_sd15.yaml", f"teacher.path={teacher}", f"data.spec={imgs}",
+            "train.batch_size=2", "progressive.start_steps=2", "progressive.target_steps=1",
+            "progressive.steps_per_round=1", f"output_dir={tmp_path / 'run'}", "eval.enabled=true",
+            "eval.teacher_steps=[1,2]", "eval.num_samples=4", "eval.batch_size=2", "eval.metrics=[fid]"])
     report = json.loads((tmp_path / "run" / "report" / "fid_report.json").read_text())
     rows = {(r["model"], r["steps"]): r for r in report["results"]}
     assert set(rows) == {("student", 1), ("teacher", 1), ("teacher", 2)}  # the images are the reference
-    assert rows[("teacher", 2)]["guidance_scale"] == 7.5 and rows[("teacher", 2)]["nfe"] == 4  # the CFG teacher
+    # the CFG teacher
+    assert rows[("teacher", 2)]["guidance_scale"] == 7.5 and rows[("teacher", 2)]["nfe"] == 4
     folder = tmp_path / "run" / "pipeline"
     for part in ("vae", "text_encoder"):
         ours = load_file(next((folder / part).glob("*.safetensors")))
@@ -417,9 +440,10 @@ def test_captioned_images_are_encoded_by_the_vae_and_exports_keep_the_stored_pre
 
 
 def test_bf16_training_loads_frozen_parts_in_bf16_and_the_student_in_fp32(tiny_sd_folder, tmp_path):
-    from distill.trainers.base import build_network, load_teacher
+    from distill.engine import build_network, load_teacher
 
-    cfg = load_config("configs/sim_sd15.yaml", [f"teacher.path={tiny_sd_folder / 'sd'}", f"output_dir={tmp_path}"])
+    cfg = load_config("configs/sim_sd15.yaml",
+                      [f"teacher.path={tiny_sd_folder / 'sd'}", f"output_dir={tmp_path}"])
     assert cfg.train.mixed_precision == "bf16"
     teacher = load_teacher(cfg, "cpu")
     assert teacher.model.dtype == teacher.vae.dtype == teacher.text_encoders[0].dtype == torch.bfloat16
@@ -427,7 +451,8 @@ def test_bf16_training_loads_frozen_parts_in_bf16_and_the_student_in_fp32(tiny_s
     student = build_network(cfg, teacher, teacher.sample_shape, 0)
     assert student.dtype == torch.float32 and all(p.requires_grad for p in student.parameters())
     x = torch.randn(2, 4, 8, 8)
-    out = teacher.predict_x0(x, torch.tensor(0.5), teacher.condition(prompts=["a cat", "a dog"]), guidance_scale=2.0)
+    out = teacher.predict_x0(x, torch.tensor(0.5), teacher.condition(prompts=["a cat", "a dog"]),
+                             guidance_scale=2.0)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
@@ -441,16 +466,19 @@ def test_text_hybrid_base_then_student(tiny_sd_folder, tmp_path):
     with torch.no_grad():  # a different network than the base, so the two are told apart
         for p in student_unet.parameters():
             p.mul_(0.9)
-    sched = diffusers.DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing", clip_sample=False,
-                                                set_alpha_to_one=True)
-    student = TextToImagePipeline(student_unet, sd.vae, sd.text_encoder, sd.tokenizer, sched, num_inference_steps=4)
-    teacher = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sched, num_inference_steps=4)
+    sched = diffusers.DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing",
+                                                clip_sample=False, set_alpha_to_one=True)
+    student = TextToImagePipeline(student_unet, sd.vae, sd.text_encoder, sd.tokenizer, sched,
+                                  num_inference_steps=4)
+    teacher = TextToImagePipeline(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sched,
+                                  num_inference_steps=4)
     hybrid = HybridPipeline.from_pipelines(sd, student, num_base_steps=1)
     for p in (student, teacher, hybrid):
         p.set_progress_bar_config(disable=True)
 
     def run(pipe, **kw):
-        return pipe(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+        return pipe(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kw).images
 
     np.testing.assert_array_equal(run(hybrid, num_base_steps=0), run(student))
     np.testing.assert_array_equal(run(hybrid, num_base_steps=4), run(teacher))

@@ -30,12 +30,15 @@ def test_no_pickle_no_unsafe_yaml_no_remote_code_in_the_package():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                found += [f"{path.name}: import {n}" for n in names if n.split(".")[0] in ("pickle", "dill", "cloudpickle")]
+                found += [f"{path.name}: import {n}" for n in names
+                          if n.split(".")[0] in ("pickle", "dill", "cloudpickle")]
         for node, owner, name in _calls(tree):
-            if (owner, name) in (("torch", "load"), ("yaml", "load"), ("yaml", "unsafe_load"), ("np", "load")):
+            if (owner, name) in (("torch", "load"), ("yaml", "load"), ("yaml", "unsafe_load"),
+                                 ("np", "load")):
                 found.append(f"{path.name}:{node.lineno} {owner}.{name}")
             for kw in node.keywords:
-                if kw.arg == "trust_remote_code" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                if (kw.arg == "trust_remote_code"
+                        and not (isinstance(kw.value, ast.Constant) and kw.value.value is False)):
                     found.append(f"{path.name}:{node.lineno} trust_remote_code")
     assert not found, found
 
@@ -46,5 +49,6 @@ def test_a_teacher_folder_cannot_name_a_foreign_module(tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     index["unet"] = ["os", "system"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match=r"\['os', 'system'\] is neither a diffusers class nor a distill model"):
+    with pytest.raises(ConfigError,
+                       match=r"\['os', 'system'\] is neither a diffusers class nor a distill model"):
         Teacher.from_pretrained(str(folder))

@@ -25,7 +25,8 @@ CASES = [
     ("config file missing", ["train", "configs/nope.yaml"], "Config file 'configs/nope.yaml' not found"),
     ("unknown key", ["train", SIM, "train.max_step=2"], "Unknown config key 'train.max_step'"),
     ("override without a value", ["train", SIM, "train.max_steps"], "must look like key.sub=value"),
-    ("not an integer", ["train", SIM, "train.max_steps=abc"], "train.max_steps: expected an integer, got 'abc'"),
+    ("not an integer", ["train", SIM, "train.max_steps=abc"],
+     "train.max_steps: expected an integer, got 'abc'"),
     ("not a choice", ["train", SIM, "train.mixed_precision=fp32"], "'fp32' is not allowed; choose one of"),
     ("fp16", ["train", SIM, "train.mixed_precision=fp16"], "train.mixed_precision: 'fp16' is refused"),
     ("impossible value", ["train", SIM, "train.max_steps=0"], "train.max_steps: 0 is impossible"),
@@ -35,13 +36,15 @@ CASES = [
      "msd.partition: 'file' needs msd.partition_file"),
     ("guidance scale in a guided run", ["train", "configs/guided_digits.yaml", "teacher.guidance_scale=2"],
      "guided distillation samples its own guidance scales"),
-    ("output_dir is a file", ["train", TOY, "output_dir=OUT/afile"], "output_dir='OUT/afile' is a file, not a folder"),
+    ("output_dir is a file", ["train", TOY, "output_dir=OUT/afile"],
+     "output_dir='OUT/afile' is a file, not a folder"),
     # --- teachers
     ("builtin teacher typo", ["train", SIM, "teacher.path=builtin:digit", "output_dir=OUT/run"],
      "No builtin teacher 'builtin:digit': the builtin teachers are builtin:digits, builtin:digits-cond"),
     ("Hub id offline", ["train", SIM, "teacher.path=google/ddpm-cifar10-32", "output_dir=OUT/run"],
      "HF_HUB_OFFLINE is set: unset it"),
-    ("local path typo that looks like a Hub id", ["train", SIM, "teacher.path=teachers/digitz", "output_dir=OUT/run"],
+    ("local path typo that looks like a Hub id",
+     ["train", SIM, "teacher.path=teachers/digitz", "output_dir=OUT/run"],
      "'teachers/digitz' is not a local folder (nothing at"),
     ("absolute path typo", ["train", SIM, "teacher.path=OUT/nothere", "output_dir=OUT/run"],
      "No pipeline folder at 'OUT/nothere'"),
@@ -68,14 +71,16 @@ CASES = [
      "Could not load the Hub dataset 'uoft-cs/cifar10'"),
     ("unknown sklearn data", ["train", SIM, "data.spec=sklearn:iris", "output_dir=OUT/run"],
      "Unknown sklearn data 'sklearn:iris'"),
-    ("unknown toy data", ["train", TOY, "data.spec=toy:moons", "output_dir=OUT/run"], "Unknown toy data 'toy:moons'"),
+    ("unknown toy data", ["train", TOY, "data.spec=toy:moons", "output_dir=OUT/run"],
+     "Unknown toy data 'toy:moons'"),
     ("prompt file missing", ["train", SIM, "data.spec=prompts:OUT/none.txt", "output_dir=OUT/run"],
      "Prompt file 'OUT/none.txt' not found"),
     ("label dropout without labels", ["teacher", "configs/teacher_gaussians8.yaml", "data.spec=toy:swissroll",
                                       "teacher_train.label_dropout=0.1", "output_dir=OUT/run"],
      "teacher_train.label_dropout=0.1 needs labelled data"),
     # --- evaluation at start-up
-    ("Inception weights missing", ["train", SIM, "eval.feature_extractor=inception-v3-compat", "output_dir=OUT/run"],
+    ("Inception weights missing",
+     ["train", SIM, "eval.feature_extractor=inception-v3-compat", "output_dir=OUT/run"],
      "Inception weights not found at"),
     # --- runs, checkpoints, resume
     ("resume of another method", ["train", "configs/uni_instruct_gaussians8.yaml", *RUN,
@@ -84,18 +89,19 @@ CASES = [
     ("resume with another teacher", ["train", TOY, *RUN, "teacher.path=analytic:gaussians25",
                                      f"train.resume_from_checkpoint={CKPT}", "output_dir=OUT/run"],
      "teacher.path: 'analytic:gaussians8' -> 'analytic:gaussians25'"),
-    ("resume from a folder that is no checkpoint", ["train", TOY, *RUN, "train.resume_from_checkpoint=OUT/nothere",
-                                                    "output_dir=OUT/run"],
+    ("resume from a folder that is no checkpoint",
+     ["train", TOY, *RUN, "train.resume_from_checkpoint=OUT/nothere", "output_dir=OUT/run"],
      "train.resume_from_checkpoint='OUT/nothere' is not a checkpoint folder"),
     ("new run into a finished run's folder", ["train", TOY, *TOY_RUN, "optim.lr=0.001"],
      "holds another finished run"),
     # --- sampling and FID
-    ("class label out of range", ["sample", COND, "--class-labels", "12,3,-1", "--num-images", "4", "--steps", "1",
-                                  "--out", "OUT/g.png"],
+    ("class label out of range",
+     ["sample", COND, "--class-labels", "12,3,-1", "--num-images", "4", "--steps", "1", "--out", "OUT/g.png"],
      "class_labels [-1, 12] are out of range: they must lie in [0, 10] (10 = null class)"),
     ("class labels not integers", ["sample", COND, "--class-labels", "a", "--out", "OUT/g.png"],
      "--class-labels 'a': give integers separated by commas"),
-    ("guidance scale on an unconditional model", ["sample", DIGITS, "--guidance-scale", "3", "--out", "OUT/g.png"],
+    ("guidance scale on an unconditional model",
+     ["sample", DIGITS, "--guidance-scale", "3", "--out", "OUT/g.png"],
      "--guidance-scale 3.0: a DDPMPipeline takes no guidance scale (an unconditional or one-step model)"),
     ("sample zero images", ["sample", DIGITS, "--num-images", "0", "--out", "OUT/g.png"],
      "'0' is not a positive integer"),
@@ -103,18 +109,21 @@ CASES = [
      "No pipeline folder at 'OUT/nothere'"),
     ("trajectory of a non-hybrid pipeline", ["sample", DIGITS, "--trajectory", "--out", "OUT/g.png"],
      "--trajectory / --num-base-steps need a hybrid pipeline folder"),
-    ("fid with zero samples", ["fid", DIGITS, "--reference", "sklearn:digits", "--num-samples", "0", "--out", "OUT/r"],
+    ("fid with zero samples",
+     ["fid", DIGITS, "--reference", "sklearn:digits", "--num-samples", "0", "--out", "OUT/r"],
      "'0' is not a positive integer"),
     ("fid at zero steps", ["fid", DIGITS, "--reference", "sklearn:digits", "--steps", "0", "--out", "OUT/r"],
      "'0': give step counts >= 1"),
-    ("fid guidance on an unconditional model", ["fid", DIGITS, "--reference", "sklearn:digits", "--guidance-scales",
-                                                "2", "--num-samples", "10", "--out", "OUT/r"],
+    ("fid guidance on an unconditional model",
+     ["fid", DIGITS, "--reference", "sklearn:digits", "--guidance-scales", "2", "--num-samples", "10",
+      "--out", "OUT/r"],
      "--guidance-scales"),
-    ("fid of 2-D samples", ["fid", "OUT/toyrun/pipeline", "--reference", "toy:gaussians8", "--num-samples", "10",
-                            "--out", "OUT/r"],
+    ("fid of 2-D samples",
+     ["fid", "OUT/toyrun/pipeline", "--reference", "toy:gaussians8", "--num-samples", "10", "--out", "OUT/r"],
      "FID needs image data"),
-    ("fid at steps of a pipeline that takes none", ["fid", "OUT/mar", "--reference", "sklearn:digits", "--steps", "4",
-                                                     "--num-samples", "10", "--out", "OUT/r"],
+    ("fid at steps of a pipeline that takes none",
+     ["fid", "OUT/mar", "--reference", "sklearn:digits", "--steps", "4",
+       "--num-samples", "10", "--out", "OUT/r"],
      "steps=4: a MaskedAutoregressivePipeline takes no num_inference_steps"),
     ("fid with an unknown metric", ["fid", DIGITS, "--reference", "sklearn:digits", "--metrics", "fid,lpips",
                                     "--num-samples", "10", "--out", "OUT/r"],
@@ -133,14 +142,16 @@ def materials(tmp_path_factory):
     shutil.copytree(DIGITS, out / "bad_weights")
     weights = out / "bad_weights" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert main(["train", TOY, *[a.replace("OUT", str(out)) for a in TOY_RUN]]) == 0  # a finished run: 2 steps
+    # a finished run: 2 steps
+    assert main(["train", TOY, *[a.replace("OUT", str(out)) for a in TOY_RUN]]) == 0
     import diffusers
 
     from distill import MaskedAutoregressiveModel, MaskedAutoregressivePipeline, export_pipeline
 
-    mar = MaskedAutoregressiveModel(sample_size=8, patch_size=2, width=16, depth=1, num_heads=2, head_width=16,
-                                    head_depth=1)
-    export_pipeline(MaskedAutoregressivePipeline(mar, diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")),
+    mar = MaskedAutoregressiveModel(sample_size=8, patch_size=2, width=16, depth=1, num_heads=2,
+                                    head_width=16, head_depth=1)
+    export_pipeline(MaskedAutoregressivePipeline(mar,
+                                                 diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")),
                     out / "mar")
     return out
 
@@ -163,7 +174,8 @@ def test_user_mistake_gives_one_clear_line(name, argv, message, materials, capsy
 
 def test_catalogue_size(capsys):
     with capsys.disabled():
-        print(f"\nbad-input catalogue: {len(CASES)} user mistakes, each one line naming the value and the fix")
+        print(f"\nbad-input catalogue: {len(CASES)} user mistakes, each one line naming the value and the "
+              "fix")
     assert len(CASES) >= 40
 
 
@@ -189,9 +201,12 @@ def test_distill_launch_ends_in_the_message_and_the_exit_code(argv, message, tmp
     import os
     import subprocess
 
-    res = subprocess.run(["distill", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-                          "no", "--dynamo_backend", "no", SIM, f"output_dir={tmp_path / 'run'}", *argv],
-                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    res = subprocess.run(["distill", "launch", "--num_processes", "1", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", SIM,
+                          f"output_dir={tmp_path / 'run'}", *argv],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                         timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2, res.stderr[-3000:]
-    assert message in res.stderr and "Traceback" not in res.stderr and res.stderr.count("error:") == 1, res.stderr
+    assert (message in res.stderr and "Traceback" not in res.stderr
+            and res.stderr.count("error:") == 1), res.stderr

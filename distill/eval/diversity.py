@@ -39,11 +39,13 @@ def vendi(features: torch.Tensor) -> float:
 
 
 def diversity_by_condition(features: torch.Tensor, groups: list) -> dict:
-    """Both metrics per condition (``groups[i]``: the condition of sample i) and their means over conditions."""
+    """Both metrics per condition (``groups[i]``: the condition of sample i) and their means over
+    conditions."""
     by: dict = {}
     for i, g in enumerate(groups):
         by.setdefault(g, []).append(i)
-    per = {g: {"pairwise_distance": pairwise_distance(features[idx]), "vendi": vendi(features[idx]), "n": len(idx)}
+    per = {g: {"pairwise_distance": pairwise_distance(features[idx]), "vendi": vendi(features[idx]),
+               "n": len(idx)}
            for g, idx in by.items() if len(idx) >= 2}
     if not per:
         raise ValueError("Diversity needs at least 2 samples under some condition; generate more samples.")

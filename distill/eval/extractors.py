@@ -38,8 +38,10 @@ class DigitsNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 16, 64))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(64, 10))
 
@@ -124,9 +126,9 @@ def extractor_weights(name: str, weights: str | None = None) -> Path:
         path = Path(weights) if weights else inception_cache_path()
         if not path.is_file():
             raise FileNotFoundError(
-                f"Inception weights not found at {path}. Offline, download {INCEPTION_FILE} (torch-fidelity's "
-                "release asset) on a machine with internet and either place it at that path or pass "
-                "--feature-extractor-weights PATH (eval.feature_extractor_weights in a config).")
+                f"Inception weights not found at {path}. Offline, download {INCEPTION_FILE} "
+                "(torch-fidelity's release asset) on a machine with internet and either place it at that "
+                "path or pass --feature-extractor-weights PATH (eval.feature_extractor_weights in a config).")
     else:
         raise ValueError(f"Unknown feature extractor {name!r}; choose 'digits' or 'inception-v3-compat'.")
     if not path.is_file():
@@ -138,7 +140,8 @@ def make_extractor(name: str, weights: str | None = None):
     """(torch-fidelity extractor instance, registered name, weights file, features for fid/isc)."""
     path = extractor_weights(name, weights)
     if name == "digits":
-        ext = DigitsFeatureExtractor(DIGITS_NAME, ["feat64", "logits_unbiased"], feature_extractor_weights_path=path)
+        ext = DigitsFeatureExtractor(DIGITS_NAME, ["feat64", "logits_unbiased"],
+                                     feature_extractor_weights_path=path)
         return ext, DIGITS_NAME, path
     if name == "inception-v3-compat":
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

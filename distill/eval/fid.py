@@ -1,4 +1,4 @@
-"""FID, KID, IS and precision/recall through torch-fidelity (DESIGN.md s6).
+"""FID, KID, IS and precision/recall through torch-fidelity.
 
 distill feeds torch-fidelity and reports; the metric arithmetic is torch-fidelity's own
 (``fid_features_to_statistics`` / ``fid_statistics_to_metric``, ``kid_features_to_metric``,
@@ -10,7 +10,7 @@ distill feeds torch-fidelity and reports; the metric arithmetic is torch-fidelit
   uint8 exactly as saved PNGs are (``round(255 x)``), grayscale repeated to RGB;
 * references: a data spec (same syntax as training data) or a saved feature file;
 * a reference cache keyed by a hash of the reference pixels, the extractor and its weights
-  (torch-fidelity keys its cache by name only, ecosystem_api.md s4d), stored as safetensors;
+  (torch-fidelity keys its cache by name only), stored as safetensors;
 * ``cuda`` only when CUDA exists; KID subset size capped by the sample counts. FID is torch-fidelity's
   value as computed (not clamped: a set against itself gives a rounding-level number such as 5e-15);
 * reports name the extractor as torch-fidelity knows it (``torch_fidelity_feature_extractor``,
@@ -66,8 +66,8 @@ def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> 
         x01 = ((x.float() - lo) / (hi - lo)).clamp(0, 1)
         out = (x01 * 255).round().to(torch.uint8)
     if out.ndim != 4:
-        raise ConfigError(f"FID needs image data (B, C, H, W); got samples of shape {tuple(out.shape)}. For 2-D "
-                          "toy data use the toy metrics (distill.eval.toy).")
+        raise ConfigError(f"FID needs image data (B, C, H, W); got samples of shape {tuple(out.shape)}. For "
+                          "2-D toy data use the toy metrics (distill.eval.toy).")
     if out.shape[1] == 1:
         out = out.repeat(1, 3, 1, 1)
     return out.contiguous()
@@ -102,28 +102,18 @@ def load_image_folder(folder, resolution: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(img) for img in images])).permute(0, 3, 1, 2).contiguous()
 
 
-def save_image_folder(images_u8: torch.Tensor, folder) -> Path:
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images_u8.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(img).save(folder / f"{i:06d}.png")
-    return folder
-
-
 # ---------------------------------------------------------------------- generation
 def is_one_step(pipe) -> bool:
-    return type(pipe).__name__ == "OneStepPipeline" or getattr(getattr(pipe, "config", None), "generator_timestep",
-                                                                   None) is not None
+    return (type(pipe).__name__ == "OneStepPipeline"
+            or getattr(getattr(pipe, "config", None), "generator_timestep", None) is not None)
 
 
 def is_text_pipeline(pipe) -> bool:
     return getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
 
 
-def pipeline_nfe(pipe, steps: int | None, num_base_steps: int | None = None, num_base_substeps: int | None = None,
-                 **_call_kwargs) -> int:
+def pipeline_nfe(pipe, steps: int | None, num_base_steps: int | None = None,
+                 num_base_substeps: int | None = None, **_call_kwargs) -> int:
     if type(pipe).__name__ == "HybridPipeline":  # base rows + student rows of one chain
         k = pipe.config.num_base_steps if num_base_steps is None else num_base_steps
         return len(pipe.schedule(k, steps, num_base_substeps)[0])
@@ -155,13 +145,13 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
         import inspect
 
         if "num_inference_steps" not in inspect.signature(pipe.__call__).parameters:
-            raise ConfigError(f"steps={steps}: a {type(pipe).__name__} takes no num_inference_steps; drop --steps "
-                              "(eval.teacher_steps) for it.")
+            raise ConfigError(f"steps={steps}: a {type(pipe).__name__} takes no num_inference_steps; drop "
+                              "--steps (eval.teacher_steps) for it.")
         kwargs["num_inference_steps"] = steps
     text = is_text_pipeline(pipe)
     if text and not prompts:
-        raise ConfigError("A text-to-image pipeline needs prompts for FID: pass --prompts FILE (distill fid) or "
-                         "prompts=[...].")
+        raise ConfigError("A text-to-image pipeline needs prompts for FID: pass --prompts FILE (distill "
+                         "fid) or prompts=[...].")
     out = {}
     for b in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False):
         n = min(batch_size, num_samples - b * batch_size)
@@ -206,7 +196,8 @@ def metrics_from_features(gen: dict, ref: dict, metrics, fid_layer: str, seed: i
     if "kid" in metrics:
         size = min(1000, len(f1), len(f2))
         kid = kid_features_to_metric(f1, f2, kid_subset_size=size, verbose=False)  # torch-fidelity rng_seed
-        out["kid"], out["kid_std"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+        out["kid"] = kid["kernel_inception_distance_mean"]
+        out["kid_std"] = kid["kernel_inception_distance_std"]
     if "prc" in metrics:
         prc = prc_features_to_metric(f1, f2, save_cpu_ram=True, verbose=False)
         out.update(precision=prc["precision"], recall=prc["recall"], f_score=prc["f_score"])
@@ -227,7 +218,8 @@ def reference_images(reference: str, resolution: int | None = None) -> torch.Ten
     ref = Path(reference)
     if ref.is_dir() and not any(ref.glob("*/")) and any(ref.glob("*.png")):
         return load_image_folder(ref, resolution)
-    ds = load_data(reference, resolution=resolution, channels=3 if not reference.startswith("sklearn:") else 1)
+    ds = load_data(reference, resolution=resolution,
+                   channels=3 if not reference.startswith("sklearn:") else 1)
     x, _ = as_tensor(ds)
     if x.ndim != 4:
         raise ConfigError(f"FID needs image data; {reference!r} has samples of shape {tuple(x.shape[1:])}. "
@@ -240,15 +232,18 @@ def reference_features(reference, extractor, ext_name: str, weights_path, resolu
     """Features of the reference (cached) and a description for the report."""
     from safetensors.torch import load_file, save_file
 
-    if isinstance(reference, (str, Path)) and str(reference).endswith(".safetensors") and Path(reference).is_file():
+    if (isinstance(reference, (str, Path)) and str(reference).endswith(".safetensors")
+            and Path(reference).is_file()):
         return load_file(str(reference)), {"reference": str(reference), "reference_file": True}
-    images = reference if isinstance(reference, torch.Tensor) else reference_images(str(reference), resolution)
+    images = (reference if isinstance(reference, torch.Tensor)
+              else reference_images(str(reference), resolution))
     images = to_uint8(images)
     key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:20]
     wsha = file_sha256(weights_path)[:20]
     path = cache_dir() / f"ref-{key}-{ext_name}-{wsha}.safetensors"
     info = {"reference": str(reference) if not isinstance(reference, torch.Tensor) else "tensor",
-            "reference_num_images": len(images), "reference_sha256": key, "reference_resolution": images.shape[-1]}
+            "reference_num_images": len(images), "reference_sha256": key,
+            "reference_resolution": images.shape[-1]}
     if use_cache and path.is_file():
         return load_file(str(path)), {**info, "reference_cached": True}
     feats = extract_features(images, extractor, batch_size)
@@ -260,11 +255,12 @@ def reference_features(reference, extractor, ext_name: str, weights_path, resolu
     return feats, {**info, "reference_cached": False}
 
 
-def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000, feature_extractor: str = "digits",
-                    feature_extractor_weights: str | None = None, batch_size: int = 250, seed: int = 0,
-                    steps: int | None = None, resolution: int | None = None, use_cache: bool = True,
-                    return_images: bool = False, prompts: list[str] | None = None, clip_model: str | None = None,
-                    diversity: bool = False, **pipeline_kwargs) -> dict:
+def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000,
+                    feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
+                    batch_size: int = 250, seed: int = 0, steps: int | None = None,
+                    resolution: int | None = None, use_cache: bool = True, return_images: bool = False,
+                    prompts: list[str] | None = None, clip_model: str | None = None, diversity: bool = False,
+                    **pipeline_kwargs) -> dict:
     """Metrics of ``source`` (pipeline, pipeline/image folder, or tensor) against ``reference``.
 
     Returns a dict with the metrics and ``num_samples``, ``nfe``, ``seconds``, ``samples_per_second``,
@@ -311,9 +307,11 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
         n_groups = len(prompts) if prompts else (n_cls or 1)
         div = diversity_by_condition(gen_feats[layer], [i % n_groups for i in range(len(images))])
         result.update(diversity_pairwise=div["pairwise_distance"], vendi=div["vendi"],
-                      diversity_conditions=len(div["per_condition"]), diversity_per_condition=div["per_condition"])
+                      diversity_conditions=len(div["per_condition"]),
+                      diversity_per_condition=div["per_condition"])
     if clip_model and prompts:
-        result["clip_score"] = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))], clip_model)
+        result["clip_score"] = clip_score(images, [prompts[i % len(prompts)] for i in range(len(images))],
+                                          clip_model)
         result["clip_model"] = str(clip_model)
     seconds = time.time() - start
     result.update(num_samples=len(images), nfe=nfe, seconds=round(seconds, 3),
@@ -330,16 +328,16 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
 
 @torch.no_grad()
 def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, batch_size: int = 64) -> float:
-    """CLIP score (Hessel et al. 2021, as torchmetrics' CLIPScore): 100 * mean max(cos(image, text), 0) with the
-    CLIP model in the local folder ``clip_model`` (CLIPModel weights, tokenizer and image processor; nothing
-    is downloaded: pass e.g. a saved openai/clip-vit-base-patch32 folder)."""
+    """CLIP score (Hessel et al. 2021, as torchmetrics' CLIPScore): 100 * mean max(cos(image, text), 0) with
+    the CLIP model in the local folder ``clip_model`` (CLIPModel weights, tokenizer and image processor;
+    nothing is downloaded: pass e.g. a saved openai/clip-vit-base-patch32 folder)."""
     import transformers
 
     folder = Path(clip_model)
     if not folder.is_dir():
-        raise FileNotFoundError(f"CLIP model folder {clip_model!r} not found; a CLIP score needs a local CLIPModel "
-                                "folder (model, tokenizer and image processor files), e.g. a saved "
-                                "openai/clip-vit-base-patch32.")
+        raise FileNotFoundError(f"CLIP model folder {clip_model!r} not found; a CLIP score needs a local "
+                                "CLIPModel folder (model, tokenizer and image processor files), e.g. a "
+                                "saved openai/clip-vit-base-patch32.")
     model = transformers.CLIPModel.from_pretrained(folder).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     proc = transformers.CLIPImageProcessor.from_pretrained(folder)
@@ -359,7 +357,8 @@ def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, bat
 
 def teacher_as_sampler(pipe):
     """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid; a stock
-    Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with guidance_scale)."""
+    Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with
+    guidance_scale)."""
     if type(pipe).__name__ in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         import diffusers
 
@@ -370,12 +369,13 @@ def teacher_as_sampler(pipe):
         return TextToImagePipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched,
                                    text_encoder_2=getattr(pipe, "text_encoder_2", None),
                                    tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
-                                   force_zeros_for_empty_prompt=bool(getattr(pipe.config,
-                                                                             "force_zeros_for_empty_prompt", False)))
+                                   force_zeros_for_empty_prompt=bool(
+                                       getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
     if type(pipe).__name__ == "DDPMPipeline":
         from ..pipelines import FewStepPipeline
 
-        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)  # distill's CFG teachers: C classes + null
+        # distill's CFG teachers: C classes + null
+        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)
         return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50,
                                num_classes=n_embeds - 1 if n_embeds else 0)
     return pipe
@@ -384,9 +384,9 @@ def teacher_as_sampler(pipe):
 # ---------------------------------------------------------------------- reports
 def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: int = 1000,
                     feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
-                    metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0, meta: dict | None = None,
-                    call_kwargs: dict | None = None, resolution: int | None = None, prompts: list[str] | None = None,
-                    clip_model: str | None = None, diversity: bool = False):
+                    metrics=("fid", "kid", "prc"), batch_size: int = 250, seed: int = 0,
+                    meta: dict | None = None, call_kwargs: dict | None = None, resolution: int | None = None,
+                    prompts: list[str] | None = None, clip_model: str | None = None, diversity: bool = False):
     """Evaluate several pipelines at several step counts and write the report folder.
 
     ``models``: name -> pipeline; ``steps``: name -> list of step counts (None = the pipeline's own);
@@ -399,9 +399,10 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
     for name, pipe in models.items():
         extra = (call_kwargs or {}).get(name, {})
         for k in steps.get(name) or [None]:
-            r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor, feature_extractor_weights,
-                                batch_size, seed, steps=k if hasattr(pipe, "config") else None,
-                                resolution=resolution, return_images=True, prompts=prompts, clip_model=clip_model,
+            r = compute_metrics(pipe, reference, metrics, num_samples, feature_extractor,
+                                feature_extractor_weights, batch_size, seed,
+                                steps=k if hasattr(pipe, "config") else None, resolution=resolution,
+                                return_images=True, prompts=prompts, clip_model=clip_model,
                                 diversity=diversity, **extra)
             images = r.pop("images")
             model = name.split("@")[0]
@@ -409,9 +410,9 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
             grids[f"{model}-{n_steps or 0}step"] = images[:64]
             results.append({"model": model, "steps": n_steps, **{k2: v for k2, v in extra.items()
                                                                    if k2 == "guidance_scale"}, **r})
-    common = ("feature_extractor", "torch_fidelity_feature_extractor", "feature_layer_fid", "feature_extractor_weights",
-              "feature_extractor_sha256", "torch_fidelity_version", "reference", "seed",
-              "reference_num_images", "reference_sha256", "reference_resolution", "clip_model")
+    common = ("feature_extractor", "torch_fidelity_feature_extractor", "feature_layer_fid",
+              "feature_extractor_weights", "feature_extractor_sha256", "torch_fidelity_version", "reference",
+              "seed", "reference_num_images", "reference_sha256", "reference_resolution", "clip_model")
     report = {k: results[0].get(k) for k in common}
     report.update(meta or {})
     report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
@@ -446,7 +447,8 @@ def report_after_training(trainer, pipeline_path) -> dict:
     ev, cfg = trainer.config.eval, trainer.config
     student = load_pipeline(str(pipeline_path))
     models, steps = {"student": student}, {"student": [None]}
-    rounds = sorted((Path(cfg.output_dir) / "rounds").glob("steps-*"), key=lambda p: int(p.name.split("-")[1]))
+    rounds = sorted((Path(cfg.output_dir) / "rounds").glob("steps-*"),
+                    key=lambda p: int(p.name.split("-")[1]))
     for folder in rounds:  # progressive: every round's student at its own step count
         if int(folder.name.split("-")[1]) != pipeline_nfe(student, None):
             models[f"student@{folder.name}"] = load_pipeline(str(folder))  # reported as model "student"
@@ -458,8 +460,9 @@ def report_after_training(trainer, pipeline_path) -> dict:
         prompts = list(d.prompts) if hasattr(d, "prompts") else [d[i]["prompt"] for i in range(min(len(d),
                                                                                                    ev.num_samples))]
         if ev.reference is None and not d.has_images:
-            raise ConfigError(f"eval.enabled with prompts-only data ({cfg.data.spec!r}) needs eval.reference: an image "
-                              "folder or data set to compare with (e.g. COCO validation images).")
+            raise ConfigError(f"eval.enabled with prompts-only data ({cfg.data.spec!r}) needs "
+                              "eval.reference: an image folder or data set to compare with (e.g. COCO "
+                              "validation images).")
     if ev.teacher_steps and t is not None:
         if t.is_text:
             import diffusers
@@ -477,12 +480,15 @@ def report_after_training(trainer, pipeline_path) -> dict:
         steps["teacher"] = list(ev.teacher_steps)
     models, steps, kwargs = with_guidance_scales(models, steps, ev.guidance_scales)
     if "teacher" in models and cfg.teacher.guidance_scale is not None and not ev.guidance_scales:
-        kwargs["teacher"] = {"guidance_scale": cfg.teacher.guidance_scale}  # the teacher the student was distilled from
+        # the teacher the student was distilled from
+        kwargs["teacher"] = {"guidance_scale": cfg.teacher.guidance_scale}
     out = Path(cfg.output_dir) / "report"
-    report = evaluate_models(models, ev.reference or cfg.data.spec, steps, out, ev.num_samples, ev.feature_extractor,
-                             ev.feature_extractor_weights, tuple(ev.metrics), ev.batch_size, ev.seed,
+    report = evaluate_models(models, ev.reference or cfg.data.spec, steps, out, ev.num_samples,
+                             ev.feature_extractor, ev.feature_extractor_weights, tuple(ev.metrics),
+                             ev.batch_size, ev.seed,
                              meta={"method": cfg.method, "teacher": cfg.teacher.path,
-                                   "student_pipeline": str(pipeline_path)}, call_kwargs=kwargs, prompts=prompts)
+                                   "student_pipeline": str(pipeline_path)}, call_kwargs=kwargs,
+                             prompts=prompts)
     card = Path(pipeline_path) / "README.md"
     if card.is_file():
         card.write_text(card.read_text() + "\n## FID report\n\n" + (out / "fid_report.md").read_text())
@@ -505,12 +511,14 @@ def fid_command(args) -> int:
     if args.compare:
         models["teacher"] = teacher_as_sampler(load_pipeline(args.compare))
         step_map["teacher"] = [s for s in steps if s is not None] or [50]
-    scales = [float(s) for s in args.guidance_scales.split(",")] if getattr(args, "guidance_scales", None) else []
+    scales = ([float(s) for s in args.guidance_scales.split(",")] if getattr(args, "guidance_scales", None)
+              else [])
     models, step_map, kwargs = with_guidance_scales(models, step_map, scales)
     if scales and not kwargs:
         raise ConfigError(f"--guidance-scales {args.guidance_scales}: no model here takes a guidance scale "
-                          f"({args.source} is unconditional or one-step). Drop --guidance-scales, or evaluate a "
-                          "class-conditional / text-to-image pipeline or a guidance-conditioned student.")
+                          f"({args.source} is unconditional or one-step). Drop --guidance-scales, or "
+                          "evaluate a class-conditional / text-to-image pipeline or a guidance-conditioned "
+                          "student.")
     prompts = None
     if getattr(args, "prompts", None):
         from ..data import read_prompts
@@ -522,10 +530,11 @@ def fid_command(args) -> int:
     if getattr(args, "clip_model", None):
         meta["clip_score"] = ("100 * mean max(cos(CLIP image, CLIP text), 0) with the CLIP model at "
                               f"{args.clip_model} (not the reference CLIP unless that folder holds it)")
-    report = evaluate_models(models, args.reference, step_map, args.out, args.num_samples, args.feature_extractor,
-                             args.feature_extractor_weights, metrics, args.batch_size, args.seed,
-                             meta=meta, call_kwargs=kwargs, resolution=args.resolution, prompts=prompts,
-                             clip_model=getattr(args, "clip_model", None), diversity=getattr(args, "diversity", False))
+    report = evaluate_models(models, args.reference, step_map, args.out, args.num_samples,
+                             args.feature_extractor, args.feature_extractor_weights, metrics, args.batch_size,
+                             args.seed, meta=meta, call_kwargs=kwargs, resolution=args.resolution,
+                             prompts=prompts, clip_model=getattr(args, "clip_model", None),
+                             diversity=getattr(args, "diversity", False))
     print((Path(args.out) / "fid_report.md").read_text())
     print(json.dumps({"report": str(Path(args.out) / "fid_report.json"), "results": len(report["results"])}))
     return 0

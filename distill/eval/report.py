@@ -57,10 +57,10 @@ def write_json(obj, path) -> Path:
 
 def markdown_table(report: dict) -> str:
     """The results of a report as a Markdown table."""
-    cols = [("model", "model"), ("guidance_scale", "guidance"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
-            ("precision", "precision"), ("recall", "recall"), ("isc", "IS"), ("clip_score", "CLIP score"),
-            ("diversity_pairwise", "diversity (cos)"), ("vendi", "Vendi"), ("num_samples", "samples"),
-            ("seconds", "seconds"), ("samples_per_second", "samples/s")]
+    cols = [("model", "model"), ("guidance_scale", "guidance"), ("steps", "steps"), ("nfe", "NFE"),
+            ("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("isc", "IS"),
+            ("clip_score", "CLIP score"), ("diversity_pairwise", "diversity (cos)"), ("vendi", "Vendi"),
+            ("num_samples", "samples"), ("seconds", "seconds"), ("samples_per_second", "samples/s")]
     rows = report["results"]
     cols = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
@@ -79,18 +79,21 @@ def write_report(report: dict, grids: dict, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "fid_report.json")
     head = ["# FID report", "",
-            f"- feature extractor: `{report.get('feature_extractor')}` (sha256 {str(report.get('feature_extractor_sha256'))[:12]}…)"
-            + (" — NOT comparable with Inception FIDs" if report.get("feature_extractor") == "digits" else ""),
+            f"- feature extractor: `{report.get('feature_extractor')}` (sha256 "
+            f"{str(report.get('feature_extractor_sha256'))[:12]}…)"
+            + (" — NOT comparable with Inception FIDs" if report.get("feature_extractor") == "digits"
+               else ""),
             f"- reference: `{report.get('reference')}` ({report.get('reference_num_images')} images)",
-            f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}; the same FID from "
-            f"torch-fidelity on the same PNGs: `torch_fidelity.calculate_metrics(input1=..., input2=..., fid=True, "
-            f"feature_extractor='{report.get('torch_fidelity_feature_extractor')}', "
+            f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}; the same "
+            "FID from torch-fidelity on the same PNGs: `torch_fidelity.calculate_metrics(input1=..., "
+            f"input2=..., fid=True, feature_extractor='{report.get('torch_fidelity_feature_extractor')}', "
             f"feature_layer_fid='{report.get('feature_layer_fid')}', "
             f"feature_extractor_weights_path='{report.get('feature_extractor_weights')}')`"
-            + (" after `import distill.eval.extractors`" if report.get("feature_extractor") == "digits" else "")]
+            + (" after `import distill.eval.extractors`" if report.get("feature_extractor") == "digits"
+               else "")]
     if report.get("prompts"):
-        head.append(f"- prompts: `{report['prompts']}` ({report.get('num_prompts')} prompts, sample i uses prompt "
-                    "i mod n)")
+        head.append(f"- prompts: `{report['prompts']}` ({report.get('num_prompts')} prompts, sample i uses "
+                    "prompt i mod n)")
     if report.get("clip_score"):
         head.append(f"- CLIP score: {report['clip_score']}")
     head += ["", ""]

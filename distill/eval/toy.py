@@ -1,4 +1,4 @@
-"""Exact metrics for samples of the 2-D Gaussian-mixture toys (score_distillation.md s9.2)."""
+"""Exact metrics for samples of the 2-D Gaussian-mixture toys."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def mode_coverage(x: torch.Tensor, means: torch.Tensor, std: float, weights: tor
     d = torch.cdist(x.double(), means)
     near = d.min(1).values < 3 * std
     k = len(means)
-    w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    w = (torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None
+         else torch.as_tensor(weights).double())
     counts = torch.bincount(d.argmin(1)[near], minlength=k).double()
     covered = int((counts >= 0.5 * w * len(x)).sum())
     return covered, float(near.double().mean())

@@ -1,4 +1,4 @@
-"""Networks used as teachers, fake scores and generators (standalone files, see DESIGN.md s5).
+"""Networks used as teachers, fake scores and generators (standalone files).
 
 Each model file is exported next to its weights under the library name ``distill_<file>`` (for
 example ``generator/distill_mlp.py``). Importing this package registers those names as aliases of
@@ -20,5 +20,5 @@ EXPORT_NAMES = {mlp: "distill_mlp", gmm: "distill_gmm", guided_unet: "distill_gu
 for _module, _name in EXPORT_NAMES.items():
     sys.modules.setdefault(_name, _module)
 
-__all__ = ["GaussianMixtureTeacher", "GuidedUNet2DModel", "MaskedAutoregressiveModel", "MLPDenoiser", "StudentBank",
-           "EXPORT_NAMES"]
+__all__ = ["GaussianMixtureTeacher", "GuidedUNet2DModel", "MaskedAutoregressiveModel", "MLPDenoiser",
+           "StudentBank", "EXPORT_NAMES"]

@@ -3,7 +3,7 @@
 STANDALONE FILE: imports torch and diffusers only (it travels inside exported pipeline folders).
 
 For data ``x0 ~ sum_k pi_k N(mu_k, diag(v_k))`` the diffused marginal stays a mixture,
-``p_t = sum_k pi_k N(a mu_k, a^2 v_k + s^2)`` (score_distillation.md s9.2), and the posterior mean is
+``p_t = sum_k pi_k N(a mu_k, a^2 v_k + s^2)``, and the posterior mean is
 
     E[x0 | x_t] = sum_k gamma_k(x_t) (mu_k + a v_k / (a^2 v_k + s^2) (x_t - a mu_k)),
 
@@ -37,10 +37,10 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, means: list, stds: list, weights: list | None = None, component_classes: list | None = None,
-                 sample_shape: list | None = None, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "squaredcos_cap_v2", beta_start: float = 0.0001, beta_end: float = 0.02,
-                 prediction_type: str = "epsilon"):
+    def __init__(self, means: list, stds: list, weights: list | None = None,
+                 component_classes: list | None = None, sample_shape: list | None = None,
+                 num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                 beta_start: float = 0.0001, beta_end: float = 0.02, prediction_type: str = "epsilon"):
         super().__init__()
         mu = torch.as_tensor(means, dtype=torch.float64)
         if mu.ndim != 2:
@@ -48,7 +48,8 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
         k, d = mu.shape
         sd = torch.as_tensor(stds, dtype=torch.float64)
         var = (sd**2).reshape(k, -1).expand(k, d).clone()
-        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (torch.ones(k, dtype=torch.float64) if weights is None
+             else torch.as_tensor(weights, dtype=torch.float64))
         if (var <= 0).any() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("stds must be positive and weights non-negative with a positive sum.")
         cls = torch.full((k,), -1, dtype=torch.long) if component_classes is None else torch.as_tensor(
@@ -58,7 +59,8 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
         if math.prod(shape) != d:
             raise ValueError(f"sample_shape {shape} does not hold D={d} values.")
         self.sample_shape = shape
-        if len(shape) == 3 and shape[1] == shape[2]:  # lets stock image pipelines (DDPMPipeline) size their noise
+        # lets stock image pipelines (DDPMPipeline) size their noise
+        if len(shape) == 3 and shape[1] == shape[2]:
             self.register_to_config(in_channels=shape[0], sample_size=shape[1])
         sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                               beta_start=beta_start, beta_end=beta_end)
@@ -74,7 +76,7 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------- schedule
     def alpha_sigma(self, timestep: torch.Tensor):
-        """Coefficients at a (fractional) training index, log-SNR interpolated as in distill.noise."""
+        """Coefficients at a (fractional) training index, log-SNR linearly interpolated between indices."""
         n = self.logsnr_table.numel()
         pos = timestep.to(torch.float64).clamp(0, n - 1)
         lo = pos.floor().long().clamp(0, n - 2)

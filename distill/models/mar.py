@@ -99,8 +99,8 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, self.seq_len + 1, width) * 0.02)
         self.class_emb = nn.Embedding(num_classes + 1, width)
-        layer = nn.TransformerEncoderLayer(width, num_heads, int(width * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(width, num_heads, int(width * mlp_ratio), dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = DiffusionHead(self.token_dim, width, head_width, head_depth)
@@ -128,7 +128,8 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
         x = tokens.reshape(b, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c, s, s)
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor,
+               class_labels: torch.Tensor | None) -> torch.Tensor:
         """Conditioning vectors z (B, L, width) from the known tokens (``mask`` True = unknown)."""
         b = tokens.shape[0]
         h = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), self.token_in(tokens))
@@ -138,5 +139,6 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
         return self.norm(self.blocks(h))[:, 1:]
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The diffusion head: eps prediction for noisy tokens x_t (N, C p^2) at timesteps (N,) given z (N, width)."""
+        """The diffusion head: eps prediction for noisy tokens x_t (N, C p^2) at timesteps (N,) given z
+        (N, width)."""
         return self.head(x_t, timestep, z)

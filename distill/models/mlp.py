@@ -22,7 +22,8 @@ from torch import nn
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; DDPM)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+                      / half)
     args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -52,7 +53,8 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
                  num_class_embeds: int | None = None, sample_shape: list | None = None,
                  guidance_embed_dim: int | None = None):
         super().__init__()
-        self.time_proj = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.time_proj = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(),
+                                       nn.Linear(hidden, hidden))
         self.class_embedding = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
         self.guidance_proj = None
         if guidance_embed_dim:
@@ -82,7 +84,8 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         if self.guidance_proj is not None:
             w = torch.zeros(batch, device=x.device) if guidance_weight is None else torch.as_tensor(
                 guidance_weight, device=x.device).float().expand(batch)
-            emb = emb + self.guidance_proj(timestep_embedding(1000.0 * w, self.config.guidance_embed_dim).to(x.dtype))
+            emb = emb + self.guidance_proj(
+                timestep_embedding(1000.0 * w, self.config.guidance_embed_dim).to(x.dtype))
         elif guidance_weight is not None:
             raise ValueError("This MLPDenoiser has no guidance input (guidance_embed_dim is None).")
         h = self.inp(x) + emb

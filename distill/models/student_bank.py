@@ -25,7 +25,8 @@ class StudentBank(ModelMixin, ConfigMixin):
         super().__init__()
         cls = MLPDenoiser if student_class == "MLPDenoiser" else getattr(diffusers, student_class, None)
         if cls is None:
-            raise ValueError(f"StudentBank: unknown student class {student_class!r} (a diffusers model or MLPDenoiser).")
+            raise ValueError(f"StudentBank: unknown student class {student_class!r} (a diffusers model or "
+                             "MLPDenoiser).")
         config = {k: v for k, v in student_config.items() if not k.startswith("_")}
         self.students = nn.ModuleList([cls.from_config(config) for _ in range(int(num_students))])
 

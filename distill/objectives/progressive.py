@@ -1,5 +1,5 @@
 """Progressive-distillation target and loss (Salimans & Ho 2022, "Progressive Distillation for Fast
-Sampling of Diffusion Models", Algorithm 2; step_reduction.md s1.2-s1.4).
+Sampling of Diffusion Models", Algorithm 2; parameterisations and loss weights: sec. 4).
 
 Two deterministic teacher DDIM steps t -> t' -> t'' become one student step t -> t'': the target
 x-tilde is the clean sample that makes a student DDIM step from z_t land exactly on the teacher's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..noise import NoiseSchedule, _expand
+from ..noise import NoiseSchedule, expand_like
 
 
 @torch.no_grad()
@@ -38,8 +38,8 @@ def progressive_target(schedule: NoiseSchedule, teacher_x0, z_t: torch.Tensor, t
     a_t, s_t = schedule.alpha_sigma(t, z_t)
     a2, s2 = schedule.alpha_sigma(t2_safe, z_t)
     ratio = s2 / s_t
-    x_tilde = (z2 - _expand(ratio, z_t) * z_t) / _expand(a2 - ratio * a_t, z_t)
-    return torch.where(_expand(last, z_t).bool(), x2, x_tilde)
+    x_tilde = (z2 - expand_like(ratio, z_t) * z_t) / expand_like(a2 - ratio * a_t, z_t)
+    return torch.where(expand_like(last, z_t).bool(), x2, x_tilde)
 
 
 def progressive_loss(schedule: NoiseSchedule, x_pred: torch.Tensor, x_target: torch.Tensor, t,

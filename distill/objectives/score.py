@@ -1,31 +1,36 @@
 """Losses of the score-distillation family, in denoiser (x0) space.
 
-Notation (score_distillation.md s0.1): x_t = alpha x0 + sigma eps with x0 = G(z) carrying the
-generator's gradient; D_p and D_psi are the teacher's and the fake score's x0 predictions at x_t
-(parameters frozen, GRADIENT FLOWS THROUGH THEIR INPUT x_t); c = alpha / sigma^2, so that the
-score-space quantities of the spec are
+Notation: x_t = alpha x0 + sigma eps with x0 = G(z) carrying the generator's gradient; D_p and D_psi
+are the teacher's and the fake score's x0 predictions at x_t (parameters frozen, GRADIENT FLOWS THROUGH
+THEIR INPUT x_t); c = alpha / sigma^2, so that the score-space quantities of the papers are
 
-    delta = s_p - s_psi = c (D_p - D_psi) = c d,        K = s_psi - grad log q(x_t | x0) = c (D_psi - x0) = c k.
+    delta = s_p - s_psi = c (D_p - D_psi) = c d,
+    K = s_psi - grad log q(x_t | x0) = c (D_psi - x0) = c k.
 
 All per-sample sums are divided by n (values per sample), so learning rates do not depend on
 resolution; the time weight is w(t) = 1 / (2 c^2 n) in score space (x0-space weight 1), the free
 w(t) of the papers. Every loss returns an unreduced per-sample vector (EDM style); trainers take the
-batch mean, and the pitfall of s8.15 (mean vs sum) is fixed by that choice: gradient magnitude is
-that of a per-value mean, independent of batch size and resolution.
+batch mean, which fixes the papers' mean-versus-sum difference (DMD reduces its surrogate by a mean over
+values, Diff-Instruct and SiD sum over values): gradient magnitude is that of a per-value mean,
+independent of batch size and resolution.
 
-* SIM (Luo et al. 2024, the score-gradient theorem, spec s4): divergence E_pi[g(d)] with the
+* SIM (Luo et al. 2024, sec. 3.2, the score-gradient theorem): divergence E_pi[g(d)] with the
   sampling distribution held fixed; tractable surrogate <grad g(d), k> with
   L2: g(d) = mean(d^2)/2, and pseudo-Huber: g(d) = sqrt(mean(d^2) + c_h^2) - c_h (c_h = ``huber_c``,
-  on the per-value RMS of d: the spec leaves c open, s4 and paper_checks s1).
-* SiD(alpha) (Zhou et al. 2024, spec s3): <d, k> + (1 - alpha) |d|^2 per value; alpha = 1 is SIM-L2,
+  on the per-value RMS of d: the paper's pseudo-Huber distance, sec. 3.3, gives no value of c).
+* SiD(alpha) (Zhou et al. 2024): <d, k> + (1 - alpha) |d|^2 per value; alpha = 1 is SIM-L2,
   alpha = 0.5 the exact Fisher-divergence gradient.
-* Uni-Instruct (Wang et al. 2025, spec s5.2): the expanded f-divergence
+* Uni-Instruct (Wang et al. 2025, eq. 3.2): the expanded f-divergence
   int w E_q[h(r) |delta|^2] dt with h(r) = r^2 f''(r), r = p_t / q_t; per sample
-      (a) full:   h <d,k> + (h - r h')/2 |d|^2 + (c/2) <sg(kappa d), x_t>,  kappa = -r^2 h'' |d|^2 + 2 r h' <d,k>
-      (b) fixed:  h <d,k> - r h'/2 |d|^2   + (c/2) <sg(kappa' d), x_t>, kappa' = -r (h' + r h'') |d|^2 + 2 r h' <d,k>
+      (a) full:   h <d,k> + (h - r h')/2 |d|^2 + (c/2) <sg(kappa d), x_t>,
+                  kappa = -r^2 h'' |d|^2 + 2 r h' <d,k>
+      (b) fixed:  h <d,k> - r h'/2 |d|^2   + (c/2) <sg(kappa' d), x_t>,
+                  kappa' = -r (h' + r h'') |d|^2 + 2 r h' <d,k>
   (inner products per value). The third term is the gradient of h(r(x_t)) through x_t
-  (grad log r = delta), so the ratio estimate itself is detached.
-* Diff-Instruct / DMD (Luo et al. 2023; Yin et al. 2024, spec s1-s2): the IKL gradient
+  (grad log r = delta), so the ratio estimate itself is detached. Forms (a) (sampling distribution
+  free) and (b) (held fixed, as in SIM) are derived from eq. 3.2 and checked against finite differences
+  in tests/test_score_gradients.py.
+* Diff-Instruct / DMD (Luo et al. 2023; Yin et al. 2024, sec. 3.2): the IKL gradient
   <sg(D_psi - D_p), x0>; DMD adds the per-sample normaliser 1 / mean|x0 - D_p|.
 """
 
@@ -37,7 +42,7 @@ DIVERGENCES = ("rkl", "fkl", "jeffreys", "js", "chi2")
 
 
 def h_of(divergence: str, r: torch.Tensor):
-    """h(r) = r^2 f''(r) and its first two derivatives for the supported f (spec s5.1 table)."""
+    """h(r) = r^2 f''(r) (Wang et al. 2025, eq. 3.2) and its first two derivatives for the supported f."""
     one, zero = torch.ones_like(r), torch.zeros_like(r)
     if divergence == "rkl":
         return one, zero, zero
@@ -86,7 +91,7 @@ class SIMLoss:
 
 
 class UniInstructLoss:
-    """Uni-Instruct f-divergence surrogate, forms (a) ``full`` and (b) ``fixed`` of spec s5.2."""
+    """Uni-Instruct f-divergence surrogate, forms (a) ``full`` and (b) ``fixed`` of the module docstring."""
 
     def __init__(self, divergence: str = "fkl", sampling: str = "full", sample_weight: str = "none"):
         if divergence not in DIVERGENCES:
@@ -137,7 +142,7 @@ def _sample_norm(kind: str, x0, d_real) -> torch.Tensor:
 
 
 def fake_score_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching of the fake score on detached generator samples (spec s0.3),
+    """Denoising score matching of the fake score on detached generator samples (Luo et al. 2023),
     per-sample mean squared error in the network's own parameterisation."""
     return _flat(pred.float() - target.float()).pow(2).mean(1)
 

@@ -1,4 +1,4 @@
-"""diffusers pipelines for distilled students (standalone files, see DESIGN.md s5)."""
+"""diffusers pipelines for distilled students (standalone files: each travels inside exported folders)."""
 
 from .few_step import FewStepPipeline
 from .hybrid import HybridPipeline
@@ -8,5 +8,6 @@ from .one_step import OneStepPipeline
 from .samplers import sample_ddim, sample_ddpm_ancestral, sample_meng_stochastic, trailing_timesteps, vp_grid
 from .text_to_image import TextToImagePipeline
 
-__all__ = ["FewStepPipeline", "HybridPipeline", "MaskedAutoregressivePipeline", "MultiStudentPipeline", "OneStepPipeline", "TextToImagePipeline", "sample_ddim",
-           "sample_ddpm_ancestral", "sample_meng_stochastic", "trailing_timesteps", "vp_grid"]
+__all__ = ["FewStepPipeline", "HybridPipeline", "MaskedAutoregressivePipeline", "MultiStudentPipeline",
+           "OneStepPipeline", "TextToImagePipeline", "sample_ddim", "sample_ddpm_ancestral",
+           "sample_meng_stochastic", "trailing_timesteps", "vp_grid"]

@@ -29,13 +29,15 @@ SCHEDULES = ("linear", "cosine", "two-stage", "constant")
 def annealed_steps(k: int, num_iter: int, upper: int, lower: int, schedule="linear") -> int:
     """T_k, the diffusion steps of AR iteration ``k`` (0-based) of ``num_iter``."""
     if not 1 <= lower <= upper:
-        raise ValueError(f"diffusion step bounds must satisfy 1 <= lower <= upper, got lower={lower}, upper={upper}.")
+        raise ValueError(f"diffusion step bounds must satisfy 1 <= lower <= upper, got lower={lower}, "
+                         f"upper={upper}.")
     if not 0 <= k < num_iter:
         raise ValueError(f"AR iteration k={k} is outside [0, {num_iter}).")
     if callable(schedule):
         steps = int(schedule(k, num_iter, upper, lower))
         if steps < 1:
-            raise ValueError(f"the step schedule gave {steps} diffusion steps at iteration {k}; it must give >= 1.")
+            raise ValueError(f"the step schedule gave {steps} diffusion steps at iteration {k}; it must give "
+                             ">= 1.")
         return steps
     span, last = upper - lower, num_iter - 1
     if schedule == "constant":

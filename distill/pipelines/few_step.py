@@ -7,7 +7,7 @@ Samplers (``samplers.py``: pure functions of the denoiser's x0 prediction on a d
 * deterministic DDIM (Song et al. 2021, eq. 12, eta = 0), equal to diffusers' ``DDIMScheduler``
   with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, ``clip_sample=False``;
 * the stochastic N-step sampler of Meng et al. 2023 ("On Distillation of Guided Diffusion Models",
-  sec. 4.2, after the EDM stochastic sampler; step_reduction.md s2.4): from grid time t_i take one
+  sec. 4.2, after the EDM stochastic sampler): from grid time t_i take one
   deterministic DDIM step of twice the nominal length, to t_{i+2} (the data when t_{i+1} is the
   last grid time), then go forward to t_{i+1} with the forward marginal,
   z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi;
@@ -57,12 +57,13 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         if sample_shape is None:
             cfg = unet.config
-            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
-                cfg.data_dim]
+            sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
+                            else [cfg.data_dim])
         self.register_to_config(num_inference_steps=int(num_inference_steps),
                                 timesteps=list(timesteps) if timesteps is not None else None,
                                 sample_shape=list(sample_shape), num_classes=int(num_classes),
-                                guidance_conditioned=bool(guidance_conditioned), guidance_scale=float(guidance_scale),
+                                guidance_conditioned=bool(guidance_conditioned),
+                                guidance_scale=float(guidance_scale),
                                 guidance_range=list(guidance_range) if guidance_range is not None else None)
 
     def grid(self, num_inference_steps: int | None = None, timesteps: list | None = None) -> list[int]:
@@ -78,10 +79,10 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         return ts
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, timesteps: list | None = None,
-                 generator: torch.Generator | list | None = None, class_labels=None,
-                 guidance_scale: float | None = None, stochastic: bool = False, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None,
+                 timesteps: list | None = None, generator: torch.Generator | list | None = None,
+                 class_labels=None, guidance_scale: float | None = None, stochastic: bool = False,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
         device, dtype = device_dtype(self, self.unet)
         ts = self.grid(num_inference_steps, timesteps)
         shape = (batch_size, *self.config.sample_shape)
@@ -93,13 +94,16 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             s = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
             lo_hi = self.config.guidance_range
             if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
-                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was trained on.")
+                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was "
+                               "trained on.")
             kwargs["guidance_weight"] = torch.full((batch_size,), s - 1.0, device=device)  # Meng's w = s - 1
         cfg_scale = None
-        if not self.config.guidance_conditioned and guidance_scale is not None and float(guidance_scale) != 1.0:
+        if (not self.config.guidance_conditioned and guidance_scale is not None
+                and float(guidance_scale) != 1.0):
             if labels is None:
-                raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
-                                 "model with a null class; this pipeline is unconditional. Leave guidance_scale unset.")
+                raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a "
+                                 "class-conditional model with a null class; this pipeline is "
+                                 "unconditional. Leave guidance_scale unset.")
             cfg_scale = float(guidance_scale)  # classifier-free guidance, 2 evaluations per step
             kwargs["class_labels"] = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
         pred_type = self.scheduler.config.prediction_type
@@ -112,7 +116,8 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             if cfg_scale is None:
                 out = self.unet(x_t, torch.full((batch_size,), t, device=device), **kwargs).sample
             else:  # out_uncond + s (out_cond - out_uncond), the diffusers convention
-                cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.full((2 * batch_size,), t, device=device),
+                cond, uncond = self.unet(torch.cat([x_t, x_t]),
+                                         torch.full((2 * batch_size,), t, device=device),
                                          **kwargs).sample.chunk(2)
                 out = uncond + cfg_scale * (cond - uncond)
             return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)

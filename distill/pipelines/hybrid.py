@@ -82,9 +82,9 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
     def __init__(self, base_unet, base_scheduler, student_unet, student_scheduler,
                  student_generator_timestep: int | None = None, student_num_inference_steps: int = 4,
                  student_timesteps: list | None = None, num_base_steps: int = 1, num_base_substeps: int = 1,
-                 sample_shape: list | None = None,
-                 num_classes: int = 0, student_guidance_conditioned: bool = False, student_guidance_scale: float = 1.0,
-                 vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                 sample_shape: list | None = None, num_classes: int = 0,
+                 student_guidance_conditioned: bool = False, student_guidance_scale: float = 1.0, vae=None,
+                 text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = False):
         super().__init__()
         self.register_modules(base_unet=base_unet, base_scheduler=base_scheduler, student_unet=student_unet,
@@ -92,10 +92,11 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         if sample_shape is None:
             cfg = student_unet.config
-            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
-                cfg.data_dim]
+            sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
+                            else [cfg.data_dim])
         self.register_to_config(
-            student_generator_timestep=None if student_generator_timestep is None else int(student_generator_timestep),
+            student_generator_timestep=(None if student_generator_timestep is None
+                                        else int(student_generator_timestep)),
             student_num_inference_steps=int(student_num_inference_steps),
             student_timesteps=list(student_timesteps) if student_timesteps is not None else None,
             num_base_steps=int(num_base_steps), num_base_substeps=int(num_base_substeps),
@@ -105,15 +106,17 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
 
     @classmethod
-    def from_pipelines(cls, base, student, num_base_steps: int = 1, num_base_substeps: int = 1) -> HybridPipeline:
-        """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``; for
-        text-to-image a StableDiffusion(XL)Pipeline or TextToImagePipeline) and a loaded distill student
+    def from_pipelines(cls, base, student, num_base_steps: int = 1,
+                       num_base_substeps: int = 1) -> HybridPipeline:
+        """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``;
+        for text-to-image a StableDiffusion(XL)Pipeline or TextToImagePipeline) and a loaded distill student
         (OneStepPipeline, FewStepPipeline or TextToImagePipeline, whose text parts the hybrid shares)."""
         for name, p in (("base", base), ("student", student)):
             sched = getattr(p, "scheduler", None)
             if sched is None or not hasattr(sched, "alphas_cumprod"):
-                raise ValueError(f"The {name} pipeline needs a variance-preserving scheduler with alphas_cumprod "
-                                 f"(DDPM / DDIM); {type(p).__name__} has {type(sched).__name__}.")
+                raise ValueError(f"The {name} pipeline needs a variance-preserving scheduler with "
+                                 f"alphas_cumprod (DDPM / DDIM); {type(p).__name__} has "
+                                 f"{type(sched).__name__}.")
         s_cfg = student.config
         text = getattr(student, "text_encoder", None) is not None
         one_step = hasattr(student, "generator") or getattr(s_cfg, "generator_timestep", None) is not None
@@ -121,18 +124,19 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         text_parts = {}
         if text:
             if getattr(base, "text_encoder", None) is None:
-                raise ValueError("A text-to-image student needs a text-to-image base (a Stable-Diffusion-format "
-                                 f"pipeline); got {type(base).__name__}.")
-            text_parts = {k: getattr(student, k, None) for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2",
-                                                                 "tokenizer_2")}
-            text_parts["force_zeros_for_empty_prompt"] = bool(getattr(s_cfg, "force_zeros_for_empty_prompt", False))
+                raise ValueError("A text-to-image student needs a text-to-image base (a "
+                                 f"Stable-Diffusion-format pipeline); got {type(base).__name__}.")
+            text_parts = {k: getattr(student, k, None)
+                          for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+            text_parts["force_zeros_for_empty_prompt"] = bool(
+                getattr(s_cfg, "force_zeros_for_empty_prompt", False))
         b_classes = int(getattr(base.config, "num_classes", 0) or 0)
         if not b_classes and getattr(base.unet.config, "num_class_embeds", None):
             b_classes = base.unet.config.num_class_embeds - 1
         s_classes = int(getattr(s_cfg, "num_classes", 0) or 0)
         if b_classes != s_classes:
-            raise ValueError(f"The base has {b_classes} classes and the student {s_classes}: a hybrid needs both "
-                             "conditioned on the same classes (or both unconditional).")
+            raise ValueError(f"The base has {b_classes} classes and the student {s_classes}: a hybrid needs "
+                             "both conditioned on the same classes (or both unconditional).")
         return cls(base.unet, base.scheduler, s_net, student.scheduler,
                    student_generator_timestep=s_cfg.generator_timestep if one_step else None,
                    student_num_inference_steps=getattr(s_cfg, "num_inference_steps", 1),
@@ -148,7 +152,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         t_star = self.config.student_generator_timestep
         if t_star is not None:
             if num_inference_steps not in (None, 1):
-                raise ValueError(f"The student is a one-step generator; num_inference_steps={num_inference_steps}.")
+                raise ValueError("The student is a one-step generator; "
+                                 f"num_inference_steps={num_inference_steps}.")
             k = num_base_steps
             base = [round((T - 1) - i * (T - 1 - t_star) / k) for i in range(k)] if k else []
             return base + [t_star], k
@@ -157,8 +162,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         else:
             ts = trailing_timesteps(num_inference_steps or self.config.student_num_inference_steps, T)
         if not 0 <= num_base_steps <= len(ts):
-            raise ValueError(f"num_base_steps={num_base_steps} must lie in [0, {len(ts)}] (the student's grid has "
-                             f"{len(ts)} steps).")
+            raise ValueError(f"num_base_steps={num_base_steps} must lie in [0, {len(ts)}] (the student's "
+                             f"grid has {len(ts)} steps).")
         return ts, num_base_steps
 
     def schedule(self, num_base_steps: int, num_inference_steps: int | None = None,
@@ -183,13 +188,14 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         rows += times[k:].tolist()
         out = torch.tensor(rows, dtype=torch.float64)
         if (out[1:, 1] <= out[:-1, 1]).any():
-            raise ValueError(f"num_base_substeps={m} is too fine for the base's table between these grid points; "
-                             "use fewer substeps.")
+            raise ValueError(f"num_base_substeps={m} is too fine for the base's table between these grid "
+                             "points; use fewer substeps.")
         return out, k * m
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_base_steps: int | None = None, num_inference_steps: int | None = None,
-                 class_labels=None, base_guidance_scale: float | None = None, guidance_scale: float | None = None,
+    def __call__(self, batch_size: int = 1, num_base_steps: int | None = None,
+                 num_inference_steps: int | None = None, class_labels=None,
+                 base_guidance_scale: float | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, return_trajectory: bool = False,
                  prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -198,7 +204,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         text = self.text_encoder is not None
         if text:
             if prompt is None:
-                raise ValueError("This is a text-to-image hybrid: pass prompt=... (a string or a list of strings).")
+                raise ValueError("This is a text-to-image hybrid: pass prompt=... (a string or a list of "
+                                 "strings).")
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             batch_size = len(prompt)
         k = self.config.num_base_steps if num_base_steps is None else int(num_base_steps)
@@ -216,9 +223,10 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
             s_kw = {"class_labels": labels} if labels is not None else {}
             if cfg and labels is None:
-                raise ValueError(f"base_guidance_scale={base_guidance_scale}: classifier-free guidance needs class-"
-                                 "conditional models with a null class.")
-            b_labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if cfg else labels
+                raise ValueError(f"base_guidance_scale={base_guidance_scale}: classifier-free guidance needs "
+                                 "class-conditional models with a null class.")
+            b_labels = (torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if cfg
+                        else labels)
             b_kw = {"class_labels": b_labels} if b_labels is not None else {}
         if self.config.student_guidance_conditioned:
             s = self.config.student_guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -241,7 +249,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 if not cfg:
                     out = self.base_unet(x_t, torch.full((batch_size,), tb, device=device), **b_kw).sample
                 else:  # out_uncond + s (out_cond - out_uncond)
-                    c, u = self.base_unet(torch.cat([x_t, x_t]), torch.full((2 * batch_size,), tb, device=device),
+                    c, u = self.base_unet(torch.cat([x_t, x_t]),
+                                          torch.full((2 * batch_size,), tb, device=device),
                                           **b_kw).sample.chunk(2)
                     out = u + float(base_guidance_scale) * (c - u)
                 return x0_from_output(out, x_t, a, sig, b_pred)
@@ -269,7 +278,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         return HybridPipelineOutput(images=images, trajectory=traj)
 
     def _text_kwargs(self, prompt: list[str], negative_prompt, cfg: bool, device, dtype) -> tuple[dict, dict]:
-        """(student, base) keyword arguments of a text-to-image hybrid; the base's carry [cond; null] with CFG."""
+        """(student, base) keyword arguments of a text-to-image hybrid; the base's carry [cond; null] with
+        CFG."""
         toks = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
         encs = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
         emb, pooled = encode_prompt(toks, encs, prompt, device)

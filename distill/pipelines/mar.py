@@ -63,13 +63,14 @@ class MaskedAutoregressivePipeline(ExportedPipelineMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_iter: int = 16, step_schedule=None,
                  diffusion_steps: int = 50, min_diffusion_steps: int = 5, temperature: float = 1.0,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
         model = self.mar
         device, dtype = device_dtype(self, model)
         seq_len, dim = model.seq_len, model.token_dim
         if not 1 <= num_iter <= seq_len:
-            raise ValueError(f"num_iter={num_iter}: this model has {seq_len} tokens; use 1 to {seq_len} iterations.")
+            raise ValueError(f"num_iter={num_iter}: this model has {seq_len} tokens; use 1 to {seq_len} "
+                             "iterations.")
         if guidance_scale != 1.0 and not model.config.num_classes:
             raise ValueError(f"guidance_scale={guidance_scale}: this model is unconditional; use 1.0.")
         steps = ([int(diffusion_steps)] * num_iter if step_schedule is None else
@@ -103,7 +104,8 @@ class MaskedAutoregressivePipeline(ExportedPipelineMixin, DiffusionPipeline):
                     eps = eps_u + scale * (eps_c - eps_u)
                 return (x_t - (1 - ab) ** 0.5 * eps) / ab**0.5
 
-            tokens[new] = sample_ddpm_ancestral(denoise, x, grid, generator=generator, temperature=temperature)
+            tokens[new] = sample_ddpm_ancestral(denoise, x, grid, generator=generator,
+                                                temperature=temperature)
             evaluations += len(grid)
             mask = mask_next
         images = to_output(model.unpatchify(tokens).float(), output_type)

@@ -63,12 +63,13 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
         if kind == "classes":
             table = [int(s) for s in routing["student_of_class"]]
             if len(table) != num_classes or not all(0 <= s < len(students) for s in table):
-                raise ValueError(f"routing.student_of_class must give each of the {num_classes} classes a student "
-                                 f"in [0, {len(students)}); got {table}.")
+                raise ValueError(f"routing.student_of_class must give each of the {num_classes} classes a "
+                                 f"student in [0, {len(students)}); got {table}.")
             routing["student_of_class"] = table
         elif kind == "prompt_clusters":
             if len(routing["centroids"]) != len(students):
-                raise ValueError(f"routing has {len(routing['centroids'])} centroids for {len(students)} students.")
+                raise ValueError(f"routing has {len(routing['centroids'])} centroids for {len(students)} "
+                                 "students.")
         else:
             raise ValueError(f"routing.kind must be 'classes' or 'prompt_clusters', got {kind!r}.")
         self.register_to_config(generator_timestep=int(generator_timestep), num_classes=int(num_classes),
@@ -93,8 +94,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 raise ValueError("This pipeline routes by class: pass class_labels.")
             labels = torch.as_tensor(class_labels).long().reshape(-1)
             if (labels < 0).any() or (labels >= self.config.num_classes).any():
-                raise ValueError(f"class_labels must lie in [0, {self.config.num_classes}): each class has one "
-                                 "student; the null class has none.")
+                raise ValueError(f"class_labels must lie in [0, {self.config.num_classes}): each class has "
+                                 "one student; the null class has none.")
             return torch.tensor(routing["student_of_class"], device=labels.device)[labels]
         if prompt_embeds is None:
             raise ValueError("This pipeline routes by prompt: pass prompt=... or prompt_embeds=...")
@@ -102,11 +103,11 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
         return nearest_centroid(feats, torch.tensor(routing["centroids"]))
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, batch_size: int | None = None, class_labels=None,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | list | None = None,
-                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, num_inference_steps: int = 1):
+    def __call__(self, prompt: str | list[str] | None = None, batch_size: int | None = None,
+                 class_labels=None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, num_inference_steps: int = 1):
         if num_inference_steps != 1:
             raise ValueError(f"MultiStudentPipeline samples in exactly 1 step, got num_inference_steps="
                              f"{num_inference_steps}.")
@@ -119,7 +120,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                     raise ValueError("Pass prompt=... (a string or a list of strings) or prompt_embeds=...")
                 prompt = [prompt] if isinstance(prompt, str) else list(prompt)
                 prompt_embeds, pooled_prompt_embeds = encode_prompt(*self._encoders(), prompt, device)
-            embeds, pooled = (None if v is None else v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+            embeds, pooled = (None if v is None
+                              else v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
                               for v in (prompt_embeds, pooled_prompt_embeds))
             n = embeds.shape[0]
             routes = self.route(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
@@ -132,7 +134,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
         else:
             if prompt is not None:
                 raise ValueError("This pipeline is class-conditional: pass class_labels, not prompt.")
-            n = batch_size or (len(torch.as_tensor(class_labels).reshape(-1)) if class_labels is not None else 1)
+            n = (batch_size
+                 or (len(torch.as_tensor(class_labels).reshape(-1)) if class_labels is not None else 1))
             labels = default_labels(n, self.config.num_classes, class_labels, device)
             routes = self.route(class_labels=labels)
             kwargs = {"class_labels": labels}

@@ -7,7 +7,7 @@ Python that never imported distill.
 The generator is a denoiser evaluated once, at a fixed training index ``generator_timestep`` (t*),
 on pure noise scaled as the forward process would: ``x_in = sigma(t*) z``; its output, read in the
 scheduler's ``prediction_type``, is the sample. This is the generator parameterisation of SiD-LSG
-and Diff-Instruct/SIM on diffusers teachers (score_distillation.md s0.2).
+and Diff-Instruct/SIM on diffusers teachers.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def to_output(x: torch.Tensor, output_type: str):
     if arr.shape[-1] == 1:
         from PIL import Image
 
-        return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L").convert("RGB") for a in arr]
+        return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L").convert("RGB")
+                for a in arr]
     return DiffusionPipeline.numpy_to_pil(arr)
 
 
@@ -136,8 +137,8 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         self.register_modules(generator=generator, scheduler=scheduler)
         if sample_shape is None:
             cfg = generator.config
-            sample_shape = [cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels") else [
-                cfg.data_dim]
+            sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
+                            else [cfg.data_dim])
         self.register_to_config(generator_timestep=int(generator_timestep), sample_shape=list(sample_shape),
                                 num_classes=int(num_classes))
 
@@ -146,7 +147,8 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  class_labels=None, latents: torch.Tensor | None = None, output_type: str = "pil",
                  return_dict: bool = True, num_inference_steps: int = 1):
         if num_inference_steps != 1:
-            raise ValueError(f"OneStepPipeline samples in exactly 1 step, got num_inference_steps={num_inference_steps}.")
+            raise ValueError("OneStepPipeline samples in exactly 1 step, got "
+                             f"num_inference_steps={num_inference_steps}.")
         device, dtype = device_dtype(self, self.generator)
         shape = (batch_size, *self.config.sample_shape)
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,

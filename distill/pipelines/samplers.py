@@ -1,16 +1,16 @@
-"""Samplers: pure functions with one signature (k-diffusion style; DESIGN.md s9.4).
+"""Samplers: pure functions with one signature (k-diffusion style).
 
 STANDALONE FILE: imports torch and diffusers' ``randn_tensor`` only (copied into exported pipeline folders).
 
-    sample_x(model_fn, x, times, extra_args=None, callback=None, generator=None) -> x
+    sample_x(model_fn, x, times, callback=None, generator=None) -> x
 
-* ``times``: a float64 tensor of shape (N, 2) from a grid factory (:func:`vp_grid` on integer timesteps such
-  as :func:`trailing_timesteps` or a student's own grid, :func:`karras_grid`): one row
-  ``(timestep, alpha_bar)`` per network evaluation, in order of decreasing noise; sampling ends at
-  the data (alpha_bar = 1). ``alpha_bar`` is the variance-preserving noise level,
+* ``times``: a float64 tensor of shape (N, 2) from :func:`vp_grid` on integer timesteps (such as
+  :func:`trailing_timesteps` or a student's own grid): one row ``(timestep, alpha_bar)`` per network
+  evaluation, in order of decreasing noise; sampling ends at the data (alpha_bar = 1). ``alpha_bar`` is
+  the variance-preserving noise level,
   x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, the coordinate in which two models with
   different schedules meet at a matched noise level; ``timestep`` is what the model is called with.
-* ``model_fn(x, i, timestep, **extra_args) -> denoised``: the clean-sample prediction x0 at row i.
+* ``model_fn(x, i, timestep) -> denoised``: the clean-sample prediction x0 at row i.
 * ``callback({"i", "t", "x", "denoised"})`` after every step (x: the state after the step).
 * ``generator``: the torch.Generator of the stochastic samplers' fresh noise.
 
@@ -27,7 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
     if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
+        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got "
+                         f"{num_inference_steps}.")
     step = num_train_timesteps / num_inference_steps
     return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
 
@@ -39,21 +40,6 @@ def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
         raise ValueError(f"timesteps must be strictly descending, got {ts}.")
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
     return torch.tensor([[float(t), float(ac[t])] for t in ts], dtype=torch.float64)
-
-
-def karras_grid(alphas_cumprod: torch.Tensor, num_steps: int, rho: float = 7.0) -> torch.Tensor:
-    """(timestep, alpha_bar) rows at Karras et al. 2022's noise levels (eq. 5): VE sigmas
-    (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho between the table's extremes,
-    sigma = sqrt((1 - abar) / abar), each at the (fractional) table timestep of that noise level."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-    sig = ((1 - ac) / ac).sqrt()
-    lo, hi = float(sig[0]) ** (1 / rho), float(sig[-1]) ** (1 / rho)
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    abar = 1 / (1 + sigmas**2)
-    return torch.tensor([[timestep_for(ac, float(a)), float(a)] for a in abar], dtype=torch.float64)
 
 
 def timestep_for(alphas_cumprod: torch.Tensor, alpha_bar: float) -> float:
@@ -86,20 +72,19 @@ def _coefficients(times: torch.Tensor, i: int):
     return ab, ab**0.5, (1 - ab) ** 0.5
 
 
-def _chain(model_fn, x, times, extra_args, callback, step):
+def _chain(model_fn, x, times, callback, step):
     """The loop every sampler shares: evaluate the model at row i, move with ``step(x, denoised, i)`` (the
     last row returns the clean prediction), report to the callback."""
-    extra_args = extra_args or {}
     n = len(times)
     for i in range(n):
-        denoised = model_fn(x, i, times[i, 0].item(), **extra_args)
+        denoised = model_fn(x, i, times[i, 0].item())
         x = denoised if i + 1 == n else step(x, denoised, i)
         if callback is not None:
             callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
     return x
 
 
-def sample_ddim(model_fn, x, times, extra_args=None, callback=None, generator=None):
+def sample_ddim(model_fn, x, times, callback=None, generator=None):
     """Deterministic DDIM on ``times``; the last step returns the clean prediction."""
 
     def step(x, denoised, i):
@@ -107,10 +92,10 @@ def sample_ddim(model_fn, x, times, extra_args=None, callback=None, generator=No
         _, a_next, s_next = _coefficients(times, i + 1)
         return ddim_step(x, denoised, a, s, a_next, s_next)
 
-    return _chain(model_fn, x, times, extra_args, callback, step)
+    return _chain(model_fn, x, times, callback, step)
 
 
-def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, generator=None):
+def sample_meng_stochastic(model_fn, x, times, callback=None, generator=None):
     """Meng et al. 2023, sec. 4.2: from t_i one DDIM step of twice the nominal length, to t_{i+2} (the data
     when t_{i+1} is the last grid time), then forward to t_{i+1} with the forward marginal,
     z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi.
@@ -125,10 +110,10 @@ def sample_meng_stochastic(model_fn, x, times, extra_args=None, callback=None, g
         ratio = ab_next / ab_k
         return ratio**0.5 * z_k + max(1.0 - ratio, 0.0) ** 0.5 * noise
 
-    return _chain(model_fn, x, times, extra_args, callback, step)
+    return _chain(model_fn, x, times, callback, step)
 
 
-def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, generator=None, temperature=1.0):
+def sample_ddpm_ancestral(model_fn, x, times, callback=None, generator=None, temperature=1.0):
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0 = denoised) (Ho et al. 2020, eq. 6-7),
     i.e. DDIM with eta = 1 (Song et al. 2021, eq. 16), between consecutive grid times. ``temperature``
     scales the fresh noise of each step (MAR's sampling temperature, Li et al. 2024; 1 = the posterior)."""
@@ -141,4 +126,4 @@ def sample_ddpm_ancestral(model_fn, x, times, extra_args=None, callback=None, ge
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return a_next * denoised + max(s_next**2 - c**2, 0.0) ** 0.5 * eps + temperature * c * noise
 
-    return _chain(model_fn, x, times, extra_args, callback, step)
+    return _chain(model_fn, x, times, callback, step)

@@ -39,16 +39,19 @@ logger = logging.get_logger(__name__)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of 1000 w (VDM; diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding)."""
+    """Sinusoidal embedding of 1000 w (VDM; diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``)."""
     w = w.float().reshape(-1) * 1000.0
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                      * -(math.log(10000.0) / (half - 1)))
     emb = w[:, None] * freqs[None]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def encode_prompt(tokenizers, text_encoders, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompt(tokenizers, text_encoders, prompts: list[str],
+                  device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(embeds (B, L, D), pooled (B, D') or None) of ``prompts``, as diffusers' SD / SDXL pipelines do."""
     sdxl = len(text_encoders) > 1
     embeds, pooled = [], None
@@ -67,7 +70,8 @@ def encode_prompt(tokenizers, text_encoders, prompts: list[str], device) -> tupl
 
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's added time ids (original size, crop top-left, target size) for unconditioned crops."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device).expand(batch, 6)
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
+                        device=device).expand(batch, 6)
 
 
 def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
@@ -78,7 +82,8 @@ def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
 
 
 def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) -> [-1, 1]."""
+    """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) ->
+    [-1, 1]."""
     cfg = vae.config
     z = latents.to(vae.dtype)
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
@@ -110,16 +115,19 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
     _optional_components = ["text_encoder_2", "tokenizer_2"]
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 generator_timestep: int | None = None, num_inference_steps: int = 1, timesteps: list | None = None,
-                 guidance_conditioned: bool = False, guidance_scale: float = 1.0, guidance_range: list | None = None,
+                 generator_timestep: int | None = None, num_inference_steps: int = 1,
+                 timesteps: list | None = None, guidance_conditioned: bool = False,
+                 guidance_scale: float = 1.0, guidance_range: list | None = None,
                  force_zeros_for_empty_prompt: bool = False):
         super().__init__()
-        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-        self.register_to_config(generator_timestep=None if generator_timestep is None else int(generator_timestep),
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(generator_timestep=(None if generator_timestep is None
+                                                    else int(generator_timestep)),
                                 num_inference_steps=int(num_inference_steps),
                                 timesteps=list(timesteps) if timesteps is not None else None,
-                                guidance_conditioned=bool(guidance_conditioned), guidance_scale=float(guidance_scale),
+                                guidance_conditioned=bool(guidance_conditioned),
+                                guidance_scale=float(guidance_scale),
                                 guidance_range=list(guidance_range) if guidance_range is not None else None,
                                 force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
 
@@ -134,11 +142,13 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt, device, negative: bool = False):
-        """(embeds, pooled) of a list of prompts; for the default null prompt of an SDXL-class model, zeros."""
+        """(embeds, pooled) of a list of prompts; for the default null prompt of an SDXL-class model,
+        zeros."""
         toks, encs = self._encoders()
         embeds, pooled = encode_prompt(toks, encs, prompt, device)
         if negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt):
-            embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None else None)
+            embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None
+                                                        else None)
         return embeds, pooled
 
     def grid(self, num_inference_steps: int | None) -> list[int]:
@@ -152,7 +162,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  num_images_per_prompt: int = 1, generator: torch.Generator | list | None = None,
                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, stochastic: bool = False,
                  output_type: str = "pil", return_dict: bool = True):
         unet = self.unet
@@ -160,7 +171,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         dtype = unet.dtype
         one_step = self.config.generator_timestep is not None
         if one_step and num_inference_steps not in (None, 1):
-            raise ValueError(f"This is a one-step student; num_inference_steps={num_inference_steps} is not possible.")
+            raise ValueError(f"This is a one-step student; num_inference_steps={num_inference_steps} is not "
+                             "possible.")
         # ---- prompts
         if prompt_embeds is None:
             if prompt is None:
@@ -174,8 +186,9 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         s = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
         cfg = not self.config.guidance_conditioned and guidance_scale is not None and s != 1.0
         if cfg and one_step:
-            raise ValueError(f"guidance_scale={guidance_scale}: a one-step student has its guidance distilled in (the "
-                             "teacher's guidance scale at training); leave guidance_scale unset.")
+            raise ValueError(f"guidance_scale={guidance_scale}: a one-step student has its guidance "
+                             "distilled in (the teacher's guidance scale at training); leave guidance_scale "
+                             "unset.")
         if cfg and negative_prompt_embeds is None:
             neg = negative_prompt if negative_prompt is not None else ""
             neg = [neg] * prompt_embeds.shape[0] if isinstance(neg, str) else list(neg)
@@ -192,11 +205,13 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         if cfg:
             n_emb, n_pool = rep(negative_prompt_embeds), rep(negative_pooled_prompt_embeds)
             kwargs = unet_text_kwargs(unet, torch.cat([embeds, n_emb]), None if pooled is None else
-                                      torch.cat([pooled, n_pool]), None if time_ids is None else time_ids.repeat(2, 1))
+                                      torch.cat([pooled, n_pool]),
+                                      None if time_ids is None else time_ids.repeat(2, 1))
         if self.config.guidance_conditioned:
             lo_hi = self.config.guidance_range
             if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
-                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was trained on.")
+                logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was "
+                               "trained on.")
             w = torch.full((batch,), s - 1.0, device=device)  # Meng et al.'s w = guidance_scale - 1
             kwargs["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
         # ---- latents

@@ -1,6 +1,6 @@
 """Trainers: one method, one file, all on the DistillationTrainer loop."""
 
-from .base import DistillationTrainer
+from ..engine import DistillationTrainer
 from .teacher import TeacherTrainer
 
 
@@ -32,7 +32,8 @@ def trainer_class(method: str):
         from .mar import MaskedAutoregressiveTrainer
 
         return MaskedAutoregressiveTrainer
-    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive, guided, msd or mar.")
+    raise ValueError(f"Unknown method {method!r}; choose teacher, sim, uni_instruct, progressive, guided, "
+                     "msd or mar.")
 
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "trainer_class"]

@@ -1,5 +1,5 @@
 """GuidedDistillationTrainer (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
-CVPR 2023, sec. 4; step_reduction.md s2, paper_checks.md s4).
+CVPR 2023, sec. 4).
 
 Stage one: a w-conditioned student x_eta(z_t, c, w) regresses the classifier-free-guided teacher
 
@@ -7,7 +7,7 @@ Stage one: a w-conditioned student x_eta(z_t, c, w) regresses the classifier-fre
 
 with w ~ U[w_min, w_max] per example and t uniform on the teacher's discrete table, weighted by the
 same truncated-SNR x-space weight as progressive distillation (the paper's lambda-weighting is not
-stated in what could be read; paper_checks.md s4). The student is the teacher's own network with a
+stated in what could be read). The student is the teacher's own network with a
 zero-initialised w embedding added to its time embedding (``GuidedUNet2DModel`` / ``MLPDenoiser``
 with ``guidance_embed_dim``), so it starts as the conditional teacher.
 
@@ -20,7 +20,7 @@ then one folder per round, the last also as ``pipeline``; each is a ``FewStepPip
 ``pipe(guidance_scale=s)`` samples in its trained step count, deterministic (DDIM) or with
 ``stochastic=True`` (the paper's stochastic N-step sampler, see pipelines/few_step.py).
 
-Choices where the paper could not be read (paper_checks.md s4, "NOT FOUND"): w range default
+Choices where the paper could not be read: w range default
 s in [1, 5] (w in [0, 4], the recalled pixel range); sinusoidal embedding of 1000 w (diffusers/LCM);
 stage-one length ``stage_one_steps``; stage two uses the progressive round lengths.
 """
@@ -30,12 +30,12 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..engine import DistillationTrainer, build_network
 from ..objectives.progressive import progressive_loss
-from .base import build_network
-from .progressive import ProgressiveDistillationTrainer, round_plan
+from .rounds import HalvingRounds, round_plan
 
 
-class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
+class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
     method = "guided"
 
     @property
@@ -52,19 +52,20 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
         if not (t.num_classes or t.is_text):
             raise ConfigError(f"guided distillation needs a class-conditional teacher with a null class or a "
                               f"text-to-image teacher for classifier-free guidance; {cfg.teacher.path!r} is "
-                              "unconditional. Train one with `distill teacher` and teacher_train.label_dropout > 0 (configs/guided_digits.yaml "
-                              "does), or use teacher.path=analytic:gaussians8 with teacher.conditional=true.")
+                              "unconditional. Train one with `distill teacher` and "
+                              "teacher_train.label_dropout > 0 (configs/guided_digits.yaml does), or use "
+                              "teacher.path=analytic:gaussians8 with teacher.conditional=true.")
         if cfg.student.arch == "copy":
             self.pred = t.prediction_type
             return build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
-        cfg.student.conditional = True
         net = build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
         self.pred = cfg.student.prediction_type or "v_prediction"
         self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)  # w = 0: the conditional teacher
         return net
 
     def lr_multipliers(self) -> dict[str, float]:
-        """The new w embedding learns faster than the copied teacher weights (``guided.guidance_lr_multiplier``)."""
+        """The new w embedding learns faster than the copied teacher weights
+        (``guided.guidance_lr_multiplier``)."""
         m = self.section.guidance_lr_multiplier
         return {"guidance_embedding.": m, "guidance_proj.": m, "time_embedding.cond_proj.": m}
 
@@ -84,7 +85,8 @@ class GuidedDistillationTrainer(ProgressiveDistillationTrainer):
         x0 = batch["x"]
         b, cond = x0.shape[0], batch["cond"]
         w = self.guidance_weight(b)
-        t = torch.randint(T, (b,), generator=self.rng, dtype=torch.float64, device=self.rng.device) / (T - 1)
+        t = sched.t_from_timestep(torch.randint(T, (b,), generator=self.rng, dtype=torch.float64,
+                                                device=self.rng.device))
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
         with torch.no_grad(), self.accelerator.autocast():
             target = self.teacher.predict_x0(z, t, cond, guidance_scale=1.0 + w).float()

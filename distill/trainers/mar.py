@@ -24,9 +24,9 @@ import diffusers
 import torch
 
 from ..config import ConfigError
+from ..engine import DistillationTrainer
 from ..models import MaskedAutoregressiveModel
 from ..pipelines import MaskedAutoregressivePipeline
-from .base import DistillationTrainer
 
 
 class MaskedAutoregressiveTrainer(DistillationTrainer):
@@ -37,11 +37,11 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
     def check_data(self) -> None:
         shape = self.data.sample_shape
         if not getattr(self.data, "has_images", True) or shape is None or len(shape) != 3:
-            raise ConfigError(f"method: mar needs image data (C, H, W); data.spec={self.config.data.spec!r} has "
-                              f"samples of shape {shape}.")
+            raise ConfigError(f"method: mar needs image data (C, H, W); data.spec={self.config.data.spec!r} "
+                              f"has samples of shape {shape}.")
         if shape[-1] % self.config.mar.patch_size:
-            raise ConfigError(f"mar.patch_size={self.config.mar.patch_size} does not divide the data's resolution "
-                              f"{shape[-1]}; use a divisor (e.g. 2) or another data.resolution.")
+            raise ConfigError(f"mar.patch_size={self.config.mar.patch_size} does not divide the data's "
+                              f"resolution {shape[-1]}; use a divisor (e.g. 2) or another data.resolution.")
 
     def build(self) -> None:
         m, (c, _, s) = self.config.mar, self.data.sample_shape
@@ -58,7 +58,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         """normal(1, 0.25) truncated to [mask_ratio_min, 1], by inverting its CDF on a uniform draw."""
         lo = (self.config.mar.mask_ratio_min - 1.0) / 0.25
         phi = torch.special.ndtr(torch.tensor([lo, 0.0], dtype=torch.float64))
-        u = torch.rand(1, generator=self.host_rng, dtype=torch.float64)  # a host value: no device synchronisation
+        # a host value: no device synchronisation
+        u = torch.rand(1, generator=self.host_rng, dtype=torch.float64)
         return float(1.0 + 0.25 * torch.special.ndtri(phi[0] + u * (phi[1] - phi[0])))
 
     def train_step(self, batch: dict, step: int) -> dict:
@@ -74,12 +75,14 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         where = order[:, :n].sort(dim=1).values
         labels = batch["label"] if self.num_classes else None
         if labels is not None:
-            labels = torch.where(self.rand(b) < m.label_dropout, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(self.rand(b) < m.label_dropout, torch.full_like(labels, self.num_classes),
+                                 labels)
         with self.accelerator.autocast():
             z = model.encode(tokens, mask, labels)
             target = _rows(tokens, where).repeat(m.diffusion_batch_mul, 1)
             cond = _rows(z, where).repeat(m.diffusion_batch_mul, 1)
-            k = torch.randint(0, 1000, (len(target),), generator=self.rng, device=self.rng.device).to(self.device)
+            k = torch.randint(0, 1000, (len(target),), generator=self.rng,
+                              device=self.rng.device).to(self.device)
             eps = self.randn(*target.shape)
             ab = self.alphas_cumprod[k].to(target.dtype)[:, None]
             x_t = ab.sqrt() * target + (1 - ab).sqrt() * eps

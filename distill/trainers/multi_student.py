@@ -49,19 +49,19 @@ import torch
 
 from ..conditioning import Condition, network_kwargs
 from ..config import ConfigError
+from ..engine import DistillationTrainer, build_network
 from ..models import StudentBank
 from ..objectives.score import DiffInstructLoss, SIMLoss, fake_score_loss
 from ..pipelines import MultiStudentPipeline
 from ..pipelines.multi_student import nearest_centroid, prompt_feature
-from .base import DistillationTrainer, build_network
 from .score_helpers import OneStepScoreHelpers, ScoreGroup
 
 
 def class_partition(kind: str, num_classes: int, k: int, seed: int = 0, file: str | None = None) -> list[int]:
     """The student of each class: consecutive blocks, a seeded balanced random split, or a JSON file."""
     if k > num_classes:
-        raise ConfigError(f"msd.num_students={k} is more than the teacher's {num_classes} classes: every student needs "
-                          f"at least one class; use msd.num_students <= {num_classes}.")
+        raise ConfigError(f"msd.num_students={k} is more than the teacher's {num_classes} classes: every "
+                          f"student needs at least one class; use msd.num_students <= {num_classes}.")
     if kind == "blocks":
         return [c * k // num_classes for c in range(num_classes)]
     if kind == "random":
@@ -73,16 +73,16 @@ def class_partition(kind: str, num_classes: int, k: int, seed: int = 0, file: st
     if kind == "file":
         path = Path(file)
         if not path.is_file():
-            raise ConfigError(f"msd.partition_file={file!r} does not exist; it should be a JSON list giving the "
-                              f"student (0..{k - 1}) of each of the {num_classes} classes.")
+            raise ConfigError(f"msd.partition_file={file!r} does not exist; it should be a JSON list giving "
+                              f"the student (0..{k - 1}) of each of the {num_classes} classes.")
         table = json.loads(path.read_text())
         if (not isinstance(table, list) or len(table) != num_classes
                 or not all(isinstance(s, int) and 0 <= s < k for s in table)):
-            raise ConfigError(f"msd.partition_file={file!r} must hold a JSON list of {num_classes} integers in "
-                              f"[0, {k}) (the student of each class); it holds {str(table)[:200]}.")
+            raise ConfigError(f"msd.partition_file={file!r} must hold a JSON list of {num_classes} integers "
+                              f"in [0, {k}) (the student of each class); it holds {str(table)[:200]}.")
         return table
-    raise ConfigError(f"msd.partition={kind!r} is for text teachers; a class-conditional teacher takes blocks, "
-                      "random or file.")
+    raise ConfigError(f"msd.partition={kind!r} is for text teachers; a class-conditional teacher takes "
+                      "blocks, random or file.")
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
@@ -132,8 +132,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         return self.teacher.condition(class_labels=self.row_labels[rows].to(self.device))
 
     def regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, z, y): ``msd.regression_pairs`` data rows drawn from all the data, noise z, and the teacher's
-        DDIM sample from x_T = z at that row's condition (seeded; the same on every process)."""
+        """(rows, z, y): ``msd.regression_pairs`` data rows drawn from all the data, noise z, and the
+        teacher's DDIM sample from x_T = z at that row's condition (seeded; the same on every process)."""
         cfg, t = self.config, self.teacher
         gen = torch.Generator().manual_seed(cfg.train.seed + 777)
         rows = torch.randint(len(self.data), (self.section.regression_pairs,), generator=gen)
@@ -160,13 +160,13 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         sec, t, k = self.section, self.teacher, self.section.num_students
         if t.is_text:
             if sec.partition != "prompt_clusters":
-                raise ConfigError(f"msd.partition={sec.partition!r}: a text-to-image teacher is split by prompt; use "
-                                  "msd.partition=prompt_clusters.")
+                raise ConfigError(f"msd.partition={sec.partition!r}: a text-to-image teacher is split by "
+                                  "prompt; use msd.partition=prompt_clusters.")
             prompts = self.row_prompts = self._row_prompts()
             distinct = sorted(set(prompts))
             if len(distinct) < k:
-                raise ConfigError(f"The data has {len(distinct)} distinct prompts for msd.num_students={k}: use at "
-                                  f"most {len(distinct)} students or more prompts.")
+                raise ConfigError(f"The data has {len(distinct)} distinct prompts for msd.num_students={k}: "
+                                  f"use at most {len(distinct)} students or more prompts.")
             feats = []
             with torch.no_grad():
                 for i in range(0, len(distinct), 64):
@@ -178,12 +178,13 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             rows = torch.tensor([of_prompt[p] for p in prompts])
             return {"kind": "prompt_clusters", "centroids": cents.tolist()}, rows
         if not t.num_classes:
-            raise ConfigError(f"Multi-student distillation routes by condition; teacher.path={self.config.teacher.path!r} "
-                              "is unconditional. Use a class-conditional or text-to-image teacher.")
+            raise ConfigError("Multi-student distillation routes by condition; "
+                              f"teacher.path={self.config.teacher.path!r} is unconditional. Use a "
+                              "class-conditional or text-to-image teacher.")
         labels = self.row_labels = self._row_labels().long()
         if (labels < 0).any():
-            raise ConfigError(f"data.spec={self.config.data.spec!r} has unlabelled rows; MSD gives each student the "
-                              "data of its classes, so every row needs a class label.")
+            raise ConfigError(f"data.spec={self.config.data.spec!r} has unlabelled rows; MSD gives each "
+                              "student the data of its classes, so every row needs a class label.")
         table = class_partition(sec.partition, t.num_classes, k, self.config.train.seed, sec.partition_file)
         return {"kind": "classes", "student_of_class": table}, torch.tensor(table)[labels]
 
@@ -195,11 +196,10 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         self.parts = [(rows == j).nonzero().flatten() for j in range(k)]
         empty = [j for j, p in enumerate(self.parts) if len(p) == 0]
         if empty:
-            raise ConfigError(f"Students {empty} have no data rows in their part (msd.partition={sec.partition!r}, "
-                              f"data.spec={cfg.data.spec!r}); use fewer students or data covering every part.")
+            raise ConfigError(f"Students {empty} have no data rows in their part "
+                              f"(msd.partition={sec.partition!r}, data.spec={cfg.data.spec!r}); use fewer "
+                              "students or data covering every part.")
         shape, ncls = t.sample_shape, t.num_classes
-        if cfg.student.arch != "copy":
-            cfg.student.conditional = bool(ncls)
         if sec.tsm_steps and not hasattr(self.data, "x"):
             raise ConfigError("msd.tsm_steps needs in-memory image or toy data (it noises real samples).")
         self.gen_pred = t.prediction_type if cfg.student.arch == "copy" else (cfg.student.prediction_type
@@ -212,7 +212,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
                 self.fit_to_teacher(gen, sec.tsm_steps, self.gen_pred, indices=self.parts[j])
             gens.append(gen)
-        if sec.shared_fake:  # one conditional fake score: a teacher copy, or a small network fitted on all data
+        # one conditional fake score: a teacher copy, or a small network fitted on all data
+        if sec.shared_fake:
             fake = build_network(cfg, t, shape, ncls)
             if sec.tsm_steps and cfg.student.arch != "copy":
                 self.fit_to_teacher(fake, sec.tsm_steps, self.fake_pred)
@@ -229,7 +230,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             self.add(name, fake.requires_grad_(True).train(), lr=lr_fake)
         self.groups = [ScoreGroup(generator=f"student_{j}", fake="fake" if sec.shared_fake else f"fake_{j}")
                        for j in range(k)]
-        self.t_star = torch.tensor(sec.generator_timestep / (t.schedule.num_train_timesteps - 1), dtype=torch.float64)
+        self.t_star = t.schedule.t_from_timestep(sec.generator_timestep)
         self.pairs = self.regression_pairs() if sec.regression_weight > 0 else None
         self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
                      "sim": SIMLoss(distance=sec.distance, huber_c=sec.huber_c)}[sec.objective]
@@ -237,7 +238,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
         """batch_size / K rows of every student's part, student by student."""
         per = b // self.section.num_students
-        if getattr(self, "_parts_on", (None,))[0] != gen.device:  # each part's rows on the drawing device, once
+        # each part's rows on the drawing device, once
+        if getattr(self, "_parts_on", (None,))[0] != gen.device:
             self._parts_on = (gen.device, [part.to(gen.device) for part in self.parts])
         return torch.cat([part[torch.randint(len(part), (per,), generator=gen, device=gen.device)]
                           for part in self._parts_on[1]])
@@ -268,7 +270,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             reg = (lambda g=g: self.regression_loss(g, per)) if self.pairs is not None else None
             logs.append(self.generator_step(g, c, per, batch, step, extra_loss=reg))
         out = {}
-        for key in dict.fromkeys(k for d in logs for k in d):  # means over students (and fake steps), in order
+        # means over students (and fake steps), in order
+        for key in dict.fromkeys(k for d in logs for k in d):
             vals = [d[key] for d in logs if d.get(key) is not None]
             out[key] = sum(vals) / len(vals) if vals else None
         return out
@@ -280,8 +283,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         sched = diffusers.DDPMScheduler.from_config(t.scheduler.config, prediction_type=self.gen_pred)
         parts = t.frozen_components(reload=not for_samples) if t.is_text else {}
         return MultiStudentPipeline(bank, sched, generator_timestep=self.section.generator_timestep,
-                                    sample_shape=t.sample_shape, num_classes=t.num_classes, routing=self.routing,
-                                    **parts)
+                                    sample_shape=t.sample_shape, num_classes=t.num_classes,
+                                    routing=self.routing, **parts)
 
     def card_info(self) -> dict:
         s = self.section

@@ -1,5 +1,5 @@
 """ProgressiveDistillationTrainer (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
-Diffusion Models", ICLR 2022, Algorithm 2; step_reduction.md s1, paper_checks.md s5).
+Diffusion Models", ICLR 2022, Algorithm 2).
 
 Rounds N -> N/2 -> ... -> ``target_steps``. In each round the student starts as a copy of the
 current teacher (round 0: the teacher's network, or for the analytic teacher an MLP fitted to it),
@@ -10,7 +10,7 @@ x-prediction on the last interval; objectives.progressive). Loss: truncated SNR 
 Grids live on the discrete 1000-entry diffusers table with trailing spacing (so t = 999 is trained
 and every grid is nested: the N/2 grid is every other point of the N grid; ``start_steps`` is
 capped by the table). The 2- and 1-step rounds train ``final_rounds_multiplier`` times longer
-(the paper: 100k instead of 50k updates, paper_checks.md s5). Each round's student is exported
+(the paper trains them 100k instead of 50k updates). Each round's student is exported
 to ``output_dir/rounds/steps-N`` as a FewStepPipeline with its step count and grid stored in the
 pipeline config, so ``pipe()`` with no arguments samples correctly; the last is ``output_dir/pipeline``.
 No EMA, as in the paper: the exported weights of a round are exactly the next round's teacher.
@@ -18,83 +18,16 @@ No EMA, as in the paper: the exported weights of a round are exactly the next ro
 
 from __future__ import annotations
 
-import copy
-
-import diffusers
-import torch
-
-from ..conditioning import network_kwargs
-from ..config import ConfigError
-from ..export import export_pipeline
-from ..objectives.progressive import progressive_loss, progressive_target
-from ..pipelines import FewStepPipeline, TextToImagePipeline, trailing_timesteps
-from ..pipelines.text_to_image import guidance_embedding
-from .base import DistillationTrainer, build_network
+from ..engine import DistillationTrainer, build_network
+from .rounds import HalvingRounds, round_plan
 
 
-def round_plan(start_steps: int, target_steps: int, steps_per_round: int, multiplier: float) -> list[tuple[int, int]]:
-    """[(student steps, training updates)] for every halving round."""
-    plan, n = [], start_steps
-    while n > target_steps:
-        n //= 2
-        plan.append((n, int(round(steps_per_round * (multiplier if n <= 2 else 1.0)))))
-    return plan
-
-
-def guidance_kwargs(net, w) -> dict:
-    """The guidance weight w (Meng et al.'s, = guidance_scale - 1) as a network input: ``guidance_weight``
-    (GuidedUNet2DModel, distill's MLP) or ``timestep_cond`` (UNet2DConditionModel's time_cond_proj_dim input,
-    embedded as in diffusers' LCM pipeline). None: no guidance input."""
-    if w is None:
-        return {}
-    base = getattr(net, "module", net)
-    dim = getattr(base.config, "time_cond_proj_dim", None)
-    if dim:
-        return {"timestep_cond": guidance_embedding(w, dim).to(w.device)}
-    return {"guidance_weight": w}
-
-
-class ProgressiveDistillationTrainer(DistillationTrainer):
+class ProgressiveDistillationTrainer(HalvingRounds, DistillationTrainer):
     method = "progressive"
-    needs_clean_samples = True
 
     @property
     def section(self):
         return self.config.progressive
-
-    def build(self) -> None:
-        cfg, sec = self.config, self.section
-        t = self.teacher
-        T = t.schedule.num_train_timesteps
-        if sec.start_steps > T:
-            raise ConfigError(f"{self.method}.start_steps: {sec.start_steps} exceeds the {T}-entry schedule table; "
-                              f"use a power of two <= {T}.")
-        self.plan = self.make_plan()
-        self.bounds = [0]
-        for _, n in self.plan:
-            self.bounds.append(self.bounds[-1] + n)
-        if cfg.train.max_steps != self.bounds[-1]:
-            self.accelerator.print(f"{self.method}: {len(self.plan)} rounds {[n for n, _ in self.plan]} steps, "
-                                   f"train.max_steps set to {self.bounds[-1]} updates")
-            cfg.train.max_steps = self.bounds[-1]  # the rounds define the length of the run
-        if self.lora:  # student and round teacher: LoRA adapters on the teacher's own (shared, frozen) network
-            net, round_teacher = self.lora_views(["student", "round_teacher"], sec.gradient_checkpointing)
-            round_teacher.requires_grad_(False)
-            self.pred = t.prediction_type
-        else:
-            net = self.make_student()
-            if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
-                net.enable_gradient_checkpointing()
-            round_teacher = copy.deepcopy(net).requires_grad_(False).eval()
-        # no EMA (Salimans & Ho use none for distillation): the linear decay of the learning rate to 0 ends
-        # every round on settled weights, and the exported student IS the next round's teacher
-        self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers())
-        self.add("round_teacher", round_teacher)
-        self.round, self._round_started = 0, -1
-        self.num_classes = t.num_classes
-
-    def lr_multipliers(self) -> dict[str, float] | None:
-        return None
 
     def make_plan(self) -> list[tuple[int, int]]:
         sec = self.section
@@ -106,142 +39,7 @@ class ProgressiveDistillationTrainer(DistillationTrainer):
         if cfg.student.arch == "copy":
             self.pred = t.prediction_type
             return build_network(cfg, t, t.sample_shape, t.num_classes)
-        cfg.student.conditional = bool(t.num_classes)
         net = build_network(cfg, t, t.sample_shape, t.num_classes)
         self.pred = cfg.student.prediction_type or "v_prediction"
         self.fit_to_teacher(net, self.section.init_denoiser_steps, self.pred)
         return net
-
-    # ------------------------------------------------------------------ rounds
-    def round_of(self, step: int) -> int:
-        for i in range(len(self.plan)):
-            if step < self.bounds[i + 1]:
-                return i
-        return len(self.plan) - 1
-
-    def grids(self, r: int) -> tuple[list[int], list[int]]:
-        n_student = self.plan[r][0]
-        T = self.teacher.schedule.num_train_timesteps
-        teacher_grid = trailing_timesteps(2 * n_student, T) if 2 * n_student <= T else None
-        return teacher_grid, trailing_timesteps(n_student, T)
-
-    def _start_round(self, r: int) -> None:
-        """New round: the finished student (as exported) becomes the frozen teacher; optimizer reset."""
-        student = self.unwrap("student")
-        if r > 0:
-            if self.accelerator.is_main_process:
-                self.export_round(r - 1)
-            self.unwrap("round_teacher").load_state_dict(student.state_dict())
-        opt = self.optimizers["student"]
-        inner = getattr(opt, "optimizer", opt)
-        inner.state.clear()
-        self.round = r
-
-    def _set_lr(self, step: int) -> None:
-        r = self.round_of(step)
-        lo, hi = self.bounds[r], self.bounds[r + 1]
-        scale = 1.0 - (step - lo) / max(hi - lo, 1)  # linear decay to 0 within the round (s1.5)
-        for g in self.optimizers["student"].param_groups:
-            g["lr"] = self._base_lr["student"] * scale * g.get("lr_mult", 1.0)
-
-    def state(self) -> dict:
-        return {"round": self.round}
-
-    def load_state(self, state: dict) -> None:
-        self.round = int(state.get("round", 0))
-
-    # ------------------------------------------------------------------ step
-    def teacher_x0(self, r: int, z, t, cond, w=None):
-        if r == 0:  # the original teacher, guided when teacher.guidance_scale is set
-            with self.accelerator.autocast():
-                return self.teacher.predict_x0(z, t, cond, self.config.teacher.guidance_scale).float()
-        net = self.unwrap("round_teacher")
-        return self._net_x0(net, z, t, cond, w)
-
-    def guidance_weight(self, batch_size: int):
-        """Per-example guidance weight w fed to student and round teacher (None: not guided)."""
-        return None
-
-    def _net_x0(self, net, z, t, cond, w=None):
-        sched = self.teacher.schedule
-        kw = {**network_kwargs(net, cond), **guidance_kwargs(net, w)}
-        with self.accelerator.autocast():
-            out = net(z, sched.timestep(t), **kw).sample.float()
-        return sched.to_x0_eps(out, z, t, self.pred)[0].float()
-
-    def enter_round(self, step: int) -> int:
-        r = self.round_of(step)
-        if r != self._round_started:
-            if step == self.bounds[r]:
-                self._start_round(r)
-            else:  # resumed mid-round: networks, optimizer and EMA came from the checkpoint
-                self.round = r
-            self._round_started = r
-        return r
-
-    def train_step(self, batch: dict, step: int) -> dict:
-        r = self.enter_round(step)
-        sched = self.teacher.schedule
-        T = sched.num_train_timesteps
-        teacher_grid, student_grid = self.grids(r)
-        x0 = batch["x"]
-        b, cond = x0.shape[0], batch["cond"]
-        w = self.guidance_weight(b)
-        j = torch.randint(len(student_grid), (b,), generator=self.rng, device=self.rng.device).to(self.device)
-        grid = self._grid_tensor(r, teacher_grid)  # the teacher grid and -1 (the interval ends at the data)
-        k0, k1, k2 = (grid[2 * j + d] for d in (0, 1, 2))
-        t, t1 = k0 / (T - 1), k1 / (T - 1)
-        t2 = torch.where(k2 >= 0, k2 / (T - 1), float("nan"))
-        z = sched.add_noise(x0, self.randn(*x0.shape), t)
-        target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, cond, w), z, t, t1, t2)
-        x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
-        loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
-        norm = self.step_optimizer("student", loss)
-        return {"loss": loss.detach(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
-
-    def _grid_tensor(self, r: int, teacher_grid: list[int]) -> torch.Tensor:
-        """Round ``r``'s teacher grid followed by -1, as a float64 tensor on the device (made once per round)."""
-        if getattr(self, "_grid_round", None) != r:
-            self._grid_round = r
-            self._grid = torch.tensor(teacher_grid + [-1], dtype=torch.float64, device=self.device)
-        return self._grid
-
-    # ------------------------------------------------------------------ export
-    def export_scheduler(self):
-        return diffusers.DDIMScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.pred,
-                                                   timestep_spacing="trailing", clip_sample=False,
-                                                   set_alpha_to_one=True)
-
-    def export(self, r: int | None = None, for_samples: bool = False):
-        r = self.round_of(self.step - 1) if r is None else r
-        n = self.plan[r][0]
-        if self.teacher.is_text:
-            return TextToImagePipeline(self.export_network("student"), scheduler=self.export_scheduler(), num_inference_steps=n,
-                                       timesteps=self.grids(r)[1],
-                                       force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
-                                       **self.teacher.frozen_components(reload=not for_samples),
-                                       **self.pipeline_kwargs())
-        return FewStepPipeline(self.export_network("student"), self.export_scheduler(), num_inference_steps=n,
-                               timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
-                               num_classes=self.num_classes, **self.pipeline_kwargs())
-
-    def pipeline_kwargs(self) -> dict:
-        return {}
-
-    def lora_inference(self) -> tuple:
-        """DDIM on the trailing grid of the last round's step count (= the student's own grid), no guidance."""
-        return self.export_scheduler(), {"num_inference_steps": self.plan[-1][0], "guidance_scale": 1.0}
-
-    def export_round(self, r: int):
-        return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",
-                               {**self.card_info(), "steps": self.plan[r][0]})
-
-    def finish(self, seconds: float):
-        if self.accelerator.is_main_process:
-            self.export_round(len(self.plan) - 1)
-        return super().finish(seconds)
-
-    def card_info(self) -> dict:
-        s = self.section
-        return {"method": self.method, "teacher": self.config.teacher.path, "start_steps": s.start_steps,
-                "target_steps": s.target_steps, "loss_weighting": s.loss_weighting, "prediction_type": self.pred}

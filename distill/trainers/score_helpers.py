@@ -13,13 +13,16 @@ index), ``gen_pred`` / ``fake_pred`` (prediction types), ``loss`` (called as
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import diffusers
 import torch
 
 from ..conditioning import network_kwargs
-from ..objectives.score import fake_score_loss
-from .base import frozen
+from ..engine import build_network, frozen
+from ..objectives.score import DiffInstructLoss, fake_score_loss
+from ..pipelines import OneStepPipeline, TextToImagePipeline
 
 
 @dataclass
@@ -38,7 +41,8 @@ class OneStepScoreHelpers:
     def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
         """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
         sched = self.teacher.schedule
-        if getattr(self, "_t_star_device", None) is None:  # t*, sigma(t*) and its timestep, on the device once
+        # t*, sigma(t*) and its timestep, on the device once
+        if getattr(self, "_t_star_device", None) is None:
             self._sigma_star = float(sched.sigma(self.t_star))
             self._t_star_device = self.t_star.to(self.device)
             self._timestep_star = sched.timestep(self.t_star).to(self.device)
@@ -81,28 +85,34 @@ class OneStepScoreHelpers:
         norm = self.step_optimizer(g.fake, loss)
         return {"fake_loss": loss.detach(), "fake_grad_norm": norm}
 
-    def generator_terms(self, g: ScoreGroup, cond, b: int):
-        """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch."""
+    def generator_terms(self, g: ScoreGroup, cond, b: int, through_inputs: bool = True):
+        """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch. ``through_inputs``: the
+        loss takes gradients through the inputs of the teacher and the fake score (SIM, SiD, Uni-Instruct);
+        Diff-Instruct / DMD detach both outputs, so their passes then run without autograd and keep no
+        activations."""
         sched = self.teacher.schedule
         z = self.randn(b, *self.teacher.sample_shape)
         x0 = self.generate(self.modules[g.generator], z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x0.shape)
         x_t = sched.add_noise(x0, eps, t)
-        d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)  # the caller holds the fake network frozen
-        d_real = self.teacher_x0(x_t, t, cond)
+        with torch.set_grad_enabled(through_inputs and torch.is_grad_enabled()):
+            # the caller holds the fake network frozen
+            d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)
+            d_real = self.teacher_x0(x_t, t, cond)
         a, s = sched.alpha_sigma(t, x_t)
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
     def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None) -> dict:
         """One generator update on ``self.loss`` with gradients through the INPUT of the frozen teacher and
-        fake networks, plus ``extra_loss()`` (a scalar, e.g. DMD's regression term) when given. The fake network
-        stays frozen through the backward pass: toggling requires_grad between forward and backward would
-        make gradient-checkpoint recomputation differ from the forward."""
+        fake networks, plus ``extra_loss()`` (a scalar, e.g. DMD's regression term) when given. The fake
+        network stays frozen through the backward pass: toggling requires_grad between forward and backward
+        would make gradient-checkpoint recomputation differ from the forward."""
         logs = {}
         with frozen(self.unwrap(g.fake)):
-            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
+                g, cond, b, through_inputs=not isinstance(self.loss, DiffInstructLoss))
             per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
             loss = self.finite_mean(per_sample)
             if extra_loss is not None:
@@ -112,3 +122,74 @@ class OneStepScoreHelpers:
             norm = self.step_optimizer(g.generator, loss)
         return {"gen_loss": loss.detach(), "grad_norm": norm,
                 "teacher_gap": (d_real - d_fake).detach().pow(2).mean().sqrt(), **logs}
+
+    # ------------------------------------------------------------------ build
+    def build_pair(self) -> None:
+        """The generator and its fake score: LoRA adapters on the teacher's own network, copies of the
+        teacher, or fresh networks fitted to it; registered as ``self.group`` with the generator's EMA;
+        ``self.loss`` from the method's ``make_loss``."""
+        cfg, sec = self.config, self.section
+        t = self.teacher
+        shape, ncls = t.sample_shape, t.num_classes
+        if self.lora:  # student and fake score: LoRA adapters on the teacher's own (shared, frozen) network
+            gen, fake = self.lora_views(["student", "fake"], sec.gradient_checkpointing)
+            self.gen_pred = t.prediction_type
+        else:
+            if cfg.student.arch == "copy":
+                gen = build_network(cfg, t, shape, ncls)
+                self.gen_pred = t.prediction_type
+            else:
+                gen = build_network(cfg, t, shape, ncls)
+                self.gen_pred = cfg.student.prediction_type or t.prediction_type
+                if sec.init_denoiser_steps:
+                    self.fit_to_teacher(gen, sec.init_denoiser_steps, self.gen_pred)
+            fake = copy.deepcopy(gen).requires_grad_(True).train()
+            if sec.gradient_checkpointing:
+                for net in (t.model, fake, gen):
+                    if hasattr(net, "enable_gradient_checkpointing"):
+                        net.enable_gradient_checkpointing()
+        self.fake_pred = self.gen_pred
+        self.group = ScoreGroup()
+        self.add(self.group.generator, gen, lr=cfg.optim.lr, ema=True)
+        self.add(self.group.fake, fake, lr=sec.lr_fake or cfg.optim.lr)
+        self.t_star = t.schedule.t_from_timestep(sec.generator_timestep)
+        self.loss = self.make_loss()
+        self.num_classes = ncls
+
+    # ------------------------------------------------------------------ step / export
+    def train_step(self, batch: dict, step: int) -> dict:
+        sec = self.section
+        b, cond = batch["size"], batch["cond"]
+        logs = {}
+        for _ in range(self.fake_steps_per_generator_step):
+            logs.update(self.fake_step(self.group, cond, b, batch))
+        if step >= sec.fake_warmup_steps:
+            logs.update(self.generator_step(self.group, cond, b, batch, step))
+        return logs
+
+    def export_scheduler(self):
+        return diffusers.DDPMScheduler.from_config(self.teacher.scheduler.config,
+                                                   prediction_type=self.gen_pred)
+
+    def export(self, for_samples: bool = False):
+        if self.teacher.is_text:
+            return TextToImagePipeline(self.export_network(self.group.generator),
+                                       scheduler=self.export_scheduler(),
+                                       generator_timestep=self.section.generator_timestep,
+                                       force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
+                                       **self.teacher.frozen_components(reload=not for_samples))
+        return OneStepPipeline(self.export_network(self.group.generator), self.export_scheduler(),
+                               generator_timestep=self.section.generator_timestep,
+                               sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)
+
+    def lora_inference(self) -> tuple:
+        """One Euler step at t*: the teacher pipeline's input (z times the scheduler's init_noise_sigma,
+        divided by sqrt(sigma_VE^2 + 1)) is then sigma(t*) z, and one Euler step to sigma = 0 returns the
+        denoised x0 = G(z)."""
+        sched = diffusers.EulerDiscreteScheduler.from_config(self.teacher.scheduler.config,
+                                                             prediction_type=self.gen_pred,
+                                                             timestep_spacing="trailing")
+        t_star = self.section.generator_timestep
+        steps = {"num_inference_steps": 1} if t_star == self.teacher.schedule.num_train_timesteps - 1 else {
+            "timesteps": [t_star]}
+        return sched, {**steps, "guidance_scale": 1.0}

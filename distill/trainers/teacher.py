@@ -8,10 +8,9 @@ Options:
 * ``label_dropout > 0``: class-conditional training with a null class (label ``num_classes``) in
   place of the true label with that probability, for classifier-free guidance (Ho & Salimans 2022).
 * ``curriculum_clusters = N > 0``: the task-difficulty curriculum of Kim et al. 2024
-  ("Denoising Task Difficulty-based Curriculum for Training Diffusion Models"; step_reduction.md
-  s6.1): indices split into N uniform clusters, training starts on the highest-noise (easiest)
-  cluster and adds the next harder one whenever the smoothed loss has not improved for
-  ``curriculum_patience`` steps; after N stages all indices are used.
+  ("Denoising Task Difficulty-based Curriculum for Training Diffusion Models"): indices split into N uniform
+  clusters, training starts on the highest-noise (easiest) cluster and adds the next harder one whenever
+  the smoothed loss has not improved for ``curriculum_patience`` steps; after N stages all indices are used.
 
 Export: image teachers as a stock ``DDPMPipeline`` folder (loadable by any diffusers tool); an
 MLP teacher for 2-D data as a ``FewStepPipeline`` (DDPMPipeline assumes images).
@@ -24,9 +23,9 @@ import torch
 
 from ..conditioning import Condition, network_kwargs
 from ..config import ConfigError
+from ..engine import DistillationTrainer, build_network
 from ..noise import NoiseSchedule
 from ..pipelines import FewStepPipeline
-from .base import DistillationTrainer, build_network
 
 
 class TeacherTrainer(DistillationTrainer):
@@ -37,20 +36,20 @@ class TeacherTrainer(DistillationTrainer):
     def check_data(self) -> None:
         if not getattr(self.data, "has_images", True) or getattr(self.data, "has_prompts", False):
             raise ConfigError(f"data.spec={self.config.data.spec!r} holds prompts: training or fine-tuning a "
-                              "text-to-image teacher is out of scope for distill (use the diffusers text_to_image "
-                              "training example). `distill teacher` trains pixel-space teachers on image data "
-                              "(e.g. sklearn:digits), optionally class-conditional.")
+                              "text-to-image teacher is out of scope for distill (use the diffusers "
+                              "text_to_image training example). `distill teacher` trains pixel-space "
+                              "teachers on image data (e.g. sklearn:digits), optionally class-conditional.")
 
     def build(self) -> None:
         tc = self.config.teacher_train
         self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=tc.num_train_timesteps,
-                                                 beta_schedule=tc.beta_schedule, prediction_type=tc.prediction_type)
+                                                 beta_schedule=tc.beta_schedule,
+                                                 prediction_type=tc.prediction_type)
         self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
         self.num_classes = self.data.num_classes if tc.label_dropout > 0 else 0
         if tc.label_dropout > 0 and not self.data.num_classes:
             raise ConfigError(f"teacher_train.label_dropout={tc.label_dropout} needs labelled data; "
                               f"{self.config.data.spec!r} has no labels.")
-        self.config.student.conditional = self.num_classes > 0
         net = build_network(self.config, None, self.data.sample_shape, self.num_classes)
         self.add("student", net, lr=self.config.optim.lr, ema=True)
         self.stage = 1 if tc.curriculum_clusters else 0
@@ -101,7 +100,8 @@ class TeacherTrainer(DistillationTrainer):
         if self.num_classes:  # condition dropout to the null class, for classifier-free guidance
             if getattr(self, "_null", None) is None:
                 self._null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
-            cond = Condition(class_labels=batch["label"], null=self._null).drop(self.rand(b) < tc.label_dropout)
+            cond = Condition(class_labels=batch["label"],
+                             null=self._null).drop(self.rand(b) < tc.label_dropout)
         net = self.modules["student"]
         with self.accelerator.autocast():
             pred = net(x_t, k, **network_kwargs(net, cond)).sample

@@ -1,9 +1,9 @@
 """UniInstructTrainer (Wang et al. 2025, "Uni-Instruct: One-step Diffusion Model through Unified
-Diffusion Divergence Instruction", NeurIPS 2025; score_distillation.md s5, paper_checks.md s2).
+Diffusion Divergence Instruction", NeurIPS 2025).
 
 Minimises the diffusion expansion of an f-divergence D_f(p_0 || q_0) = int w(t) E_q[h(r_t)
-|s_p - s_q|^2] dt, h(r) = r^2 f''(r), r = p_t / q_t, with the tractable three-branch gradient of
-s5.2 (objectives.score.UniInstructLoss, checked against finite differences in the tests):
+|s_p - s_q|^2] dt, h(r) = r^2 f''(r), r = p_t / q_t, with the tractable three-branch gradient
+(objectives.score.UniInstructLoss, checked against finite differences in the tests):
 ``divergence`` in rkl | fkl | jeffreys | js | chi2 (chi2 and JS did worst in the paper's ablation;
 the default is fkl, the ImageNet-64 1.02 setting; Jeffreys gave CIFAR-10 1.46).
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..conditioning import network_kwargs
+from ..engine import DistillationTrainer, frozen
 from ..lora import AdapterView
 from ..objectives.score import (
     DiffInstructLoss,
@@ -34,9 +35,7 @@ from ..objectives.score import (
     generator_gan_loss,
     h_of,
 )
-from .base import frozen
-from .score_helpers import ScoreGroup
-from .sim import ScoreImplicitMatchingTrainer
+from .score_helpers import OneStepScoreHelpers, ScoreGroup
 
 
 class DiscriminatorHead(nn.Module):
@@ -45,7 +44,8 @@ class DiscriminatorHead(nn.Module):
     def __init__(self, channels: int, spatial: bool):
         super().__init__()
         self.spatial = spatial
-        self.net = (nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 1), nn.SiLU(), nn.Conv2d(channels, 1, 1))
+        self.net = (nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 1), nn.SiLU(),
+                                  nn.Conv2d(channels, 1, 1))
                     if spatial else nn.Sequential(nn.SiLU(), nn.Linear(channels, channels), nn.SiLU(),
                                                   nn.Linear(channels, 1)))
 
@@ -62,7 +62,7 @@ def feature_module(net):
     raise ValueError(f"No discriminator feature layer known for {type(net).__name__}.")
 
 
-class UniInstructTrainer(ScoreImplicitMatchingTrainer):
+class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "uni_instruct"
 
     @property
@@ -99,7 +99,7 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         return self.needs_ratio or self.section.gan_weight > 0
 
     def build(self) -> None:
-        super().build()
+        self.build_pair()
         self.warmup_loss = UniInstructLoss("rkl", "fixed", self.section.sample_weight)
         self._features = {}
         if not self.uses_discriminator:
@@ -110,15 +110,18 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         module, channels, spatial = feature_module(getattr(fake, "shared_base", fake))
         # a LoRA fake score shares its layers with the student and the teacher: keep the fake's features only
         mine = fake.active if isinstance(fake, AdapterView) else (lambda: True)
-        module.register_forward_hook(lambda _m, _i, out: self._features.__setitem__("f", out) if mine() else None)
-        self.add(g.disc, DiscriminatorHead(channels, spatial), lr=self.section.lr_fake or self.config.optim.lr)
+        module.register_forward_hook(
+            lambda _m, _i, out: self._features.__setitem__("f", out) if mine() else None)
+        self.add(g.disc, DiscriminatorHead(channels, spatial),
+                 lr=self.section.lr_fake or self.config.optim.lr)
 
     def _logit(self, head) -> torch.Tensor:
         return head(self._features.pop("f")).float()
 
     @property
     def needs_clean_samples(self) -> bool:
-        """The discriminator is trained on noised real samples (data, or for prompts-only data the teacher's)."""
+        """The discriminator is trained on noised real samples (data, or for prompts-only data the
+        teacher's)."""
         return self.uses_discriminator
 
     def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
@@ -140,28 +143,33 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
         self.accelerator.backward(loss)
         norms = {name: self.apply_gradients(name) for name in (g.fake, g.disc)}
         acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
-        return {"fake_loss": dsm.detach(), "disc_loss": bce.detach(), "disc_acc": acc, "fake_grad_norm": norms[g.fake]}
+        return {"fake_loss": dsm.detach(), "disc_loss": bce.detach(), "disc_acc": acc,
+                "fake_grad_norm": norms[g.fake]}
 
     def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
         nets = [self.unwrap(g.fake)] + ([self.unwrap(g.disc)] if self.uses_discriminator else [])
-        with frozen(*nets):  # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
+        # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
+        with frozen(*nets):
             return self._generator_step(g, cond, b, step)
 
     def _generator_step(self, g: ScoreGroup, cond, b: int, step: int) -> dict:
         sec = self.section
         self._features.clear()
-        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b)
+        loss_fn = self.generator_loss(step)
+        # Diff-Instruct / DMD detach the teacher's and fake's outputs; the GAN term needs the fake's features
+        through = not isinstance(loss_fn, DiffInstructLoss) or sec.gan_weight > 0
+        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b, through_inputs=through)
         logs = {}
         ratio = None
         gan = None
         if self.uses_discriminator:
-            logit = self._logit(self.unwrap(g.disc))  # features of the fake network at x_t (input-differentiable)
+            # features of the fake network at x_t (input-differentiable)
+            logit = self._logit(self.unwrap(g.disc))
             log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
             ratio = log_r.exp()
             logs["log_ratio_mean"] = log_r.mean()
             if sec.gan_weight > 0:
                 gan = generator_gan_loss(logit)
-        loss_fn = self.generator_loss(step)
         if isinstance(loss_fn, UniInstructLoss) and loss_fn.divergence != "rkl":
             r = ratio if ratio is not None else torch.ones(b, device=x0.device)
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, r)
@@ -173,10 +181,12 @@ class UniInstructTrainer(ScoreImplicitMatchingTrainer):
             per_sample = per_sample + sec.gan_weight * gan
         loss = self.finite_mean(per_sample)
         norm = self.step_optimizer(g.generator, loss)
-        logs.update(gen_loss=loss.detach(), grad_norm=norm, teacher_gap=(d_real - d_fake).detach().pow(2).mean().sqrt())
+        logs.update(gen_loss=loss.detach(), grad_norm=norm,
+                    teacher_gap=(d_real - d_fake).detach().pow(2).mean().sqrt())
         return logs
 
     def card_info(self) -> dict:
         s = self.section
-        return {**super().card_info(), "method": self.method, "divergence (f)": s.divergence,
+        return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
+                "generator_timestep (t*)": s.generator_timestep, "divergence (f)": s.divergence,
                 "sampling": s.sampling, "gan_weight": s.gan_weight}
