@@ -100,3 +100,26 @@ def test_resolution_and_channels_and_fid_reference_follow_the_teacher_and_data(t
         cfg = load_config(f"configs/{method}_cifar10.yaml")
         assert cfg.data.resolution is None and cfg.data.channels is None and cfg.eval.reference is None
         assert cfg.teacher.path == "google/ddpm-cifar10-32" and cfg.data.spec == "uoft-cs/cifar10"
+
+
+def test_the_progressive_cifar10_config_fits_the_teachers_table(tmp_path):
+    """configs/progressive_cifar10.yaml's start_steps must fit google/ddpm-cifar10-32's 1,000-entry table (it
+    asked for 1024, which the trainer refuses); a tiny UNet with that scheduler stands in for the teacher."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                 norm_num_groups=8)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**CIFAR_SCHEDULER)).save_pretrained(
+        tmp_path / "teacher")
+    images = random_png_folder(tmp_path / "images" / "images", 4, size=32).parent
+    from distill.config import load_config
+    from distill.trainers import trainer_class
+
+    cfg = load_config("configs/progressive_cifar10.yaml", [
+        f"teacher.path={tmp_path / 'teacher'}", f"data.spec={images}", f"output_dir={tmp_path / 'run'}",
+        "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false"])
+    trainer = trainer_class("progressive")(cfg)
+    trainer.setup()  # builds the round plan against the teacher's table
+    assert trainer.plan[0][0] == cfg.progressive.start_steps // 2 and trainer.plan[-1][0] == 1
+    assert trainer.grids(0)[0][0] == 999  # the first round's teacher grid starts at the table's last entry
