@@ -182,3 +182,29 @@ def test_compiled_training_gives_the_eager_student(tmp_path):
     for k, ref in weights[False].items():
         rel = (weights[True][k] - ref).norm() / ref.norm()
         assert rel < 1e-3, (k, float(rel))
+
+
+def test_a_checkpoint_of_a_non_fused_optimizer_resumes_with_fused_adamw(tmp_path):
+    """A checkpoint's optimizer param groups carry the saving run's implementation flags (written before
+    fused AdamW, or by a sharded run with the foreach one); loading them used to leave a foreach AdamW that
+    refuses the on-device ``found_inf`` skip at the first step. The resumed run uses fused AdamW and goes
+    on."""
+    import json
+
+    from distill.checkpoint import latest_checkpoint
+
+    common = FAST + [f"output_dir={tmp_path}", "sim.init_denoiser_steps=2", "train.checkpointing_steps=2"]
+    trainer_class("sim")(load_config("configs/sim_gaussians8.yaml", common + ["train.max_steps=2"])).train()
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    for f in ckpt.glob("optim_*.json"):  # as a checkpoint written with the foreach AdamW
+        state = json.loads(f.read_text())
+        for group in state["param_groups"]:
+            group.update(fused=None, foreach=True)
+        f.write_text(json.dumps(state))
+    cfg = load_config("configs/sim_gaussians8.yaml", common + ["train.max_steps=4",
+                                                                "train.resume_from_checkpoint=latest"])
+    resumed = trainer_class("sim")(cfg)
+    resumed.train()
+    assert resumed.step == 4
+    for opt in resumed.optimizers.values():
+        assert all(g["fused"] and not g["foreach"] for g in getattr(opt, "optimizer", opt).param_groups)

@@ -170,12 +170,18 @@ class NetworkRegistry:
             params = [{"params": ps, "lr": lr * m, "lr_mult": m} for m, ps in groups.items()]
             # fused AdamW (one kernel per step; it skips a step with non-finite gradients on the device, see
             # apply_gradients); sharded (DTensor) parameters use the foreach implementation
-            kind = {"foreach": True} if self.sharded else {"fused": True}
+            kind = self.optimizer_kind()
             self.optimizers[name] = torch.optim.AdamW(params, lr=lr, betas=tuple(betas or o.betas),
                                                       weight_decay=o.weight_decay, eps=o.eps, **kind)
             self._base_lr[name] = lr
         if ema:
             self.emas[name] = ForeachEMA(module.parameters(), decay=self.config.train.ema_decay)
+
+    def optimizer_kind(self) -> dict:
+        """AdamW's implementation flags: fused (skips a non-finite step on the device), or foreach for sharded
+        (DTensor) parameters. A loaded optimizer state brings the flags of the run that saved it, so
+        ``resume`` sets these again."""
+        return {"foreach": True, "fused": None} if self.sharded else {"fused": True, "foreach": None}
 
     def unwrap(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.modules[name])

@@ -81,6 +81,9 @@ class RunState:
             opts = {n: ShardedLoad(o, load_optimizer) for n, o in opts.items()}
             emas = {n: ShardedLoad(e, load_ema) for n, e in emas.items()}
         state = load_checkpoint(path, models, opts, emas)
+        for opt in self.optimizers.values():  # the saved param groups carry the saving run's fused / foreach
+            for group in getattr(opt, "optimizer", opt).param_groups:
+                group.update(self.optimizer_kind())
         # loaded shadow weights are CPU tensors; EMAModel.step needs them on the device
         for ema in self.emas.values():
             ema.to(self.device)
