@@ -57,16 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# google/ddpm-cifar10-32 (as tests/test_real_teachers.py): UNet2DModel, 35.7M parameters
-CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                  block_out_channels=(128, 256, 256, 256),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                  attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, act_fn="silu",
-                  center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-                  mid_block_scale_factor=1, time_embedding_type="positional")
-CIFAR_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                       clip_sample=True, variance_type="fixed_large")
+# google/ddpm-cifar10-32's architecture and schedule (UNet2DModel, 35.7M parameters; shared with the tests)
+_CIFAR = json.loads((ROOT / "benchmarks" / "model_configs" / "ddpm_cifar10.json").read_text())
+CIFAR_UNET, CIFAR_SCHEDULER = _CIFAR["unet"], _CIFAR["scheduler"]
 TINY_UNET = dict(CIFAR_UNET, sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)

@@ -200,6 +200,21 @@ class UniInstructConfig:
     # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
     fake_steps_per_generator_step: int | None = None
 
+    @property
+    def needs_ratio(self) -> bool:
+        """The f-divergences other than reverse KL weight by h(r): the density ratio from a discriminator."""
+        return self.divergence not in ("di", "dmd", "rkl")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.needs_ratio or self.gan_weight > 0
+
+    @property
+    def detaches_teacher_and_fake(self) -> bool:
+        """Diff-Instruct / DMD detach the teacher's and fake's outputs; without a GAN term (which needs the
+        fake's features) their generator passes need no autograd."""
+        return self.divergence in ("di", "dmd") and not self.gan_weight > 0
+
     def validate(self, cfg: Config) -> None:
         _require(_one_step_checks("uni_instruct", self) + [
             (self.ratio_clip > 0, "uni_instruct.ratio_clip", self.ratio_clip, "a positive number"),

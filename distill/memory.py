@@ -286,9 +286,8 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
         # a frozen network differentiated through its input: the fake score; the teacher's pass is the same
         # network (for LoRA without the adapter's few saved inputs), on twice the batch with CFG; saved
         # activations are linear in the batch
-        # (Diff-Instruct / DMD detach both outputs: without a GAN term those passes keep nothing)
-        detached = (cfg.method == "uni_instruct" and section.divergence in ("di", "dmd")
-                    and not section.gan_weight)
+        # (Diff-Instruct / DMD without a GAN term: those passes run without autograd and keep nothing)
+        detached = cfg.method == "uni_instruct" and section.detaches_teacher_and_fake
         through = saved_bytes(net, args, kw, [], True, low) if one_step and not detached else 0
     teacher_through = through * (2 if cfg.teacher.guidance_scale is not None and one_step else 1)
     for r in rows:
@@ -297,9 +296,7 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
     if one_step:  # generator update: student (weights) + teacher and fake (inputs); fake update: fake alone
         passes = [trained_fwd, teacher_through, through]
         # + the discriminator's real-data pass
-        disc = cfg.method == "uni_instruct" and (section.divergence not in ("di", "dmd", "rkl")
-                                                 or section.gan_weight > 0)
-        other = [trained_fwd] * (2 if disc else 1)
+        other = [trained_fwd] * (2 if cfg.method == "uni_instruct" and section.uses_discriminator else 1)
     else:
         passes, other = [trained_fwd], []
     if checkpointing:

@@ -3,9 +3,11 @@ random-weight UNet2DModel with google/ddpm-cifar10-32's config and scheduler, an
 folder standing in for CIFAR-10 (nothing is downloaded). Each config trains 2 steps through `distill train`;
 the export loads in plain diffusers in a fresh Python. The shape checks refuse data that does not fit."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -14,17 +16,11 @@ from conftest import random_png_folder
 
 from distill.cli import main
 
-# google/ddpm-cifar10-32's unet/config.json and scheduler/scheduler_config.json (the fields that shape
-# the model)
-CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                  block_out_channels=(128, 256, 256, 256),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                  attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, act_fn="silu",
-                  center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-                  mid_block_scale_factor=1, time_embedding_type="positional")
-CIFAR_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                       clip_sample=True, variance_type="fixed_large")
+# google/ddpm-cifar10-32's unet and scheduler configs (the fields that shape the model), shared with
+# benchmarks/gpu_perf.py
+_CIFAR_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "model_configs" / "ddpm_cifar10.json"
+_CIFAR = json.loads(_CIFAR_FILE.read_text())
+CIFAR_UNET, CIFAR_SCHEDULER = _CIFAR["unet"], _CIFAR["scheduler"]
 
 
 @pytest.fixture(scope="module")

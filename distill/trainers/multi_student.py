@@ -230,7 +230,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             self.add(name, fake.requires_grad_(True).train(), lr=lr_fake)
         self.groups = [ScoreGroup(generator=f"student_{j}", fake="fake" if sec.shared_fake else f"fake_{j}")
                        for j in range(k)]
-        self.t_star = t.schedule.t_from_timestep(sec.generator_timestep)
+        self.set_generator_timestep(sec.generator_timestep)
         self.pairs = self.regression_pairs() if sec.regression_weight > 0 else None
         self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
                      "sim": SIMLoss(distance=sec.distance, huber_c=sec.huber_c)}[sec.objective]

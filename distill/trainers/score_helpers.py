@@ -38,14 +38,18 @@ class ScoreGroup:
 class OneStepScoreHelpers:
     """Generator sampling, the fake-score update and the generator update of one :class:`ScoreGroup`."""
 
+    def set_generator_timestep(self, index: int) -> None:
+        """t* = the generator's training index as continuous time; sigma(t*), t* and the network's timestep at
+        t* are kept on the device (no host copy per batch)."""
+        sched = self.teacher.schedule
+        self.t_star = sched.t_from_timestep(index)
+        self._sigma_star = float(sched.sigma(self.t_star))
+        self._t_star_device = self.t_star.to(self.device)
+        self._timestep_star = sched.timestep(self.t_star).to(self.device)
+
     def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
         """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
         sched = self.teacher.schedule
-        # t*, sigma(t*) and its timestep, on the device once
-        if getattr(self, "_t_star_device", None) is None:
-            self._sigma_star = float(sched.sigma(self.t_star))
-            self._t_star_device = self.t_star.to(self.device)
-            self._timestep_star = sched.timestep(self.t_star).to(self.device)
         x_in = self._sigma_star * z
         ts = self._timestep_star.expand(z.shape[0])
         with self.accelerator.autocast():
@@ -152,7 +156,7 @@ class OneStepScoreHelpers:
         self.group = ScoreGroup()
         self.add(self.group.generator, gen, lr=cfg.optim.lr, ema=True)
         self.add(self.group.fake, fake, lr=sec.lr_fake or cfg.optim.lr)
-        self.t_star = t.schedule.t_from_timestep(sec.generator_timestep)
+        self.set_generator_timestep(sec.generator_timestep)
         self.loss = self.make_loss()
         self.num_classes = ncls
 

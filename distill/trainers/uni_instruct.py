@@ -92,11 +92,11 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
 
     @property
     def needs_ratio(self) -> bool:
-        return self.section.divergence not in ("di", "dmd", "rkl")
+        return self.section.needs_ratio
 
     @property
     def uses_discriminator(self) -> bool:
-        return self.needs_ratio or self.section.gan_weight > 0
+        return self.section.uses_discriminator
 
     def build(self) -> None:
         self.build_pair()
@@ -156,9 +156,8 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         sec = self.section
         self._features.clear()
         loss_fn = self.generator_loss(step)
-        # Diff-Instruct / DMD detach the teacher's and fake's outputs; the GAN term needs the fake's features
-        through = not isinstance(loss_fn, DiffInstructLoss) or sec.gan_weight > 0
-        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(g, cond, b, through_inputs=through)
+        x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
+            g, cond, b, through_inputs=not sec.detaches_teacher_and_fake)
         logs = {}
         ratio = None
         gan = None
