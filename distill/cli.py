@@ -10,8 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .runs import Interrupted, TrainingDiverged
+from .errors import ConfigError, Interrupted, TrainingDiverged
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -47,9 +46,9 @@ def cmd_train(args, force_method: str | None = None) -> int:
     trainer = trainer_class(cfg.method)(cfg, overwrite=args.overwrite)
     path = trainer.train()
     if cfg.eval.enabled and trainer.accelerator.is_main_process and not trainer.already_finished:
-        from .eval.fid import report_after_training
+        from .eval.evaluate import report_after_training
 
-        report = report_after_training(trainer, path)
+        report = report_after_training(trainer.config, trainer.teacher, trainer.data, path)
         print(headline(report, cfg.output_dir))
     return 0
 
@@ -170,7 +169,7 @@ def cmd_hybrid(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    from .eval.fid import fid_command
+    from .eval.evaluate import fid_command
 
     return fid_command(args)
 

@@ -11,14 +11,12 @@ A :class:`Condition` is what a denoiser is conditioned on, for a batch:
 
 It carries its own null condition (``null``, batch 1 or B) so classifier-free guidance
 (Ho & Salimans 2022, eq. 6) and condition dropout for CFG training need nothing else.
-How the fields become a network's keyword arguments lives in one place, :func:`network_kwargs`,
-keyed by what the network's ``forward`` accepts: ``class_labels``; ``encoder_hidden_states`` with
-``added_cond_kwargs`` (UNet2DConditionModel); ``pooled_projections`` (SD3-class transformers).
+How the fields become a network's keyword arguments is the backbone's business
+(:func:`distill.backbones.network_kwargs`).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -132,40 +130,6 @@ class Condition:
         return Condition(**out, null=self.null)
 
 
-def _unwrap(net):
-    net = getattr(net, "module", net)  # DistributedDataParallel
-    return getattr(net, "_orig_mod", net)  # torch.compile
-
-
-def _accepts(net, name: str) -> bool:
-    net = _unwrap(net)
-    try:
-        return name in inspect.signature(net.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def network_kwargs(net, cond: Condition | None) -> dict:
-    """Keyword arguments that pass ``cond`` to a diffusers denoiser ``net``.
-
-    ``UNet2DModel`` / distill's MLP: ``class_labels``. ``UNet2DConditionModel``:
-    ``encoder_hidden_states`` and, for SDXL's ``addition_embed_type="text_time"``,
-    ``added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}``. Transformers that take
-    ``pooled_projections`` (SD3 class) get the pooled embedding there.
-    """
-    if cond is None or cond.kind == "none":
-        return {}
-    if cond.kind == "class":
-        return {"class_labels": cond.class_labels}
-    kw = {"encoder_hidden_states": cond.embeds}
-    if cond.pooled is not None:
-        if _accepts(net, "pooled_projections"):
-            kw["pooled_projections"] = cond.pooled
-        elif getattr(getattr(_unwrap(net), "config", None), "addition_embed_type", None) == "text_time":
-            kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    return kw
-
-
 def as_condition(cond) -> Condition | None:
     """``cond`` when it is a Condition or None; a clear error for the old label-tensor argument."""
     if cond is None or isinstance(cond, Condition):
@@ -174,4 +138,4 @@ def as_condition(cond) -> Condition | None:
                     "as teacher.condition(class_labels=labels), prompts as teacher.condition(prompts=[...]).")
 
 
-__all__ = ["Condition", "network_kwargs", "as_condition"]
+__all__ = ["Condition", "as_condition"]

@@ -12,13 +12,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import yaml
 
+from .errors import ConfigError, require
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and the allowed values."""
+if TYPE_CHECKING:
+    from .trainers.guided import GuidedConfig
+    from .trainers.mar import MARConfig
+    from .trainers.multi_student import MSDConfig
+    from .trainers.progressive import ProgressiveConfig
+    from .trainers.sim import SIMConfig
+    from .trainers.teacher import TeacherTrainConfig
+    from .trainers.uni_instruct import UniInstructConfig
 
 
 @dataclass
@@ -133,223 +140,23 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
 
 
-@dataclass
-class TeacherTrainConfig:
-    """TeacherTrainer: plain denoising score matching (Ho et al. 2020, eq. 14)."""
+def method_sections() -> dict[str, type]:
+    """Each method's config section: a dataclass with ``validate(cfg)``, defined in the method's trainer
+    file (imported on first use)."""
+    from .trainers.guided import GuidedConfig
+    from .trainers.mar import MARConfig
+    from .trainers.multi_student import MSDConfig
+    from .trainers.progressive import ProgressiveConfig
+    from .trainers.sim import SIMConfig
+    from .trainers.teacher import TeacherTrainConfig
+    from .trainers.uni_instruct import UniInstructConfig
 
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
-    label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
-    curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
-    curriculum_patience: int = 200
-
-    def validate(self, cfg: Config) -> None:
-        _require([(0 <= self.label_dropout < 1, "teacher_train.label_dropout", self.label_dropout,
-                   "a number in [0, 1)")])
+    return {"teacher_train": TeacherTrainConfig, "sim": SIMConfig, "uni_instruct": UniInstructConfig,
+            "progressive": ProgressiveConfig, "guided": GuidedConfig, "msd": MSDConfig, "mar": MARConfig}
 
 
-@dataclass
-class SIMConfig:
-    """Score Implicit Matching (Luo et al. 2024) and the score-distillation family."""
-
-    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
-    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
-    huber_c: float = 1.0  # pseudo-Huber constant, applied to the per-sample RMS of delta (see docs)
-    fake_steps_per_generator_step: int = 1
-    lr_fake: float | None = None  # default optim.lr
-    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
-    t_max: float = 0.98
-    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
-    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
-    sid_alpha: float | None = None  # SiD(alpha) (Zhou et al. 2024): needs distance=l2; 1.0 = SIM-L2
-    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
-    gradient_checkpointing: bool = False
-
-    def validate(self, cfg: Config) -> None:
-        _require(_one_step_checks("sim", self) + [(self.huber_c > 0, "sim.huber_c", self.huber_c,
-                                                   "a positive number")])
-        if self.sid_alpha is not None and self.distance != "l2":
-            raise ConfigError(f"sim.sid_alpha={self.sid_alpha} (SiD, Zhou et al. 2024) is defined with the "
-                              f"L2 distance, but sim.distance is {self.distance!r}: add sim.distance=l2, or "
-                              "remove sim.sid_alpha for SIM's pseudo-Huber distance.")
-
-
-@dataclass
-class UniInstructConfig:
-    """Uni-Instruct (Wang et al. 2025): the diffusion expansion of an f-divergence, with Diff-Instruct
-    (``di``) and DMD (``dmd``) as special cases."""
-
-    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
-    lr_fake: float | None = None  # default optim.lr
-    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
-    t_max: float = 0.98
-    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
-    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
-    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
-    gradient_checkpointing: bool = False
-    divergence: Literal["rkl", "fkl", "jeffreys", "js", "chi2", "di", "dmd"] = "fkl"
-    sampling: Literal["full", "fixed"] = "full"  # (a) exact expanded-divergence gradient / (b) SIM convention
-    gan_weight: float = 0.0  # generator GAN term weight (0 = off)
-    discriminator_weight: float = 1.0
-    ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)
-    normalize_ratio: bool = True  # divide h(r) by its batch mean (variance reduction)
-    ratio_warmup_steps: int = 0  # f != rkl: pure SIM-L2 (rkl, sampling fixed) before this step
-    # fake-score updates per generator update; null = the method's published default: 5 for dmd (DMD2's
-    # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
-    fake_steps_per_generator_step: int | None = None
-
-    @property
-    def needs_ratio(self) -> bool:
-        """The f-divergences other than reverse KL weight by h(r): the density ratio from a discriminator."""
-        return self.divergence not in ("di", "dmd", "rkl")
-
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.needs_ratio or self.gan_weight > 0
-
-    @property
-    def detaches_teacher_and_fake(self) -> bool:
-        """Diff-Instruct / DMD detach the teacher's and fake's outputs; without a GAN term (which needs the
-        fake's features) their generator passes need no autograd."""
-        return self.divergence in ("di", "dmd") and not self.gan_weight > 0
-
-    def validate(self, cfg: Config) -> None:
-        _require(_one_step_checks("uni_instruct", self) + [
-            (self.ratio_clip > 0, "uni_instruct.ratio_clip", self.ratio_clip, "a positive number"),
-            (self.gan_weight >= 0, "uni_instruct.gan_weight", self.gan_weight, "a number >= 0"),
-            (self.ratio_warmup_steps >= 0, "uni_instruct.ratio_warmup_steps", self.ratio_warmup_steps,
-             "an integer >= 0")])
-
-
-@dataclass
-class ProgressiveConfig:
-    """Progressive distillation (Salimans & Ho 2022)."""
-
-    start_steps: int = 64
-    target_steps: int = 1
-    steps_per_round: int = 500
-    # the 2- and 1-step rounds train this much longer (the paper: 100k instead of 50k updates)
-    final_rounds_multiplier: float = 2.0
-    loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
-    init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
-    gradient_checkpointing: bool = False  # recompute the student's activations in backward (large teachers)
-
-    def validate(self, cfg: Config, key: str = "progressive") -> None:
-        strict = key == "progressive"  # guided: its stage one may already be at target_steps
-        _require([(_pow2(self.start_steps) and _pow2(self.target_steps)
-                   and (self.target_steps < self.start_steps if strict
-                        else self.target_steps <= self.start_steps),
-                   f"{key}.start_steps/target_steps", (self.start_steps, self.target_steps),
-                   f"powers of two with target {'<' if strict else '<='} start")])
-        if cfg.method == key and cfg.optim.lr_milestones:
-            raise ConfigError(f"optim.lr_milestones={cfg.optim.lr_milestones} with method {key}: {key} "
-                              "decays the learning rate linearly within each halving round; remove "
-                              "optim.lr_milestones.")
-
-
-@dataclass
-class GuidedConfig(ProgressiveConfig):
-    """Guided distillation (Meng et al. 2023): stage one + progressive rounds from ``start_steps``.
-
-    Guidance scales use diffusers' convention s = 1 + w (w: Meng et al.'s weight, 0 = no guidance).
-    Defaults: s in [1, 5] is the paper's pixel range w in [0, 4] (recalled, not read in the paper).
-    """
-
-    guidance_min: float = 1.0  # diffusers guidance_scale range, sampled uniformly per example
-    guidance_max: float = 5.0
-    default_guidance_scale: float = 2.0  # what the exported pipeline uses when guidance_scale is not passed
-    stage_one_steps: int = 1000  # updates of the w-conditioned regression onto the CFG teacher
-    guidance_embed_dim: int = 64  # sinusoidal embedding width of 1000 w
-    guidance_lr_multiplier: float = 10.0  # learning-rate multiplier of the new (zero-initialised) w embedding
-
-    def validate(self, cfg: Config, key: str = "guided") -> None:
-        super().validate(cfg, key)
-        _require([(1.0 <= self.guidance_min <= self.guidance_max, "guided.guidance_min/guidance_max",
-                   (self.guidance_min, self.guidance_max),
-                   "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
-                  (self.stage_one_steps >= 1, "guided.stage_one_steps", self.stage_one_steps,
-                   "an integer >= 1")])
-        if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
-            raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation "
-                              "samples its own guidance scales (guided.guidance_min / guidance_max); remove "
-                              "teacher.guidance_scale.")
-
-
-@dataclass
-class MSDConfig:
-    """Multi-student distillation (Song et al. 2024): K one-step students, each distilled with a score-
-    distillation objective on its own part of the conditioning set; a condition is routed to one student."""
-
-    num_students: int = 4  # K
-    # blocks: consecutive class ranges (the paper's ImageNet split); random: a seeded balanced split of the
-    # classes; file: partition_file (JSON: a list, the student of each class); prompt_clusters: k-means on
-    # the text teacher's prompt embeddings (text teachers)
-    partition: Literal["blocks", "random", "file", "prompt_clusters"] = "blocks"
-    partition_file: str | None = None
-    objective: Literal["dmd", "di", "sim"] = "dmd"  # per-student one-step objective (the paper: DMD)
-    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"  # objective: sim
-    huber_c: float = 1.0  # objective: sim
-    # one fake score for all students (K + 1 networks) instead of one per student (2K)
-    shared_fake: bool = False
-    generator_timestep: int = 625  # t*: each student is the denoiser at this index on sigma(t*) z
-    fake_steps_per_generator_step: int = 1
-    lr_fake: float | None = None  # default optim.lr
-    t_min: float = 0.02
-    t_max: float = 0.98
-    # student.arch mlp/unet: teacher score matching on the student's part before distillation
-    tsm_steps: int = 0
-    # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of
-    # (noise, teacher DDIM sample at data.teacher_sample_steps) pairs, drawn from ALL conditions, not filtered
-    regression_weight: float = 0.0
-    regression_pairs: int = 1024
-    gradient_checkpointing: bool = False
-
-    def validate(self, cfg: Config) -> None:
-        _require(_one_step_checks("msd", self) + [
-            (self.huber_c > 0, "msd.huber_c", self.huber_c, "a positive number"),
-            (self.num_students >= 1, "msd.num_students", self.num_students, "an integer >= 1"),
-            (self.tsm_steps >= 0, "msd.tsm_steps", self.tsm_steps, "an integer >= 0"),
-            (self.regression_weight >= 0, "msd.regression_weight", self.regression_weight, "a number >= 0"),
-            (self.regression_pairs >= 1, "msd.regression_pairs", self.regression_pairs, "an integer >= 1")])
-        b = cfg.train.batch_size
-        if cfg.method == "msd" and b % self.num_students:
-            raise ConfigError(f"train.batch_size={b} is not a multiple of "
-                              f"msd.num_students={self.num_students}: each student trains on batch_size / "
-                              "num_students samples of its own part per step. Use "
-                              f"train.batch_size={max(1, b // self.num_students) * self.num_students}.")
-        if cfg.method == "msd" and self.partition == "file" and not self.partition_file:
-            raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of "
-                              "each class).")
-
-
-@dataclass
-class MARConfig:
-    """Masked-autoregressive generator (Li et al. 2024) trained on the data (no teacher); sampled with DiSA
-    step annealing (Zhao et al. 2025). Model shape: ``distill.models.MaskedAutoregressiveModel``."""
-
-    patch_size: int = 2
-    width: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    head_width: int = 128
-    head_depth: int = 3
-    mask_ratio_min: float = 0.7  # masking ratio ~ normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)
-    label_dropout: float = 0.1  # null class for classifier-free guidance (MAR: 0.1)
-    diffusion_batch_mul: int = 4  # head samples (t, noise) per token per step (MAR: 4)
-    num_iter: int = 16  # sampling defaults written into the exported pipeline's card and sample grids
-    diffusion_steps: int = 50
-
-    def validate(self, cfg: Config) -> None:
-        _require([(0 < self.mask_ratio_min <= 1, "mar.mask_ratio_min", self.mask_ratio_min,
-                   "a number in (0, 1]"),
-                  (0 <= self.label_dropout < 1, "mar.label_dropout", self.label_dropout,
-                   "a number in [0, 1)"),
-                  (self.diffusion_batch_mul >= 1, "mar.diffusion_batch_mul", self.diffusion_batch_mul,
-                   "an integer >= 1"),
-                  (self.width % self.num_heads == 0, "mar.width/num_heads", (self.width, self.num_heads),
-                   "a width divisible by num_heads")])
+def _section(name: str):
+    return field(default_factory=lambda: method_sections()[name]())
 
 
 @dataclass
@@ -362,13 +169,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
-    sim: SIMConfig = field(default_factory=SIMConfig)
-    uni_instruct: UniInstructConfig = field(default_factory=UniInstructConfig)
-    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
-    guided: GuidedConfig = field(default_factory=GuidedConfig)
-    msd: MSDConfig = field(default_factory=MSDConfig)
-    mar: MARConfig = field(default_factory=MARConfig)
+    teacher_train: TeacherTrainConfig = _section("teacher_train")
+    sim: SIMConfig = _section("sim")
+    uni_instruct: UniInstructConfig = _section("uni_instruct")
+    progressive: ProgressiveConfig = _section("progressive")
+    guided: GuidedConfig = _section("guided")
+    msd: MSDConfig = _section("msd")
+    mar: MARConfig = _section("mar")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -455,12 +262,17 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported type {tp}.")
 
 
+def field_types(cls) -> dict:
+    """The resolved type of each field of a config dataclass (the method sections included)."""
+    return typing.get_type_hints(cls, localns={c.__name__: c for c in method_sections().values()})
+
+
 def _build(cls, data, prefix: str = ""):
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -521,15 +333,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-SECTIONS = ("teacher_train", "sim", "uni_instruct", "progressive", "guided", "msd", "mar")
-
-
 def validate(cfg: Config) -> None:
     """Values that parse but cannot work: the shared sections here, each method's section in its own
     ``validate``. Everything a config alone can get wrong is found here, before any teacher, data or network
     loads."""
     t = cfg.train
-    _require([
+    require([
         (t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1"),
         (t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
@@ -553,7 +362,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0"),
         (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
     ])
-    for name in SECTIONS:
+    for name in method_sections():
         getattr(cfg, name).validate(cfg)
     lora = cfg.student.lora_rank
     if lora is not None:
@@ -589,29 +398,7 @@ def validate(cfg: Config) -> None:
                           "output_dir.")
 
 
-def _require(checks: list[tuple]) -> None:
-    """(ok, key, value, what is allowed) rows: the first that fails is a ConfigError naming the key and
-    value."""
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {value!r} is impossible; expected {allowed}.")
-
-
 LORA_METHODS = ("sim", "uni_instruct", "progressive")
 FSDP_METHODS = ("sim", "uni_instruct")
 
 
-def _one_step_checks(key: str, s) -> list[tuple]:
-    """The checks every one-step score-distillation section shares (SIM, Uni-Instruct, MSD)."""
-    n = s.fake_steps_per_generator_step
-    return [
-        (0 <= s.generator_timestep < 1000, f"{key}.generator_timestep", s.generator_timestep,
-         "a training index in [0, 999]"),
-        (0 <= s.t_min < s.t_max <= 1, f"{key}.t_min/t_max", (s.t_min, s.t_max), "0 <= t_min < t_max <= 1"),
-        (n is None or n >= 1, f"{key}.fake_steps_per_generator_step", n, "an integer >= 1"
-         + (" or null (the method's default)" if key == "uni_instruct" else "")),
-    ]
-
-
-def _pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import ConfigError
+from .errors import ConfigError
 
 TOY_SPECS = ("toy:gaussians8", "toy:gaussians25", "toy:swissroll")
 CAPTION_COLUMNS = ("prompt", "caption", "text")

@@ -26,7 +26,7 @@ import diffusers
 
 from . import models as _models
 from . import pipelines as _pipelines
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def _source_files(module) -> list[Path]:

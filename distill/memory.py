@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .lora import adapter_on, add_adapters, default_targets, tuner_layers
 
 GIB = 1024**3

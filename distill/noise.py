@@ -234,7 +234,7 @@ class NoiseSchedule:
         ``s = None`` means the end of sampling: the clean prediction x0 is returned, which is what
         diffusers' DDIM does on its last step with ``set_alpha_to_one=True``.
         """
-        from .pipelines.samplers import ddim_step
+        from .sampling import ddim_step
 
         if s is None:
             return x0

@@ -16,25 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 # what a resumed run may never change: its networks and optimizer states would not load (or not mean the same)
 STRUCTURAL = ("method", "teacher.", "student.")
 # what a run writes into output_dir (and --overwrite removes)
 RUN_ENTRIES = ("run.json", "config.yaml", "checkpoints", "pipeline", "rounds", "samples", "report", "logs",
                "train_history.json")
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM stopped the run after a checkpoint; ``exit_code`` is 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row, or non-finite weights at export."""
 
 
 def fingerprint(cfg: Config) -> dict:

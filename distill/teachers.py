@@ -1,15 +1,9 @@
 """Teachers: one frozen-denoiser API for every trainer.
 
-``Teacher.predict_x0(x_t, t, cond, guidance_scale)`` evaluates a diffusers denoiser at continuous
-time ``t`` (see :mod:`distill.noise`) on a :class:`~distill.conditioning.Condition` and returns its
-clean-sample prediction, with classifier-free guidance in diffusers' convention
-
-    out = out_uncond + guidance_scale (out_cond - out_uncond)            (w_paper = guidance_scale - 1)
-
-(Ho & Salimans 2022, eq. 6), the unconditional half evaluated on the condition's null (null class,
-or the empty / negative prompt). Guidance is applied to the raw network output; because every
-parameterisation is affine in the output at fixed (x_t, t), the result is the same in epsilon, x0
-or v.
+``Teacher.denoiser`` (a :class:`~distill.denoiser.Denoiser`) evaluates the frozen diffusers network at
+continuous time ``t`` (see :mod:`distill.noise`) on a :class:`~distill.conditioning.Condition`, with
+classifier-free guidance; ``predict_x0`` / ``network_output`` / ``score`` are its clean-sample prediction,
+raw output and score.
 
 A teacher knows its space: pixel teachers (``UNet2DModel``, distill's MLP, the analytic mixture)
 train in data space, ``encode`` / ``decode`` are the identity; Stable-Diffusion-format teachers
@@ -30,8 +24,9 @@ from pathlib import Path
 import diffusers
 import torch
 
-from .conditioning import Condition, as_condition, network_kwargs
-from .config import ConfigError
+from .conditioning import Condition, as_condition
+from .denoiser import Denoiser
+from .errors import ConfigError
 from .export import read_model_index, resolve_pretrained
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 from .noise import NoiseSchedule
@@ -44,7 +39,7 @@ class Teacher:
     """A frozen denoiser + schedule with one API at continuous time.
 
     Args:
-        model: a diffusers-style denoiser: ``model(x, timestep, **network_kwargs(model, cond)).sample``.
+        model: a diffusers-style denoiser, called as :func:`distill.backbones.call` says.
         schedule: its :class:`NoiseSchedule` (``prediction_type`` included).
         num_classes: classes of a conditional teacher; label ``num_classes`` is the null class.
         sample_shape: shape of one training-space sample (latents for a latent teacher).
@@ -72,6 +67,7 @@ class Teacher:
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.folder = folder
         self.network_subfolder = network_subfolder
+        self.denoiser = Denoiser(self.model, schedule, prepare=self._prepare)
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = int(prompt_cache_size)
 
@@ -195,7 +191,7 @@ class Teacher:
         """Training space -> images in [-1, 1] (identity for pixel teachers)."""
         if not self.is_latent:
             return x
-        from .pipelines.text_to_image import latents_to_images
+        from .text_encoding import latents_to_images
 
         return latents_to_images(self.vae, x).float()
 
@@ -253,7 +249,7 @@ class Teacher:
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> Condition:
         """Encode ``prompts`` (each distinct prompt once, repeated prompts from the LRU cache)."""
-        from .pipelines.text_to_image import encode_prompt, sdxl_time_ids
+        from .text_encoding import encode_prompt, sdxl_time_ids
 
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
@@ -274,46 +270,30 @@ class Teacher:
         return Condition(embeds=embeds, pooled=pooled, time_ids=time_ids)
 
     # ------------------------------------------------------------------ evaluation
-    def _timesteps(self, t, batch: int, device) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64, device=device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        return self.schedule.timestep(t).to(device)
-
-    def network_output(self, x_t: torch.Tensor, t, cond: Condition | None = None,
-                       guidance_scale: float | None = None) -> torch.Tensor:
-        """Raw output (in ``prediction_type``), classifier-free guided when ``guidance_scale`` is set.
-
-        ``cond`` None on a conditional teacher means its null condition (unguided)."""
+    def _prepare(self, x_t: torch.Tensor, cond: Condition | None):
+        """The network input in the teacher's dtype and the condition on its device; a missing condition on
+        a conditional teacher is its null (unguided)."""
         cond = as_condition(cond)
         b = x_t.shape[0]
-        ts = self._timesteps(t, b, x_t.device)
         if cond is None and (self.num_classes or self.is_text):
             cond = self.condition(batch=b)
         x_in = x_t.to(self.dtype) if self.dtype is not None else x_t
         if cond is not None:
             cond = cond.expand(b).to(x_t.device,
                                      self.dtype or (torch.float32 if cond.kind == "text" else None))
-        # per-sample scales allowed
-        guided = guidance_scale is not None and cond is not None and cond.kind != "none" and (
-            torch.as_tensor(guidance_scale).numel() > 1 or float(guidance_scale) != 1.0)
-        if not guided:
-            return self.model(x_in, ts, **network_kwargs(self.model, cond)).sample
-        pair = cond.with_cfg_pair()
-        out = self.model(torch.cat([x_in, x_in]), torch.cat([ts, ts]),
-                         **network_kwargs(self.model, pair)).sample
-        c, u = out.chunk(2)
-        w = torch.as_tensor(guidance_scale, device=x_t.device, dtype=out.dtype)
-        w = w.reshape(-1, *([1] * (x_t.ndim - 1))) if w.ndim else w
-        return u + w * (c - u)
+        return x_in, cond
+
+    def network_output(self, x_t: torch.Tensor, t, cond: Condition | None = None,
+                       guidance_scale=None) -> torch.Tensor:
+        """Raw output (in ``prediction_type``), classifier-free guided by ``guidance_scale`` (default: the
+        scale bound to ``self.denoiser``, none unless a trainer bound ``teacher.guidance_scale``)."""
+        return self.denoiser.output(x_t, t, cond, guidance_scale)
 
     def predict_x0(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
-        out = self.network_output(x_t, t, cond, guidance_scale).to(x_t.dtype)
-        return self.schedule.to_x0_eps(out, x_t, t)[0].to(x_t.dtype)
+        return self.denoiser.x0(x_t, t, cond, guidance_scale=guidance_scale)
 
     def score(self, x_t, t, cond: Condition | None = None, guidance_scale=None) -> torch.Tensor:
-        x0 = self.predict_x0(x_t, t, cond, guidance_scale)
-        return self.schedule.score_from_x0(x0, x_t, t).to(x_t.dtype)
+        return self.denoiser.score(x_t, t, cond, guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None,
@@ -322,7 +302,7 @@ class Teacher:
         """DDIM samples in training space on diffusers' trailing grid (the baseline every student is
         compared with; for latent teachers, also the clean latents of prompts-only training data).
         ``noise``: the starting x_T (default: drawn from ``generator``)."""
-        from .pipelines.samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
+        from .sampling import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
         gen_device = generator.device if generator is not None else "cpu"

@@ -28,7 +28,7 @@ trainer = trainer_class(cfg.method)(cfg)
 trainer.setup()
 def step(s):
     trainer.rng = trainer.step_generator(s, 0)
-    trainer.train_step(trainer._batch(), s)
+    trainer.run_objective(trainer.objective(trainer._batch(), s))
 step(0)  # optimizer state exists from here on
 gc.collect()
 start = live_tensor_bytes()

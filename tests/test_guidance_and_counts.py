@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError, load_config
+from distill.denoiser import Denoiser
 from distill.teachers import Teacher
 from distill.trainers import trainer_class
 
@@ -13,14 +14,17 @@ COND = ["teacher.conditional=true", "teacher.guidance_scale=2.5", "train.batch_s
 
 
 def _spy_guidance(monkeypatch):
+    """The guidance scale of every evaluation of a teacher's Denoiser (the bound one unless a call passes
+    its own)."""
     seen = []
-    real = Teacher.network_output
+    real = Denoiser.output
 
-    def spy(self, x_t, t, cond=None, guidance_scale=None):
-        seen.append(guidance_scale)
-        return real(self, x_t, t, cond, guidance_scale)
+    def spy(self, x_t, t, cond=None, guidance_scale=None, **kwargs):
+        if isinstance(getattr(self.prepare, "__self__", None), Teacher):
+            seen.append(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return real(self, x_t, t, cond, guidance_scale, **kwargs)
 
-    monkeypatch.setattr(Teacher, "network_output", spy)
+    monkeypatch.setattr(Denoiser, "output", spy)
     return seen
 
 

@@ -252,7 +252,7 @@ def test_teacher_score_matching_fits_a_small_student_to_the_teacher_on_its_part(
         x_t = t.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), tt)
         cond = t.condition(class_labels=y)
         want = t.predict_x0(x_t, tt, cond)
-        errs = [(trainer.fake_x0(tr.unwrap(f"student_{j}"), x_t, tt, cond) - want).pow(2).mean().item()
+        errs = [(tr.as_denoiser(tr.unwrap(f"student_{j}")).x0(x_t, tt, cond) - want).pow(2).mean().item()
                 for tr in (trainer, fresh)]
         assert errs[0] < 0.1 * errs[1], errs
 

@@ -4,13 +4,12 @@ exact inverses at random times for every schedule kind and parameterisation."""
 
 import dataclasses
 import math
-import typing
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distill.config import Config, ConfigError, load_config, parse_overrides
+from distill.config import Config, ConfigError, field_types, load_config, parse_overrides
 from distill.noise import PREDICTION_TYPES, NoiseSchedule
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -20,7 +19,7 @@ def _keys() -> list[str]:
     """Every dotted key of the config (sections and leaves)."""
     out = []
     for f in dataclasses.fields(Config):
-        tp = typing.get_type_hints(Config)[f.name]
+        tp = field_types(Config)[f.name]
         if dataclasses.is_dataclass(tp):
             out += [f"{f.name}.{g.name}" for g in dataclasses.fields(tp)]
         else:

@@ -14,7 +14,8 @@ import torch
 
 from distill.cli import main
 from distill.config import ConfigError, load_config
-from distill.runs import TrainingDiverged, fingerprint
+from distill.errors import TrainingDiverged
+from distill.runs import fingerprint
 from distill.trainers import trainer_class
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,13 +151,13 @@ def test_a_nan_weighted_student_is_never_exported(tmp_path):
 def test_diverged_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
     import distill.trainers.sim as sim
 
-    real = sim.ScoreImplicitMatchingTrainer.train_step
+    real = sim.ScoreImplicitMatchingTrainer.objective
 
     def nan_step(self, batch, step):
         _nan_after(self, 0) if step == 0 else None
-        return real(self, batch, step)
+        return (yield from real(self, batch, step))
 
-    monkeypatch.setattr(sim.ScoreImplicitMatchingTrainer, "train_step", nan_step)
+    monkeypatch.setattr(sim.ScoreImplicitMatchingTrainer, "objective", nan_step)
     assert _run(tmp_path, "train.max_steps=10", "train.max_nonfinite_steps=2") == 1
     err = capsys.readouterr().err
     assert "distill: error: Training stopped at step 2" in err and "Traceback" not in err

@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, method):
 
         trainer.apply_gradients = capture
         trainer.rng = trainer.step_generator(0, 0)
-        trainer.train_step(trainer._batch(), 0)
+        trainer.run_objective(trainer.objective(trainer._batch(), 0))
     assert set(grads[False]) == set(grads[True]) >= {"student", "fake"}
     for name, ref in grads[False].items():
         assert ref.keys() == grads[True][name].keys() and ref
@@ -148,7 +148,7 @@ def test_dmd_defaults_to_five_fake_updates_per_generator_update(tmp_path):
         inner = trainer.fake_step
         trainer.fake_step = lambda *a, _inner=inner, _calls=calls: _calls.append(1) or _inner(*a)
         trainer.rng = trainer.step_generator(0, 0)
-        trainer.train_step(trainer._batch(), 0)
+        trainer.run_objective(trainer.objective(trainer._batch(), 0))
         counts[(divergence, bool(extra))] = len(calls)
     assert counts == {("dmd", False): 5, ("di", False): 1, ("dmd", True): 2}
 

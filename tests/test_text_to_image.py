@@ -14,7 +14,7 @@ import torch
 from conftest import clip_tokenizer, make_tiny_sd, random_png_folder
 
 from distill import Condition, load_pipeline
-from distill.conditioning import network_kwargs
+from distill.backbones import network_kwargs
 from distill.config import ConfigError, load_config
 from distill.data import load_data
 from distill.pipelines import TextToImagePipeline

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import load, table
 
-from distill.eval.fid import report_after_training
+from distill.eval.evaluate import report_after_training
 from distill.trainers import trainer_class
 
 
@@ -30,7 +30,7 @@ def bench_uni_instruct_digits(quick: bool) -> str:
             path = trainer.train()
             secs = time.time() - t0
             cfg.eval.enabled = True
-            report_after_training(trainer, path)
+            report_after_training(trainer.config, trainer.teacher, trainer.data, path)
             rep = json.loads((Path(tmp) / name / "report" / "fid_report.json").read_text())
             for r in rep["results"]:
                 label = (f"Uni-Instruct {name} student" if r["model"] == "student"

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import StreamedImages, cache_images
+from ..errors import ConfigError
 from ..teachers import Teacher, analytic_teacher
 
 
 def load_teacher(cfg: Config, device) -> Teacher:
-    """The frozen teacher, in bf16 when ``train.mixed_precision=bf16`` (its parts are never trained)."""
+    """The frozen teacher, in bf16 when ``train.mixed_precision=bf16`` (its parts are never trained), its
+    denoiser guided by ``teacher.guidance_scale``."""
     path = cfg.teacher.path
     if path.startswith("analytic:"):
         teacher = analytic_teacher(path, prediction_type=cfg.teacher.prediction_type,
@@ -31,6 +33,7 @@ def load_teacher(cfg: Config, device) -> Teacher:
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale} needs a class-conditional "
                           f"teacher with a null class or a text-to-image teacher; {path!r} is unconditional. "
                           "Remove teacher.guidance_scale.")
+    teacher.denoiser.guidance_scale = cfg.teacher.guidance_scale  # bound once: every teacher pass is guided
     if teacher.schedule.kind != "vp":
         name = type(teacher.scheduler).__name__
         raise ConfigError(f"teacher.path={path!r} comes with a {name} ({teacher.schedule.kind} noise "
@@ -176,6 +179,5 @@ class BatchMaker:
                     x = t.encode(x, generator=self.rng)
         elif self.needs_clean_samples:  # prompts only: the teacher's own samples stand in for data
             with self.accelerator.autocast():
-                x = t.sample(b, self.config.data.teacher_sample_steps, self.rng, cond,
-                             self.config.teacher.guidance_scale).float()
+                x = t.sample(b, self.config.data.teacher_sample_steps, self.rng, cond).float()
         return {"x": x, "cond": cond, "label": y, "size": b}

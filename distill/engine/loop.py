@@ -2,11 +2,14 @@
 
 A method subclasses it and supplies
 
-    build(self)                   networks and optimizers, registered with ``self.add(...)``
-    train_step(self, batch, step) one update; returns a dict of logs (tensors stay on the device)
-    export(self)                  the student as a diffusers pipeline object
+    build(self)                  networks and optimizers, registered with ``self.add(...)``
+    objective(self, batch, step) a generator: it yields an :class:`Update` (a loss and the networks it
+                                 trains) for each optimizer step of the update, in order, receives their
+                                 gradient norms, and returns a dict of logs (tensors stay on the device)
+    export(self)                 the student as a diffusers pipeline object
 
-The loop owns everything else: the ``Accelerator`` (data parallel, gradient accumulation, mixed precision),
+The loop owns everything else: backward, clipping, the non-finite guard and the optimizer steps of each
+yielded update, the ``Accelerator`` (data parallel, gradient accumulation, mixed precision),
 ``prepare``, the EMA, checkpoints and exact resume (:mod:`.state`), batches (:mod:`.batches`), the networks'
 optimizer steps (:mod:`.networks`), trackers, the progress bar, sample grids and the export with a model card.
 An update never waits for the device: its logs and non-finite state are read once per check
@@ -15,128 +18,34 @@ An update never waits for the device: its logs and non-finite state are read onc
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import signal
-import sys
-import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import diffusers
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint
-from ..config import Config, ConfigError, validate
+from ..config import Config
 from ..data import StreamedImages, load_data
 from ..ema import ForeachEMA
+from ..errors import Interrupted, TrainingDiverged
 from ..export import export_pipeline
 from ..lora import AdapterView
-from ..runs import (
-    Interrupted,
-    TrainingDiverged,
-    fingerprint,
-    write_run,
-)
+from ..runs import fingerprint, write_run
 from ..teachers import Teacher
 from .batches import BatchMaker, load_teacher
-from .networks import NetworkRegistry
+from .launch import make_accelerator, stop_on_signals
+from .networks import NetworkRegistry, Update
 from .state import RunState
-
-logger = logging.getLogger("distill")
-
-
-@contextlib.contextmanager
-def _stop_on_signals(trainer):
-    """SIGINT and SIGTERM set ``trainer._stop_signal`` (the loop checkpoints and stops after the current
-    step); a second SIGINT interrupts at once. Outside the main thread nothing is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if trainer._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer._stop_signal = signum
-        if trainer.accelerator.is_main_process:
-            print(f"\n{signal.Signals(signum).name}: finishing step {trainer.step + 1} and writing a "
-                  "checkpoint (Ctrl-C again to abandon it)...", file=sys.stderr, flush=True)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-
-REFUSED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this config; refuses set-ups that would silently misbehave.
-
-    An Accelerate FSDP launch (``accelerate launch --use_fsdp`` or ``configs/accelerate/fsdp.yaml``) turns on
-    ``train.fsdp``: distill shards its trained networks itself (see :mod:`distill.sharding`) over a plain
-    multi-process Accelerator. DeepSpeed is refused: it takes one model per engine, and a score-distillation
-    step trains two or three networks from one loss. fp16 is refused (see ``config.validate``); an fp16
-    launch flag is refused too rather than silently overridden.
-    """
-    for var, name in REFUSED_LAUNCH.items():
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-            raise ConfigError(f"This launch uses {name} ({var} is set by your Accelerate config), which "
-                              "distill does not support: a score-distillation step trains two or three "
-                              f"networks from one loss, and {name} takes one model per engine. Shard with "
-                              "FSDP instead (`distill launch --config_file configs/accelerate/fsdp.yaml "
-                              "CONFIG`, or train.fsdp=true), or use plain data parallel (`distill launch "
-                              "--multi_gpu --num_processes N CONFIG`).")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
-        os.environ.pop("ACCELERATE_USE_FSDP")  # distill shards itself; Accelerate runs plain multi-process
-        if not cfg.train.fsdp:
-            cfg.train.fsdp = True
-            validate(cfg)
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16":
-        raise ConfigError("The launch asks for fp16 mixed precision (accelerate launch --mixed_precision "
-                          "fp16 or its config file), which distill refuses: use --mixed_precision bf16 "
-                          "together with train.mixed_precision=bf16, or no mixed precision.")
-    mp = cfg.train.mixed_precision
-    cuda = torch.cuda.is_available()
-    report = cfg.train.report_to
-    log_with = None
-    if report == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-
-            log_with = "tensorboard"
-        except ImportError:
-            logger.warning("tensorboard is not installed: logging to the console only (pip install "
-                           "tensorboard).")
-    acc = Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=mp,
-        cpu=not cuda,  # CPU data parallel: `accelerate launch --multi_gpu` then runs MULTI_CPU over gloo
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
-                                            logging_dir=str(Path(cfg.output_dir) / "logs")),
-    )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and acc.num_processes == 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world} but Accelerate set up a single unsynchronised process: the copies would "
-            "train independently. On a CPU machine launch with "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m distill train ...`.")
-    return acc
-
 
 
 class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
-    """The shared loop. Subclasses implement ``build``, ``train_step`` and ``export``."""
+    """The shared loop. Subclasses implement ``build``, ``objective`` and ``export``."""
 
     method = "base"
 
@@ -186,7 +95,7 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
     def build(self) -> None:
         raise NotImplementedError
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int) -> Generator[Update, dict, dict]:
         raise NotImplementedError
 
     def export(self, for_samples: bool = False) -> diffusers.DiffusionPipeline:
@@ -274,7 +183,7 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
             write_run(self.out, cfg, "running", self.step, self.fingerprint, max_steps=self.max_steps)
             acc.init_trackers(f"distill-{self.method}", config=_flat(cfg.to_dict()))
         try:
-            with _stop_on_signals(self):
+            with stop_on_signals(self):
                 self._loop()
         except Interrupted:
             self._record("interrupted")
@@ -288,7 +197,8 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
 
     def train_iteration(self) -> dict:
         """One update as ``train()`` runs it: for each micro-step its seeded generators, a batch and the
-        method's ``train_step`` (backward, clipping, optimizer steps), then the EMA. Increments ``step`` and
+        method's ``objective`` with each of its updates applied (backward, clipping, the optimizer step), then
+        the EMA. Increments ``step`` and
         returns the method's logs of the last micro-step as tensors. Nothing here synchronises with the
         device: the non-finite state is kept on it and read at the checks of ``train()`` (every
         ``min(log_every, max_nonfinite_steps)`` updates, and at checkpoints)."""
@@ -301,7 +211,7 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
             self.rng, self._micro = self.step_generator(step, micro), micro
             batch = self._batch()
             with acc.accumulate(*self.modules.values()):
-                logs = self.train_step(batch, step)
+                logs = self.run_objective(self.objective(batch, step))
         for name, ema in self.emas.items():
             ema.step(self.unwrap(name).parameters())
         self.step += 1
@@ -322,6 +232,17 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
         else:
             self._bad_run = torch.zeros_like(self._bad_run)
         return logs
+
+    def run_objective(self, objective: Generator[Update, dict, dict]) -> dict:
+        """Drive a method's objective: each yielded :class:`Update` is one backward pass and one optimizer
+        step per network it names; its gradient norms are sent back. Returns the objective's logs."""
+        try:
+            update = next(objective)
+            while True:
+                self.accelerator.backward(update.loss)
+                update = objective.send({name: self.apply_gradients(name) for name in update.networks})
+        except StopIteration as done:
+            return done.value
 
     def _loop(self) -> None:
         cfg, acc = self.config, self.accelerator

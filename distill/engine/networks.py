@@ -15,12 +15,14 @@ from pathlib import Path
 import diffusers
 import torch
 
-from ..conditioning import network_kwargs
-from ..config import Config, ConfigError
+from ..config import Config
+from ..denoiser import Denoiser
 from ..ema import ForeachEMA
+from ..errors import ConfigError
 from ..export import export_lora_adapter
 from ..lora import AdapterView, adapter_state_dict, add_adapters, default_targets, matches, merged_copy
 from ..models import GuidedUNet2DModel, MLPDenoiser
+from ..objectives.regression import teacher_regression_loss
 from ..sharding import gather, reshard
 from ..teachers import Teacher
 
@@ -142,9 +144,19 @@ def _plain(x):
 
 
 
+class Update:
+    """What a method's objective yields: one backward pass of ``loss`` (a scalar), then clipping, the
+    non-finite guard and an optimizer step of each registered network in ``networks``, done by the loop.
+    The ``yield`` returns the networks' gradient norms by name."""
+
+    def __init__(self, loss: torch.Tensor, *networks: str):
+        self.loss = loss
+        self.networks = networks
+
+
 class NetworkRegistry:
     """The registry part of :class:`~distill.engine.loop.DistillationTrainer`: ``modules`` / ``optimizers`` /
-    ``emas`` by name, and what a method does with them (``add``, ``unwrap``, ``step_optimizer``,
+    ``emas`` by name, and what a method does with them (``add``, ``unwrap``,
     ``finite_mean``, LoRA views, the export of a network)."""
 
     def add(self, name: str, module: torch.nn.Module, lr: float | None = None, ema: bool = False,
@@ -183,13 +195,13 @@ class NetworkRegistry:
         ``resume`` sets these again."""
         return {"foreach": True, "fused": None} if self.sharded else {"fused": True, "foreach": None}
 
+    def as_denoiser(self, net) -> Denoiser:
+        """A trained network of the method read as a denoiser: the teacher's schedule, the method's
+        prediction type ``self.pred``, the run's autocast."""
+        return Denoiser(net, self.teacher.schedule, self.pred, autocast=self.accelerator.autocast)
+
     def unwrap(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.modules[name])
-
-    def step_optimizer(self, name: str, loss: torch.Tensor) -> float | None:
-        """backward, clip, step, zero_grad for one registered network; returns the gradient norm."""
-        self.accelerator.backward(loss)
-        return self.apply_gradients(name)
 
     def count(self, key: str, n) -> None:
         """Add ``n`` (a number or a tensor: no host sync here) to a counter that is logged as ``key``,
@@ -275,6 +287,7 @@ class NetworkRegistry:
         t, cfg = self.teacher, self.config
         net.to(self.device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        student = Denoiser(net, t.schedule, prediction_type)
         gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
         for _ in range(steps):
             idx = torch.randint(len(self.data) if indices is None else len(indices), (cfg.train.batch_size,),
@@ -283,13 +296,8 @@ class NetworkRegistry:
             x0 = self.data.x[idx].to(self.device)
             labels = self.data.labels[idx].to(self.device) if t.num_classes else None
             cond = t.condition(class_labels=labels) if labels is not None and not (labels < 0).any() else None
-            tt = torch.rand(len(x0), generator=gen, dtype=torch.float64).to(self.device)
-            x_t = t.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(self.device), tt)
-            with torch.no_grad():  # the teacher the trainer distils: with teacher.guidance_scale when set
-                out = t.network_output(x_t, tt, cond, cfg.teacher.guidance_scale)
-                target = t.schedule.convert(out, x_t, tt, t.prediction_type, prediction_type)
-            loss = (net(x_t, t.schedule.timestep(tt), **network_kwargs(net, cond)).sample
-                    - target).pow(2).mean()
+            # the teacher the trainer distils: with teacher.guidance_scale when set
+            loss = teacher_regression_loss(student, t.denoiser, x0, cond, gen)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..runs import (
     check_resumable,
     clear_output_dir,

@@ -25,7 +25,14 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+from .one_step import (
+    ExportedPipelineMixin,
+    classifier_free_guidance,
+    default_labels,
+    device_dtype,
+    to_output,
+    x0_from_output,
+)
 from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
@@ -119,7 +126,7 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 cond, uncond = self.unet(torch.cat([x_t, x_t]),
                                          torch.full((2 * batch_size,), t, device=device),
                                          **kwargs).sample.chunk(2)
-                out = uncond + cfg_scale * (cond - uncond)
+                out = classifier_free_guidance(cond, uncond, cfg_scale)
             return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
         sampler = sample_meng_stochastic if stochastic else sample_ddim

@@ -40,7 +40,14 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+from .one_step import (
+    ExportedPipelineMixin,
+    classifier_free_guidance,
+    default_labels,
+    device_dtype,
+    to_output,
+    x0_from_output,
+)
 from .samplers import sample_ddim, timestep_for, trailing_timesteps, vp_grid
 from .text_to_image import (
     encode_prompt,
@@ -252,7 +259,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                     c, u = self.base_unet(torch.cat([x_t, x_t]),
                                           torch.full((2 * batch_size,), tb, device=device),
                                           **b_kw).sample.chunk(2)
-                    out = u + float(base_guidance_scale) * (c - u)
+                    out = classifier_free_guidance(c, u, float(base_guidance_scale))
                 return x0_from_output(out, x_t, a, sig, b_pred)
             out = self.student_unet(x_t, torch.full((batch_size,), int(t), device=device), **s_kw).sample
             return x0_from_output(out, x_t, a, sig, s_pred)

@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .annealing import head_timesteps
 from .annealing import step_schedule as annealed_steps
-from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output
+from .one_step import ExportedPipelineMixin, classifier_free_guidance, default_labels, device_dtype, to_output
 from .samplers import sample_ddpm_ancestral, vp_grid
 
 
@@ -101,7 +101,7 @@ class MaskedAutoregressivePipeline(ExportedPipelineMixin, DiffusionPipeline):
                 eps = model(x_in, torch.full((len(x_in),), timestep, device=device), cond)
                 if guided:
                     eps_c, eps_u = eps.chunk(2)
-                    eps = eps_u + scale * (eps_c - eps_u)
+                    eps = classifier_free_guidance(eps_c, eps_u, scale)
                 return (x_t - (1 - ab) ** 0.5 * eps) / ab**0.5
 
             tokens[new] = sample_ddpm_ancestral(denoise, x, grid, generator=generator,

@@ -25,6 +25,7 @@ from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_ou
 from .text_to_image import encode_prompt, latents_to_images, sdxl_time_ids, unet_text_kwargs
 
 
+# Copied from distill.partition.prompt_feature
 def prompt_feature(embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """The routing feature of encoded prompts: the pooled embedding when the teacher has one (SDXL), else the
     token-mean of the text encoder's hidden states; L2-normalised, float32."""
@@ -32,6 +33,7 @@ def prompt_feature(embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> 
     return torch.nn.functional.normalize(f.float(), dim=-1)
 
 
+# Copied from distill.partition.nearest_centroid
 def nearest_centroid(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cdist(features.float(), centroids.to(features.device, torch.float32)).argmin(dim=1)
 

@@ -18,6 +18,14 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+# Copied from distill.denoiser.classifier_free_guidance
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """Ho & Salimans 2022, eq. 6, in diffusers' convention: out_uncond + s (out_cond - out_uncond), for
+    outputs of one parameterisation at the same (x_t, t); ``scale``: a number or a tensor broadcastable to
+    them."""
+    return uncond + scale * (cond - uncond)
+
+
 def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
     """Network output -> clean-sample prediction at coefficients (alpha, sigma)."""
     if prediction_type == "epsilon":

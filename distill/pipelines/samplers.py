@@ -24,6 +24,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
+# Copied from distill.sampling.trailing_timesteps
 def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
     if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
@@ -33,6 +34,7 @@ def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000
     return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
 
 
+# Copied from distill.sampling.vp_grid
 def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
     """The (timestep, alpha_bar) rows of integer ``timesteps`` on a discrete VP table."""
     ts = [int(t) for t in timesteps]
@@ -60,6 +62,7 @@ def timestep_for(alphas_cumprod: torch.Tensor, alpha_bar: float) -> float:
     return lo + float((lam[lo] - target) / (lam[lo] - lam[hi]))
 
 
+# Copied from distill.sampling.ddim_step
 def ddim_step(x, denoised, alpha, sigma, alpha_next, sigma_next):
     """One DDIM step (Song et al. 2021, eq. 12, eta = 0) from coefficients (alpha, sigma) to (alpha_next,
     sigma_next): the noise implied by ``denoised`` is kept. Coefficients: floats or broadcastable tensors."""
@@ -67,11 +70,13 @@ def ddim_step(x, denoised, alpha, sigma, alpha_next, sigma_next):
     return alpha_next * denoised + sigma_next * eps
 
 
+# Copied from distill.sampling._coefficients
 def _coefficients(times: torch.Tensor, i: int):
     ab = float(times[i, 1])
     return ab, ab**0.5, (1 - ab) ** 0.5
 
 
+# Copied from distill.sampling._chain
 def _chain(model_fn, x, times, callback, step):
     """The loop every sampler shares: evaluate the model at row i, move with ``step(x, denoised, i)`` (the
     last row returns the clean prediction), report to the callback."""
@@ -84,6 +89,7 @@ def _chain(model_fn, x, times, callback, step):
     return x
 
 
+# Copied from distill.sampling.sample_ddim
 def sample_ddim(model_fn, x, times, callback=None, generator=None):
     """Deterministic DDIM on ``times``; the last step returns the clean prediction."""
 
@@ -95,6 +101,7 @@ def sample_ddim(model_fn, x, times, callback=None, generator=None):
     return _chain(model_fn, x, times, callback, step)
 
 
+# Copied from distill.sampling.sample_meng_stochastic
 def sample_meng_stochastic(model_fn, x, times, callback=None, generator=None):
     """Meng et al. 2023, sec. 4.2: from t_i one DDIM step of twice the nominal length, to t_{i+2} (the data
     when t_{i+1} is the last grid time), then forward to t_{i+1} with the forward marginal,

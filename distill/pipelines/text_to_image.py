@@ -32,12 +32,13 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, to_output, x0_from_output
+from .one_step import ExportedPipelineMixin, classifier_free_guidance, to_output, x0_from_output
 from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
 
 
+# Copied from distill.text_encoding.guidance_embedding
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of 1000 w (VDM; diffusers'
     ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``)."""
@@ -50,6 +51,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+# Copied from distill.text_encoding.encode_prompt
 def encode_prompt(tokenizers, text_encoders, prompts: list[str],
                   device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(embeds (B, L, D), pooled (B, D') or None) of ``prompts``, as diffusers' SD / SDXL pipelines do."""
@@ -68,6 +70,7 @@ def encode_prompt(tokenizers, text_encoders, prompts: list[str],
     return torch.cat(embeds, dim=-1), pooled
 
 
+# Copied from distill.text_encoding.sdxl_time_ids
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's added time ids (original size, crop top-left, target size) for unconditioned crops."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
@@ -81,6 +84,7 @@ def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
     return kw
 
 
+# Copied from distill.text_encoding.latents_to_images
 def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) ->
     [-1, 1]."""
@@ -238,7 +242,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                 else:
                     cond, uncond = unet(torch.cat([x_t, x_t]), torch.full((2 * batch,), t, device=device),
                                         **kwargs).sample.chunk(2)
-                    out = uncond + s * (cond - uncond)
+                    out = classifier_free_guidance(cond, uncond, s)
                 return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
             sampler = sample_meng_stochastic if stochastic else sample_ddim

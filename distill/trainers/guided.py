@@ -27,12 +27,46 @@ stage-one length ``stage_one_steps``; stage two uses the progressive round lengt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import ConfigError
-from ..engine import DistillationTrainer, build_network
+from ..engine import DistillationTrainer, Update, build_network
+from ..errors import ConfigError, require
 from ..objectives.progressive import progressive_loss
-from .rounds import HalvingRounds, round_plan
+from .rounds import HalvingRounds, RoundsConfig, round_plan
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class GuidedConfig(RoundsConfig):
+    """Guided distillation (Meng et al. 2023): stage one + progressive rounds from ``start_steps``.
+
+    Guidance scales use diffusers' convention s = 1 + w (w: Meng et al.'s weight, 0 = no guidance).
+    Defaults: s in [1, 5] is the paper's pixel range w in [0, 4] (recalled, not read in the paper).
+    """
+
+    guidance_min: float = 1.0  # diffusers guidance_scale range, sampled uniformly per example
+    guidance_max: float = 5.0
+    default_guidance_scale: float = 2.0  # what the exported pipeline uses when guidance_scale is not passed
+    stage_one_steps: int = 1000  # updates of the w-conditioned regression onto the CFG teacher
+    guidance_embed_dim: int = 64  # sinusoidal embedding width of 1000 w
+    guidance_lr_multiplier: float = 10.0  # learning-rate multiplier of the new (zero-initialised) w embedding
+
+    def validate(self, cfg: Config) -> None:
+        self.validate_rounds(cfg, "guided", strict=False)
+        require([(1.0 <= self.guidance_min <= self.guidance_max, "guided.guidance_min/guidance_max",
+                   (self.guidance_min, self.guidance_max),
+                   "1 <= guidance_min <= guidance_max (diffusers' guidance_scale = 1 + w; 1 = no guidance)"),
+                  (self.stage_one_steps >= 1, "guided.stage_one_steps", self.stage_one_steps,
+                   "an integer >= 1")])
+        if cfg.method == "guided" and cfg.teacher.guidance_scale is not None:
+            raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale}: guided distillation "
+                              "samples its own guidance scales (guided.guidance_min / guidance_max); remove "
+                              "teacher.guidance_scale.")
 
 
 class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
@@ -75,10 +109,12 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
         s = sec.guidance_min + (sec.guidance_max - sec.guidance_min) * self.rand(batch_size)
         return s - 1.0
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """Stage one (Meng et al. 2023, eq. 6): the w-conditioned student regresses the CFG teacher; then
+        the progressive rounds."""
         r = self.enter_round(step)
         if r > 0:
-            return super().train_step(batch, step)
+            return (yield from super().objective(batch, step))
         # stage one: regress the CFG teacher at every noise level
         sched = self.teacher.schedule
         T = sched.num_train_timesteps
@@ -89,11 +125,12 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
                                                 device=self.rng.device))
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
         with torch.no_grad(), self.accelerator.autocast():
-            target = self.teacher.predict_x0(z, t, cond, guidance_scale=1.0 + w).float()
-        x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
+            target = self.teacher.denoiser.x0(z, t, cond, guidance_scale=1.0 + w).float()
+        x_pred = self.as_denoiser(self.modules["student"]).x0(z, t, cond, w=w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
-        norm = self.step_optimizer("student", loss)
-        return {"loss": loss.detach(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+        norms = yield Update(loss, "student")
+        return {"loss": loss.detach(), "grad_norm": norms["student"], "round": r,
+                "student_steps": self.plan[r][0]}
 
     def pipeline_kwargs(self) -> dict:
         sec = self.section

@@ -19,14 +19,49 @@ annealing (``pipe(step_schedule="cosine", diffusion_steps=50, min_diffusion_step
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import diffusers
 import torch
 
-from ..config import ConfigError
-from ..engine import DistillationTrainer
+from ..engine import DistillationTrainer, Update
+from ..errors import ConfigError, require
 from ..models import MaskedAutoregressiveModel
+from ..objectives.mar import diffusion_head_loss
 from ..pipelines import MaskedAutoregressivePipeline
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class MARConfig:
+    """Masked-autoregressive generator (Li et al. 2024) trained on the data (no teacher); sampled with DiSA
+    step annealing (Zhao et al. 2025). Model shape: ``distill.models.MaskedAutoregressiveModel``."""
+
+    patch_size: int = 2
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    head_width: int = 128
+    head_depth: int = 3
+    mask_ratio_min: float = 0.7  # masking ratio ~ normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)
+    label_dropout: float = 0.1  # null class for classifier-free guidance (MAR: 0.1)
+    diffusion_batch_mul: int = 4  # head samples (t, noise) per token per step (MAR: 4)
+    num_iter: int = 16  # sampling defaults written into the exported pipeline's card and sample grids
+    diffusion_steps: int = 50
+
+    def validate(self, cfg: Config) -> None:
+        require([(0 < self.mask_ratio_min <= 1, "mar.mask_ratio_min", self.mask_ratio_min,
+                   "a number in (0, 1]"),
+                  (0 <= self.label_dropout < 1, "mar.label_dropout", self.label_dropout,
+                   "a number in [0, 1)"),
+                  (self.diffusion_batch_mul >= 1, "mar.diffusion_batch_mul", self.diffusion_batch_mul,
+                   "an integer >= 1"),
+                  (self.width % self.num_heads == 0, "mar.width/num_heads", (self.width, self.num_heads),
+                   "a width divisible by num_heads")])
+
 
 
 class MaskedAutoregressiveTrainer(DistillationTrainer):
@@ -62,7 +97,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         u = torch.rand(1, generator=self.host_rng, dtype=torch.float64)
         return float(1.0 + 0.25 * torch.special.ndtri(phi[0] + u * (phi[1] - phi[0])))
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """MAR's diffusion-head loss (Li et al. 2024, eq. 2) on the masked tokens of a random order."""
         m, net = self.config.mar, self.modules["mar"]
         model = self.unwrap("mar")
         tokens = model.patchify(batch["x"])
@@ -81,15 +117,10 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
             z = model.encode(tokens, mask, labels)
             target = _rows(tokens, where).repeat(m.diffusion_batch_mul, 1)
             cond = _rows(z, where).repeat(m.diffusion_batch_mul, 1)
-            k = torch.randint(0, 1000, (len(target),), generator=self.rng,
-                              device=self.rng.device).to(self.device)
-            eps = self.randn(*target.shape)
-            ab = self.alphas_cumprod[k].to(target.dtype)[:, None]
-            x_t = ab.sqrt() * target + (1 - ab).sqrt() * eps
-            pred = net(x_t, k, cond)
-        loss = self.finite_mean((pred.float() - eps).pow(2).mean(dim=1))
-        norm = self.step_optimizer("mar", loss)
-        return {"loss": loss.detach(), "grad_norm": norm, "mask_ratio": n / length}
+            per_token = diffusion_head_loss(net, target, cond, self.alphas_cumprod, self.rng)
+        loss = self.finite_mean(per_token)
+        norms = yield Update(loss, "mar")
+        return {"loss": loss.detach(), "grad_norm": norms["mar"], "mask_ratio": n / length}
 
     def export(self, for_samples: bool = False):
         return MaskedAutoregressivePipeline(self.unwrap("mar"), self.scheduler)

@@ -42,19 +42,72 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import diffusers
 import torch
 
-from ..conditioning import Condition, network_kwargs
-from ..config import ConfigError
-from ..engine import DistillationTrainer, build_network
+from ..conditioning import Condition
+from ..engine import DistillationTrainer, Update, build_network
+from ..errors import ConfigError, require
 from ..models import StudentBank
 from ..objectives.score import DiffInstructLoss, SIMLoss, fake_score_loss
+from ..partition import nearest_centroid, prompt_feature
 from ..pipelines import MultiStudentPipeline
-from ..pipelines.multi_student import nearest_centroid, prompt_feature
-from .score_helpers import OneStepScoreHelpers, ScoreGroup
+from .score_helpers import OneStepScoreHelpers, ScoreGroup, one_step_checks
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class MSDConfig:
+    """Multi-student distillation (Song et al. 2024): K one-step students, each distilled with a score-
+    distillation objective on its own part of the conditioning set; a condition is routed to one student."""
+
+    num_students: int = 4  # K
+    # blocks: consecutive class ranges (the paper's ImageNet split); random: a seeded balanced split of the
+    # classes; file: partition_file (JSON: a list, the student of each class); prompt_clusters: k-means on
+    # the text teacher's prompt embeddings (text teachers)
+    partition: Literal["blocks", "random", "file", "prompt_clusters"] = "blocks"
+    partition_file: str | None = None
+    objective: Literal["dmd", "di", "sim"] = "dmd"  # per-student one-step objective (the paper: DMD)
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"  # objective: sim
+    huber_c: float = 1.0  # objective: sim
+    # one fake score for all students (K + 1 networks) instead of one per student (2K)
+    shared_fake: bool = False
+    generator_timestep: int = 625  # t*: each student is the denoiser at this index on sigma(t*) z
+    fake_steps_per_generator_step: int = 1
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02
+    t_max: float = 0.98
+    # student.arch mlp/unet: teacher score matching on the student's part before distillation
+    tsm_steps: int = 0
+    # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of
+    # (noise, teacher DDIM sample at data.teacher_sample_steps) pairs, drawn from ALL conditions, not filtered
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
+    gradient_checkpointing: bool = False
+
+    def validate(self, cfg: Config) -> None:
+        require(one_step_checks("msd", self) + [
+            (self.huber_c > 0, "msd.huber_c", self.huber_c, "a positive number"),
+            (self.num_students >= 1, "msd.num_students", self.num_students, "an integer >= 1"),
+            (self.tsm_steps >= 0, "msd.tsm_steps", self.tsm_steps, "an integer >= 0"),
+            (self.regression_weight >= 0, "msd.regression_weight", self.regression_weight, "a number >= 0"),
+            (self.regression_pairs >= 1, "msd.regression_pairs", self.regression_pairs, "an integer >= 1")])
+        b = cfg.train.batch_size
+        if cfg.method == "msd" and b % self.num_students:
+            raise ConfigError(f"train.batch_size={b} is not a multiple of "
+                              f"msd.num_students={self.num_students}: each student trains on batch_size / "
+                              "num_students samples of its own part per step. Use "
+                              f"train.batch_size={max(1, b // self.num_students) * self.num_students}.")
+        if cfg.method == "msd" and self.partition == "file" and not self.partition_file:
+            raise ConfigError("msd.partition: 'file' needs msd.partition_file (a JSON list: the student of "
+                              "each class).")
+
 
 
 def class_partition(kind: str, num_classes: int, k: int, seed: int = 0, file: str | None = None) -> list[int]:
@@ -142,8 +195,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             r = rows[i:i + 256]
             z = torch.randn(len(r), *t.sample_shape, generator=gen)
             with torch.no_grad(), self.accelerator.autocast():
-                y = t.sample(len(r), cfg.data.teacher_sample_steps, gen, self.rows_condition(r),
-                             cfg.teacher.guidance_scale, noise=z)
+                y = t.sample(len(r), cfg.data.teacher_sample_steps, gen, self.rows_condition(r), noise=z)
             zs.append(z)
             ys.append(y.float().cpu())
         return rows, torch.cat(zs), torch.cat(ys)
@@ -202,21 +254,20 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         shape, ncls = t.sample_shape, t.num_classes
         if sec.tsm_steps and not hasattr(self.data, "x"):
             raise ConfigError("msd.tsm_steps needs in-memory image or toy data (it noises real samples).")
-        self.gen_pred = t.prediction_type if cfg.student.arch == "copy" else (cfg.student.prediction_type
+        self.pred = t.prediction_type if cfg.student.arch == "copy" else (cfg.student.prediction_type
                                                                               or t.prediction_type)
-        self.fake_pred = self.gen_pred
         lr_fake = sec.lr_fake or cfg.optim.lr
         gens = []
         for j in range(k):
             gen = build_network(cfg, t, shape, ncls)
             if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
-                self.fit_to_teacher(gen, sec.tsm_steps, self.gen_pred, indices=self.parts[j])
+                self.fit_to_teacher(gen, sec.tsm_steps, self.pred, indices=self.parts[j])
             gens.append(gen)
         # one conditional fake score: a teacher copy, or a small network fitted on all data
         if sec.shared_fake:
             fake = build_network(cfg, t, shape, ncls)
             if sec.tsm_steps and cfg.student.arch != "copy":
-                self.fit_to_teacher(fake, sec.tsm_steps, self.fake_pred)
+                self.fit_to_teacher(fake, sec.tsm_steps, self.pred)
             fakes = {"fake": fake}
         else:
             fakes = {f"fake_{j}": copy.deepcopy(g) for j, g in enumerate(gens)}
@@ -245,17 +296,18 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
                           for part in self._parts_on[1]])
 
     # ------------------------------------------------------------------ step
-    def shared_fake_step(self, cond, conds: list, per: int) -> dict:
+    def shared_fake_step(self, cond, conds: list, per: int):
         """One update of the shared fake score on every student's detached samples (rows in student order)."""
         inputs = [self.fake_inputs(g, c, per) for g, c in zip(self.groups, conds)]
         x_t, t, target = (torch.cat(v) for v in zip(*inputs))
-        fake = self.modules["fake"]
-        with self.accelerator.autocast():
-            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
+        pred = self.as_denoiser(self.modules["fake"]).output(x_t, t, cond)
         loss = fake_score_loss(pred, target).mean()
-        return {"fake_loss": loss.detach(), "fake_grad_norm": self.step_optimizer("fake", loss)}
+        norms = yield Update(loss, "fake")
+        return {"fake_loss": loss.detach(), "fake_grad_norm": norms["fake"]}
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """``fake_steps_per_generator_step`` rounds of fake-score updates (each student's, or the shared
+        one), then one generator update per student, each on its own rows of the batch."""
         sec = self.section
         cond: Condition = batch["cond"]
         per = batch["size"] // sec.num_students
@@ -263,12 +315,13 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         logs: list[dict] = []
         for _ in range(sec.fake_steps_per_generator_step):
             if sec.shared_fake:
-                logs.append(self.shared_fake_step(cond, conds, per))
+                logs.append((yield from self.shared_fake_step(cond, conds, per)))
             else:
-                logs += [self.fake_step(g, c, per, batch) for g, c in zip(self.groups, conds)]
+                for g, c in zip(self.groups, conds):
+                    logs.append((yield from self.fake_step(g, c, per, batch)))
         for g, c in zip(self.groups, conds):
             reg = (lambda g=g: self.regression_loss(g, per)) if self.pairs is not None else None
-            logs.append(self.generator_step(g, c, per, batch, step, extra_loss=reg))
+            logs.append((yield from self.generator_step(g, c, per, batch, step, extra_loss=reg)))
         out = {}
         # means over students (and fake steps), in order
         for key in dict.fromkeys(k for d in logs for k in d):
@@ -280,7 +333,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def export(self, for_samples: bool = False):
         t = self.teacher
         bank = StudentBank.from_students([self.unwrap(g.generator) for g in self.groups])
-        sched = diffusers.DDPMScheduler.from_config(t.scheduler.config, prediction_type=self.gen_pred)
+        sched = diffusers.DDPMScheduler.from_config(t.scheduler.config, prediction_type=self.pred)
         parts = t.frozen_components(reload=not for_samples) if t.is_text else {}
         return MultiStudentPipeline(bank, sched, generator_timestep=self.section.generator_timestep,
                                     sample_shape=t.sample_shape, num_classes=t.num_classes,

@@ -18,8 +18,22 @@ No EMA, as in the paper: the exported weights of a round are exactly the next ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from ..engine import DistillationTrainer, build_network
-from .rounds import HalvingRounds, round_plan
+from .rounds import HalvingRounds, RoundsConfig, round_plan
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class ProgressiveConfig(RoundsConfig):
+    """Progressive distillation (Salimans & Ho 2022): the halving rounds and nothing else."""
+
+    def validate(self, cfg: Config) -> None:
+        self.validate_rounds(cfg, "progressive", strict=True)
 
 
 class ProgressiveDistillationTrainer(HalvingRounds, DistillationTrainer):

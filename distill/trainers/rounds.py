@@ -12,16 +12,52 @@ A trainer mixing in :class:`HalvingRounds` supplies ``section`` (its config sect
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import diffusers
 import torch
 
-from ..conditioning import network_kwargs
-from ..config import ConfigError
+from ..engine import Update
+from ..errors import ConfigError, require
 from ..export import export_pipeline
 from ..objectives.progressive import progressive_loss, progressive_target
-from ..pipelines import FewStepPipeline, TextToImagePipeline, trailing_timesteps
-from ..pipelines.text_to_image import guidance_embedding
+from ..pipelines import FewStepPipeline, TextToImagePipeline
+from ..sampling import trailing_timesteps
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class RoundsConfig:
+    """The halving rounds of progressive distillation (Salimans & Ho 2022), shared by the progressive and
+    guided sections."""
+
+    start_steps: int = 64
+    target_steps: int = 1
+    steps_per_round: int = 500
+    # the 2- and 1-step rounds train this much longer (the paper: 100k instead of 50k updates)
+    final_rounds_multiplier: float = 2.0
+    loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
+    init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (large teachers)
+
+    def validate_rounds(self, cfg: Config, key: str, strict: bool) -> None:
+        """``strict``: target_steps < start_steps (guided's stage one may already be at target_steps)."""
+        require([(pow2(self.start_steps) and pow2(self.target_steps)
+                  and (self.target_steps < self.start_steps if strict
+                       else self.target_steps <= self.start_steps),
+                  f"{key}.start_steps/target_steps", (self.start_steps, self.target_steps),
+                  f"powers of two with target {'<' if strict else '<='} start")])
+        if cfg.method == key and cfg.optim.lr_milestones:
+            raise ConfigError(f"optim.lr_milestones={cfg.optim.lr_milestones} with method {key}: {key} "
+                              "decays the learning rate linearly within each halving round; remove "
+                              "optim.lr_milestones.")
+
+
+def pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
 
 
 def round_plan(start_steps: int, target_steps: int, steps_per_round: int,
@@ -32,19 +68,6 @@ def round_plan(start_steps: int, target_steps: int, steps_per_round: int,
         n //= 2
         plan.append((n, int(round(steps_per_round * (multiplier if n <= 2 else 1.0)))))
     return plan
-
-
-def guidance_kwargs(net, w) -> dict:
-    """The guidance weight w (Meng et al.'s, = guidance_scale - 1) as a network input: ``guidance_weight``
-    (GuidedUNet2DModel, distill's MLP) or ``timestep_cond`` (UNet2DConditionModel's time_cond_proj_dim input,
-    embedded as in diffusers' LCM pipeline). None: no guidance input."""
-    if w is None:
-        return {}
-    base = getattr(net, "module", net)
-    dim = getattr(base.config, "time_cond_proj_dim", None)
-    if dim:
-        return {"timestep_cond": guidance_embedding(w, dim).to(w.device)}
-    return {"guidance_weight": w}
 
 
 class HalvingRounds:
@@ -126,22 +149,16 @@ class HalvingRounds:
         self.round = int(state.get("round", 0))
 
     def teacher_x0(self, r: int, z, t, cond, w=None):
-        if r == 0:  # the original teacher, guided when teacher.guidance_scale is set
+        """Round r's teacher: the original teacher (guided when teacher.guidance_scale is set), then the
+        previous round's student."""
+        if r == 0:
             with self.accelerator.autocast():
-                return self.teacher.predict_x0(z, t, cond, self.config.teacher.guidance_scale).float()
-        net = self.unwrap("round_teacher")
-        return self._net_x0(net, z, t, cond, w)
+                return self.teacher.denoiser.x0(z, t, cond).float()
+        return self.as_denoiser(self.unwrap("round_teacher")).x0(z, t, cond, w=w)
 
     def guidance_weight(self, batch_size: int):
         """Per-example guidance weight w fed to student and round teacher (None: not guided)."""
         return None
-
-    def _net_x0(self, net, z, t, cond, w=None):
-        sched = self.teacher.schedule
-        kw = {**network_kwargs(net, cond), **guidance_kwargs(net, w)}
-        with self.accelerator.autocast():
-            out = net(z, sched.timestep(t), **kw).sample.float()
-        return sched.to_x0_eps(out, z, t, self.pred)[0].float()
 
     def enter_round(self, step: int) -> int:
         r = self.round_of(step)
@@ -153,7 +170,9 @@ class HalvingRounds:
             self._round_started = r
         return r
 
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """One round step: the student's single step regresses two teacher steps (Salimans & Ho 2022,
+        Algorithm 2)."""
         r = self.enter_round(step)
         sched = self.teacher.schedule
         teacher_grid, student_grid = self.grids(r)
@@ -167,10 +186,11 @@ class HalvingRounds:
         t2 = torch.where(k2 >= 0, sched.t_from_timestep(k2), float("nan"))
         z = sched.add_noise(x0, self.randn(*x0.shape), t)
         target = progressive_target(sched, lambda zz, tt: self.teacher_x0(r, zz, tt, cond, w), z, t, t1, t2)
-        x_pred = self._net_x0(self.modules["student"], z, t, cond, w)
+        x_pred = self.as_denoiser(self.modules["student"]).x0(z, t, cond, w=w)
         loss = progressive_loss(sched, x_pred, target, t, self.section.loss_weighting).mean()
-        norm = self.step_optimizer("student", loss)
-        return {"loss": loss.detach(), "grad_norm": norm, "round": r, "student_steps": self.plan[r][0]}
+        norms = yield Update(loss, "student")
+        return {"loss": loss.detach(), "grad_norm": norms["student"], "round": r,
+                "student_steps": self.plan[r][0]}
 
     def _grid_tensor(self, r: int, teacher_grid: list[int]) -> torch.Tensor:
         """Round ``r``'s teacher grid followed by -1, as a float64 tensor on the device (made once per

@@ -7,7 +7,7 @@ parameterisation, Zhou et al. 2024). The helpers take a :class:`ScoreGroup` (whi
 form one generator / fake score pair), so one trainer can hold several (multi-student distillation).
 
 A trainer that mixes in :class:`OneStepScoreHelpers` sets ``t_star`` (continuous t of the generator
-index), ``gen_pred`` / ``fake_pred`` (prediction types), ``loss`` (called as
+index), ``pred`` (the prediction type of generator and fake score), ``loss`` (called as
 ``loss(x0, x_t, d_real, d_fake, coef)``) and has a ``section`` with ``t_min`` / ``t_max``.
 """
 
@@ -19,10 +19,21 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
-from ..conditioning import network_kwargs
-from ..engine import build_network, frozen
+from ..engine import Update, build_network, frozen
 from ..objectives.score import DiffInstructLoss, fake_score_loss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
+
+
+def one_step_checks(key: str, s) -> list[tuple]:
+    """The checks every one-step score-distillation section shares (SIM, Uni-Instruct, MSD)."""
+    n = s.fake_steps_per_generator_step
+    return [
+        (0 <= s.generator_timestep < 1000, f"{key}.generator_timestep", s.generator_timestep,
+         "a training index in [0, 999]"),
+        (0 <= s.t_min < s.t_max <= 1, f"{key}.t_min/t_max", (s.t_min, s.t_max), "0 <= t_min < t_max <= 1"),
+        (n is None or n >= 1, f"{key}.fake_steps_per_generator_step", n, "an integer >= 1"
+         + (" or null (the method's default)" if key == "uni_instruct" else "")),
+    ]
 
 
 @dataclass
@@ -49,26 +60,17 @@ class OneStepScoreHelpers:
 
     def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
         """x0 = G(z): the denoiser at t* on sigma(t*) z (same math as OneStepPipeline)."""
-        sched = self.teacher.schedule
-        x_in = self._sigma_star * z
-        ts = self._timestep_star.expand(z.shape[0])
-        with self.accelerator.autocast():
-            out = net(x_in, ts, **network_kwargs(net, cond)).sample.float()
-        return sched.to_x0_eps(out, x_in, self._t_star_device, self.gen_pred)[0]
+        return self.as_denoiser(net).x0(self._sigma_star * z, self._t_star_device, cond,
+                                        timestep=self._timestep_star.expand(z.shape[0]))
 
     def sample_t(self, n: int) -> torch.Tensor:
         s = self.section
         return s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64)
 
-    def fake_x0(self, net, x_t, t, cond) -> torch.Tensor:
-        sched = self.teacher.schedule
-        with self.accelerator.autocast():
-            out = net(x_t, sched.timestep(t), **network_kwargs(net, cond)).sample.float()
-        return sched.to_x0_eps(out, x_t, t, self.fake_pred)[0]
-
     def teacher_x0(self, x_t, t, cond) -> torch.Tensor:
+        """D_p: the teacher's clean-sample prediction, guided by ``teacher.guidance_scale``."""
         with self.accelerator.autocast():
-            return self.teacher.predict_x0(x_t, t, cond, self.config.teacher.guidance_scale).float()
+            return self.teacher.denoiser.x0(x_t, t, cond).float()
 
     def fake_inputs(self, g: ScoreGroup, cond, b: int):
         """Noised detached generator samples and the fake score's regression target (DSM)."""
@@ -78,16 +80,15 @@ class OneStepScoreHelpers:
             x_g = self.generate(self.unwrap(g.generator), z, cond)
         t = self.sample_t(b)
         eps = self.randn(*x_g.shape)
-        return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.fake_pred)
+        return sched.add_noise(x_g, eps, t), t, sched.from_x0_eps(x_g, eps, t, self.pred)
 
-    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
+    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict):
+        """One fake-score update (denoising score matching on detached generator samples)."""
         x_t, t, target = self.fake_inputs(g, cond, b)
-        fake = self.modules[g.fake]
-        with self.accelerator.autocast():
-            pred = fake(x_t, self.teacher.schedule.timestep(t), **network_kwargs(fake, cond)).sample
+        pred = self.as_denoiser(self.modules[g.fake]).output(x_t, t, cond)
         loss = fake_score_loss(pred, target).mean()
-        norm = self.step_optimizer(g.fake, loss)
-        return {"fake_loss": loss.detach(), "fake_grad_norm": norm}
+        norms = yield Update(loss, g.fake)
+        return {"fake_loss": loss.detach(), "fake_grad_norm": norms[g.fake]}
 
     def generator_terms(self, g: ScoreGroup, cond, b: int, through_inputs: bool = True):
         """x0, x_t, t, D_p, D_psi and c = alpha / sigma^2 for a fresh generator batch. ``through_inputs``: the
@@ -102,13 +103,13 @@ class OneStepScoreHelpers:
         x_t = sched.add_noise(x0, eps, t)
         with torch.set_grad_enabled(through_inputs and torch.is_grad_enabled()):
             # the caller holds the fake network frozen
-            d_fake = self.fake_x0(self.unwrap(g.fake), x_t, t, cond)
+            d_fake = self.as_denoiser(self.unwrap(g.fake)).x0(x_t, t, cond)
             d_real = self.teacher_x0(x_t, t, cond)
         a, s = sched.alpha_sigma(t, x_t)
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None) -> dict:
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None):
         """One generator update on ``self.loss`` with gradients through the INPUT of the frozen teacher and
         fake networks, plus ``extra_loss()`` (a scalar, e.g. DMD's regression term) when given. The fake
         network stays frozen through the backward pass: toggling requires_grad between forward and backward
@@ -123,8 +124,8 @@ class OneStepScoreHelpers:
                 extra = extra_loss()
                 logs["extra_loss"] = extra.detach()
                 loss = loss + extra
-            norm = self.step_optimizer(g.generator, loss)
-        return {"gen_loss": loss.detach(), "grad_norm": norm,
+            norms = yield Update(loss, g.generator)
+        return {"gen_loss": loss.detach(), "grad_norm": norms[g.generator],
                 "teacher_gap": (d_real - d_fake).detach().pow(2).mean().sqrt(), **logs}
 
     # ------------------------------------------------------------------ build
@@ -137,22 +138,21 @@ class OneStepScoreHelpers:
         shape, ncls = t.sample_shape, t.num_classes
         if self.lora:  # student and fake score: LoRA adapters on the teacher's own (shared, frozen) network
             gen, fake = self.lora_views(["student", "fake"], sec.gradient_checkpointing)
-            self.gen_pred = t.prediction_type
+            self.pred = t.prediction_type
         else:
             if cfg.student.arch == "copy":
                 gen = build_network(cfg, t, shape, ncls)
-                self.gen_pred = t.prediction_type
+                self.pred = t.prediction_type
             else:
                 gen = build_network(cfg, t, shape, ncls)
-                self.gen_pred = cfg.student.prediction_type or t.prediction_type
+                self.pred = cfg.student.prediction_type or t.prediction_type
                 if sec.init_denoiser_steps:
-                    self.fit_to_teacher(gen, sec.init_denoiser_steps, self.gen_pred)
+                    self.fit_to_teacher(gen, sec.init_denoiser_steps, self.pred)
             fake = copy.deepcopy(gen).requires_grad_(True).train()
             if sec.gradient_checkpointing:
                 for net in (t.model, fake, gen):
                     if hasattr(net, "enable_gradient_checkpointing"):
                         net.enable_gradient_checkpointing()
-        self.fake_pred = self.gen_pred
         self.group = ScoreGroup()
         self.add(self.group.generator, gen, lr=cfg.optim.lr, ema=True)
         self.add(self.group.fake, fake, lr=sec.lr_fake or cfg.optim.lr)
@@ -161,19 +161,21 @@ class OneStepScoreHelpers:
         self.num_classes = ncls
 
     # ------------------------------------------------------------------ step / export
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """The two-time-scale rule: ``fake_steps_per_generator_step`` fake-score updates, then (after
+        ``fake_warmup_steps``) one generator update."""
         sec = self.section
         b, cond = batch["size"], batch["cond"]
         logs = {}
         for _ in range(self.fake_steps_per_generator_step):
-            logs.update(self.fake_step(self.group, cond, b, batch))
+            logs.update((yield from self.fake_step(self.group, cond, b, batch)))
         if step >= sec.fake_warmup_steps:
-            logs.update(self.generator_step(self.group, cond, b, batch, step))
+            logs.update((yield from self.generator_step(self.group, cond, b, batch, step)))
         return logs
 
     def export_scheduler(self):
         return diffusers.DDPMScheduler.from_config(self.teacher.scheduler.config,
-                                                   prediction_type=self.gen_pred)
+                                                   prediction_type=self.pred)
 
     def export(self, for_samples: bool = False):
         if self.teacher.is_text:
@@ -191,7 +193,7 @@ class OneStepScoreHelpers:
         divided by sqrt(sigma_VE^2 + 1)) is then sigma(t*) z, and one Euler step to sigma = 0 returns the
         denoised x0 = G(z)."""
         sched = diffusers.EulerDiscreteScheduler.from_config(self.teacher.scheduler.config,
-                                                             prediction_type=self.gen_pred,
+                                                             prediction_type=self.pred,
                                                              timestep_spacing="trailing")
         t_star = self.section.generator_timestep
         steps = {"num_inference_steps": 1} if t_star == self.teacher.schedule.num_train_timesteps - 1 else {

@@ -22,9 +22,43 @@ The loss is not a convergence signal (it oscillates around zero): watch ``grad_n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 from ..engine import DistillationTrainer
+from ..errors import ConfigError, require
 from ..objectives.score import SIMLoss
-from .score_helpers import OneStepScoreHelpers
+from .score_helpers import OneStepScoreHelpers, one_step_checks
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class SIMConfig:
+    """Score Implicit Matching (Luo et al. 2024) and the score-distillation family."""
+
+    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
+    distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    huber_c: float = 1.0  # pseudo-Huber constant, applied to the per-sample RMS of delta (see docs)
+    fake_steps_per_generator_step: int = 1
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
+    t_max: float = 0.98
+    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
+    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
+    sid_alpha: float | None = None  # SiD(alpha) (Zhou et al. 2024): needs distance=l2; 1.0 = SIM-L2
+    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
+    gradient_checkpointing: bool = False
+
+    def validate(self, cfg: Config) -> None:
+        require(one_step_checks("sim", self) + [(self.huber_c > 0, "sim.huber_c", self.huber_c,
+                                                   "a positive number")])
+        if self.sid_alpha is not None and self.distance != "l2":
+            raise ConfigError(f"sim.sid_alpha={self.sid_alpha} (SiD, Zhou et al. 2024) is defined with the "
+                              f"L2 distance, but sim.distance is {self.distance!r}: add sim.distance=l2, or "
+                              "remove sim.sid_alpha for SIM's pseudo-Huber distance.")
+
 
 
 class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):

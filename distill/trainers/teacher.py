@@ -18,14 +18,39 @@ MLP teacher for 2-D data as a ``FewStepPipeline`` (DDPMPipeline assumes images).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import diffusers
 import torch
 
-from ..conditioning import Condition, network_kwargs
-from ..config import ConfigError
-from ..engine import DistillationTrainer, build_network
+from ..conditioning import Condition
+from ..denoiser import Denoiser
+from ..engine import DistillationTrainer, Update, build_network
+from ..errors import ConfigError, require
 from ..noise import NoiseSchedule
 from ..pipelines import FewStepPipeline
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class TeacherTrainConfig:
+    """TeacherTrainer: plain denoising score matching (Ho et al. 2020, eq. 14)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
+    label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
+    curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
+    curriculum_patience: int = 200
+
+    def validate(self, cfg: Config) -> None:
+        require([(0 <= self.label_dropout < 1, "teacher_train.label_dropout", self.label_dropout,
+                   "a number in [0, 1)")])
+
 
 
 class TeacherTrainer(DistillationTrainer):
@@ -86,7 +111,8 @@ class TeacherTrainer(DistillationTrainer):
         self.since, self.smooth = state.get("since", 0), state.get("smooth")
 
     # ------------------------------------------------------------------ step
-    def train_step(self, batch: dict, step: int) -> dict:
+    def objective(self, batch: dict, step: int):
+        """Denoising score matching (Ho et al. 2020, eq. 14) in the configured prediction type."""
         tc = self.config.teacher_train
         x0 = batch["x"]
         b = x0.shape[0]
@@ -102,14 +128,14 @@ class TeacherTrainer(DistillationTrainer):
                 self._null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
             cond = Condition(class_labels=batch["label"],
                              null=self._null).drop(self.rand(b) < tc.label_dropout)
-        net = self.modules["student"]
-        with self.accelerator.autocast():
-            pred = net(x_t, k, **network_kwargs(net, cond)).sample
+        net = Denoiser(self.modules["student"], self.schedule, tc.prediction_type,
+                       autocast=self.accelerator.autocast)
+        pred = net.output(x_t, t, cond, timestep=k)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        norm = self.step_optimizer("student", loss)
+        norms = yield Update(loss, "student")
         if tc.curriculum_clusters:  # the curriculum decides on the host: one synchronisation per step
             self._update_curriculum(loss.item())
-        return {"loss": loss.detach(), "grad_norm": norm, "curriculum_stage": self.stage or None}
+        return {"loss": loss.detach(), "grad_norm": norms["student"], "curriculum_stage": self.stage or None}
 
     def export(self, for_samples: bool = False):
         net = self.unwrap("student")

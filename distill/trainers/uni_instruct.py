@@ -21,11 +21,14 @@ Special cases reachable by configuration (documented in the README):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 from torch import nn
 
-from ..conditioning import network_kwargs
-from ..engine import DistillationTrainer, frozen
+from ..engine import DistillationTrainer, Update, frozen
+from ..errors import require
 from ..lora import AdapterView
 from ..objectives.score import (
     DiffInstructLoss,
@@ -35,7 +38,58 @@ from ..objectives.score import (
     generator_gan_loss,
     h_of,
 )
-from .score_helpers import OneStepScoreHelpers, ScoreGroup
+from .score_helpers import OneStepScoreHelpers, ScoreGroup, one_step_checks
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class UniInstructConfig:
+    """Uni-Instruct (Wang et al. 2025): the diffusion expansion of an f-divergence, with Diff-Instruct
+    (``di``) and DMD (``dmd``) as special cases."""
+
+    generator_timestep: int = 625  # t*: the generator is the denoiser at this index on sigma(t*) z
+    lr_fake: float | None = None  # default optim.lr
+    t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
+    t_max: float = 0.98
+    fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
+    init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
+    sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
+    gradient_checkpointing: bool = False
+    divergence: Literal["rkl", "fkl", "jeffreys", "js", "chi2", "di", "dmd"] = "fkl"
+    sampling: Literal["full", "fixed"] = "full"  # (a) exact expanded-divergence gradient / (b) SIM convention
+    gan_weight: float = 0.0  # generator GAN term weight (0 = off)
+    discriminator_weight: float = 1.0
+    ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)
+    normalize_ratio: bool = True  # divide h(r) by its batch mean (variance reduction)
+    ratio_warmup_steps: int = 0  # f != rkl: pure SIM-L2 (rkl, sampling fixed) before this step
+    # fake-score updates per generator update; null = the method's published default: 5 for dmd (DMD2's
+    # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
+    fake_steps_per_generator_step: int | None = None
+
+    @property
+    def needs_ratio(self) -> bool:
+        """The f-divergences other than reverse KL weight by h(r): the density ratio from a discriminator."""
+        return self.divergence not in ("di", "dmd", "rkl")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.needs_ratio or self.gan_weight > 0
+
+    @property
+    def detaches_teacher_and_fake(self) -> bool:
+        """Diff-Instruct / DMD detach the teacher's and fake's outputs; without a GAN term (which needs the
+        fake's features) their generator passes need no autograd."""
+        return self.divergence in ("di", "dmd") and not self.gan_weight > 0
+
+    def validate(self, cfg: Config) -> None:
+        require(one_step_checks("uni_instruct", self) + [
+            (self.ratio_clip > 0, "uni_instruct.ratio_clip", self.ratio_clip, "a positive number"),
+            (self.gan_weight >= 0, "uni_instruct.gan_weight", self.gan_weight, "a number >= 0"),
+            (self.ratio_warmup_steps >= 0, "uni_instruct.ratio_warmup_steps", self.ratio_warmup_steps,
+             "an integer >= 0")])
+
 
 
 class DiscriminatorHead(nn.Module):
@@ -124,35 +178,35 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         teacher's)."""
         return self.uses_discriminator
 
-    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict) -> dict:
+    def fake_step(self, g: ScoreGroup, cond, b: int, batch: dict):
+        """The fake score's DSM update and, with a discriminator, the head's BCE in the same backward."""
         if not self.uses_discriminator:
-            return super().fake_step(g, cond, b, batch)
+            return (yield from super().fake_step(g, cond, b, batch))
         sched = self.teacher.schedule
         x_t, t, target = self.fake_inputs(g, cond, b)
-        fake, head = self.modules[g.fake], self.modules[g.disc]
-        kw = network_kwargs(fake, cond)
+        fake, head = self.as_denoiser(self.modules[g.fake]), self.modules[g.disc]
+        pred = fake.output(x_t, t, cond)
         with self.accelerator.autocast():
-            pred = fake(x_t, sched.timestep(t), **kw).sample
             logit_fake = self._logit(head)
-            x_real = sched.add_noise(batch["x"], self.randn(*batch["x"].shape), t)
-            fake(x_real, sched.timestep(t), **kw)
+        x_real = sched.add_noise(batch["x"], self.randn(*batch["x"].shape), t)
+        fake.output(x_real, t, cond)  # the head reads the fake score's features at the real samples
+        with self.accelerator.autocast():
             logit_real = self._logit(head)
         dsm = fake_score_loss(pred, target).mean()
         bce = discriminator_loss(logit_real, logit_fake).mean()
         loss = dsm + self.section.discriminator_weight * bce
-        self.accelerator.backward(loss)
-        norms = {name: self.apply_gradients(name) for name in (g.fake, g.disc)}
+        norms = yield Update(loss, g.fake, g.disc)
         acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
         return {"fake_loss": dsm.detach(), "disc_loss": bce.detach(), "disc_acc": acc,
                 "fake_grad_norm": norms[g.fake]}
 
-    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int) -> dict:
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int):
         nets = [self.unwrap(g.fake)] + ([self.unwrap(g.disc)] if self.uses_discriminator else [])
         # frozen through the backward pass (see ScoreImplicitMatchingTrainer.generator_step)
         with frozen(*nets):
-            return self._generator_step(g, cond, b, step)
+            return (yield from self._generator_step(g, cond, b, step))
 
-    def _generator_step(self, g: ScoreGroup, cond, b: int, step: int) -> dict:
+    def _generator_step(self, g: ScoreGroup, cond, b: int, step: int):
         sec = self.section
         self._features.clear()
         loss_fn = self.generator_loss(step)
@@ -179,8 +233,8 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         if gan is not None:
             per_sample = per_sample + sec.gan_weight * gan
         loss = self.finite_mean(per_sample)
-        norm = self.step_optimizer(g.generator, loss)
-        logs.update(gen_loss=loss.detach(), grad_norm=norm,
+        norms = yield Update(loss, g.generator)
+        logs.update(gen_loss=loss.detach(), grad_norm=norms[g.generator],
                     teacher_gap=(d_real - d_fake).detach().pow(2).mean().sqrt())
         return logs
 
