@@ -36,8 +36,10 @@ class TeacherConfig:
     path: str = "builtin:digits"
     guidance_scale: float | None = None  # CFG of the teacher (diffusers convention); None = no guidance
     # analytic teachers only:
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    noise: Literal["vp", "edm", "flow"] = "vp"  # the family the exact mixture is written in
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # vp (edm: epsilon / v)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # vp
+    flow_shift: float = 1.0  # flow: the static shift of its sigmas
     conditional: bool = False
 
 
@@ -361,7 +363,16 @@ def validate(cfg: Config) -> None:
         (cfg.data.device_cache_gib >= 0, "data.device_cache_gib", cfg.data.device_cache_gib, "a number >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0"),
         (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
+        (cfg.teacher.flow_shift > 0, "teacher.flow_shift", cfg.teacher.flow_shift, "a positive number"),
     ])
+    tc = cfg.teacher
+    if not tc.path.startswith("analytic:") and (tc.noise != "vp" or tc.flow_shift != 1.0):
+        raise ConfigError(f"teacher.noise={tc.noise} / teacher.flow_shift={tc.flow_shift} choose the family "
+                          f"of an analytic: teacher; teacher.path={tc.path!r} brings its own scheduler (its "
+                          "scheduler config decides the family): remove them.")
+    if tc.noise == "edm" and tc.prediction_type == "sample":
+        raise ConfigError("teacher.prediction_type='sample' with teacher.noise=edm: diffusers' EDM "
+                          "schedulers precondition 'epsilon' or 'v_prediction' outputs; choose one of them.")
     for name in method_sections():
         getattr(cfg, name).validate(cfg)
     lora = cfg.student.lora_rank

@@ -1,7 +1,8 @@
 """A network read as a denoiser at continuous time: the one place a network output is converted or guided.
 
 A :class:`Denoiser` binds a network to its :class:`~distill.noise.NoiseSchedule`, its prediction type
-(epsilon, sample or v; Salimans & Ho 2022, sec. 4), the backbone's call convention
+(epsilon, sample or v, Salimans & Ho 2022, sec. 4; EDM's preconditioned F; the flow velocity), its input
+scaling (EDM's c_in), the backbone's call convention
 (:func:`distill.backbones.call`) and, for a guided teacher, its classifier-free guidance scale
 (Ho & Salimans 2022, eq. 6, in diffusers' convention)
 
@@ -74,7 +75,8 @@ class Denoiser:
         if timestep is None:
             tt = torch.as_tensor(t, dtype=torch.float64, device=x_t.device)
             timestep = self.schedule.timestep(tt.expand(b) if tt.ndim == 0 else tt).to(x_t.device)
-        x_in, cond = self.prepare(x_t, cond) if self.prepare is not None else (x_t, cond)
+        x_in = self.schedule.scale_input(x_t, t)  # EDM's c_in; x_t itself on vp and flow
+        x_in, cond = self.prepare(x_in, cond) if self.prepare is not None else (x_in, cond)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         guided = scale is not None and cond is not None and cond.kind != "none" and (
             torch.as_tensor(scale).numel() > 1 or float(scale) != 1.0)

@@ -299,23 +299,37 @@ class Teacher:
     def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None,
                cond: Condition | None = None, guidance_scale=None, stochastic: bool = False,
                noise: torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM samples in training space on diffusers' trailing grid (the baseline every student is
-        compared with; for latent teachers, also the clean latents of prompts-only training data).
-        ``noise``: the starting x_T (default: drawn from ``generator``)."""
+        """DDIM samples in training space (the baseline every student is compared with; for latent teachers,
+        also the clean latents of prompts-only training data): vp teachers on diffusers' trailing grid; edm
+        and flow teachers on their own scheduler's grid, where DDIM is EDM's / the flow's Euler step.
+        ``noise``: the starting z (default: drawn from ``generator``): x_T = z on vp, sigma_max z on edm,
+        pure noise z at s = 1 on flow."""
         from .sampling import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
         gen_device = generator.device if generator is not None else "cpu"
         x = (torch.randn(shape, generator=generator, device=gen_device) if noise is None
              else noise).to(self.device)
-        T = self.schedule.num_train_timesteps
-        times = vp_grid(self.schedule.alphas_cumprod, trailing_timesteps(num_steps, T))
-
-        def denoise(x_t, i, k):
-            return self.predict_x0(x_t, torch.tensor(int(k) / (T - 1)), cond, guidance_scale)
-
+        sched = self.schedule
         sampler = sample_meng_stochastic if stochastic else sample_ddim
-        return sampler(denoise, x, times, generator=generator)
+        if sched.kind == "vp":
+            T = sched.num_train_timesteps
+            times = vp_grid(sched.alphas_cumprod, trailing_timesteps(num_steps, T))
+
+            def denoise(x_t, i, k):
+                return self.predict_x0(x_t, torch.tensor(int(k) / (T - 1)), cond, guidance_scale)
+
+            return sampler(denoise, x, times, generator=generator)
+        # the same sampler on the variance-preserving coordinates x_vp = x_t / scale at equal log-SNR
+        ts = sched.sampling_times(num_steps)
+        abar, scale = sched.vp_equivalent(ts)
+        times = torch.stack([torch.arange(len(ts), dtype=torch.float64), abar], dim=1)
+
+        def denoise_vp(x_vp, i, _):
+            return self.predict_x0(x_vp * float(scale[i]), ts[i], cond, guidance_scale)
+
+        x = x * float(sched.sigma(ts[0]) / scale[0])  # sigma(t_0) z, in vp coordinates
+        return sampler(denoise_vp, x, times, generator=generator)
 
     def frozen_components(self, reload: bool = True) -> dict:
         """The VAE, text encoder(s) and tokenizer(s) as pipeline components; with ``reload`` re-read
@@ -403,15 +417,24 @@ def _infer_classes(model) -> int:
 
 
 def analytic_teacher(name: str, prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
-                     conditional: bool = False) -> Teacher:
-    """The exact Gaussian-mixture teacher of a toy data spec (``toy:gaussians8`` / ``toy:gaussians25``)."""
+                     conditional: bool = False, noise: str = "vp", flow_shift: float = 1.0) -> Teacher:
+    """The exact Gaussian-mixture teacher of a toy data spec (``toy:gaussians8`` / ``toy:gaussians25``),
+    written as a ``noise`` = vp (DDPMScheduler), edm (EDMEulerScheduler) or flow
+    (FlowMatchEulerDiscreteScheduler with ``flow_shift``) model."""
     from .data import toy_mixture
 
     mix = toy_mixture(name.removeprefix("toy:").removeprefix("analytic:"))
     if not conditional:
         mix.pop("component_classes")
-    model = GaussianMixtureTeacher(**mix, beta_schedule=beta_schedule, prediction_type=prediction_type)
-    scheduler = diffusers.DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    if noise == "flow":
+        prediction_type = "flow"
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    elif noise == "edm":
+        scheduler = diffusers.EDMEulerScheduler(prediction_type=prediction_type)
+    else:
+        scheduler = diffusers.DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    model = GaussianMixtureTeacher(**mix, beta_schedule=beta_schedule, prediction_type=prediction_type,
+                                   noise=noise)
     return Teacher.from_model(model, scheduler, source=name)
 
 

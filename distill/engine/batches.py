@@ -17,6 +17,19 @@ from ..errors import ConfigError
 from ..teachers import Teacher, analytic_teacher
 
 
+def check_teacher_family(cfg: Config, teacher: Teacher, families: tuple[str, ...]) -> None:
+    """Refuse a teacher whose noise family (vp, edm, flow) the method does not train on yet."""
+    kind = teacher.schedule.kind
+    if kind in families and (kind == "vp" or not teacher.is_text):
+        return
+    name = type(teacher.scheduler).__name__
+    what = "text-to-image teachers" if kind != "vp" and kind in families else f"{kind} teachers"
+    raise ConfigError(f"teacher.path={cfg.teacher.path!r} comes with a {name} ({kind} noise schedule): "
+                      f"method {cfg.method!r} does not support {what} yet. Every method trains on "
+                      "variance-preserving teachers (DDPMScheduler / DDIMScheduler tables); methods sim and "
+                      "uni_instruct also on pixel EDM and flow-matching teachers.")
+
+
 def load_teacher(cfg: Config, device) -> Teacher:
     """The frozen teacher, in bf16 when ``train.mixed_precision=bf16`` (its parts are never trained), its
     denoiser guided by ``teacher.guidance_scale``."""
@@ -24,7 +37,8 @@ def load_teacher(cfg: Config, device) -> Teacher:
     if path.startswith("analytic:"):
         teacher = analytic_teacher(path, prediction_type=cfg.teacher.prediction_type,
                                    beta_schedule=cfg.teacher.beta_schedule,
-                                   conditional=cfg.teacher.conditional)
+                                   conditional=cfg.teacher.conditional, noise=cfg.teacher.noise,
+                                   flow_shift=cfg.teacher.flow_shift)
         teacher.model.to(device)
     else:
         dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
@@ -34,13 +48,6 @@ def load_teacher(cfg: Config, device) -> Teacher:
                           f"teacher with a null class or a text-to-image teacher; {path!r} is unconditional. "
                           "Remove teacher.guidance_scale.")
     teacher.denoiser.guidance_scale = cfg.teacher.guidance_scale  # bound once: every teacher pass is guided
-    if teacher.schedule.kind != "vp":
-        name = type(teacher.scheduler).__name__
-        raise ConfigError(f"teacher.path={path!r} comes with a {name} ({teacher.schedule.kind} noise "
-                          "schedule); the trainers, their exported pipelines and the DDIM baselines support "
-                          "variance-preserving schedules only (DDPMScheduler / DDIMScheduler tables, "
-                          "epsilon, sample or v_prediction). EDM and flow-matching teachers are not "
-                          "supported yet.")
     return teacher
 
 
@@ -49,6 +56,8 @@ class BatchMaker:
     """The data part of :class:`~distill.engine.loop.DistillationTrainer`."""
 
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
+    # the noise families (NoiseSchedule kinds) of the teachers a method trains on and exports from
+    noise_families: tuple[str, ...] = ("vp",)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Exact denoiser of a Gaussian mixture under a discrete VP schedule.
+"""Exact denoiser of a Gaussian mixture under a discrete VP, an EDM or a flow-matching schedule.
 
 STANDALONE FILE: imports torch and diffusers only (it travels inside exported pipeline folders).
 
@@ -8,8 +8,14 @@ For data ``x0 ~ sum_k pi_k N(mu_k, diag(v_k))`` the diffused marginal stays a mi
     E[x0 | x_t] = sum_k gamma_k(x_t) (mu_k + a v_k / (a^2 v_k + s^2) (x_t - a mu_k)),
 
 with gamma_k the posterior responsibilities. ``GaussianMixtureTeacher.forward`` returns that
-prediction in the scheduler's parameterisation (epsilon, sample or v_prediction), so it can stand
-wherever a ``UNet2DModel`` stands, a stock ``DDPMPipeline`` included.
+prediction in the scheduler's parameterisation, so it can stand wherever a ``UNet2DModel`` stands:
+
+* ``noise="vp"``: a DDPMScheduler table, time = training index, output epsilon, sample or v_prediction
+  (a stock ``DDPMPipeline`` runs it);
+* ``noise="edm"``: an EDMEulerScheduler (x_t = x0 + sigma eps), input c_in x_t, time c_noise = ln(sigma) / 4,
+  output F with x0 = c_skip x_t + c_out F (Karras et al. 2022, Table 1; c_out negated for v_prediction);
+* ``noise="flow"``: a FlowMatchEulerDiscreteScheduler (x_t = (1 - s) x0 + s eps), time s T, output the
+  velocity eps - x0 (Liu et al. 2022; Esser et al. 2024).
 """
 
 from __future__ import annotations
@@ -34,14 +40,23 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
             null label ``num_classes`` (or no label) gives the marginal mixture (for CFG).
         sample_shape: shape of one sample, e.g. [2] or [1, 8, 8] (prod must be D).
         num_train_timesteps, beta_schedule, beta_start, beta_end, prediction_type: the VP schedule.
+        noise: the family its input and output are written in: vp, edm or flow.
+        sigma_data: EDM's data scale of the preconditioning (edm).
     """
 
     @register_to_config
     def __init__(self, means: list, stds: list, weights: list | None = None,
                  component_classes: list | None = None, sample_shape: list | None = None,
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
-                 beta_start: float = 0.0001, beta_end: float = 0.02, prediction_type: str = "epsilon"):
+                 beta_start: float = 0.0001, beta_end: float = 0.02, prediction_type: str = "epsilon",
+                 noise: str = "vp", sigma_data: float = 0.5):
         super().__init__()
+        if noise not in ("vp", "edm", "flow"):
+            raise ValueError(f"noise must be 'vp', 'edm' or 'flow', got {noise!r}.")
+        allowed = {"vp": ("epsilon", "sample", "v_prediction"), "edm": ("epsilon", "v_prediction"),
+                   "flow": ("flow",)}[noise]
+        if prediction_type not in allowed:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {allowed} on {noise!r}.")
         mu = torch.as_tensor(means, dtype=torch.float64)
         if mu.ndim != 2:
             raise ValueError(f"means must be K x D, got shape {tuple(mu.shape)}.")
@@ -76,7 +91,14 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------- schedule
     def alpha_sigma(self, timestep: torch.Tensor):
-        """Coefficients at a (fractional) training index, log-SNR linearly interpolated between indices."""
+        """Coefficients at the network's time input: vp: a (fractional) training index, log-SNR linearly
+        interpolated between indices; edm: c_noise = ln(sigma) / 4; flow: s T."""
+        timestep = timestep.to(torch.float64)
+        if self.config.noise == "edm":
+            return torch.ones_like(timestep), torch.exp(4 * timestep)
+        if self.config.noise == "flow":
+            s = timestep / self.config.num_train_timesteps
+            return 1 - s, s
         n = self.logsnr_table.numel()
         pos = timestep.to(torch.float64).clamp(0, n - 1)
         lo = pos.floor().long().clamp(0, n - 2)
@@ -143,19 +165,24 @@ class GaussianMixtureTeacher(ModelMixin, ConfigMixin):
                 return_dict: bool = True):
         b = sample.shape[0]
         ts = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-        x = sample.reshape(b, -1).to(torch.float64)
-        x0 = self.posterior_mean(x, ts, class_labels)
         a, s = self.alpha_sigma(ts)
         a, s = a[:, None], s[:, None]
-        pred = self.config.prediction_type
-        if pred == "epsilon":
+        x = sample.reshape(b, -1).to(torch.float64)
+        noise, pred, sd = self.config.noise, self.config.prediction_type, self.config.sigma_data
+        if noise == "edm":  # the input is c_in x_t
+            x = x * torch.sqrt(s * s + sd * sd)
+        x0 = self.posterior_mean(x, ts, class_labels)
+        if noise == "edm":
+            c_skip, c_out = sd * sd / (s * s + sd * sd), s * sd / torch.sqrt(s * s + sd * sd)
+            out = (x0 - c_skip * x) / (-c_out if pred == "v_prediction" else c_out)
+        elif noise == "flow":
+            out = (x - a * x0) / s.clamp_min(1e-12) - x0
+        elif pred == "epsilon":
             out = (x - a * x0) / s
         elif pred == "sample":
             out = x0
-        elif pred == "v_prediction":
-            out = a * (x - a * x0) / s - s * x0
         else:
-            raise ValueError(f"prediction_type {pred!r} is not supported (epsilon, sample, v_prediction).")
+            out = a * (x - a * x0) / s - s * x0
         out = out.to(sample.dtype).reshape(sample.shape)
         if not return_dict:
             return (out,)

@@ -34,7 +34,10 @@ def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma:
         return output
     if prediction_type == "v_prediction":
         return alpha * x_t - sigma * output
-    raise ValueError(f"Unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction).")
+    if prediction_type == "flow":  # the velocity eps - x0 on x_t = alpha x0 + sigma eps, alpha = 1 - sigma
+        return (x_t - sigma * output) / (alpha + sigma)
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction, "
+                     "flow).")
 
 
 def to_output(x: torch.Tensor, output_type: str):
@@ -131,8 +134,15 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     Args:
         generator: the one-step network (``UNet2DModel``, distill's MLP, ...).
-        scheduler: a diffusers VP scheduler giving ``alphas_cumprod`` and ``prediction_type``.
+        scheduler: the teacher family's diffusers scheduler: a VP one (``alphas_cumprod``,
+            ``prediction_type``), an EDM one (its ``precondition_*`` functions) or a flow-matching one
+            (the velocity eps - x0).
         generator_timestep: training index t* at which the generator is evaluated.
+        generator_sigma, generator_time: on EDM and flow schedulers, the noise level sigma(t*) of the
+            generator's input sigma(t*) z and its network time input at t* (None on VP tables, which give
+            both from ``generator_timestep``).
+        prediction_type: the generator's output on EDM and flow schedulers when it is not the scheduler's
+            own ("sample": x0 itself); None: the scheduler's (flow: the velocity).
         sample_shape: shape of one sample, e.g. [1, 16, 16] or [2].
         num_classes: number of classes of a class-conditional generator (0 = unconditional).
     """
@@ -140,7 +150,8 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
     model_cpu_offload_seq = "generator"
 
     def __init__(self, generator, scheduler, generator_timestep: int = 999, sample_shape: list | None = None,
-                 num_classes: int = 0):
+                 num_classes: int = 0, generator_sigma: float | None = None,
+                 generator_time: float | None = None, prediction_type: str | None = None):
         super().__init__()
         self.register_modules(generator=generator, scheduler=scheduler)
         if sample_shape is None:
@@ -148,7 +159,8 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
                             else [cfg.data_dim])
         self.register_to_config(generator_timestep=int(generator_timestep), sample_shape=list(sample_shape),
-                                num_classes=int(num_classes))
+                                num_classes=int(num_classes), generator_sigma=generator_sigma,
+                                generator_time=generator_time, prediction_type=prediction_type)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator: torch.Generator | list | None = None,
@@ -162,14 +174,26 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
         labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
-        t = self.config.generator_timestep
-        ac = self.scheduler.alphas_cumprod[t].item()
-        alpha, sigma = ac**0.5, (1 - ac) ** 0.5
+        sched = self.scheduler
+        edm = hasattr(sched, "precondition_outputs")
+        if self.config.generator_sigma is None:  # a VP table: t* is its index
+            t = self.config.generator_timestep
+            ac = sched.alphas_cumprod[t].item()
+            alpha, sigma = ac**0.5, (1 - ac) ** 0.5
+        else:  # EDM (alpha = 1) or flow (alpha = 1 - sigma)
+            t, sigma = self.config.generator_time, self.config.generator_sigma
+            alpha = 1.0 if edm else 1.0 - sigma
         x_in = sigma * z
+        net_in = sched.precondition_inputs(x_in, sigma) if edm else x_in
         for _ in self.progress_bar(range(1)):
             kwargs = {"class_labels": labels} if labels is not None else {}
-            out = self.generator(x_in, torch.full((batch_size,), t, device=device), **kwargs).sample
-        x0 = x0_from_output(out, x_in, alpha, sigma, self.scheduler.config.prediction_type)
+            out = self.generator(net_in, torch.full((batch_size,), t, device=device), **kwargs).sample
+        pred = self.config.prediction_type or sched.config.get("prediction_type", "flow")
+        if edm and pred != "sample":
+            x0 = sched.precondition_outputs(x_in, out, sigma)
+        else:  # with invert_sigmas a flow network's velocity is x0 - eps
+            x0 = x0_from_output(-out if pred == "flow" and sched.config.get("invert_sigmas") else out, x_in,
+                                alpha, sigma, pred)
         images = to_output(x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -20,6 +20,7 @@ import diffusers
 import torch
 
 from ..engine import Update, build_network, frozen
+from ..errors import ConfigError
 from ..objectives.score import DiffInstructLoss, fake_score_loss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
 
@@ -146,6 +147,10 @@ class OneStepScoreHelpers:
             else:
                 gen = build_network(cfg, t, shape, ncls)
                 self.pred = cfg.student.prediction_type or t.prediction_type
+                if t.schedule.kind == "flow" and self.pred not in ("flow", "sample"):
+                    raise ConfigError(f"student.prediction_type={self.pred!r} on a flow-matching teacher: a "
+                                      "one-step generator at pure noise predicts the velocity (the "
+                                      "teacher's) or 'sample'; remove it or set 'sample'.")
                 if sec.init_denoiser_steps:
                     self.fit_to_teacher(gen, sec.init_denoiser_steps, self.pred)
             fake = copy.deepcopy(gen).requires_grad_(True).train()
@@ -174,8 +179,20 @@ class OneStepScoreHelpers:
         return logs
 
     def export_scheduler(self):
-        return diffusers.DDPMScheduler.from_config(self.teacher.scheduler.config,
-                                                   prediction_type=self.pred)
+        """The teacher family's scheduler: DDPMScheduler from a VP table, or the teacher's own EDM / flow
+        scheduler class, in the generator's parameterisation."""
+        sched = self.teacher.scheduler
+        if self.teacher.schedule.kind == "vp":
+            return diffusers.DDPMScheduler.from_config(sched.config, prediction_type=self.pred)
+        edm_pred = self.teacher.schedule.kind == "edm" and self.pred != "sample"
+        return type(sched).from_config(sched.config, **({"prediction_type": self.pred} if edm_pred else {}))
+
+    def generator_noise(self) -> dict:
+        """t*'s noise level and network time for the export, as training computed them (EDM and flow)."""
+        if self.teacher.schedule.kind == "vp":
+            return {}
+        return {"generator_sigma": self._sigma_star, "generator_time": float(self._timestep_star),
+                "prediction_type": self.pred}
 
     def export(self, for_samples: bool = False):
         if self.teacher.is_text:
@@ -186,7 +203,8 @@ class OneStepScoreHelpers:
                                        **self.teacher.frozen_components(reload=not for_samples))
         return OneStepPipeline(self.export_network(self.group.generator), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
-                               sample_shape=self.teacher.sample_shape, num_classes=self.num_classes)
+                               sample_shape=self.teacher.sample_shape, num_classes=self.num_classes,
+                               **self.generator_noise())
 
     def lora_inference(self) -> tuple:
         """One Euler step at t*: the teacher pipeline's input (z times the scheduler's init_noise_sigma,

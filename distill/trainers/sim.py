@@ -63,6 +63,7 @@ class SIMConfig:
 
 class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "sim"
+    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):

@@ -118,6 +118,7 @@ def feature_module(net):
 
 class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "uni_instruct"
+    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):

@@ -1,0 +1,224 @@
+"""EDM and flow-matching schedules against diffusers' own EDMEulerScheduler / FlowMatchEulerDiscreteScheduler
+arithmetic, the exact Gaussian-mixture teacher written in each family, and the sampler on every family."""
+
+import math
+
+import diffusers
+import pytest
+import torch
+
+from distill.denoiser import Denoiser
+from distill.noise import NoiseSchedule, flow_shift_mu
+from distill.teachers import analytic_teacher
+
+T = torch.tensor([0.0, 0.1, 0.35, 0.6, 0.85, 1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+def test_edm_preconditioning_equals_diffusers(pred, sigma_schedule):
+    sched = diffusers.EDMEulerScheduler(prediction_type=pred, sigma_data=0.7, sigma_schedule=sigma_schedule)
+    ns = NoiseSchedule.from_scheduler(sched)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(6, 3, 4, 4, generator=g) * 5, torch.randn(6, 3, 4, 4, generator=g)
+    sigma = ns.sigma(T)
+    assert math.isclose(sigma[0], 0.002, rel_tol=1e-9) and math.isclose(sigma[-1], 80.0, rel_tol=1e-9)
+    s4 = sigma.float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(ns.scale_input(x, T), sched.precondition_inputs(x, s4))
+    torch.testing.assert_close(ns.timestep(T), sched.precondition_noise(sigma.float()))
+    x0, eps = ns.to_x0_eps(out, x, T)
+    torch.testing.assert_close(x0, sched.precondition_outputs(x, out, s4), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, x0 + s4 * eps, rtol=1e-5, atol=1e-4)
+    # the inverse of the sigma ramp, and the grid of the scheduler's own set_timesteps
+    torch.testing.assert_close(ns.t_from_sigma(sigma), T)
+    sched.set_timesteps(7)
+    torch.testing.assert_close(ns.sigma(ns.sampling_times(7)), sched.sigmas[:7].double(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", ["vp", "edm", "flow", "flow_inverted"])
+def test_round_trips_in_every_family(family):
+    """x0 / eps -> each parameterisation the family takes -> x0 / eps, and the score by Tweedie's formula."""
+    ns = {"vp": NoiseSchedule.vp_from_betas(),
+          "edm": NoiseSchedule.from_scheduler(diffusers.EDMEulerScheduler()),
+          "flow": NoiseSchedule.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)),
+          "flow_inverted": NoiseSchedule.from_scheduler(
+              diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True))}[family]
+    preds = {"vp": ["epsilon", "sample", "v_prediction", "flow"],
+             "edm": ["epsilon", "v_prediction", "sample"],
+             "flow": ["flow", "sample", "epsilon", "v_prediction"], "flow_inverted": ["flow"]}[family]
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g,
+                                                                            dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95], dtype=torch.float64)
+    x_t = ns.add_noise(x0, eps, t)
+    a, s = ns.alpha_sigma(t)
+    for pred in preds:
+        out = ns.from_x0_eps(x0, eps, t, pred)
+        back = ns.to_x0_eps(out, x_t, t, pred)
+        torch.testing.assert_close(back[0], x0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(back[1], eps, rtol=1e-9, atol=1e-9)
+    # the score of x_t | x0 is -eps / sigma
+    torch.testing.assert_close(ns.score_from_x0(x0, x_t, t), -eps / s[:, None], rtol=1e-9, atol=1e-9)
+    if family.startswith("flow"):
+        torch.testing.assert_close(a + s, torch.ones_like(a))
+        v = ns.from_x0_eps(x0, eps, t, "flow")
+        torch.testing.assert_close(v, (x0 - eps) if family == "flow_inverted" else (eps - x0))
+        want = (1 - s if family == "flow_inverted" else s) * 1000
+        torch.testing.assert_close(ns.timestep(t), want.float())
+
+
+def _flow_scheduler_steps(model, sched, x, num_steps, **kwargs):
+    """diffusers' own loop: FlowMatchEulerDiscreteScheduler stepping ``model``."""
+    sched.set_timesteps(num_steps, **kwargs)
+    for ts in sched.timesteps:
+        out = model(x, ts.expand(x.shape[0])).sample
+        x = sched.step(out, ts, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_flow_sampler_equals_flow_match_euler(dynamic):
+    """Teacher.sample on a flow teacher (the exact mixture) is diffusers' Euler loop, static and dynamic
+    shift (mu from the image token count: a static shift of e^mu)."""
+    teacher = analytic_teacher("gaussians8", noise="flow", flow_shift=3.0)
+    config = {"shift": 3.0}
+    seq = 1024
+    if dynamic:
+        config = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+        teacher.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+        teacher.schedule = NoiseSchedule.from_scheduler(teacher.scheduler, image_seq_len=seq)
+        teacher.denoiser.schedule = teacher.schedule
+        mu = flow_shift_mu(seq, teacher.scheduler.config)
+        assert math.isclose(teacher.schedule.shift, math.exp(mu))
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    for n in (1, 3, 8):
+        ours = teacher.sample(64, num_steps=n, noise=z.clone())
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(**config)
+        theirs = _flow_scheduler_steps(teacher.model, sched, z.clone().double(), n,
+                                       **({"mu": mu} if dynamic else {}))
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_edm_sampler_equals_edm_euler():
+    teacher = analytic_teacher("gaussians8", noise="edm")
+    sched = teacher.scheduler
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    for n in (2, 5, 12):
+        ours = teacher.sample(64, num_steps=n, noise=z.clone())
+        sched.set_timesteps(n)
+        x = z.double() * sched.init_noise_sigma
+        for ts in sched.timesteps:
+            out = teacher.model(sched.scale_model_input(x, ts), ts.expand(64)).sample
+            x = sched.step(out, ts, x).prev_sample
+        torch.testing.assert_close(ours.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_the_mixture_is_one_teacher_in_every_family():
+    """At equal log-SNR the vp, edm and flow teachers are the same posterior mean: x0 of the flow state
+    x_f = (1 - s) x0 + s eps read through each family's Denoiser equals the closed-form E[x0 | x_t]."""
+    teachers = {f: analytic_teacher("gaussians8", noise=f, flow_shift=2.0) for f in ("vp", "edm", "flow")}
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(32, 2, generator=g, dtype=torch.float64) * 2, torch.randn(32, 2, generator=g,
+                                                                                   dtype=torch.float64)
+    vp = teachers["vp"]
+    for k in (100, 400, 700, 950):
+        t_vp = vp.schedule.t_from_timestep(k)
+        lam = float(vp.schedule.logsnr(t_vp))
+        x_vp = vp.schedule.add_noise(x0, eps, t_vp)
+        want = vp.model.posterior_mean(x_vp, torch.tensor(float(k)))
+        got = {"vp": vp.predict_x0(x_vp, t_vp)}
+        # the same point in flow (s / (1 - s) = e^(-lam / 2)) and EDM (sigma = e^(-lam / 2)) coordinates
+        r = math.exp(-lam / 2)
+        flow, edm = teachers["flow"], teachers["edm"]
+        s = r / (1 + r)
+        t_flow = flow.schedule.t_from_sigma(torch.tensor(s, dtype=torch.float64))
+        got["flow"] = flow.predict_x0(x_vp * math.sqrt((1 - s) ** 2 + s**2), t_flow)
+        t_edm = edm.schedule.t_from_sigma(torch.tensor(r, dtype=torch.float64))
+        got["edm"] = edm.predict_x0(x_vp * math.sqrt(1 + r * r), t_edm)
+        for fam, x0_hat in got.items():
+            torch.testing.assert_close(x0_hat.double(), want, rtol=1e-4, atol=1e-4, msg=f"{fam} at k={k}")
+
+
+@pytest.mark.parametrize("family", ["edm", "flow"])
+def test_a_denoiser_scales_edm_inputs_and_reads_the_velocity(family):
+    """The Denoiser of an EDM / flow teacher calls the network as diffusers' schedulers do."""
+    teacher = analytic_teacher("gaussians8", noise=family)
+    den = Denoiser(teacher.model, teacher.schedule)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.full((4,), 0.4, dtype=torch.float64)
+    sigma = float(teacher.schedule.sigma(0.4))
+    if family == "edm":
+        sched = teacher.scheduler
+        out = teacher.model(sched.precondition_inputs(x, sigma), sched.precondition_noise(sigma)).sample
+        want = sched.precondition_outputs(x, out, sigma)
+    else:
+        v = teacher.model(x, torch.tensor(sigma * 1000)).sample
+        want = x - sigma * v
+    torch.testing.assert_close(den.x0(x, t), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_shift_needs_the_token_count():
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        NoiseSchedule.from_scheduler(sched)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        NoiseSchedule.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True))
+
+
+PLAIN_LOAD = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+x = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+assert "distill" not in sys.modules
+np.save(sys.argv[2], x)
+print(type(pipe.scheduler).__name__)
+"""
+
+
+@pytest.mark.parametrize("method", ["sim", "uni_instruct"])
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, scheduler, tiny_unet, tmp_path):
+    """A UNet2DModel folder with an EDM or flow-matching scheduler: 2 updates, the export keeps the teacher's
+    scheduler class, samples the same in plain diffusers (no distill) and is the generator read at t* as
+    training reads it (one t* conversion)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from distill import load_pipeline
+    from distill.cli import main
+
+    folder = tmp_path / "teacher"
+    diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
+                           scheduler=getattr(diffusers, scheduler)()).save_pretrained(folder)
+    out = tmp_path / "run"
+    extra = ["uni_instruct.ratio_warmup_steps=0"] if method == "uni_instruct" else []
+    rc = main(["train", f"configs/{method}_digits.yaml", f"teacher.path={folder}", f"output_dir={out}",
+               "train.max_steps=2", "train.batch_size=4", "train.mixed_precision=no", "train.report_to=none",
+               "train.progress_bar=false", "eval.enabled=false", *extra])
+    assert rc == 0
+    pipe = load_pipeline(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == scheduler
+    mine = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "pipeline"), str(tmp_path / "p.npy")],
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == scheduler
+    np.testing.assert_array_equal(mine, np.load(tmp_path / "p.npy"))
+    # the pipeline's x0 is the training Denoiser's at t* (the config's index 625) on sigma(t*) z
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    t_star = schedule.t_from_timestep(pipe.config.generator_timestep)
+    assert pipe.config.generator_timestep == 625
+    assert math.isclose(pipe.config.generator_sigma, float(schedule.sigma(t_star)), rel_tol=1e-12)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = Denoiser(pipe.generator, schedule, pipe.config.prediction_type).x0(
+            float(schedule.sigma(t_star)) * z, t_star.expand(3))
+    pt = pipe(batch_size=3, latents=z, output_type="pt").images
+    torch.testing.assert_close(pt, (x0 / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
