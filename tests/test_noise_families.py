@@ -222,3 +222,63 @@ def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, schedule
             float(schedule.sigma(t_star)) * z, t_star.expand(3))
     pt = pipe(batch_size=3, latents=z, output_type="pt").images
     torch.testing.assert_close(pt, (x0 / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_trainer_flow_objective_is_rectified_flow(tmp_path):
+    """teacher_train.noise=flow: the network sees (1 - s) x0 + s eps at time s T and regresses the velocity
+    eps - x0 (Esser et al. 2024, eq. 3): recovered from the network's inputs with a spy network."""
+    from distill.config import load_config
+    from distill.trainers import trainer_class
+
+    cfg = load_config("configs/teacher_digits.yaml",
+                      [f"output_dir={tmp_path}", "teacher_train.noise=flow", "teacher_train.flow_shift=3",
+                       "teacher_train.t_sampling=logit_normal", "train.batch_size=16", "train.report_to=none",
+                       "train.progress_bar=false", "train.mixed_precision=no"])
+    trainer = trainer_class("teacher")(cfg)
+    trainer.setup()
+    assert type(trainer.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    seen = {}
+    net = trainer.modules["student"]
+
+    def spy(module, args, kwargs, out):
+        seen["x"], seen["time"] = args[0].detach(), args[1].detach()
+        out.sample.data.zero_()  # predict v = 0: the loss is then E ||eps - x0||^2
+
+    handle = net.register_forward_hook(spy, with_kwargs=True)
+    trainer.rng = trainer.step_generator(0, 0)
+    batch = trainer._batch()
+    objective = trainer.objective(batch, 0)
+    update = next(objective)
+    handle.remove()
+    s = (seen["time"].double() / 1000).view(-1, 1, 1, 1)
+    assert ((s > 0) & (s < 1)).all() and s.std() > 0.05
+    x0 = batch["x"].double()
+    eps = (seen["x"].double() - (1 - s) * x0) / s
+    want = ((eps - x0) ** 2).mean()
+    torch.testing.assert_close(update.loss.double(), want, rtol=1e-4, atol=1e-5)
+    assert abs(float(eps.std()) - 1) < 0.2  # the recovered noise is standard normal
+
+
+def test_a_flow_teacher_folder_is_compared_with_its_own_euler_sampler(tiny_unet, tmp_path):
+    """`distill fid --compare` on a flow teacher folder samples with the stock DDPMPipeline loop, which is
+    the flow Euler sampler: the same images as distill's Teacher.sample from the same noise."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from distill.eval.fid import teacher_as_sampler
+    from distill.teachers import Teacher
+
+    folder = tmp_path / "flow_teacher"
+    diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
+                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=2.0)).save_pretrained(folder)
+    pipe = teacher_as_sampler(diffusers.DDPMPipeline.from_pretrained(folder))
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=6,
+                 output_type="np").images
+    z = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    ours = Teacher.from_pretrained(folder).sample(3, num_steps=6, noise=z)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - stock).max() < 1e-4
+    edm = diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
+                                 scheduler=diffusers.EDMEulerScheduler())
+    with pytest.raises(ValueError, match="EDMEulerScheduler is not evaluated yet"):
+        teacher_as_sampler(edm)

@@ -356,7 +356,8 @@ def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, bat
 
 
 def teacher_as_sampler(pipe):
-    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid; a stock
+    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid (a flow-matching
+    one with its own Euler loop, the stock pipeline's); a stock
     Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with
     guidance_scale)."""
     if type(pipe).__name__ in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
@@ -371,6 +372,12 @@ def teacher_as_sampler(pipe):
                                    tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
                                    force_zeros_for_empty_prompt=bool(
                                        getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+    if type(pipe).__name__ == "DDPMPipeline" and not hasattr(pipe.scheduler, "alphas_cumprod"):
+        if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and not getattr(
+                pipe.unet.config, "num_class_embeds", None):
+            return pipe  # the stock loop is the flow's own Euler sampler
+        raise ConfigError(f"A DDPMPipeline teacher with a {type(pipe.scheduler).__name__} is not evaluated "
+                          "yet (VP tables, and unconditional flow-matching teachers, are).")
     if type(pipe).__name__ == "DDPMPipeline":
         from ..pipelines import FewStepPipeline
 

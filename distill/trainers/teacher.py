@@ -3,6 +3,9 @@
 Loss (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 14, L_simple):
 ``E_{k, x0, eps} || net(sqrt(abar_k) x0 + sqrt(1 - abar_k) eps, k) - target ||^2`` with ``k``
 uniform over the training indices and target eps, x0 or v per ``teacher_train.prediction_type``.
+``teacher_train.noise=flow`` trains a rectified-flow model instead (Liu et al. 2022; Esser et al. 2024,
+eq. 3 and sec. 3.1): ``E || net((1 - s) x0 + s eps, s T) - (eps - x0) ||^2`` with s = shift(t) and t uniform
+or logit-normal (``teacher_train.t_sampling``, Esser et al. 2024, sec. 3.1).
 
 Options:
 * ``label_dropout > 0``: class-conditional training with a null class (label ``num_classes``) in
@@ -43,13 +46,26 @@ class TeacherTrainConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
+    # flow: a rectified-flow teacher (velocity; FlowMatchEulerDiscreteScheduler)
+    noise: Literal["vp", "flow"] = "vp"
+    flow_shift: float = 1.0  # flow: the static shift of its sigmas
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow: t ~ U[0, 1] or sigmoid(N(0, 1))
     label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
     curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
     curriculum_patience: int = 200
 
     def validate(self, cfg: Config) -> None:
         require([(0 <= self.label_dropout < 1, "teacher_train.label_dropout", self.label_dropout,
-                   "a number in [0, 1)")])
+                   "a number in [0, 1)"),
+                 (self.flow_shift > 0, "teacher_train.flow_shift", self.flow_shift, "a positive number")])
+        if self.noise == "flow" and (self.label_dropout > 0 or self.curriculum_clusters):
+            raise ConfigError("teacher_train.noise=flow trains unconditional teachers without a curriculum "
+                              "for now: remove teacher_train.label_dropout and "
+                              "teacher_train.curriculum_clusters.")
+        if self.noise == "vp" and (self.flow_shift != 1.0 or self.t_sampling != "uniform"):
+            raise ConfigError("teacher_train.flow_shift / teacher_train.t_sampling apply to "
+                              "teacher_train.noise=flow; a vp teacher samples its training indices "
+                              "uniformly.")
 
 
 
@@ -67,10 +83,15 @@ class TeacherTrainer(DistillationTrainer):
 
     def build(self) -> None:
         tc = self.config.teacher_train
-        self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=tc.num_train_timesteps,
-                                                 beta_schedule=tc.beta_schedule,
-                                                 prediction_type=tc.prediction_type)
+        if tc.noise == "flow":
+            self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=tc.num_train_timesteps, shift=tc.flow_shift)
+        else:
+            self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=tc.num_train_timesteps,
+                                                     beta_schedule=tc.beta_schedule,
+                                                     prediction_type=tc.prediction_type)
         self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
+        self.pred = self.schedule.prediction_type
         self.num_classes = self.data.num_classes if tc.label_dropout > 0 else 0
         if tc.label_dropout > 0 and not self.data.num_classes:
             raise ConfigError(f"teacher_train.label_dropout={tc.label_dropout} needs labelled data; "
@@ -116,20 +137,24 @@ class TeacherTrainer(DistillationTrainer):
         tc = self.config.teacher_train
         x0 = batch["x"]
         b = x0.shape[0]
-        lo, hi = self._index_range()
-        k = torch.randint(lo, hi, (b,), generator=self.rng, device=self.rng.device).to(self.device)
+        if tc.noise == "flow":
+            u = self.rand(b, dtype=torch.float64)
+            t = torch.sigmoid(torch.special.ndtri(u)) if tc.t_sampling == "logit_normal" else u
+            k = None  # the network's time is s T
+        else:
+            lo, hi = self._index_range()
+            k = torch.randint(lo, hi, (b,), generator=self.rng, device=self.rng.device).to(self.device)
+            t = self.schedule.t_from_timestep(k)
         eps = self.randn(*x0.shape)
-        t = self.schedule.t_from_timestep(k)
         x_t = self.schedule.add_noise(x0, eps, t)
-        target = self.schedule.from_x0_eps(x0, eps, t, tc.prediction_type)
+        target = self.schedule.from_x0_eps(x0, eps, t, self.pred)
         cond = None
         if self.num_classes:  # condition dropout to the null class, for classifier-free guidance
             if getattr(self, "_null", None) is None:
                 self._null = Condition(class_labels=torch.tensor([self.num_classes], device=self.device))
             cond = Condition(class_labels=batch["label"],
                              null=self._null).drop(self.rand(b) < tc.label_dropout)
-        net = Denoiser(self.modules["student"], self.schedule, tc.prediction_type,
-                       autocast=self.accelerator.autocast)
+        net = Denoiser(self.modules["student"], self.schedule, self.pred, autocast=self.accelerator.autocast)
         pred = net.output(x_t, t, cond, timestep=k)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         norms = yield Update(loss, "student")
@@ -148,6 +173,7 @@ class TeacherTrainer(DistillationTrainer):
 
     def card_info(self) -> dict:
         tc = self.config.teacher_train
+        noise = ({"noise": "flow (rectified flow)", "flow_shift": tc.flow_shift, "t_sampling": tc.t_sampling}
+                 if tc.noise == "flow" else {"beta_schedule": tc.beta_schedule})
         return {"method": "teacher (denoising score matching)", "data": self.config.data.spec,
-                "prediction_type": tc.prediction_type, "beta_schedule": tc.beta_schedule,
-                "num_classes": self.num_classes}
+                "prediction_type": self.pred, **noise, "num_classes": self.num_classes}
