@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, default_labels, device_dtype, to_output, x0_from_output
+from .one_step import ExportedPipelineMixin, default_labels, device_dtype, one_step_input, to_output
 from .text_to_image import encode_prompt, latents_to_images, sdxl_time_ids, unet_text_kwargs
 
 
@@ -43,12 +43,15 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     Args:
         students: a ``StudentBank`` of K generators.
-        scheduler: a diffusers VP scheduler (``alphas_cumprod``, ``prediction_type`` of the students).
+        scheduler: the teacher family's scheduler (a VP table with the students' ``prediction_type``, or the
+            teacher's EDM / flow-matching scheduler).
         vae, text_encoder, tokenizer (text_encoder_2, tokenizer_2): a latent text-to-image teacher's parts.
         generator_timestep: training index t* at which the students are evaluated.
         sample_shape: shape of one sample in model space (pixel space, or latents).
         num_classes: classes of a class-conditional teacher (0 for text).
         routing: the routing table (module docstring).
+        generator_sigma, generator_time, prediction_type: on EDM and flow schedulers, as
+            ``OneStepPipeline``'s.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->students->vae"
@@ -56,7 +59,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     def __init__(self, students, scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, generator_timestep: int = 625, sample_shape: list | None = None,
-                 num_classes: int = 0, routing: dict | None = None):
+                 num_classes: int = 0, routing: dict | None = None, generator_sigma: float | None = None,
+                 generator_time: float | None = None, prediction_type: str | None = None):
         super().__init__()
         self.register_modules(students=students, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -76,7 +80,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             raise ValueError(f"routing.kind must be 'classes' or 'prompt_clusters', got {kind!r}.")
         self.register_to_config(generator_timestep=int(generator_timestep), num_classes=int(num_classes),
                                 sample_shape=list(sample_shape) if sample_shape is not None else None,
-                                routing=routing)
+                                routing=routing, generator_sigma=generator_sigma,
+                                generator_time=generator_time, prediction_type=prediction_type)
 
     @property
     def num_students(self) -> int:
@@ -144,18 +149,15 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             shape = (n, *self.config.sample_shape)
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
-        t = self.config.generator_timestep
-        ac = self.scheduler.alphas_cumprod[t].item()
-        alpha, sigma = ac**0.5, (1 - ac) ** 0.5
-        x_in = sigma * z
+        x_in, net_in, t, to_x0 = one_step_input(self.scheduler, self.config, z)
         out = torch.empty_like(x_in)
         for k in self.progress_bar(range(self.num_students)):
             rows = (routes == k).nonzero().flatten()
             if len(rows):
                 sub = {key: _rows(v, rows) for key, v in kwargs.items()}
-                out[rows] = self.students(x_in[rows], torch.full((len(rows),), t, device=device), student=k,
+                out[rows] = self.students(net_in[rows], torch.full((len(rows),), t, device=device), student=k,
                                           **sub).sample.to(out.dtype)
-        x0 = x0_from_output(out, x_in, alpha, sigma, self.scheduler.config.prediction_type)
+        x0 = to_x0(out)
         if text and output_type != "latent":
             x0 = latents_to_images(self.vae, x0).float()
         images = x0 if output_type == "latent" else to_output(x0, output_type)

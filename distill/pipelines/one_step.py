@@ -40,6 +40,33 @@ def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma:
                      "flow).")
 
 
+def one_step_input(scheduler, config, z: torch.Tensor):
+    """A one-step generator at t* on sigma(t*) z: (x_in = sigma(t*) z, the network's input, its time input,
+    ``to_x0(network output)``). VP tables give alpha and sigma at the index ``config.generator_timestep``;
+    EDM and flow schedulers use the ``generator_sigma`` / ``generator_time`` that training wrote, EDM with
+    its scheduler's preconditioning (Karras et al. 2022, Table 1), flow with alpha = 1 - sigma and the
+    velocity."""
+    edm = hasattr(scheduler, "precondition_outputs")
+    if config.get("generator_sigma") is None:
+        t = config.generator_timestep
+        ac = scheduler.alphas_cumprod[t].item()
+        alpha, sigma = ac**0.5, (1 - ac) ** 0.5
+    else:
+        t, sigma = config.generator_time, config.generator_sigma
+        alpha = 1.0 if edm else 1.0 - sigma
+    x_in = sigma * z
+    pred = config.get("prediction_type") or scheduler.config.get("prediction_type", "flow")
+
+    def to_x0(out: torch.Tensor) -> torch.Tensor:
+        if edm and pred != "sample":
+            return scheduler.precondition_outputs(x_in, out, sigma)
+        # with invert_sigmas a flow network's velocity is x0 - eps
+        inverted = pred == "flow" and scheduler.config.get("invert_sigmas")
+        return x0_from_output(-out if inverted else out, x_in, alpha, sigma, pred)
+
+    return x_in, scheduler.precondition_inputs(x_in, sigma) if edm else x_in, t, to_x0
+
+
 def to_output(x: torch.Tensor, output_type: str):
     """Samples in model space -> pil / np / pt. Images are mapped from [-1, 1]; vectors are returned as is."""
     if output_type not in ("pil", "np", "pt"):
@@ -174,26 +201,11 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
         labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
-        sched = self.scheduler
-        edm = hasattr(sched, "precondition_outputs")
-        if self.config.generator_sigma is None:  # a VP table: t* is its index
-            t = self.config.generator_timestep
-            ac = sched.alphas_cumprod[t].item()
-            alpha, sigma = ac**0.5, (1 - ac) ** 0.5
-        else:  # EDM (alpha = 1) or flow (alpha = 1 - sigma)
-            t, sigma = self.config.generator_time, self.config.generator_sigma
-            alpha = 1.0 if edm else 1.0 - sigma
-        x_in = sigma * z
-        net_in = sched.precondition_inputs(x_in, sigma) if edm else x_in
+        x_in, net_in, t, to_x0 = one_step_input(self.scheduler, self.config, z)
         for _ in self.progress_bar(range(1)):
             kwargs = {"class_labels": labels} if labels is not None else {}
             out = self.generator(net_in, torch.full((batch_size,), t, device=device), **kwargs).sample
-        pred = self.config.prediction_type or sched.config.get("prediction_type", "flow")
-        if edm and pred != "sample":
-            x0 = sched.precondition_outputs(x_in, out, sigma)
-        else:  # with invert_sigmas a flow network's velocity is x0 - eps
-            x0 = x0_from_output(-out if pred == "flow" and sched.config.get("invert_sigmas") else out, x_in,
-                                alpha, sigma, pred)
+        x0 = to_x0(out)
         images = to_output(x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import diffusers
 import torch
 
 from ..conditioning import Condition
@@ -56,7 +55,7 @@ from ..models import StudentBank
 from ..objectives.score import DiffInstructLoss, SIMLoss, fake_score_loss
 from ..partition import nearest_centroid, prompt_feature
 from ..pipelines import MultiStudentPipeline
-from .score_helpers import OneStepScoreHelpers, ScoreGroup, one_step_checks
+from .score_helpers import OneStepScoreHelpers, ScoreGroup, check_student_prediction, one_step_checks
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -158,6 +157,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Te
 
 class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "msd"
+    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):
@@ -256,6 +256,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             raise ConfigError("msd.tsm_steps needs in-memory image or toy data (it noises real samples).")
         self.pred = t.prediction_type if cfg.student.arch == "copy" else (cfg.student.prediction_type
                                                                               or t.prediction_type)
+        check_student_prediction(t, self.pred)
         lr_fake = sec.lr_fake or cfg.optim.lr
         gens = []
         for j in range(k):
@@ -333,11 +334,11 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def export(self, for_samples: bool = False):
         t = self.teacher
         bank = StudentBank.from_students([self.unwrap(g.generator) for g in self.groups])
-        sched = diffusers.DDPMScheduler.from_config(t.scheduler.config, prediction_type=self.pred)
         parts = t.frozen_components(reload=not for_samples) if t.is_text else {}
-        return MultiStudentPipeline(bank, sched, generator_timestep=self.section.generator_timestep,
+        return MultiStudentPipeline(bank, self.export_scheduler(),
+                                    generator_timestep=self.section.generator_timestep,
                                     sample_shape=t.sample_shape, num_classes=t.num_classes,
-                                    routing=self.routing, **parts)
+                                    routing=self.routing, **parts, **self.generator_noise())
 
     def card_info(self) -> dict:
         s = self.section

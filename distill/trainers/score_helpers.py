@@ -47,6 +47,15 @@ class ScoreGroup:
     disc: str | None = None
 
 
+def check_student_prediction(teacher, pred: str) -> None:
+    """A one-step generator of a flow-matching teacher starts at or near pure noise (alpha = 0 at t = 1),
+    where an epsilon output gives no x0: it predicts the velocity (the teacher's) or x0 itself."""
+    if teacher.schedule.kind == "flow" and pred not in ("flow", "sample"):
+        raise ConfigError(f"student.prediction_type={pred!r} on a flow-matching teacher: a one-step "
+                          "generator near pure noise predicts the velocity (the teacher's) or 'sample'; "
+                          "remove it or set 'sample'.")
+
+
 class OneStepScoreHelpers:
     """Generator sampling, the fake-score update and the generator update of one :class:`ScoreGroup`."""
 
@@ -147,10 +156,7 @@ class OneStepScoreHelpers:
             else:
                 gen = build_network(cfg, t, shape, ncls)
                 self.pred = cfg.student.prediction_type or t.prediction_type
-                if t.schedule.kind == "flow" and self.pred not in ("flow", "sample"):
-                    raise ConfigError(f"student.prediction_type={self.pred!r} on a flow-matching teacher: a "
-                                      "one-step generator at pure noise predicts the velocity (the "
-                                      "teacher's) or 'sample'; remove it or set 'sample'.")
+                check_student_prediction(t, self.pred)
                 if sec.init_denoiser_steps:
                     self.fit_to_teacher(gen, sec.init_denoiser_steps, self.pred)
             fake = copy.deepcopy(gen).requires_grad_(True).train()
