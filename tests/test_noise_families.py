@@ -282,3 +282,30 @@ def test_a_flow_teacher_folder_is_compared_with_its_own_euler_sampler(tiny_unet,
                                  scheduler=diffusers.EDMEulerScheduler())
     with pytest.raises(ValueError, match="EDMEulerScheduler is not evaluated yet"):
         teacher_as_sampler(edm)
+
+
+@pytest.mark.parametrize("family", ["edm", "flow"])
+def test_msd_on_the_mixture_in_each_family_exports_what_it_trained(family, tmp_path):
+    """MSD (2 updates) on the exact mixture as an EDM / flow teacher: the exported pipeline routes each class
+    to its student and samples exactly the trainer's generator read at t* (one conversion of t*)."""
+    from distill import load_pipeline
+    from distill.conditioning import Condition
+    from distill.config import load_config
+    from distill.trainers import trainer_class
+
+    cfg = load_config("configs/msd_gaussians8.yaml",
+                      [f"output_dir={tmp_path}", f"teacher.noise={family}", "train.max_steps=2",
+                       "msd.tsm_steps=3", "train.batch_size=32", "train.progress_bar=false",
+                       "train.report_to=none", "eval.enabled=false"])
+    trainer = trainer_class("msd")(cfg)
+    pipe = load_pipeline(str(trainer.train()))
+    assert type(pipe.scheduler).__name__ == type(trainer.teacher.scheduler).__name__
+    labels = torch.arange(trainer.teacher.num_classes)
+    z = torch.randn(len(labels), 2, generator=torch.Generator().manual_seed(0))
+    got = pipe(class_labels=labels, latents=z, output_type="pt").images
+    table = pipe.config.routing["student_of_class"]
+    with torch.no_grad(), trainer.ema_weights():  # the export holds the students' EMA weights
+        for c in range(len(labels)):
+            net = trainer.unwrap(f"student_{table[c]}")
+            want = trainer.generate(net, z[c:c + 1], Condition(class_labels=labels[c:c + 1]))
+            torch.testing.assert_close(got[c:c + 1], want.float(), rtol=1e-5, atol=1e-5)

@@ -120,6 +120,6 @@ def test_non_vp_teachers_are_refused_where_a_method_does_not_support_them(tmp_pa
                        "train.report_to=none", "eval.enabled=false"])
     trainer = trainer_class("progressive")(cfg)
     want = f"{scheduler_cls} \\({kind} noise schedule\\): method 'progressive' does not support {kind}"
-    with pytest.raises(ConfigError, match=want + " teachers yet.*sim and uni_instruct"):
+    with pytest.raises(ConfigError, match=want + " teachers yet.*sim, uni_instruct and msd"):
         trainer.train()
     assert trainer.step == 0 and not (tmp_path / "run" / "checkpoints").exists()

@@ -26,8 +26,8 @@ def check_teacher_family(cfg: Config, teacher: Teacher, families: tuple[str, ...
     what = "text-to-image teachers" if kind != "vp" and kind in families else f"{kind} teachers"
     raise ConfigError(f"teacher.path={cfg.teacher.path!r} comes with a {name} ({kind} noise schedule): "
                       f"method {cfg.method!r} does not support {what} yet. Every method trains on "
-                      "variance-preserving teachers (DDPMScheduler / DDIMScheduler tables); methods sim and "
-                      "uni_instruct also on pixel EDM and flow-matching teachers.")
+                      "variance-preserving teachers (DDPMScheduler / DDIMScheduler tables); methods sim, "
+                      "uni_instruct and msd also on pixel EDM and flow-matching teachers.")
 
 
 def load_teacher(cfg: Config, device) -> Teacher:
