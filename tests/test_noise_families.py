@@ -309,3 +309,23 @@ def test_msd_on_the_mixture_in_each_family_exports_what_it_trained(family, tmp_p
             net = trainer.unwrap(f"student_{table[c]}")
             want = trainer.generate(net, z[c:c + 1], Condition(class_labels=labels[c:c + 1]))
             torch.testing.assert_close(got[c:c + 1], want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_flow_teacher_run_reports_fid_with_the_teacher_rows(tiny_unet, tmp_path):
+    """The end-of-training report of a SIM run on a flow teacher folder evaluates the teacher with its own
+    Euler loop at eval.teacher_steps, next to the one-step student."""
+    import json
+
+    from distill.cli import main
+
+    folder = tmp_path / "teacher"
+    diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
+                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    out = tmp_path / "run"
+    rc = main(["train", "configs/sim_digits.yaml", f"teacher.path={folder}", f"output_dir={out}",
+               "train.max_steps=1", "train.batch_size=4", "train.mixed_precision=no", "train.report_to=none",
+               "train.progress_bar=false", "eval.num_samples=40", "eval.teacher_steps=[2,4]"])
+    assert rc == 0
+    rows = json.loads((out / "report" / "fid_report.json").read_text())["results"]
+    got = {(r["model"].split("@")[0], r["nfe"]) for r in rows}
+    assert {("student", 1), ("teacher", 2), ("teacher", 4)} <= got, got

@@ -109,6 +109,11 @@ def test_every_readme_command_runs(tmp_path):
                     "eval.teacher_steps=[1]", f"output_dir={tmp_path / 'best_digits'}"], ROOT)
             assert (tmp_path / "best_digits" / "report" / "fid_report.md").is_file()
             continue
+        # the noise-family commands, shortened
+        if any(a.startswith(("teacher.noise=", "teacher_train.noise=")) for a in args):
+            _run(args + ["train.max_steps=3", "train.sample_every=0", "eval.enabled=false",
+                         f"output_dir={tmp_path / ('family_' + str(len(ran)))}"], ROOT)
+            continue
         # reads the Hub teacher's config files: offline, a message
         if args[:2] == ["distill", "estimate-memory"]:
             res = _run(args, ROOT, expect_ok=False)

@@ -115,11 +115,20 @@ def report_after_training(cfg, teacher, data, pipeline_path) -> dict:
                 teacher.weights, scheduler=sched, num_inference_steps=50,
                 force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt,
                 **teacher.frozen_components(reload=False))
-        else:
+        elif teacher.schedule.kind == "vp":
             models["teacher"] = FewStepPipeline(teacher.weights, teacher.scheduler, num_inference_steps=50,
                                                 sample_shape=teacher.sample_shape,
                                                 num_classes=teacher.num_classes)
-        steps["teacher"] = list(ev.teacher_steps)
+        else:  # a flow teacher with its own Euler loop; others are not evaluated yet
+            import diffusers
+
+            try:
+                models["teacher"] = teacher_as_sampler(diffusers.DDPMPipeline(unet=teacher.weights,
+                                                                              scheduler=teacher.scheduler))
+            except ConfigError as err:
+                print(f"eval: the report has no teacher rows: {err}")
+        if "teacher" in models:
+            steps["teacher"] = list(ev.teacher_steps)
     models, steps, kwargs = with_guidance_scales(models, steps, ev.guidance_scales)
     if "teacher" in models and cfg.teacher.guidance_scale is not None and not ev.guidance_scales:
         # the teacher the student was distilled from

@@ -163,6 +163,8 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
             x = pipe(prompt=batch_prompts, generator=gen, output_type="pt", **kwargs).images
         else:
             x = pipe(batch_size=n, generator=gen, output_type="pt", **kwargs).images
+        if not isinstance(x, torch.Tensor):  # stock DDPMPipeline: "pt" gives a NHWC array in [0, 1]
+            x = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
         out[b] = to_uint8(x)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
