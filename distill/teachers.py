@@ -31,7 +31,8 @@ from .export import read_model_index, resolve_pretrained
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 from .noise import NoiseSchedule
 
-BUILTIN = {"builtin:digits": "digits_teacher", "builtin:digits-cond": "digits_teacher_cond"}
+BUILTIN = {"builtin:digits": "digits_teacher", "builtin:digits-cond": "digits_teacher_cond",
+           "builtin:digits-flow": "digits_teacher_flow"}
 ASSETS = Path(__file__).parent / "assets"
 
 

@@ -329,3 +329,32 @@ def test_a_flow_teacher_run_reports_fid_with_the_teacher_rows(tiny_unet, tmp_pat
     rows = json.loads((out / "report" / "fid_report.json").read_text())["results"]
     got = {(r["model"].split("@")[0], r["nfe"]) for r in rows}
     assert {("student", 1), ("teacher", 2), ("teacher", 4)} <= got, got
+
+
+def test_builtin_flow_teacher_is_a_stock_folder_with_recognisable_digits():
+    """builtin:digits-flow (configs/teacher_digits_flow.yaml) is a DDPMPipeline folder with a
+    FlowMatchEulerDiscreteScheduler; the stock loop (its Euler sampler) at 50 steps draws all ten digits."""
+    from distill.eval.extractors import DigitsNet, make_extractor
+    from distill.teachers import ASSETS, Teacher
+
+    pipe = diffusers.DDPMPipeline.from_pretrained(ASSETS / "digits_teacher_flow")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    x = pipe(batch_size=200, generator=torch.Generator().manual_seed(0), num_inference_steps=50,
+             output_type="np").images
+    u8 = torch.from_numpy(x).permute(0, 3, 1, 2).mul(255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    ext, _, _ = make_extractor("digits")
+    with torch.no_grad():
+        probs = ext.net(DigitsNet.preprocess(u8))[1].softmax(1)
+    assert probs.max(1).values.mean() > 0.9
+    assert len(set(probs.argmax(1).tolist())) == 10
+    assert Teacher.from_pretrained("builtin:digits-flow").schedule.kind == "flow"
+
+
+@pytest.mark.parametrize("config", ["configs/teacher_digits_flow.yaml", "configs/sim_digits_flow.yaml"])
+def test_the_flow_digits_configs_run(config, tmp_path):
+    from distill.cli import main
+
+    rc = main(["train", config, f"output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=8",
+               "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"])
+    assert rc == 0 and (tmp_path / "pipeline" / "model_index.json").is_file()
