@@ -121,7 +121,7 @@ class NoiseSchedule:
                 if config.get(key):
                     raise ValueError(f"{name} with {key}=true: only the shifted linear flow grid is "
                                      "supported (set it to false in the scheduler config).")
-            shift = float(config.get("shift", 1.0))
+            shift, mu = float(config.get("shift", 1.0)), None
             if config.get("use_dynamic_shifting"):
                 if image_seq_len is None:
                     raise ValueError(f"{name} shifts dynamically (use_dynamic_shifting=true): its shift "
@@ -130,7 +130,7 @@ class NoiseSchedule:
                 shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
             return cls(kind="flow", prediction_type="flow", shift=shift,
                        invert_sigmas=bool(config.get("invert_sigmas", False)), num_train_timesteps=T,
-                       scheduler_config={**config, "_class_name": name, "mu": math.log(shift)})
+                       scheduler_config={**config, "_class_name": name, "mu": mu})
         if name.startswith("EDM"):
             return cls(kind="edm", prediction_type=pred, sigma_min=float(config.get("sigma_min", 0.002)),
                        sigma_max=float(config.get("sigma_max", 80.0)), rho=float(config.get("rho", 7.0)),

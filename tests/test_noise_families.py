@@ -157,6 +157,20 @@ def test_a_denoiser_scales_edm_inputs_and_reads_the_velocity(family):
     torch.testing.assert_close(den.x0(x, t), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+def test_a_dynamic_shift_is_the_schedulers_time_shift_at_every_t(time_shift_type):
+    """sigma(t) of a dynamically shifted schedule is diffusers' time_shift(mu) of t, for both shift types,
+    and its sampling grid the scheduler's own."""
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True,
+                                                      time_shift_type=time_shift_type)
+    ns = NoiseSchedule.from_scheduler(sched, image_seq_len=3000)
+    mu = flow_shift_mu(3000, sched.config)
+    t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
+    torch.testing.assert_close(ns.sigma(t), sched.time_shift(mu, 1.0, t))
+    sched.set_timesteps(5, mu=mu)
+    torch.testing.assert_close(ns.sigma(ns.sampling_times(5)), sched.sigmas[:5].double(), rtol=1e-6, atol=0)
+
+
 def test_dynamic_shift_needs_the_token_count():
     sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     with pytest.raises(ValueError, match="image_seq_len"):
