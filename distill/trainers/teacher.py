@@ -43,8 +43,9 @@ class TeacherTrainConfig:
     """TeacherTrainer: plain denoising score matching (Ho et al. 2020, eq. 14)."""
 
     num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    # v: stable at every SNR; epsilon amplifies its error by 1/alpha at t=999
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # vp only
+    # vp only (a flow teacher predicts the velocity). v: stable at every SNR; epsilon amplifies its error by
+    # 1/alpha at t=999
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
     # flow: a rectified-flow teacher (velocity; FlowMatchEulerDiscreteScheduler)
     noise: Literal["vp", "flow"] = "vp"
