@@ -165,6 +165,9 @@ def test_a_dynamic_shift_is_the_schedulers_time_shift_at_every_t(time_shift_type
                                                       time_shift_type=time_shift_type)
     ns = NoiseSchedule.from_scheduler(sched, image_seq_len=3000)
     mu = flow_shift_mu(3000, sched.config)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    assert math.isclose(mu, calculate_shift(3000), rel_tol=1e-12)  # FluxPipeline's own mu
     t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
     torch.testing.assert_close(ns.sigma(t), sched.time_shift(mu, 1.0, t))
     sched.set_timesteps(5, mu=mu)
