@@ -197,6 +197,20 @@ class NoiseSchedule:
             return (sigma ** (1 / self.rho) - lo) / (hi - lo)
         raise NotImplementedError("t_from_sigma is defined for edm and flow schedules.")
 
+    def t_from_logsnr(self, logsnr) -> torch.Tensor:
+        """Inverse of :meth:`logsnr` (float64). vp: the inverse of the table's piecewise-linear log-SNR (which
+        decreases with the index), 0 above the table's first value and 1 below its last; edm: the time of
+        sigma = e^(-logsnr / 2) (alpha = 1), outside [0, 1] for a sigma outside [sigma_min, sigma_max]; flow:
+        the time of s = sigmoid(-logsnr / 2) (s / (1 - s) = e^(-logsnr / 2))."""
+        lam = torch.as_tensor(logsnr, dtype=torch.float64)
+        if self.kind == "vp":
+            table = self._logsnr_on(lam.device)
+            hi = torch.searchsorted(-table, -lam).clamp(1, self.num_train_timesteps - 1)
+            lo = hi - 1
+            frac = ((table[lo] - lam) / (table[lo] - table[hi])).clamp(0, 1)
+            return (lo + frac) / (self.num_train_timesteps - 1)
+        return self.t_from_sigma(torch.exp(-lam / 2) if self.kind == "edm" else torch.sigmoid(-lam / 2))
+
     def alpha(self, t) -> torch.Tensor:
         return self._alpha_sigma(self._t(t))[0]
 

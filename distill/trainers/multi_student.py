@@ -82,6 +82,16 @@ class MSDConfig:
     lr_fake: float | None = None  # default optim.lr
     t_min: float = 0.02
     t_max: float = 0.98
+    # time of the fake-score and generator losses (docs/noise_families.md), clamped to [t_min, t_max]:
+    # uniform; logit_normal: t = sigmoid(N(logit_mean, logit_std)) (SD3);
+    # lognormal: ln sigma_EDM ~ N(p_mean, p_std) (EDM)
+    t_sampling: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # per-sample weight of the generator loss in the flow sigma s: sigma_sqrt s^-2, cosmap, 1 - s (none: 1)
+    time_weighting: Literal["none", "sigma_sqrt", "cosmap", "one_minus_sigma"] = "none"
     # student.arch mlp/unet: teacher score matching on the student's part before distillation
     tsm_steps: int = 0
     # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of
@@ -157,7 +167,6 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Te
 
 class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "msd"
-    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):

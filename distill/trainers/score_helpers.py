@@ -8,12 +8,24 @@ form one generator / fake score pair), so one trainer can hold several (multi-st
 
 A trainer that mixes in :class:`OneStepScoreHelpers` sets ``t_star`` (continuous t of the generator
 index), ``pred`` (the prediction type of generator and fake score), ``loss`` (called as
-``loss(x0, x_t, d_real, d_fake, coef)``) and has a ``section`` with ``t_min`` / ``t_max``.
+``loss(x0, x_t, d_real, d_fake, coef)``) and has a ``section`` with ``t_min`` / ``t_max``, ``t_sampling``
+(with ``logit_mean`` / ``logit_std`` / ``p_mean`` / ``p_std``) and ``time_weighting``.
+
+Time of the fake-score and generator losses (``t_sampling``, :meth:`OneStepScoreHelpers.sample_t`):
+``uniform`` in [t_min, t_max] (the SiD / SIM / Uni-Instruct reference code); ``logit_normal``: t =
+sigmoid(N(logit_mean, logit_std)) as the unshifted time (Esser et al. 2024, sec. 3.1, eq. 19; diffusers'
+``compute_density_for_timestep_sampling``); ``lognormal``: ln sigma_EDM ~ N(p_mean, p_std) with sigma_EDM =
+sigma / alpha of the family (Karras et al. 2022, Table 1, P_mean / P_std), i.e. log-SNR = -2 ln sigma_EDM,
+mapped to t by :meth:`NoiseSchedule.t_from_logsnr`.
+
+Time weight of the generator loss (``time_weighting``, :func:`time_weight`), a per-sample multiplier on
+top of the x0-space weight 1 of objectives.score, in the flow sigma s of the family.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import diffusers
@@ -25,6 +37,25 @@ from ..objectives.score import DiffInstructLoss, fake_score_loss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
 
 
+def time_weight(schedule, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator loss's weight at time t (float64), in the flow sigma s = sigma / (alpha + sigma): on a
+    flow teacher its own sigma (alpha + sigma = 1), on vp / edm the flow sigma at the same log-SNR
+    (s / (1 - s) = sigma / alpha). ``sigma_sqrt``: s^-2 and ``cosmap``: 2 / (pi (1 - 2 s + 2 s^2)) (Esser et
+    al. 2024, sec. 3.1, the CosMap density of eq. 21; diffusers' ``compute_loss_weighting_for_sd3``);
+    ``one_minus_sigma``: 1 - s (SiD on flow-matching teachers, Zhou et al. 2025, "Score Distillation of
+    Flow Matching Models", arXiv 2509.25127). ``none`` (weight 1) multiplies nothing:
+    :meth:`OneStepScoreHelpers.weight_generator_loss` leaves the loss as it is."""
+    a, sigma = schedule.alpha_sigma(t)
+    s = sigma / (a + sigma)
+    if kind == "sigma_sqrt":
+        return s**-2
+    if kind == "cosmap":
+        return 2 / (math.pi * (1 - 2 * s + 2 * s * s))
+    if kind == "one_minus_sigma":
+        return 1 - s
+    raise ValueError(f"time_weighting {kind!r} is not one of 'sigma_sqrt', 'cosmap', 'one_minus_sigma'.")
+
+
 def one_step_checks(key: str, s) -> list[tuple]:
     """The checks every one-step score-distillation section shares (SIM, Uni-Instruct, MSD)."""
     n = s.fake_steps_per_generator_step
@@ -34,6 +65,15 @@ def one_step_checks(key: str, s) -> list[tuple]:
         (0 <= s.t_min < s.t_max <= 1, f"{key}.t_min/t_max", (s.t_min, s.t_max), "0 <= t_min < t_max <= 1"),
         (n is None or n >= 1, f"{key}.fake_steps_per_generator_step", n, "an integer >= 1"
          + (" or null (the method's default)" if key == "uni_instruct" else "")),
+        (math.isfinite(s.logit_mean), f"{key}.logit_mean", s.logit_mean, "a finite number"),
+        (math.isfinite(s.logit_std) and s.logit_std > 0, f"{key}.logit_std", s.logit_std,
+         "a positive number (the std of the logit-normal time)"),
+        (math.isfinite(s.p_mean), f"{key}.p_mean", s.p_mean, "a finite number"),
+        (math.isfinite(s.p_std) and s.p_std > 0, f"{key}.p_std", s.p_std,
+         "a positive number (the std of ln sigma_EDM)"),
+        (s.time_weighting != "sigma_sqrt" or s.t_min > 0, f"{key}.t_min", s.t_min,
+         f"t_min > 0 with {key}.time_weighting=sigma_sqrt (sigma^-2 is infinite at t = 0 on a flow teacher), "
+         "or another time_weighting"),
     ]
 
 
@@ -48,12 +88,12 @@ class ScoreGroup:
 
 
 def check_student_prediction(teacher, pred: str) -> None:
-    """A one-step generator of a flow-matching teacher starts at or near pure noise (alpha = 0 at t = 1),
-    where an epsilon output gives no x0: it predicts the velocity (the teacher's) or x0 itself."""
-    if teacher.schedule.kind == "flow" and pred not in ("flow", "sample"):
-        raise ConfigError(f"student.prediction_type={pred!r} on a flow-matching teacher: a one-step "
-                          "generator near pure noise predicts the velocity (the teacher's) or 'sample'; "
-                          "remove it or set 'sample'.")
+    """A student of a flow-matching teacher starts at or near pure noise (alpha = 0 at t = 1), where an
+    epsilon output gives no x0: it predicts the velocity (the teacher's), v or x0 itself."""
+    if teacher.schedule.kind == "flow" and pred == "epsilon":
+        raise ConfigError("student.prediction_type='epsilon' on a flow-matching teacher: a student near pure "
+                          "noise predicts the velocity ('flow', the teacher's), 'v_prediction' or 'sample'; "
+                          "remove it or set one of those.")
 
 
 class OneStepScoreHelpers:
@@ -74,8 +114,26 @@ class OneStepScoreHelpers:
                                         timestep=self._timestep_star.expand(z.shape[0]))
 
     def sample_t(self, n: int) -> torch.Tensor:
+        """n times of the fake-score / generator losses from this step's generator (float64), by
+        ``section.t_sampling`` (module docstring). logit_normal and lognormal draw N(0, 1) on the step's
+        generator as diffusers' ``compute_density_for_timestep_sampling`` does and are then clamped to
+        [t_min, t_max] (the mass outside the range sits on its ends)."""
         s = self.section
-        return s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64)
+        if s.t_sampling == "uniform":
+            return s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64)
+        z = torch.randn(n, generator=self.rng, device=self.rng.device, dtype=torch.float64).to(self.device)
+        if s.t_sampling == "logit_normal":
+            t = torch.sigmoid(s.logit_mean + s.logit_std * z)
+        else:  # lognormal: log-SNR = -2 ln sigma_EDM
+            t = self.teacher.schedule.t_from_logsnr(-2 * (s.p_mean + s.p_std * z))
+        return t.clamp(s.t_min, s.t_max)
+
+    def weight_generator_loss(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The generator's per-sample loss times ``time_weight`` at its times (unchanged for ``none``)."""
+        kind = self.section.time_weighting
+        if kind == "none":
+            return per_sample
+        return per_sample * time_weight(self.teacher.schedule, t, kind).to(per_sample.dtype)
 
     def teacher_x0(self, x_t, t, cond) -> torch.Tensor:
         """D_p: the teacher's clean-sample prediction, guided by ``teacher.guidance_scale``."""
@@ -128,7 +186,7 @@ class OneStepScoreHelpers:
         with frozen(self.unwrap(g.fake)):
             x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
                 g, cond, b, through_inputs=not isinstance(self.loss, DiffInstructLoss))
-            per_sample = self.loss(x0, x_t, d_real, d_fake, coef)
+            per_sample = self.weight_generator_loss(self.loss(x0, x_t, d_real, d_fake, coef), t)
             loss = self.finite_mean(per_sample)
             if extra_loss is not None:
                 extra = extra_loss()
@@ -206,7 +264,8 @@ class OneStepScoreHelpers:
                                        scheduler=self.export_scheduler(),
                                        generator_timestep=self.section.generator_timestep,
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
-                                       **self.teacher.frozen_components(reload=not for_samples))
+                                       **self.teacher.frozen_components(reload=not for_samples),
+                                       **self.generator_noise())
         return OneStepPipeline(self.export_network(self.group.generator), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes,

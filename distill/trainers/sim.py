@@ -12,6 +12,8 @@ detached generator samples, then one generator update on the SIM surrogate
     L = <grad g(D_p - D_psi), D_psi - x0>   at x_t = alpha G(z) + sigma eps,   t ~ U[t_min, t_max]
 
 with gradients through the INPUT of the frozen teacher and fake networks (objectives.score.SIMLoss).
+``sim.t_sampling`` draws t logit-normal (SD3) or lognormal in sigma (EDM) instead, and ``sim.time_weighting``
+weights L per sample (score_helpers; docs/noise_families.md).
 Defaults follow the SiD / Diff-Instruct code the SIM authors build on: Adam betas (0, 0.999)
 (set optim.betas), 1:1 updates, generator EMA. ``distance: l2`` with ``sid_alpha: A`` is SiD(alpha)
 (Zhou et al. 2024); ``sid_alpha: 1`` equals SIM-L2.
@@ -45,6 +47,16 @@ class SIMConfig:
     lr_fake: float | None = None  # default optim.lr
     t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
     t_max: float = 0.98
+    # time of the fake-score and generator losses (docs/noise_families.md), clamped to [t_min, t_max]:
+    # uniform; logit_normal: t = sigmoid(N(logit_mean, logit_std)) (SD3);
+    # lognormal: ln sigma_EDM ~ N(p_mean, p_std) (EDM)
+    t_sampling: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # per-sample weight of the generator loss in the flow sigma s: sigma_sqrt s^-2, cosmap, 1 - s (none: 1)
+    time_weighting: Literal["none", "sigma_sqrt", "cosmap", "one_minus_sigma"] = "none"
     fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
     init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
     sid_alpha: float | None = None  # SiD(alpha) (Zhou et al. 2024): needs distance=l2; 1.0 = SIM-L2
@@ -63,7 +75,6 @@ class SIMConfig:
 
 class ScoreImplicitMatchingTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "sim"
-    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):

@@ -53,6 +53,16 @@ class UniInstructConfig:
     lr_fake: float | None = None  # default optim.lr
     t_min: float = 0.02  # time range of the generator / fake-score losses (continuous t)
     t_max: float = 0.98
+    # time of the fake-score and generator losses (docs/noise_families.md), clamped to [t_min, t_max]:
+    # uniform; logit_normal: t = sigmoid(N(logit_mean, logit_std)) (SD3);
+    # lognormal: ln sigma_EDM ~ N(p_mean, p_std) (EDM)
+    t_sampling: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # per-sample weight of the generator loss in the flow sigma s: sigma_sqrt s^-2, cosmap, 1 - s (none: 1)
+    time_weighting: Literal["none", "sigma_sqrt", "cosmap", "one_minus_sigma"] = "none"
     fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
     init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
     sample_weight: Literal["none", "sid"] = "none"  # sid: divide by sg(mean|x0 - D_p|) (SiD / DMD)
@@ -118,7 +128,6 @@ def feature_module(net):
 
 class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
     method = "uni_instruct"
-    noise_families = ("vp", "edm", "flow")
 
     @property
     def section(self):
@@ -231,6 +240,8 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
                 per_sample = per_sample / h_of(sec.divergence, r)[0].mean().detach().clamp_min(1e-8)
         else:
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, torch.ones(b, device=x0.device))
+        # the divergence's time weight; the GAN term keeps its own weight gan_weight
+        per_sample = self.weight_generator_loss(per_sample, t)
         if gan is not None:
             per_sample = per_sample + sec.gan_weight * gan
         loss = self.finite_mean(per_sample)
