@@ -30,9 +30,9 @@ if str(HERE) not in sys.path:  # harness and sections/ sit next to this file
 import torch  # noqa: E402
 from harness import RESULTS  # noqa: E402
 
-# the sections, in results.md's order: the letters (a) ... (l) and (n) are their headings' labels
+# the sections, in results.md's order: the letters (a) ... (l), (n) and (o) are their headings' labels
 SECTIONS = ("sampling", "training", "fid", "quality", "progressive", "guided", "uni_instruct_digits",
-            "hybrid", "msd", "msd_digits", "disa", "beat_teacher", "families")
+            "hybrid", "msd", "msd_digits", "disa", "beat_teacher", "families", "families_rounds")
 
 
 # sections measured on a GPU machine by benchmarks/gpu_check.py (m): kept in results.md, never rerun here

@@ -113,6 +113,51 @@ def test_edm_sampler_equals_edm_euler():
         torch.testing.assert_close(ours.double(), x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["edm", "flow"])
+def test_few_step_pipeline_is_the_familys_euler_sampler(family):
+    """FewStepPipeline on an EDM / flow scheduler samples as diffusers' EDMEulerScheduler /
+    FlowMatchEulerDiscreteScheduler step the same network from the same noise: on the scheduler's own
+    grid and on a stored grid of noise levels (flow: diffusers shifts the sigmas it is given, so the
+    stored grid is the shifted one)."""
+    from distill.pipelines import FewStepPipeline
+
+    teacher = analytic_teacher("gaussians8", noise=family, flow_shift=3.0)
+    model = teacher.model.double()
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    flow_sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for n in (1, 3, 6):
+        pipe = FewStepPipeline(model, teacher.scheduler, num_inference_steps=n, sample_shape=[2])
+        pipe.set_progress_bar_config(disable=True)
+        ours = pipe(batch_size=64, latents=z.clone(), output_type="pt").images.double()
+        if family == "flow":
+            theirs = _flow_scheduler_steps(model, flow_sched, z.clone(), n)
+        else:
+            sched = diffusers.EDMEulerScheduler.from_config(teacher.scheduler.config)
+            sched.set_timesteps(n)
+            x = z.clone() * sched.sigmas[0]
+            for ts in sched.timesteps:
+                out = model(sched.scale_model_input(x, ts), ts.expand(64)).sample
+                x = sched.step(out, ts, x).prev_sample
+            theirs = x
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours, teacher.sample(64, num_steps=n, noise=z.float()).double(),
+                                   rtol=1e-4, atol=1e-4)
+    if family == "flow":  # a stored grid: diffusers' set_timesteps(sigmas=u) shifts u
+        u = [1.0, 0.6, 0.25]
+        shifted = [3 * v / (1 + 2 * v) for v in u]
+        pipe = FewStepPipeline(model, teacher.scheduler, num_inference_steps=3, sample_shape=[2],
+                               sigmas=shifted)
+        pipe.set_progress_bar_config(disable=True)
+        ours = pipe(batch_size=64, latents=z.clone(), output_type="pt").images.double()
+        flow_sched.set_timesteps(sigmas=u)
+        x = z.clone()
+        for ts in flow_sched.timesteps:
+            x = flow_sched.step(model(x, ts.expand(64)).sample, ts, x).prev_sample
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="takes sigmas="):
+            pipe(batch_size=2, timesteps=[999, 499])
+
+
 def test_the_mixture_is_one_teacher_in_every_family():
     """At equal log-SNR the vp, edm and flow teachers are the same posterior mean: x0 of the flow state
     x_f = (1 - s) x0 + s eps read through each family's Denoiser equals the closed-form E[x0 | x_t]."""
@@ -194,12 +239,20 @@ print(type(pipe.scheduler).__name__)
 """
 
 
-@pytest.mark.parametrize("method", ["sim", "uni_instruct"])
+ROUNDS = ["start_steps=4", "steps_per_round=1", "final_rounds_multiplier=1"]
+FOLDER_METHODS = {  # method: (class-conditional teacher, overrides for a 2-update run)
+    "sim": (False, []), "uni_instruct": (False, ["uni_instruct.ratio_warmup_steps=0"]),
+    "msd": (True, ["msd.tsm_steps=1"]), "progressive": (False, [f"progressive.{o}" for o in ROUNDS]),
+    "guided": (True, ["guided.stage_one_steps=1", "guided.start_steps=2", "guided.steps_per_round=1",
+                      "guided.final_rounds_multiplier=1"])}
+
+
+@pytest.mark.parametrize("method", list(FOLDER_METHODS))
 @pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"])
 def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, scheduler, tiny_unet, tmp_path):
-    """A UNet2DModel folder with an EDM or flow-matching scheduler: 2 updates, the export keeps the teacher's
-    scheduler class, samples the same in plain diffusers (no distill) and is the generator read at t* as
-    training reads it (one t* conversion)."""
+    """A UNet2DModel folder with an EDM or flow-matching scheduler: 2 updates of every method, the export
+    keeps the teacher's scheduler class and samples the same in plain diffusers (no distill); one-step
+    exports are the generator read at t* as training reads it (one t* conversion)."""
     import os
     import subprocess
     import sys
@@ -209,11 +262,12 @@ def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, schedule
     from distill import load_pipeline
     from distill.cli import main
 
+    conditional, extra = FOLDER_METHODS[method]
     folder = tmp_path / "teacher"
-    diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
+    diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1, num_class_embeds=11 if conditional
+                                          else None),
                            scheduler=getattr(diffusers, scheduler)()).save_pretrained(folder)
     out = tmp_path / "run"
-    extra = ["uni_instruct.ratio_warmup_steps=0"] if method == "uni_instruct" else []
     rc = main(["train", f"configs/{method}_digits.yaml", f"teacher.path={folder}", f"output_dir={out}",
                "train.max_steps=2", "train.batch_size=4", "train.mixed_precision=no", "train.report_to=none",
                "train.progress_bar=false", "eval.enabled=false", *extra])
@@ -222,12 +276,20 @@ def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, schedule
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == scheduler
     mine = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(mine).all()
     res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "pipeline"), str(tmp_path / "p.npy")],
                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == scheduler
     np.testing.assert_array_equal(mine, np.load(tmp_path / "p.npy"))
+    if method in ("progressive", "guided"):
+        # the stored grid is the last round's trailing grid as noise levels sigma(t) of the teacher
+        schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        assert pipe.config.sigmas == pytest.approx([float(schedule.sigma(1.0))])
+        return
+    if method == "msd":
+        return
     # the pipeline's x0 is the training Denoiser's at t* (the config's index 625) on sigma(t*) z
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     t_star = schedule.t_from_timestep(pipe.config.generator_timestep)
@@ -375,3 +437,91 @@ def test_the_flow_digits_configs_run(config, tmp_path):
     rc = main(["train", config, f"output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=8",
                "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"])
     assert rc == 0 and (tmp_path / "pipeline" / "model_index.json").is_file()
+
+
+TEXT_METHODS = {
+    "sim": ["train.max_steps=2"], "uni_instruct": ["train.max_steps=2", "uni_instruct.ratio_warmup_steps=0"],
+    "msd": ["train.max_steps=2", "msd.num_students=2", "msd.tsm_steps=0"],
+    "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
+                    "progressive.steps_per_round=1"],
+    "guided": ["guided.start_steps=2", "guided.target_steps=1", "guided.steps_per_round=1",
+               "guided.stage_one_steps=1"]}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "sim" else pytest.mark.slow)
+                                    for m in TEXT_METHODS])
+@pytest.mark.parametrize("scheduler", ["EDMDPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_a_text_teacher_of_each_family_distils_and_exports(method, scheduler, tmp_path_factory, tmp_path):
+    """A Stable-Diffusion-format folder (UNet2DConditionModel, VAE, CLIP) whose scheduler is EDM's (Playground
+    v2.5's layout) or flow matching's: every method trains, the export keeps the teacher's scheduler class and
+    samples the same images in plain diffusers (no distill) as in distill."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import make_tiny_sd
+
+    from distill import load_pipeline
+    from distill.cli import main
+
+    root = tmp_path_factory.mktemp("sd_family")
+    folder = make_tiny_sd(root / "sd")
+    getattr(diffusers, scheduler)().save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", scheduler]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (root / "prompts.txt").write_text("a red cat\na blue dog\na small house\na green tree\n")
+    out = tmp_path / "run"
+    rc = main(["train", f"configs/{method}_sd15.yaml", f"teacher.path={folder}", f"output_dir={out}",
+               f"data.spec=prompts:{root / 'prompts.txt'}", "train.batch_size=2",
+               "data.teacher_sample_steps=2",
+               "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false",
+               "eval.enabled=false", *TEXT_METHODS[method]])
+    assert rc == 0
+    pipe = load_pipeline(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == scheduler
+    mine = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+    res = subprocess.run([sys.executable, "-c", TEXT_PLAIN_LOAD, str(out / "pipeline"),
+                          str(tmp_path / "p.npy")],
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == scheduler
+    plain = np.load(tmp_path / "p.npy")
+    assert plain.shape == (2, 16, 16, 3) and np.isfinite(plain).all() and plain.std() > 0.01
+    np.testing.assert_array_equal(mine, plain)
+
+
+TEXT_PLAIN_LOAD = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+x = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+         output_type="np").images
+assert "distill" not in sys.modules
+np.save(sys.argv[2], x)
+print(type(pipe.scheduler).__name__)
+"""
+
+
+def test_a_lora_student_of_a_flow_teacher_is_refused_before_any_update(tiny_unet, tmp_path):
+    """LoRA adapters are exported for the teacher's own pipeline with a VP scheduler: on an EDM / flow teacher
+    student.lora_rank is refused at build, naming the scheduler and the fix."""
+    from distill.config import ConfigError, load_config
+    from distill.trainers import trainer_class
+
+    diffusers.DDPMPipeline(tiny_unet(), diffusers.FlowMatchEulerDiscreteScheduler()).save_pretrained(
+        tmp_path / "teacher")
+    cfg = load_config("configs/sim_digits.yaml",
+                      [f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}",
+                       "student.lora_rank=4", "train.report_to=none", "eval.enabled=false"])
+    trainer = trainer_class("sim")(cfg)
+    want = "lora_rank=4 with a FlowMatchEulerDiscreteScheduler teacher.*remove student.lora_rank"
+    with pytest.raises(ConfigError, match=want):
+        trainer.train()
+    assert trainer.step == 0 and not (tmp_path / "run" / "checkpoints").exists()

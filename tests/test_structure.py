@@ -74,3 +74,26 @@ def test_docstrings_cite_no_file_outside_the_repository():
             if name == "DESIGN" or "research/" in name or not (repo / name).is_file():
                 bad.append(f"{path.relative_to(repo)}: {name}")
     assert not bad, "citations of files outside the repository:\n" + "\n".join(bad)
+
+
+def test_every_pipeline_file_imports_its_siblings_directly():
+    """diffusers copies a remote-code pipeline's DIRECT relative imports into its module cache, not theirs
+    (``check_imports`` in dynamic_modules_utils): an exported pipeline file must import every sibling it
+    needs transitively, or a fresh Python fails to load it with trust_remote_code."""
+    folder = ROOT / "pipelines"
+
+    def direct(name: str) -> set[str]:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        seen, todo = set(), list(direct(path.stem))
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(direct(name))
+        assert seen <= direct(path.stem), f"{path.name} needs {sorted(seen - direct(path.stem))} imported"

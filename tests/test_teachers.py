@@ -104,22 +104,3 @@ def test_teacher_from_pretrained_folder_and_errors(tmp_path, tiny_unet):
         Teacher.from_pretrained("google/ddpm-cifar10-32")
 
 
-@pytest.mark.parametrize("scheduler_cls,kind",
-                         [("EDMEulerScheduler", "edm"), ("FlowMatchEulerDiscreteScheduler", "flow")])
-def test_non_vp_teachers_are_refused_where_a_method_does_not_support_them(tmp_path, tiny_unet, scheduler_cls,
-                                                                           kind):
-    """A method without EDM / flow support (progressive) refuses such a teacher at build, naming the scheduler
-    and the methods that take it, before any update."""
-    from distill.config import ConfigError, load_config
-    from distill.trainers import trainer_class
-
-    diffusers.DDPMPipeline(tiny_unet(),
-                           getattr(diffusers, scheduler_cls)()).save_pretrained(tmp_path / "teacher")
-    cfg = load_config("configs/progressive_digits.yaml",
-                      [f"output_dir={tmp_path / 'run'}", f"teacher.path={tmp_path / 'teacher'}",
-                       "train.report_to=none", "eval.enabled=false"])
-    trainer = trainer_class("progressive")(cfg)
-    want = f"{scheduler_cls} \\({kind} noise schedule\\): method 'progressive' does not support {kind}"
-    with pytest.raises(ConfigError, match=want + " teachers yet.*sim, uni_instruct and msd"):
-        trainer.train()
-    assert trainer.step == 0 and not (tmp_path / "run" / "checkpoints").exists()

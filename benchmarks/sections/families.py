@@ -25,7 +25,6 @@ METHODS = (("SIM (pseudo-Huber)", "configs/sim_gaussians8.yaml", []),
 
 def bench_families(quick: bool) -> str:
     truth, ref = gaussians8_truth()
-    seeds = (0,) if quick else (0, 1, 2)
     rows = []
     for fam in FAMILIES:
         teacher = analytic_teacher("gaussians8", noise=fam)
@@ -33,9 +32,16 @@ def bench_families(quick: bool) -> str:
         r = toy_report(x, truth.model, ref)
         rows.append(["teacher, 8 steps of its own sampler", fam, f"{r['swd']:.4f}", f"{r['modes']}/8", "-",
                      "-"])
+    return family_rows(METHODS, quick, rows, "(n) Noise families on toy:gaussians8")
+
+
+def family_rows(methods, quick: bool, rows: list, title: str) -> str:
+    """Each method's toy config under every family (``teacher.noise`` the only override), 1 or 3 seeds."""
+    truth, ref = gaussians8_truth()
+    seeds = (0,) if quick else (0, 1, 2)
     vp_swd = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg_path, extra in METHODS:
+        for name, cfg_path, extra in methods:
             for fam in FAMILIES:
                 swd, modes, secs = [], [], []
                 for seed in seeds:
@@ -52,7 +58,7 @@ def bench_families(quick: bool) -> str:
                 vp_swd.setdefault(name, mean)
                 rows.append([name, fam, spread(swd), " / ".join(f"{m}/8" for m in modes),
                              f"{mean / vp_swd[name]:.2f}x", f"{sum(secs) / len(secs):.0f}"])
-    return ("### (n) Noise families on toy:gaussians8 (the exact mixture as a vp, edm or flow teacher; each "
+    return (f"### {title} (the exact mixture as a vp, edm or flow teacher; each "
             f"toy config with teacher.noise as its only override; {len(seeds)} seeds; sliced W2 to 8,000 "
             "exact samples)\n\n"
             + table(["model", "family", "sliced W2 (mean +- sd, per seed)", "modes per seed", "vs vp",

@@ -17,19 +17,6 @@ from ..errors import ConfigError
 from ..teachers import Teacher, analytic_teacher
 
 
-def check_teacher_family(cfg: Config, teacher: Teacher, families: tuple[str, ...]) -> None:
-    """Refuse a teacher whose noise family (vp, edm, flow) the method does not train on yet."""
-    kind = teacher.schedule.kind
-    if kind in families and (kind == "vp" or not teacher.is_text):
-        return
-    name = type(teacher.scheduler).__name__
-    what = "text-to-image teachers" if kind != "vp" and kind in families else f"{kind} teachers"
-    raise ConfigError(f"teacher.path={cfg.teacher.path!r} comes with a {name} ({kind} noise schedule): "
-                      f"method {cfg.method!r} does not support {what} yet. Every method trains on "
-                      "variance-preserving teachers (DDPMScheduler / DDIMScheduler tables); methods sim, "
-                      "uni_instruct and msd also on pixel EDM and flow-matching teachers.")
-
-
 def load_teacher(cfg: Config, device) -> Teacher:
     """The frozen teacher, in bf16 when ``train.mixed_precision=bf16`` (its parts are never trained), its
     denoiser guided by ``teacher.guidance_scale``."""
@@ -56,8 +43,6 @@ class BatchMaker:
     """The data part of :class:`~distill.engine.loop.DistillationTrainer`."""
 
     uses_teacher = True  # the teacher is loaded before the data (its resolution, space and conditioning)
-    # the noise families (NoiseSchedule kinds) of the teachers a method trains on and exports from
-    noise_families: tuple[str, ...] = ("vp",)
     needs_clean_samples = False  # a method that noises clean samples (data, or the teacher's own samples)
 
     def randn(self, *shape, like: torch.Tensor | None = None) -> torch.Tensor:

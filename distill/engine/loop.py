@@ -38,7 +38,7 @@ from ..export import export_pipeline
 from ..lora import AdapterView
 from ..runs import fingerprint, write_run
 from ..teachers import Teacher
-from .batches import BatchMaker, check_teacher_family, load_teacher
+from .batches import BatchMaker, load_teacher
 from .launch import make_accelerator, stop_on_signals
 from .networks import NetworkRegistry, Update
 from .state import RunState
@@ -125,7 +125,6 @@ class DistillationTrainer(NetworkRegistry, BatchMaker, RunState):
         resolution, channels = cfg.data.resolution, cfg.data.channels
         if self.uses_teacher:
             self.teacher = load_teacher(cfg, self.device)
-            check_teacher_family(cfg, self.teacher, self.noise_families)
             resolution, channels = self.teacher_image_size(resolution, channels)
         self.data = load_data(cfg.data.spec, resolution=resolution, num_samples=cfg.data.num_samples,
                               seed=cfg.train.seed, channels=channels or 3,

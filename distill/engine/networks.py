@@ -312,6 +312,13 @@ class NetworkRegistry:
         becomes the view with every adapter off. Returns the views, in ``names`` order (see
         :mod:`distill.lora`)."""
         s, base = self.config.student, self.teacher.weights
+        kind = self.teacher.schedule.kind
+        if kind != "vp":  # the adapter's export names a stock VP scheduler for the teacher's own pipeline
+            name = type(self.teacher.scheduler).__name__
+            raise ConfigError(f"student.lora_rank={s.lora_rank} with a {name} teacher ({kind} noise "
+                              "schedule): LoRA students are exported for the teacher's own pipeline with a "
+                              "VP scheduler only; remove student.lora_rank (a full student trains on every "
+                              "family).")
         targets = s.lora_target_modules or default_targets(base)
         if not targets:
             raise ConfigError("student.lora_rank needs student.lora_target_modules for a "

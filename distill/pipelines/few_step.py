@@ -30,6 +30,10 @@ from .one_step import (
     classifier_free_guidance,
     default_labels,
     device_dtype,
+    family_rows,
+    family_x0,
+    noise_family,
+    scheduler_sigmas,
     to_output,
     x0_from_output,
 )
@@ -43,10 +47,17 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     Args:
         unet: the denoiser (``UNet2DModel``, distill's MLP, ...).
-        scheduler: a diffusers VP scheduler (``alphas_cumprod``, ``prediction_type``).
+        scheduler: the teacher family's diffusers scheduler: a VP one (``alphas_cumprod``,
+            ``prediction_type``), an EDM one (``EDMEulerScheduler``: its preconditioning) or a flow-matching
+            one (``FlowMatchEulerDiscreteScheduler``: the velocity); the same sampler runs on each, on the
+            variance-preserving coordinates at equal log-SNR (there DDIM is EDM's and the flow's Euler step).
         num_inference_steps: default number of steps (the student's trained step count).
-        timesteps: the student's own descending grid; overrides the trailing grid when given and
-            ``num_inference_steps`` is not changed by the caller.
+        timesteps: a VP student's own descending grid of training indices; overrides the trailing grid
+            when given and ``num_inference_steps`` is not changed by the caller.
+        sigmas: an EDM or flow student's own descending grid of noise levels (x_t's sigma, a flow's shift
+            included), used like ``timesteps``; without it, the scheduler's own ``set_timesteps`` grid.
+        prediction_type: the network's output when it is not the scheduler's own ("sample": x0 itself);
+            None: the scheduler's (flow: the velocity).
         sample_shape, num_classes: as in ``OneStepPipeline``.
         guidance_conditioned: the network takes the guidance weight w as ``guidance_weight=``
             input (guided-distillation students); ``pipe(guidance_scale=s)`` passes w = s - 1.
@@ -59,7 +70,8 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     def __init__(self, unet, scheduler, num_inference_steps: int = 4, timesteps: list | None = None,
                  sample_shape: list | None = None, num_classes: int = 0, guidance_conditioned: bool = False,
-                 guidance_scale: float = 1.0, guidance_range: list | None = None):
+                 guidance_scale: float = 1.0, guidance_range: list | None = None, sigmas: list | None = None,
+                 prediction_type: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         if sample_shape is None:
@@ -71,7 +83,9 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                 sample_shape=list(sample_shape), num_classes=int(num_classes),
                                 guidance_conditioned=bool(guidance_conditioned),
                                 guidance_scale=float(guidance_scale),
-                                guidance_range=list(guidance_range) if guidance_range is not None else None)
+                                guidance_range=list(guidance_range) if guidance_range is not None else None,
+                                sigmas=[float(v) for v in sigmas] if sigmas is not None else None,
+                                prediction_type=prediction_type)
 
     def grid(self, num_inference_steps: int | None = None, timesteps: list | None = None) -> list[int]:
         if timesteps is not None:
@@ -85,16 +99,39 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             raise ValueError(f"timesteps must be strictly descending, got {ts}.")
         return ts
 
+    def rows(self, num_inference_steps: int | None = None, timesteps: list | None = None,
+             sigmas: list | None = None) -> torch.Tensor:
+        """The sampler rows (network time input, alpha_bar) of the grid: training indices on a VP table,
+        noise levels on an EDM or flow scheduler."""
+        if noise_family(self.scheduler) == "vp":
+            if sigmas is not None:
+                raise ValueError("sigmas= is the grid of an EDM or flow-matching scheduler; this pipeline's "
+                                 f"{type(self.scheduler).__name__} takes timesteps=.")
+            return vp_grid(self.scheduler.alphas_cumprod, self.grid(num_inference_steps, timesteps))
+        if timesteps is not None:
+            raise ValueError(f"timesteps= is the grid of a VP table; this pipeline's "
+                             f"{type(self.scheduler).__name__} takes sigmas= (noise levels, noisiest first).")
+        if sigmas is None and num_inference_steps is None and self.config.get("sigmas") is not None:
+            sigmas = self.config.sigmas
+        if sigmas is None:
+            sigmas = scheduler_sigmas(self.scheduler, num_inference_steps or self.config.num_inference_steps)
+        return family_rows(self.scheduler, sigmas)
+
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None,
                  timesteps: list | None = None, generator: torch.Generator | list | None = None,
                  class_labels=None, guidance_scale: float | None = None, stochastic: bool = False,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 sigmas: list | None = None):
         device, dtype = device_dtype(self, self.unet)
-        ts = self.grid(num_inference_steps, timesteps)
+        times = self.rows(num_inference_steps, timesteps, sigmas)
+        family = noise_family(self.scheduler)
         shape = (batch_size, *self.config.sample_shape)
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
+        if family != "vp":  # x_t = sigma_0 z (EDM: sigma_max z; flow: z at s = 1), in VP coordinates
+            ab0 = float(times[0, 1])
+            x = x * (1 - ab0) ** 0.5
         labels = default_labels(batch_size, self.config.num_classes, class_labels, device)
         kwargs = {"class_labels": labels} if labels is not None else {}
         if self.config.guidance_conditioned:
@@ -113,21 +150,23 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                  "unconditional. Leave guidance_scale unset.")
             cfg_scale = float(guidance_scale)  # classifier-free guidance, 2 evaluations per step
             kwargs["class_labels"] = torch.cat([labels, torch.full_like(labels, self.config.num_classes)])
-        pred_type = self.scheduler.config.prediction_type
-        times = vp_grid(self.scheduler.alphas_cumprod, ts)
-        bar = self.progress_bar(total=len(ts))
+        pred_type = (self.config.get("prediction_type") or self.scheduler.config.get("prediction_type")
+                     or "flow")
+        bar = self.progress_bar(total=len(times))
+
+        def network(x_in, t):
+            if cfg_scale is None:
+                return self.unet(x_in, torch.full((batch_size,), t, device=device), **kwargs).sample
+            # out_uncond + s (out_cond - out_uncond), the diffusers convention
+            cond, uncond = self.unet(torch.cat([x_in, x_in]), torch.full((2 * batch_size,), t, device=device),
+                                     **kwargs).sample.chunk(2)
+            return classifier_free_guidance(cond, uncond, cfg_scale)
 
         def denoise(x_t, i, t):
             ab = float(times[i, 1])
-            t = int(t)
-            if cfg_scale is None:
-                out = self.unet(x_t, torch.full((batch_size,), t, device=device), **kwargs).sample
-            else:  # out_uncond + s (out_cond - out_uncond), the diffusers convention
-                cond, uncond = self.unet(torch.cat([x_t, x_t]),
-                                         torch.full((2 * batch_size,), t, device=device),
-                                         **kwargs).sample.chunk(2)
-                out = classifier_free_guidance(cond, uncond, cfg_scale)
-            return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
+            if family != "vp":
+                return family_x0(self.scheduler, lambda x_in: network(x_in, t), x_t, ab, pred_type)
+            return x0_from_output(network(x_t, int(t)), x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
         sampler = sample_meng_stochastic if stochastic else sample_ddim
         x = sampler(denoise, x, times, callback=lambda _: bar.update(), generator=generator)

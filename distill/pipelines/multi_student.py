@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .one_step import ExportedPipelineMixin, default_labels, device_dtype, one_step_input, to_output
+from .samplers import sample_ddim  # noqa: F401  (text_to_image's import; diffusers copies direct imports only)
 from .text_to_image import encode_prompt, latents_to_images, sdxl_time_ids, unet_text_kwargs
 
 

@@ -67,6 +67,89 @@ def one_step_input(scheduler, config, z: torch.Tensor):
     return x_in, scheduler.precondition_inputs(x_in, sigma) if edm else x_in, t, to_x0
 
 
+def noise_family(scheduler) -> str:
+    """'edm' (a scheduler with EDM's ``precondition_*`` functions), 'flow' (flow matching, x_t = (1 - s) x0
+    + s eps) or 'vp' (a DDPM-style ``alphas_cumprod`` table)."""
+    if hasattr(scheduler, "precondition_outputs"):
+        return "edm"
+    if "FlowMatch" in type(scheduler).__name__:
+        return "flow"
+    if hasattr(scheduler, "alphas_cumprod"):
+        return "vp"
+    raise ValueError(f"{type(scheduler).__name__} is neither a VP (alphas_cumprod), an EDM nor a "
+                     "flow-matching scheduler.")
+
+
+def family_alpha_sigma(family: str, alpha_bar: float) -> tuple[float, float]:
+    """(alpha, sigma) of a family at the variance-preserving noise level alpha_bar = alpha^2 / (alpha^2 +
+    sigma^2), i.e. at equal log-SNR: vp (sqrt(abar), sqrt(1 - abar)); edm (1, sqrt((1 - abar) / abar));
+    flow (1 - s, s) with s = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar))."""
+    if family == "vp":
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if family == "edm":
+        return 1.0, ((1 - alpha_bar) / alpha_bar) ** 0.5
+    s = (1 - alpha_bar) ** 0.5 / (alpha_bar**0.5 + (1 - alpha_bar) ** 0.5)
+    return 1.0 - s, s
+
+
+def family_timestep(scheduler, sigma: float) -> float:
+    """The time input of an EDM or flow network at noise level sigma: EDM's c_noise = ln(sigma) / 4, flow's
+    sigma T ((1 - sigma) T with ``invert_sigmas``)."""
+    if noise_family(scheduler) == "edm":
+        return float(scheduler.precondition_noise(torch.tensor([float(sigma)], dtype=torch.float64))[0])
+    T = scheduler.config.num_train_timesteps
+    return float((1 - sigma if scheduler.config.get("invert_sigmas") else sigma) * T)
+
+
+def family_rows(scheduler, sigmas) -> torch.Tensor:
+    """The sampler rows (network time input, alpha_bar) of an EDM or flow grid of noise levels ``sigmas``
+    (noisiest first; for flow the sigma of x_t = (1 - s) x0 + s eps, shift included): the samplers of
+    ``samplers.py`` then run on the variance-preserving coordinates x_vp = x_t / sqrt(alpha^2 + sigma^2),
+    where DDIM is EDM's and the flow's Euler step."""
+    family = noise_family(scheduler)
+    rows = []
+    for s in (float(v) for v in sigmas):
+        a = 1.0 if family == "edm" else 1.0 - s
+        rows.append([family_timestep(scheduler, s), a * a / (a * a + s * s)])
+    out = torch.tensor(rows, dtype=torch.float64)
+    if (out[1:, 1] <= out[:-1, 1]).any():
+        raise ValueError(f"sigmas must be strictly descending, got {[float(v) for v in sigmas]}.")
+    return out
+
+
+def scheduler_sigmas(scheduler, num_inference_steps: int) -> list[float]:
+    """The noise levels of an EDM or flow scheduler's own ``num_inference_steps``-step grid (its shift and
+    final sigma; without the final 0), as x_t's sigma."""
+    if scheduler.config.get("use_dynamic_shifting"):
+        raise ValueError(f"{type(scheduler).__name__} shifts dynamically (use_dynamic_shifting=true): its "
+                         "grid depends on the image size; pass sigmas=.")
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps)
+    sigmas = sched.sigmas[:num_inference_steps].double()
+    if noise_family(scheduler) == "flow" and scheduler.config.get("invert_sigmas"):
+        sigmas = 1 - sigmas
+    return sigmas.tolist()
+
+
+def family_x0(scheduler, call, x_vp: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """Clean-sample prediction of an EDM or flow network at a sampler row: x_t = sqrt(alpha^2 + sigma^2)
+    x_vp, the network called as ``call(network input)`` (EDM: c_in x_t) and its output read in
+    ``prediction_type`` (EDM: the scheduler's ``precondition_outputs``; flow: the velocity)."""
+    family = noise_family(scheduler)
+    alpha, sigma = family_alpha_sigma(family, alpha_bar)
+    x_t = x_vp * (alpha * alpha + sigma * sigma) ** 0.5
+    if family == "edm":
+        out = call(scheduler.precondition_inputs(x_t, sigma))
+        return out if prediction_type == "sample" else scheduler.precondition_outputs(x_t, out, sigma)
+    out = call(x_t)
+    if prediction_type == "flow" and scheduler.config.get("invert_sigmas"):
+        out = -out
+    if prediction_type == "v_prediction":  # v = alpha eps - sigma x0 = scale v_vp, read on x_vp
+        scale = (alpha * alpha + sigma * sigma) ** 0.5
+        return x0_from_output(out / scale, x_vp, alpha / scale, sigma / scale, prediction_type)
+    return x0_from_output(out, x_t, alpha, sigma, prediction_type)
+
+
 def to_output(x: torch.Tensor, output_type: str):
     """Samples in model space -> pil / np / pt. Images are mapped from [-1, 1]; vectors are returned as is."""
     if output_type not in ("pil", "np", "pt"):

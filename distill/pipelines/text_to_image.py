@@ -11,6 +11,8 @@ in the VAE's latent space; samples are decoded with the VAE's scaling (and shift
   ``generator_timestep`` on ``sigma(t*) z`` (SiD-LSG / Diff-Instruct generator parameterisation);
 * few-step students (progressive, guided, or the teacher itself): deterministic DDIM on the
   trailing grid (Song et al. 2021, eq. 12), or the stochastic sampler of Meng et al. 2023 sec. 4.2;
+* every noise family: a VP table (``alphas_cumprod``), an EDM scheduler (its preconditioning) or a
+  flow-matching one (the velocity), as in ``one_step.py`` / ``few_step.py``;
 * guidance-conditioned students (guided distillation, Meng et al. 2023): the guidance weight
   w = guidance_scale - 1 enters through ``UNet2DConditionModel``'s ``time_cond_proj_dim`` input, embedded
   as in diffusers' LatentConsistencyModelPipeline (:func:`guidance_embedding`);
@@ -32,7 +34,17 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, classifier_free_guidance, to_output, x0_from_output
+from .one_step import (
+    ExportedPipelineMixin,
+    classifier_free_guidance,
+    family_rows,
+    family_x0,
+    noise_family,
+    one_step_input,
+    scheduler_sigmas,
+    to_output,
+    x0_from_output,
+)
 from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
@@ -108,7 +120,11 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         text_encoder_2, tokenizer_2: SDXL's second text encoder (optional).
         generator_timestep: one-step students: the training index t* of the generator; None for
             few-step students.
-        num_inference_steps, timesteps: few-step students: the trained step count and grid.
+        num_inference_steps, timesteps: few-step students: the trained step count and grid (VP tables).
+        sigmas: few-step students of EDM and flow teachers: the grid as noise levels (x_t's sigma).
+        generator_sigma, generator_time: one-step students of EDM and flow teachers: sigma(t*) and the
+            network's time input at t*.
+        prediction_type: the student's output when it is not the scheduler's own; None: the scheduler's.
         guidance_conditioned: the UNet takes w through ``timestep_cond`` (guided distillation).
         guidance_scale: default guidance scale (guided students; CFG of few-step models).
         guidance_range: the [min, max] guidance-scale range a guided student was trained on.
@@ -122,7 +138,9 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                  generator_timestep: int | None = None, num_inference_steps: int = 1,
                  timesteps: list | None = None, guidance_conditioned: bool = False,
                  guidance_scale: float = 1.0, guidance_range: list | None = None,
-                 force_zeros_for_empty_prompt: bool = False):
+                 force_zeros_for_empty_prompt: bool = False, sigmas: list | None = None,
+                 generator_sigma: float | None = None, generator_time: float | None = None,
+                 prediction_type: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -133,7 +151,10 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                                 guidance_conditioned=bool(guidance_conditioned),
                                 guidance_scale=float(guidance_scale),
                                 guidance_range=list(guidance_range) if guidance_range is not None else None,
-                                force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
+                                force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
+                                sigmas=[float(v) for v in sigmas] if sigmas is not None else None,
+                                generator_sigma=generator_sigma, generator_time=generator_time,
+                                prediction_type=prediction_type)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -155,11 +176,20 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                                                         else None)
         return embeds, pooled
 
-    def grid(self, num_inference_steps: int | None) -> list[int]:
+    def rows(self, num_inference_steps: int | None) -> torch.Tensor:
+        """The sampler rows (network time input, alpha_bar): the stored or trailing grid on a VP table, the
+        stored or the scheduler's own noise levels on EDM and flow."""
+        n = num_inference_steps or self.config.num_inference_steps
+        if noise_family(self.scheduler) != "vp":
+            stored = self.config.get("sigmas")
+            sigmas = stored if num_inference_steps is None and stored is not None else scheduler_sigmas(
+                self.scheduler, n)
+            return family_rows(self.scheduler, sigmas)
         if num_inference_steps is None and self.config.timesteps is not None:
-            return [int(t) for t in self.config.timesteps]
-        return trailing_timesteps(num_inference_steps or self.config.num_inference_steps,
-                                  self.scheduler.config.num_train_timesteps)
+            ts = [int(t) for t in self.config.timesteps]
+        else:
+            ts = trailing_timesteps(n, self.scheduler.config.num_train_timesteps)
+        return vp_grid(self.scheduler.alphas_cumprod, ts)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -222,28 +252,32 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
-        pred_type = self.scheduler.config.prediction_type
-        ac = self.scheduler.alphas_cumprod.to(torch.float64)
+        family = noise_family(self.scheduler)
+        pred_type = (self.config.get("prediction_type") or self.scheduler.config.get("prediction_type")
+                     or "flow")
         if one_step:
-            t = self.config.generator_timestep
-            a = ac[t].item()
-            x_in = (1 - a) ** 0.5 * x
+            _, x_in, t, to_x0 = one_step_input(self.scheduler, self.config, x)
             for _ in self.progress_bar(range(1)):
                 out = unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
-            x = x0_from_output(out, x_in, a**0.5, (1 - a) ** 0.5, pred_type)
+            x = to_x0(out)
         else:
-            times = vp_grid(ac, self.grid(num_inference_steps))
+            times = self.rows(num_inference_steps)
             bar = self.progress_bar(total=len(times))
+            if family != "vp":  # x_t = sigma_0 z, in VP coordinates
+                x = x * (1 - float(times[0, 1])) ** 0.5
+
+            def network(x_in, t):
+                if not cfg:
+                    return unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
+                cond, uncond = unet(torch.cat([x_in, x_in]), torch.full((2 * batch,), t, device=device),
+                                    **kwargs).sample.chunk(2)
+                return classifier_free_guidance(cond, uncond, s)
 
             def denoise(x_t, i, t):
-                ab, t = float(times[i, 1]), int(t)
-                if not cfg:
-                    out = unet(x_t, torch.full((batch,), t, device=device), **kwargs).sample
-                else:
-                    cond, uncond = unet(torch.cat([x_t, x_t]), torch.full((2 * batch,), t, device=device),
-                                        **kwargs).sample.chunk(2)
-                    out = classifier_free_guidance(cond, uncond, s)
-                return x0_from_output(out, x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
+                ab = float(times[i, 1])
+                if family != "vp":
+                    return family_x0(self.scheduler, lambda x_in: network(x_in, t), x_t, ab, pred_type)
+                return x0_from_output(network(x_t, int(t)), x_t, ab**0.5, (1 - ab) ** 0.5, pred_type)
 
             sampler = sample_meng_stochastic if stochastic else sample_ddim
             x = sampler(denoise, x, times, callback=lambda _: bar.update(), generator=generator)

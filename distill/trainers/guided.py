@@ -93,7 +93,7 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
             self.pred = t.prediction_type
             return build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
         net = build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
-        self.pred = cfg.student.prediction_type or "v_prediction"
+        self.pred = self.student_prediction()
         self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)  # w = 0: the conditional teacher
         return net
 

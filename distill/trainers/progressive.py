@@ -54,6 +54,6 @@ class ProgressiveDistillationTrainer(HalvingRounds, DistillationTrainer):
             self.pred = t.prediction_type
             return build_network(cfg, t, t.sample_shape, t.num_classes)
         net = build_network(cfg, t, t.sample_shape, t.num_classes)
-        self.pred = cfg.student.prediction_type or "v_prediction"
+        self.pred = self.student_prediction()
         self.fit_to_teacher(net, self.section.init_denoiser_steps, self.pred)
         return net

@@ -24,6 +24,7 @@ from ..export import export_pipeline
 from ..objectives.progressive import progressive_loss, progressive_target
 from ..pipelines import FewStepPipeline, TextToImagePipeline
 from ..sampling import trailing_timesteps
+from .score_helpers import check_student_prediction
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -75,6 +76,15 @@ class HalvingRounds:
     exports."""
 
     needs_clean_samples = True
+
+    def student_prediction(self) -> str:
+        """A fresh (non-copy) student's output: ``student.prediction_type``, else v (Salimans & Ho 2022,
+        sec. 4) on VP and EDM teachers and the teacher's velocity on flow teachers (near pure noise, where
+        alpha = 0, only the velocity or x0 determine the sample)."""
+        pred = self.config.student.prediction_type or (
+            "flow" if self.teacher.schedule.kind == "flow" else "v_prediction")
+        check_student_prediction(self.teacher, pred)
+        return pred
 
     def build(self) -> None:
         cfg, sec = self.config, self.section
@@ -201,22 +211,37 @@ class HalvingRounds:
         return self._grid
 
     def export_scheduler(self):
-        return diffusers.DDIMScheduler.from_config(self.teacher.scheduler.config, prediction_type=self.pred,
-                                                   timestep_spacing="trailing", clip_sample=False,
-                                                   set_alpha_to_one=True)
+        """VP: DDIM on the trailing grid; EDM and flow: the teacher's own scheduler class (EDM in the
+        student's parameterisation), its grid the student's noise levels (:meth:`student_sigmas`)."""
+        sched, kind = self.teacher.scheduler, self.teacher.schedule.kind
+        if kind == "vp":
+            return diffusers.DDIMScheduler.from_config(sched.config, prediction_type=self.pred,
+                                                       timestep_spacing="trailing", clip_sample=False,
+                                                       set_alpha_to_one=True)
+        edm_pred = kind == "edm" and self.pred != "sample"
+        return type(sched).from_config(sched.config, **({"prediction_type": self.pred} if edm_pred else {}))
+
+    def student_grid(self, r: int) -> dict:
+        """Round r's grid as the exported pipeline stores it: training indices on a VP table; on EDM and flow
+        the noise levels sigma(t) of those times (a flow's shift included) and the student's output type."""
+        sched, grid = self.teacher.schedule, self.grids(r)[1]
+        if sched.kind == "vp":
+            return {"timesteps": grid}
+        return {"sigmas": sched.sigma(sched.t_from_timestep(torch.tensor(grid))).tolist(),
+                "prediction_type": self.pred}
 
     def export(self, r: int | None = None, for_samples: bool = False):
         r = self.round_of(self.step - 1) if r is None else r
         n = self.plan[r][0]
         if self.teacher.is_text:
             return TextToImagePipeline(self.export_network("student"), scheduler=self.export_scheduler(),
-                                       num_inference_steps=n, timesteps=self.grids(r)[1],
+                                       num_inference_steps=n, **self.student_grid(r),
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
                                        **self.teacher.frozen_components(reload=not for_samples),
                                        **self.pipeline_kwargs())
         return FewStepPipeline(self.export_network("student"), self.export_scheduler(), num_inference_steps=n,
-                               timesteps=self.grids(r)[1], sample_shape=self.teacher.sample_shape,
-                               num_classes=self.num_classes, **self.pipeline_kwargs())
+                               sample_shape=self.teacher.sample_shape, num_classes=self.num_classes,
+                               **self.student_grid(r), **self.pipeline_kwargs())
 
     def pipeline_kwargs(self) -> dict:
         return {}
