@@ -338,29 +338,34 @@ def test_teacher_trainer_flow_objective_is_rectified_flow(tmp_path):
     assert abs(float(eps.std()) - 1) < 0.2  # the recovered noise is standard normal
 
 
-def test_a_flow_teacher_folder_is_compared_with_its_own_euler_sampler(tiny_unet, tmp_path):
-    """`distill fid --compare` on a flow teacher folder samples with the stock DDPMPipeline loop, which is
-    the flow Euler sampler: the same images as distill's Teacher.sample from the same noise."""
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_an_edm_or_flow_teacher_folder_is_compared_with_its_own_euler_sampler(scheduler, tiny_unet, tmp_path):
+    """`distill fid --compare` on an EDM / flow teacher folder samples with the family's Euler sampler on the
+    scheduler's own grid: the same images as diffusers' scheduler stepping the teacher's network from the same
+    noise (EDM: with its input preconditioning, which the stock DDPMPipeline loop would skip)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from distill.eval.fid import teacher_as_sampler
-    from distill.teachers import Teacher
 
-    folder = tmp_path / "flow_teacher"
+    folder = tmp_path / "teacher"
+    kwargs = {"shift": 2.0} if scheduler.startswith("Flow") else {"sigma_max": 20.0}
     diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
-                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=2.0)).save_pretrained(folder)
-    pipe = teacher_as_sampler(diffusers.DDPMPipeline.from_pretrained(folder))
+                           scheduler=getattr(diffusers, scheduler)(**kwargs)).save_pretrained(folder)
+    stock = diffusers.DDPMPipeline.from_pretrained(folder)
+    pipe = teacher_as_sampler(stock)
     pipe.set_progress_bar_config(disable=True)
-    stock = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=6,
-                 output_type="np").images
+    assert type(pipe).__name__ == "FewStepPipeline"
+    ours = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=6,
+                output_type="pt").images
     z = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    ours = Teacher.from_pretrained(folder).sample(3, num_steps=6, noise=z)
-    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    assert abs(ours - stock).max() < 1e-4
-    edm = diffusers.DDPMPipeline(unet=tiny_unet(sample_size=8, in_channels=1),
-                                 scheduler=diffusers.EDMEulerScheduler())
-    with pytest.raises(ValueError, match="EDMEulerScheduler is not evaluated yet"):
-        teacher_as_sampler(edm)
+    sched = stock.scheduler
+    sched.set_timesteps(6)
+    x = z * sched.sigmas[0]
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            x_in = sched.scale_model_input(x, ts) if hasattr(sched, "scale_model_input") else x
+            x = sched.step(stock.unet(x_in, ts.expand(3)).sample, ts, x).prev_sample
+    torch.testing.assert_close(ours, (x / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["edm", "flow"])

@@ -45,6 +45,16 @@ def frozen(*modules: torch.nn.Module):
 
 
 
+def time_scale(teacher: Teacher | None) -> float:
+    """``MLPDenoiser.time_scale`` of a fresh student of ``teacher``: on EDM, 1000 over the span of c_noise =
+    ln(sigma) / 4 between sigma_min and sigma_max (so its time input covers about 1000, as a VP index does);
+    1 otherwise."""
+    if teacher is None or teacher.schedule.kind != "edm":
+        return 1.0
+    ends = teacher.schedule.timestep(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    return 1000.0 / float(ends[1] - ends[0])
+
+
 def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int], num_classes: int,
                   guidance_embed_dim: int | None = None):
     """A student / generator / fake-score network as ``student.arch`` says; a fresh network (mlp, unet) is
@@ -71,7 +81,7 @@ def build_network(cfg: Config, teacher: Teacher | None, sample_shape: list[int],
         return MLPDenoiser(data_dim=math.prod(sample_shape), hidden=s.hidden, num_layers=s.num_layers,
                            num_class_embeds=n_embeds,
                            sample_shape=sample_shape if len(sample_shape) > 1 else None,
-                           guidance_embed_dim=guidance_embed_dim)
+                           guidance_embed_dim=guidance_embed_dim, time_scale=time_scale(teacher))
     if len(sample_shape) != 3:
         raise ConfigError("student.arch: 'unet' needs image data (C, H, W); the data has shape "
                           f"{sample_shape}.")

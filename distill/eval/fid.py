@@ -358,33 +358,30 @@ def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, bat
 
 
 def teacher_as_sampler(pipe):
-    """A stock DDPMPipeline teacher is evaluated with deterministic DDIM on the trailing grid (a flow-matching
-    one with its own Euler loop, the stock pipeline's); a stock
-    Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with
+    """A stock DDPMPipeline teacher is evaluated with its family's deterministic sampler through distill's
+    FewStepPipeline: DDIM on the trailing grid of a VP table, the EDM / flow Euler sampler on the scheduler's
+    own grid of an EDM / flow-matching one (the stock DDPMPipeline loop would skip EDM's input scaling); a
+    stock Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with
     guidance_scale)."""
-    if type(pipe).__name__ in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        import diffusers
+    import diffusers
 
-        from ..pipelines import TextToImagePipeline
+    from ..pipelines import FewStepPipeline, TextToImagePipeline
+    from ..pipelines.one_step import noise_family
 
-        sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                                    clip_sample=False, set_alpha_to_one=True)
-        return TextToImagePipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched,
-                                   text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                                   tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
-                                   force_zeros_for_empty_prompt=bool(
-                                       getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
-    if type(pipe).__name__ == "DDPMPipeline" and not hasattr(pipe.scheduler, "alphas_cumprod"):
-        if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and not getattr(
-                pipe.unet.config, "num_class_embeds", None):
-            return pipe  # the stock loop is the flow's own Euler sampler
-        raise ConfigError(f"A DDPMPipeline teacher with a {type(pipe.scheduler).__name__} is not evaluated "
-                          "yet (VP tables, and unconditional flow-matching teachers, are).")
+    if type(pipe).__name__ not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DDPMPipeline"):
+        return pipe
+    try:
+        vp = noise_family(pipe.scheduler) == "vp"
+    except ValueError as err:
+        raise ConfigError(f"The teacher's {err} Use a DDPM / DDIM, EDM or flow-matching scheduler.") from None
     if type(pipe).__name__ == "DDPMPipeline":
-        from ..pipelines import FewStepPipeline
-
-        # distill's CFG teachers: C classes + null
-        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)
+        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)  # CFG teachers: C classes + null
         return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50,
                                num_classes=n_embeds - 1 if n_embeds else 0)
-    return pipe
+    sched = pipe.scheduler if not vp else diffusers.DDIMScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    return TextToImagePipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched,
+                               text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                               tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
+                               force_zeros_for_empty_prompt=bool(
+                                   getattr(pipe.config, "force_zeros_for_empty_prompt", False)))

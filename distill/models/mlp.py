@@ -46,12 +46,16 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
             distillation, Meng et al. 2023 sec. 4.1), or None. The w branch ends in a zero-initialised
             layer, so a fresh w-conditioned model equals the plain conditional model; ``w = 0`` (the
             default input) is the conditional model, diffusers' ``guidance_scale = 1 + w``.
+        time_scale: the time input is embedded as ``time_scale * timestep``. 1 for VP indices (0..999) and
+            flow times (sigma T); EDM's c_noise = ln(sigma) / 4 spans only about [-1.6, 1.1], where a
+            sinusoidal embedding of periods up to 10^4 is nearly constant, so an EDM student stretches it
+            onto a range of about 1000.
     """
 
     @register_to_config
     def __init__(self, data_dim: int = 2, hidden: int = 256, num_layers: int = 3, time_embed_dim: int = 128,
                  num_class_embeds: int | None = None, sample_shape: list | None = None,
-                 guidance_embed_dim: int | None = None):
+                 guidance_embed_dim: int | None = None, time_scale: float = 1.0):
         super().__init__()
         self.time_proj = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(),
                                        nn.Linear(hidden, hidden))
@@ -76,6 +80,8 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=x.device)
         if t.ndim == 0:
             t = t.expand(batch)
+        if self.config.time_scale != 1.0:
+            t = t * self.config.time_scale
         emb = self.time_proj(timestep_embedding(t, self.config.time_embed_dim).to(x.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
