@@ -530,3 +530,26 @@ def test_a_lora_student_of_a_flow_teacher_is_refused_before_any_update(tiny_unet
     with pytest.raises(ConfigError, match=want):
         trainer.train()
     assert trainer.step == 0 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "flow", "sample"])
+def test_a_one_step_flow_student_is_read_as_training_reads_it(pred):
+    """OneStepPipeline on a flow scheduler reads the generator's output in its prediction type as the training
+    Denoiser does (v = alpha eps - sigma x0 with alpha + sigma = 1, so x0 = (alpha x - sigma v) / (alpha^2 +
+    sigma^2)), at t* < 1 where alpha > 0."""
+    from distill.models.mlp import MLPDenoiser
+    from distill.pipelines import OneStepPipeline
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ns = NoiseSchedule.from_scheduler(sched)
+    torch.manual_seed(0)
+    net = MLPDenoiser(data_dim=2, hidden=32, num_layers=2)
+    t_star = ns.t_from_timestep(625)
+    sigma, time = float(ns.sigma(t_star)), float(ns.timestep(t_star))
+    pipe = OneStepPipeline(net, sched, generator_timestep=625, sample_shape=[2], generator_sigma=sigma,
+                           generator_time=time, prediction_type=pred)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = Denoiser(net, ns, pred).x0(sigma * z, t_star.expand(16))
+        got = pipe(batch_size=16, latents=z, output_type="pt").images
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)

@@ -366,14 +366,10 @@ def teacher_as_sampler(pipe):
     import diffusers
 
     from ..pipelines import FewStepPipeline, TextToImagePipeline
-    from ..pipelines.one_step import noise_family
 
     if type(pipe).__name__ not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DDPMPipeline"):
         return pipe
-    try:
-        vp = noise_family(pipe.scheduler) == "vp"
-    except ValueError as err:
-        raise ConfigError(f"The teacher's {err} Use a DDPM / DDIM, EDM or flow-matching scheduler.") from None
+    vp = hasattr(pipe.scheduler, "alphas_cumprod")
     if type(pipe).__name__ == "DDPMPipeline":
         n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)  # CFG teachers: C classes + null
         return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50,

@@ -6,24 +6,47 @@ STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``sa
 
 The hybrid runs ONE deterministic DDIM chain (``samplers.sample_ddim``) over the student's grid: the first
 ``num_base_steps`` rows are evaluated by the base model, the remaining rows by the student. A row carries
-its noise level alpha_bar (read from the student's table); the base is evaluated at the timestep of ITS
-table with the same alpha_bar (``samplers.timestep_for``: exact when the tables agree, log-SNR
-interpolated when they differ), never at a reused index. The hand-over is therefore the DDIM
-re-projection of the base's last clean prediction onto the student's first noise level,
-x = sqrt(abar_s) x0_base + sqrt(1 - abar_s) eps_base, at a matched noise level. Both models must have
-variance-preserving schedules (``alphas_cumprod``); pixel or latent samples of one shape. Text-to-image
-models (Stable-Diffusion format) share the student's ``vae`` / ``text_encoder(_2)`` / ``tokenizer(_2)``:
-``pipe(prompt=...)``, the base optionally with classifier-free guidance against the negative (default:
-empty) prompt, samples decoded by the VAE.
+its variance-preserving noise level alpha_bar = alpha^2 / (alpha^2 + sigma^2) (read from the student's
+table, or from its EDM / flow noise level); the base is evaluated at the same alpha_bar, i.e. at equal
+log-SNR, in its own family, never at a reused index. The hand-over is therefore the DDIM re-projection of
+the base's last clean prediction onto the student's first noise level,
+x = sqrt(abar_s) x0_base + sqrt(1 - abar_s) eps_base, at a matched noise level.
 
-Grids: a few-step student's own grid (its stored timesteps or the trailing grid of
-``num_inference_steps``); for a one-step generator (evaluated at index t*), ``num_base_steps`` base rows
-spaced evenly from the top of the table down to t*, then t* (the generator then sees the base's
-re-projected sample at t* instead of sigma(t*) z). The chain starts from z at the top of the table
-(diffusers' convention) and from sigma(t) z below it (the one-step generator's input).
+Noise families (``one_step.noise_family``): base and student may each be variance-preserving (an
+``alphas_cumprod`` table), EDM (``EDMEulerScheduler``: its preconditioning) or flow matching
+(``FlowMatchEulerDiscreteScheduler``: the velocity), in any mix. The chain state is kept in the VP
+coordinates x_vp, x_t = sqrt(alpha^2 + sigma^2) x_vp in each family (as ``FewStepPipeline`` samples EDM and
+flow students; there DDIM is EDM's and the flow's Euler step), so in the student's own family the hand-over
+is x_t = alpha_s x0_base + sigma_s eps_base. Each model is evaluated at the row's alpha_bar:
 
-``num_base_substeps=m`` lets the base cover each of its intervals with m DDIM steps of its own (its table's
-timesteps evenly spaced between the two rows' noise levels): a better first clean estimate for m - 1 more
+* a VP model at the timestep of ITS table with that alpha_bar (``samplers.timestep_for``: exact when the
+  tables agree, log-SNR interpolated when they differ), its output read with the row's coefficients;
+* an EDM or flow model at the sigma of that alpha_bar in its family (``one_step.family_alpha_sigma``), its
+  time input ``family_timestep``, its clean prediction ``family_x0``.
+
+A row noisier than a base can be evaluated at is evaluated at the base's noisiest level (the chain then
+continues from that clean estimate at the row's own level): a flow grid's pure-noise row (s = 1,
+alpha_bar = 0) on a VP base at the last index of its table, with that entry's coefficients (as diffusers
+takes z for x_{T-1}); rows beyond an EDM base's ``sigma_max`` at sigma_max (EDM's own start).
+
+Pixel or latent samples of one shape. Text-to-image models (Stable-Diffusion format) share the student's
+``vae`` / ``text_encoder(_2)`` / ``tokenizer(_2)``: ``pipe(prompt=...)``, the base optionally with
+classifier-free guidance against the negative (default: empty) prompt, samples decoded by the VAE.
+
+Grids: a few-step student's own grid (VP: its stored timesteps or the trailing grid of
+``num_inference_steps``; EDM / flow: its stored ``sigmas`` or its scheduler's own ``set_timesteps`` grid);
+for a one-step generator (evaluated at index t*; on EDM / flow at its stored ``generator_sigma`` and
+``generator_time``), ``num_base_steps`` base rows spaced evenly in the student's time input from the top of
+its range down to t* (VP: the table index from T - 1; EDM: c_noise = ln(sigma) / 4, i.e. evenly in log-SNR,
+from ``sigma_max``; flow: evenly in s from 1), then t* (the generator then sees the base's re-projected
+sample at t* instead of sigma(t*) z). A VP student's chain starts from z at the top of its table
+(diffusers' convention) and from sigma(t) z below it (the one-step generator's input); an EDM / flow
+student's from x_t = sigma_0 z (EDM: sigma_max z; flow: z at s = 1), as ``FewStepPipeline``.
+
+``num_base_substeps=m`` lets the base cover each of its intervals with m DDIM steps of its own, spaced
+evenly in the base's own time input between the two rows' noise levels: a VP base's table timesteps (as
+before), an EDM base's c_noise (evenly in log sigma, i.e. in log-SNR; down to ``sigma_min`` after the last
+row), a flow base's sigma s (down to 0 after the last row). A better first clean estimate for m - 1 more
 base evaluations per base row (the paper's setting is m = 1).
 
 ``num_base_steps=0`` is the student alone; every row on the base (m = 1) is the base's own DDIM sampler on
@@ -33,6 +56,7 @@ paper's sec. 4.3), one image batch per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +69,12 @@ from .one_step import (
     classifier_free_guidance,
     default_labels,
     device_dtype,
+    family_alpha_sigma,
+    family_rows,
+    family_timestep,
+    family_x0,
+    noise_family,
+    scheduler_sigmas,
     to_output,
     x0_from_output,
 )
@@ -68,11 +98,18 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
     """Base model for the first steps, distilled student for the rest.
 
     Args:
-        base_unet, base_scheduler: the base (teacher) denoiser and its VP scheduler.
-        student_unet, student_scheduler: the distilled student and its VP scheduler (its
-            ``prediction_type`` is the student's).
+        base_unet, base_scheduler: the base (teacher) denoiser and its scheduler: VP (``alphas_cumprod``),
+            EDM or flow matching.
+        student_unet, student_scheduler: the distilled student and its scheduler (VP, EDM or flow; its
+            ``prediction_type`` is the student's unless ``student_prediction_type`` says otherwise).
         student_generator_timestep: a one-step generator's index t* (None: a few-step denoiser).
-        student_num_inference_steps, student_timesteps: a few-step student's step count and grid.
+        student_num_inference_steps, student_timesteps: a few-step student's step count and grid (VP).
+        student_sigmas: an EDM or flow few-step student's own grid of noise levels (x_t's sigma, noisiest
+            first); None: its scheduler's own ``set_timesteps`` grid.
+        student_generator_sigma, student_generator_time: an EDM or flow one-step generator's sigma(t*) and
+            network time input at t* (as its training wrote them).
+        student_prediction_type, base_prediction_type: a model's output when it is not its scheduler's own
+            (e.g. "sample"); None: the scheduler's (flow: the velocity).
         num_base_steps: default number of base steps.
         sample_shape: shape of one sample.
         num_classes: classes of class-conditional models (both; label ``num_classes`` is the null).
@@ -92,7 +129,9 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  sample_shape: list | None = None, num_classes: int = 0,
                  student_guidance_conditioned: bool = False, student_guidance_scale: float = 1.0, vae=None,
                  text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                 force_zeros_for_empty_prompt: bool = False):
+                 force_zeros_for_empty_prompt: bool = False, student_sigmas: list | None = None,
+                 student_generator_sigma: float | None = None, student_generator_time: float | None = None,
+                 student_prediction_type: str | None = None, base_prediction_type: str | None = None):
         super().__init__()
         self.register_modules(base_unet=base_unet, base_scheduler=base_scheduler, student_unet=student_unet,
                               student_scheduler=student_scheduler, vae=vae, text_encoder=text_encoder,
@@ -110,20 +149,31 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             sample_shape=list(sample_shape), num_classes=int(num_classes),
             student_guidance_conditioned=bool(student_guidance_conditioned),
             student_guidance_scale=float(student_guidance_scale),
-            force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
+            force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
+            student_sigmas=[float(v) for v in student_sigmas] if student_sigmas is not None else None,
+            student_generator_sigma=(None if student_generator_sigma is None
+                                     else float(student_generator_sigma)),
+            student_generator_time=None if student_generator_time is None else float(student_generator_time),
+            student_prediction_type=student_prediction_type, base_prediction_type=base_prediction_type)
 
     @classmethod
     def from_pipelines(cls, base, student, num_base_steps: int = 1,
                        num_base_substeps: int = 1) -> HybridPipeline:
         """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``;
         for text-to-image a StableDiffusion(XL)Pipeline or TextToImagePipeline) and a loaded distill student
-        (OneStepPipeline, FewStepPipeline or TextToImagePipeline, whose text parts the hybrid shares)."""
+        (OneStepPipeline, FewStepPipeline or TextToImagePipeline, whose text parts the hybrid shares). Each
+        may be of any noise family (VP, EDM, flow matching)."""
+        families = {}
         for name, p in (("base", base), ("student", student)):
             sched = getattr(p, "scheduler", None)
-            if sched is None or not hasattr(sched, "alphas_cumprod"):
-                raise ValueError(f"The {name} pipeline needs a variance-preserving scheduler with "
-                                 f"alphas_cumprod (DDPM / DDIM); {type(p).__name__} has "
-                                 f"{type(sched).__name__}.")
+            try:
+                families[name] = noise_family(sched)
+            except ValueError:
+                raise ValueError(f"The {name} pipeline needs a variance-preserving (alphas_cumprod: DDPM / "
+                                 "DDIM), EDM or flow-matching scheduler; "
+                                 f"{type(p).__name__} has {type(sched).__name__}.") from None
+            if getattr(p, "unet", None) is None and not (name == "student" and hasattr(p, "generator")):
+                raise ValueError(f"The {name} pipeline needs a denoiser (unet); {type(p).__name__} has none.")
         s_cfg = student.config
         text = getattr(student, "text_encoder", None) is not None
         one_step = hasattr(student, "generator") or getattr(s_cfg, "generator_timestep", None) is not None
@@ -137,6 +187,22 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                           for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
             text_parts["force_zeros_for_empty_prompt"] = bool(
                 getattr(s_cfg, "force_zeros_for_empty_prompt", False))
+        sigmas = gen_sigma = gen_time = None
+        if families["student"] != "vp":
+            sched = student.scheduler
+            if one_step:
+                gen_sigma, gen_time = s_cfg.get("generator_sigma"), s_cfg.get("generator_time")
+                if gen_sigma is None or gen_time is None:
+                    raise ValueError(f"The student is a one-step generator on a {type(sched).__name__} "
+                                     "without generator_sigma / generator_time in its config (training "
+                                     "writes t*'s noise level and network time there); the hybrid cannot "
+                                     "place it.")
+            else:
+                sigmas = s_cfg.get("sigmas")
+                if sigmas is None and sched.config.get("use_dynamic_shifting"):
+                    raise ValueError(f"The student's {type(sched).__name__} shifts dynamically "
+                                     "(use_dynamic_shifting=true) and the student stores no sigmas: its grid "
+                                     "depends on the image size; give the student its grid (sigmas=).")
         b_classes = int(getattr(base.config, "num_classes", 0) or 0)
         if not b_classes and getattr(base.unet.config, "num_class_embeds", None):
             b_classes = base.unet.config.num_class_embeds - 1
@@ -151,16 +217,40 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                    num_base_substeps=num_base_substeps,
                    sample_shape=list(s_cfg.sample_shape) if not text else None, num_classes=s_classes,
                    student_guidance_conditioned=bool(getattr(s_cfg, "guidance_conditioned", False)),
-                   student_guidance_scale=float(getattr(s_cfg, "guidance_scale", 1.0)), **text_parts)
+                   student_guidance_scale=float(getattr(s_cfg, "guidance_scale", 1.0)),
+                   student_sigmas=sigmas, student_generator_sigma=gen_sigma, student_generator_time=gen_time,
+                   student_prediction_type=s_cfg.get("prediction_type"),
+                   base_prediction_type=base.config.get("prediction_type"), **text_parts)
 
-    def grid(self, num_base_steps: int, num_inference_steps: int | None = None) -> tuple[list[int], int]:
-        """(the student-table timesteps of every row, how many rows the base takes)."""
-        T = self.student_scheduler.config.num_train_timesteps
+    def grid(self, num_base_steps: int, num_inference_steps: int | None = None) -> tuple[list, int]:
+        """(the student's grid: its table's timesteps of every row on a VP table, its noise levels sigma
+        (x_t's) on EDM / flow; how many rows the base takes)."""
+        family = noise_family(self.student_scheduler)
         t_star = self.config.student_generator_timestep
+        if t_star is not None and num_inference_steps not in (None, 1):
+            raise ValueError("The student is a one-step generator; "
+                             f"num_inference_steps={num_inference_steps}.")
+        if family != "vp":
+            if t_star is not None:  # base rows evenly in the student's time input from the top down to t*
+                k, s_star = num_base_steps, float(self.config.student_generator_sigma)
+                if family == "edm":
+                    top = math.log(float(self.student_scheduler.config.sigma_max))
+                    base = [math.exp(top - i * (top - math.log(s_star)) / k) for i in range(k)] if k else []
+                else:
+                    base = [1.0 - i * (1.0 - s_star) / k for i in range(k)] if k else []
+                return base + [s_star], k
+            stored = self.config.get("student_sigmas")
+            if num_inference_steps is None and stored is not None:
+                sigmas = [float(v) for v in stored]
+            else:
+                sigmas = scheduler_sigmas(self.student_scheduler,
+                                          num_inference_steps or self.config.student_num_inference_steps)
+            if not 0 <= num_base_steps <= len(sigmas):
+                raise ValueError(f"num_base_steps={num_base_steps} must lie in [0, {len(sigmas)}] (the "
+                                 f"student's grid has {len(sigmas)} steps).")
+            return sigmas, num_base_steps
+        T = self.student_scheduler.config.num_train_timesteps
         if t_star is not None:
-            if num_inference_steps not in (None, 1):
-                raise ValueError("The student is a one-step generator; "
-                                 f"num_inference_steps={num_inference_steps}.")
             k = num_base_steps
             base = [round((T - 1) - i * (T - 1 - t_star) / k) for i in range(k)] if k else []
             return base + [t_star], k
@@ -173,25 +263,68 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                              f"grid has {len(ts)} steps).")
         return ts, num_base_steps
 
-    def schedule(self, num_base_steps: int, num_inference_steps: int | None = None,
-                 num_base_substeps: int | None = None) -> tuple[torch.Tensor, int]:
-        """(the (timestep, alpha_bar) rows of the whole chain, how many of them the base evaluates)."""
-        ts, k = self.grid(num_base_steps, num_inference_steps)
-        m = self.config.num_base_substeps if num_base_substeps is None else int(num_base_substeps)
-        if m < 1:
-            raise ValueError(f"num_base_substeps must be >= 1, got {m}.")
-        times = vp_grid(self.student_scheduler.alphas_cumprod, ts)
-        if m == 1 or k == 0:
-            return times, k
-        b_ac = torch.as_tensor(self.base_scheduler.alphas_cumprod, dtype=torch.float64).cpu()
-        rows = []
-        for i in range(k):
-            rows.append(times[i].tolist())  # the row itself: the base meets it at the matched noise level
-            tb = timestep_for(b_ac, float(times[i, 1]))
-            tb_next = timestep_for(b_ac, float(times[i + 1, 1])) if i + 1 < len(ts) else 0.0
+    def rows(self, num_base_steps: int, num_inference_steps: int | None = None) -> tuple[torch.Tensor, int]:
+        """(the (student time input, alpha_bar) rows of the student's grid, how many of them the base
+        takes)."""
+        grid, k = self.grid(num_base_steps, num_inference_steps)
+        if noise_family(self.student_scheduler) == "vp":
+            return vp_grid(self.student_scheduler.alphas_cumprod, grid), k
+        rows = family_rows(self.student_scheduler, grid)
+        if self.config.student_generator_timestep is not None:  # t*'s network time as training wrote it
+            rows[-1, 0] = float(self.config.student_generator_time)
+        return rows, k
+
+    def _base_alpha_bar(self, alpha_bar: float) -> float:
+        """The noise level the base is evaluated at for a row at ``alpha_bar``: the row's own, except where
+        the base cannot reach it (alpha_bar = 0 on a VP table: its last entry; beyond an EDM base's
+        sigma_max: sigma_max)."""
+        family = noise_family(self.base_scheduler)
+        if family == "vp" and alpha_bar <= 0:
+            return float(self.base_scheduler.alphas_cumprod[-1])
+        if family == "edm":
+            s_max = float(self.base_scheduler.config.sigma_max)
+            return max(alpha_bar, 1.0 / (1.0 + s_max * s_max))
+        return alpha_bar
+
+    def _base_substeps(self, alpha_bar: float, alpha_bar_next: float | None, m: int) -> list[list[float]]:
+        """The m - 1 rows between a base row at ``alpha_bar`` and the next row (None: the data), spaced
+        evenly in the base's own time input: table index (VP), c_noise = ln(sigma) / 4 (EDM), s T (flow)."""
+        family = noise_family(self.base_scheduler)
+        if family == "vp":
+            b_ac = torch.as_tensor(self.base_scheduler.alphas_cumprod, dtype=torch.float64).cpu()
+            tb = timestep_for(b_ac, alpha_bar)
+            tb_next = timestep_for(b_ac, alpha_bar_next) if alpha_bar_next is not None else 0.0
+            rows = []
             for j in range(1, m):
                 t = round(tb - j * (tb - tb_next) / m)
                 rows.append([float(t), float(b_ac[t])])
+            return rows
+        s0 = family_alpha_sigma(family, self._base_alpha_bar(alpha_bar))[1]
+        if alpha_bar_next is not None:
+            s1 = family_alpha_sigma(family, self._base_alpha_bar(alpha_bar_next))[1]
+        else:
+            s1 = float(self.base_scheduler.config.sigma_min) if family == "edm" else 0.0
+        if family == "edm":
+            sig = [math.exp(math.log(s0) - j * (math.log(s0) - math.log(s1)) / m) for j in range(1, m)]
+        else:
+            sig = [s0 - j * (s0 - s1) / m for j in range(1, m)]
+        return family_rows(self.base_scheduler, sig).tolist() if sig else []
+
+    def schedule(self, num_base_steps: int, num_inference_steps: int | None = None,
+                 num_base_substeps: int | None = None) -> tuple[torch.Tensor, int]:
+        """(the (time input, alpha_bar) rows of the whole chain, how many of them the base evaluates; a row's
+        time input is the student's, a base sub-step's the base's)."""
+        times, k = self.rows(num_base_steps, num_inference_steps)
+        m = self.config.num_base_substeps if num_base_substeps is None else int(num_base_substeps)
+        if m < 1:
+            raise ValueError(f"num_base_substeps must be >= 1, got {m}.")
+        if m == 1 or k == 0:
+            return times, k
+        rows = []
+        for i in range(k):
+            rows.append(times[i].tolist())  # the row itself: the base meets it at the matched noise level
+            rows += self._base_substeps(float(times[i, 1]), float(times[i + 1, 1]) if i + 1 < len(times)
+                                        else None, m)
         rows += times[k:].tolist()
         out = torch.tensor(rows, dtype=torch.float64)
         if (out[1:, 1] <= out[:-1, 1]).any():
@@ -217,12 +350,16 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             batch_size = len(prompt)
         k = self.config.num_base_steps if num_base_steps is None else int(num_base_steps)
         times, k = self.schedule(k, num_inference_steps, num_base_substeps)
-        base_ac = self.base_scheduler.alphas_cumprod
-        T = self.student_scheduler.config.num_train_timesteps
+        b_family, s_family = noise_family(self.base_scheduler), noise_family(self.student_scheduler)
+        base_ac = self.base_scheduler.alphas_cumprod if b_family == "vp" else None
         shape = (batch_size, *self.config.sample_shape)
         z = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
-        x = z if float(times[0, 0]) == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
+        if s_family == "vp":
+            T = self.student_scheduler.config.num_train_timesteps
+            x = z if float(times[0, 0]) == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
+        else:  # x_t = sigma_0 z (EDM: sigma_max z; flow: z at s = 1), in VP coordinates
+            x = (1 - float(times[0, 1])) ** 0.5 * z
         cfg = base_guidance_scale is not None and float(base_guidance_scale) != 1.0
         if text:
             s_kw, b_kw = self._text_kwargs(prompt, negative_prompt, cfg, device, dtype)
@@ -243,24 +380,37 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 s_kw["timestep_cond"] = guidance_embedding(w, dim).to(device, dtype)
             else:
                 s_kw["guidance_weight"] = w
-        b_pred = self.base_scheduler.config.prediction_type
-        s_pred = self.student_scheduler.config.prediction_type
+        b_pred = (self.config.get("base_prediction_type") or self.base_scheduler.config.get("prediction_type")
+                  or "flow")
+        s_pred = (self.config.get("student_prediction_type")
+                  or self.student_scheduler.config.get("prediction_type") or "flow")
         bar = self.progress_bar(total=len(times))
+
+        def base_net(x_in, tb):
+            if not cfg:
+                return self.base_unet(x_in, torch.full((batch_size,), tb, device=device), **b_kw).sample
+            # out_uncond + s (out_cond - out_uncond)
+            c, u = self.base_unet(torch.cat([x_in, x_in]), torch.full((2 * batch_size,), tb, device=device),
+                                  **b_kw).sample.chunk(2)
+            return classifier_free_guidance(c, u, float(base_guidance_scale))
 
         def model_fn(x_t, i, t):
             ab = float(times[i, 1])
+            if i < k and b_family != "vp":  # the base at this noise level in its own family
+                ab_b = self._base_alpha_bar(ab)
+                tb = family_timestep(self.base_scheduler, family_alpha_sigma(b_family, ab_b)[1])
+                return family_x0(self.base_scheduler, lambda x_in: base_net(x_in, tb), x_t, ab_b, b_pred)
+            if i >= k and s_family != "vp":  # the student at its own (time input, noise level)
+                return family_x0(self.student_scheduler, lambda x_in: self.student_unet(
+                    x_in, torch.full((batch_size,), t, device=device), **s_kw).sample, x_t, ab, s_pred)
             a, sig = ab**0.5, (1 - ab) ** 0.5
-            if i < k:  # the base, at the timestep of its own table with this noise level
+            if i < k:  # a VP base, at the timestep of its own table with this noise level
                 tb = timestep_for(base_ac, ab)
                 tb = int(tb) if float(tb).is_integer() else tb
-                if not cfg:
-                    out = self.base_unet(x_t, torch.full((batch_size,), tb, device=device), **b_kw).sample
-                else:  # out_uncond + s (out_cond - out_uncond)
-                    c, u = self.base_unet(torch.cat([x_t, x_t]),
-                                          torch.full((2 * batch_size,), tb, device=device),
-                                          **b_kw).sample.chunk(2)
-                    out = classifier_free_guidance(c, u, float(base_guidance_scale))
-                return x0_from_output(out, x_t, a, sig, b_pred)
+                if ab <= 0:  # pure noise (a flow grid's s = 1): the table's noisiest entry
+                    ab_b = self._base_alpha_bar(ab)
+                    a, sig = ab_b**0.5, (1 - ab_b) ** 0.5
+                return x0_from_output(base_net(x_t, tb), x_t, a, sig, b_pred)
             out = self.student_unet(x_t, torch.full((batch_size,), int(t), device=device), **s_kw).sample
             return x0_from_output(out, x_t, a, sig, s_pred)
 

@@ -62,6 +62,8 @@ def one_step_input(scheduler, config, z: torch.Tensor):
             return scheduler.precondition_outputs(x_in, out, sigma)
         # with invert_sigmas a flow network's velocity is x0 - eps
         inverted = pred == "flow" and scheduler.config.get("invert_sigmas")
+        if pred == "v_prediction" and config.get("generator_sigma") is not None:  # v = alpha eps - sigma x0
+            return (alpha * x_in - sigma * out) / (alpha * alpha + sigma * sigma)
         return x0_from_output(-out if inverted else out, x_in, alpha, sigma, pred)
 
     return x_in, scheduler.precondition_inputs(x_in, sigma) if edm else x_in, t, to_x0
