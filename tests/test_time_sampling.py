@@ -38,6 +38,8 @@ class Draws(OneStepScoreHelpers, BatchMaker):
         self.teacher = SimpleNamespace(schedule=schedule)
         self.device = torch.device("cpu")
         self.rng = torch.Generator().manual_seed(seed)
+        self.config = SimpleNamespace(teacher=SimpleNamespace(beta_schedule="squaredcos_cap_v2"))
+        self.reference_times()
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -217,3 +219,40 @@ def test_two_training_steps_run(config, overrides, tmp_path):
     assert (path / "model_index.json").is_file()
     last = trainer.history[-1]
     assert math.isfinite(last["gen_loss"]) and math.isfinite(last["fake_loss"])
+
+
+@pytest.mark.parametrize("noise", ["edm", "flow"])
+def test_times_on_vp_puts_the_same_noise_levels_on_every_family(noise):
+    """``times_on: vp``: t*, t_min / t_max and the uniform draws are points of the VP table of
+    teacher.beta_schedule mapped at equal log-SNR, so an edm or flow teacher trains at the VP run's noise
+    levels; on a vp teacher it is the identity (the same draws, bitwise)."""
+    vp = SCHEDULES["vp_cosine"]()
+    ns = SCHEDULES["edm_karras" if noise == "edm" else "flow_shift3"]()
+    d = Draws(ns, seed=7, times_on="vp")
+    mine = d.sample_t(256)
+    g = torch.Generator().manual_seed(7)
+    ref = 0.02 + (0.98 - 0.02) * torch.rand(256, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ns.logsnr(mine), vp.logsnr(ref), rtol=0, atol=1e-9)
+    assert not torch.allclose(mine, ref)  # the times differ; the noise levels do not
+    d = Draws(ns, seed=7, times_on="vp", t_sampling="lognormal", t_min=0.1, t_max=0.9)
+    z = torch.randn(256, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    want = vp.logsnr(vp.t_from_logsnr(-2 * (-1.2 + 1.2 * z)).clamp(0.1, 0.9))
+    torch.testing.assert_close(ns.logsnr(d.sample_t(256)), want, rtol=0, atol=1e-9)
+    on_vp = Draws(vp, seed=7, times_on="vp")
+    assert torch.equal(on_vp.sample_t(256), ref)
+
+
+@pytest.mark.parametrize("noise", ["edm", "flow"])
+def test_times_on_vp_puts_the_generator_at_the_vp_runs_noise_level(noise, tmp_path):
+    """The one-step generator of configs/sim_gaussians8.yaml (times_on: vp, generator_timestep 800) sits at
+    the log-SNR of VP index 800 on an edm / flow teacher, and its export carries that sigma."""
+    cfg = load_config("configs/sim_gaussians8.yaml",
+                      [*FAST, f"output_dir={tmp_path}", f"teacher.noise={noise}",
+                       "sim.init_denoiser_steps=0"])
+    trainer = trainer_class("sim")(cfg)
+    trainer.setup()
+    vp = NoiseSchedule.vp_from_betas("squaredcos_cap_v2")
+    sched = trainer.teacher.schedule
+    want = vp.logsnr(torch.tensor(800 / 999, dtype=torch.float64))
+    torch.testing.assert_close(sched.logsnr(trainer.t_star), want, rtol=0, atol=1e-9)
+    assert trainer.generator_noise()["generator_sigma"] == float(sched.sigma(trainer.t_star))

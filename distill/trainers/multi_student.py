@@ -92,6 +92,10 @@ class MSDConfig:
     p_std: float = 1.2
     # per-sample weight of the generator loss in the flow sigma s: sigma_sqrt s^-2, cosmap, 1 - s (none: 1)
     time_weighting: Literal["none", "sigma_sqrt", "cosmap", "one_minus_sigma"] = "none"
+    # where generator_timestep, t_min / t_max and the drawn t live: the teacher's own continuous time, or the
+    # VP table of teacher.beta_schedule, mapped to the teacher's family at equal log-SNR (the same noise
+    # levels on a vp, edm or flow teacher; identity on vp)
+    times_on: Literal["teacher", "vp"] = "teacher"
     # student.arch mlp/unet: teacher score matching on the student's part before distillation
     tsm_steps: int = 0
     # DMD's regression term (Yin et al. 2024 sec. 3.3, L2 here): weight (DMD: 0.25; 0 = off) and the number of

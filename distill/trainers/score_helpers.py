@@ -33,6 +33,7 @@ import torch
 
 from ..engine import Update, build_network, frozen
 from ..errors import ConfigError
+from ..noise import NoiseSchedule
 from ..objectives.score import DiffInstructLoss, fake_score_loss
 from ..pipelines import OneStepPipeline, TextToImagePipeline
 
@@ -99,11 +100,28 @@ def check_student_prediction(teacher, pred: str) -> None:
 class OneStepScoreHelpers:
     """Generator sampling, the fake-score update and the generator update of one :class:`ScoreGroup`."""
 
-    def set_generator_timestep(self, index: int) -> None:
-        """t* = the generator's training index as continuous time; sigma(t*), t* and the network's timestep at
-        t* are kept on the device (no host copy per batch)."""
+    def reference_times(self) -> None:
+        """The schedule ``section.times_on`` reads t_min / t_max, generator_timestep and the drawn t on:
+        the teacher's own, or (``vp``, on an edm / flow teacher) the VP table of ``teacher.beta_schedule``,
+        each reference time then mapped to the teacher's time of equal log-SNR."""
         sched = self.teacher.schedule
-        self.t_star = sched.t_from_timestep(index)
+        self._vp_times = None
+        if self.section.times_on == "vp" and sched.kind != "vp":
+            self._vp_times = NoiseSchedule.vp_from_betas(self.config.teacher.beta_schedule,
+                                                         sched.num_train_timesteps)
+
+    def on_teacher_times(self, t: torch.Tensor) -> torch.Tensor:
+        """Reference times -> the teacher's (identity unless ``times_on=vp`` on an edm / flow teacher)."""
+        if self._vp_times is None:
+            return t
+        return self.teacher.schedule.t_from_logsnr(self._vp_times.logsnr(t)).to(t.device)
+
+    def set_generator_timestep(self, index: int) -> None:
+        """t* = the generator's training index as continuous time (on ``times_on``'s schedule); sigma(t*), t*
+        and the network's timestep at t* are kept on the device (no host copy per batch)."""
+        sched = self.teacher.schedule
+        self.reference_times()
+        self.t_star = self.on_teacher_times(sched.t_from_timestep(index))
         self._sigma_star = float(sched.sigma(self.t_star))
         self._t_star_device = self.t_star.to(self.device)
         self._timestep_star = sched.timestep(self.t_star).to(self.device)
@@ -120,13 +138,14 @@ class OneStepScoreHelpers:
         [t_min, t_max] (the mass outside the range sits on its ends)."""
         s = self.section
         if s.t_sampling == "uniform":
-            return s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64)
+            return self.on_teacher_times(s.t_min + (s.t_max - s.t_min) * self.rand(n, dtype=torch.float64))
         z = torch.randn(n, generator=self.rng, device=self.rng.device, dtype=torch.float64).to(self.device)
         if s.t_sampling == "logit_normal":
             t = torch.sigmoid(s.logit_mean + s.logit_std * z)
         else:  # lognormal: log-SNR = -2 ln sigma_EDM
-            t = self.teacher.schedule.t_from_logsnr(-2 * (s.p_mean + s.p_std * z))
-        return t.clamp(s.t_min, s.t_max)
+            sched = self.teacher.schedule if self._vp_times is None else self._vp_times
+            t = sched.t_from_logsnr(-2 * (s.p_mean + s.p_std * z))
+        return self.on_teacher_times(t.clamp(s.t_min, s.t_max))
 
     def weight_generator_loss(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The generator's per-sample loss times ``time_weight`` at its times (unchanged for ``none``)."""

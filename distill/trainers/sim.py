@@ -57,6 +57,10 @@ class SIMConfig:
     p_std: float = 1.2
     # per-sample weight of the generator loss in the flow sigma s: sigma_sqrt s^-2, cosmap, 1 - s (none: 1)
     time_weighting: Literal["none", "sigma_sqrt", "cosmap", "one_minus_sigma"] = "none"
+    # where generator_timestep, t_min / t_max and the drawn t live: the teacher's own continuous time, or the
+    # VP table of teacher.beta_schedule, mapped to the teacher's family at equal log-SNR (the same noise
+    # levels on a vp, edm or flow teacher; identity on vp)
+    times_on: Literal["teacher", "vp"] = "teacher"
     fake_warmup_steps: int = 0  # fake-score-only steps before the generator moves
     init_denoiser_steps: int = 0  # student.arch mlp/unet: fit the network to the teacher first ("copy")
     sid_alpha: float | None = None  # SiD(alpha) (Zhou et al. 2024): needs distance=l2; 1.0 = SIM-L2
