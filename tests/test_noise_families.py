@@ -395,6 +395,48 @@ def test_msd_on_the_mixture_in_each_family_exports_what_it_trained(family, tmp_p
             torch.testing.assert_close(got[c:c + 1], want.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_teacher_trainer_edm_objective_is_edms_preconditioned_loss(tmp_path):
+    """teacher_train.noise=edm: ln sigma ~ N(-1.2, 1.2), the network sees c_in (x0 + sigma eps) at c_noise =
+    ln(sigma) / 4 and its loss is lambda(sigma) ||D - x0||^2 = ||F - (x0 - c_skip x_t) / c_out||^2 (Karras
+    et al. 2022, Table 1): recovered from the network's inputs with a spy network; the export is an EDM
+    teacher."""
+    from distill.config import load_config
+    from distill.teachers import Teacher
+    from distill.trainers import trainer_class
+
+    cfg = load_config("configs/teacher_digits.yaml",
+                      [f"output_dir={tmp_path}", "teacher_train.noise=edm", "train.batch_size=512",
+                       "train.max_steps=1", "train.report_to=none", "train.progress_bar=false",
+                       "train.mixed_precision=no", "eval.enabled=false"])
+    trainer = trainer_class("teacher")(cfg)
+    trainer.setup()
+    sched = trainer.scheduler
+    assert type(sched).__name__ == "EDMEulerScheduler"
+    seen = {}
+
+    def spy(module, args, kwargs, out):
+        seen["x"], seen["time"] = args[0].detach(), args[1].detach()
+        out.sample.data.zero_()  # F = 0: the loss is then E ||(x0 - c_skip x_t) / c_out||^2
+
+    handle = trainer.modules["student"].register_forward_hook(spy, with_kwargs=True)
+    trainer.rng = trainer.step_generator(0, 0)
+    batch = trainer._batch()
+    update = next(trainer.objective(batch, 0))
+    handle.remove()
+    sigma = torch.exp(4 * seen["time"].double()).view(-1, 1, 1, 1)
+    ln_sigma = torch.log(sigma)
+    assert abs(float(ln_sigma.mean()) + 1.2) < 0.15 and abs(float(ln_sigma.std()) - 1.2) < 0.15
+    x0 = batch["x"].double()
+    x_t = seen["x"].double() * torch.sqrt(sigma**2 + 0.25)  # c_in = 1 / sqrt(sigma^2 + sigma_data^2)
+    eps = (x_t - x0) / sigma
+    assert abs(float(eps.std()) - 1) < 0.05 and abs(float(eps.mean())) < 0.05
+    c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / torch.sqrt(sigma**2 + 0.25)
+    want = (((x0 - c_skip * x_t) / c_out) ** 2).mean()
+    torch.testing.assert_close(update.loss.double(), want, rtol=1e-4, atol=1e-5)
+    final = trainer_class("teacher")(cfg).train()
+    assert Teacher.from_pretrained(str(final)).schedule.kind == "edm"
+
+
 def test_a_flow_teacher_run_reports_fid_with_the_teacher_rows(tiny_unet, tmp_path):
     """The end-of-training report of a SIM run on a flow teacher folder evaluates the teacher with its own
     Euler loop at eval.teacher_steps, next to the one-step student."""

@@ -6,6 +6,11 @@ uniform over the training indices and target eps, x0 or v per ``teacher_train.pr
 ``teacher_train.noise=flow`` trains a rectified-flow model instead (Liu et al. 2022; Esser et al. 2024,
 eq. 3 and sec. 3.1): ``E || net((1 - s) x0 + s eps, s T) - (eps - x0) ||^2`` with s = shift(t) and t uniform
 or logit-normal (``teacher_train.t_sampling``, Esser et al. 2024, sec. 3.1).
+``teacher_train.noise=edm`` trains an EDM model (Karras et al. 2022, eq. 2 and Table 1, "Training"):
+ln sigma ~ N(P_mean, P_std) (``teacher_train.p_mean`` / ``p_std``, -1.2 / 1.2), x_t = x0 + sigma eps, the
+network F sees c_in x_t at c_noise = ln(sigma) / 4, and the loss lambda(sigma) ||D(x_t) - x0||^2 with
+lambda = 1 / c_out^2 is the plain MSE of F against its target (x0 - c_skip x_t) / c_out; sigma_data 0.5,
+sigma in [0.002, 80] (diffusers' ``EDMEulerScheduler``, epsilon parameterisation of its c_out).
 
 Options:
 * ``label_dropout > 0``: class-conditional training with a null class (label ``num_classes``) in
@@ -47,10 +52,13 @@ class TeacherTrainConfig:
     # vp only (a flow teacher predicts the velocity). v: stable at every SNR; epsilon amplifies its error by
     # 1/alpha at t=999
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "v_prediction"
-    # flow: a rectified-flow teacher (velocity; FlowMatchEulerDiscreteScheduler)
-    noise: Literal["vp", "flow"] = "vp"
+    # flow: a rectified-flow teacher (velocity; FlowMatchEulerDiscreteScheduler); edm: EDM's preconditioned
+    # denoiser (EDMEulerScheduler)
+    noise: Literal["vp", "edm", "flow"] = "vp"
     flow_shift: float = 1.0  # flow: the static shift of its sigmas
     t_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow: t ~ U[0, 1] or sigmoid(N(0, 1))
+    p_mean: float = -1.2  # edm: ln sigma ~ N(p_mean, p_std) (Karras et al. 2022, Table 1)
+    p_std: float = 1.2
     label_dropout: float = 0.0  # > 0: class-conditional with a null class, for classifier-free guidance
     curriculum_clusters: int = 0  # > 0: task-difficulty curriculum (Kim et al. 2024) with N clusters
     curriculum_patience: int = 200
@@ -59,14 +67,15 @@ class TeacherTrainConfig:
         require([(0 <= self.label_dropout < 1, "teacher_train.label_dropout", self.label_dropout,
                    "a number in [0, 1)"),
                  (self.flow_shift > 0, "teacher_train.flow_shift", self.flow_shift, "a positive number")])
-        if self.noise == "flow" and (self.label_dropout > 0 or self.curriculum_clusters):
-            raise ConfigError("teacher_train.noise=flow trains unconditional teachers without a curriculum "
-                              "for now: remove teacher_train.label_dropout and "
+        if self.noise != "vp" and (self.label_dropout > 0 or self.curriculum_clusters):
+            raise ConfigError(f"teacher_train.noise={self.noise} trains unconditional teachers without a "
+                              "curriculum for now: remove teacher_train.label_dropout and "
                               "teacher_train.curriculum_clusters.")
-        if self.noise == "vp" and (self.flow_shift != 1.0 or self.t_sampling != "uniform"):
+        if self.noise != "flow" and (self.flow_shift != 1.0 or self.t_sampling != "uniform"):
             raise ConfigError("teacher_train.flow_shift / teacher_train.t_sampling apply to "
-                              "teacher_train.noise=flow; a vp teacher samples its training indices "
-                              "uniformly.")
+                              f"teacher_train.noise=flow; a {self.noise} teacher draws its noise levels "
+                              "its own way.")
+        require([(self.p_std > 0, "teacher_train.p_std", self.p_std, "a positive number")])
 
 
 
@@ -87,6 +96,9 @@ class TeacherTrainer(DistillationTrainer):
         if tc.noise == "flow":
             self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
                 num_train_timesteps=tc.num_train_timesteps, shift=tc.flow_shift)
+        elif tc.noise == "edm":
+            self.scheduler = diffusers.EDMEulerScheduler(num_train_timesteps=tc.num_train_timesteps,
+                                                         sigma_data=0.5, prediction_type="epsilon")
         else:
             self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=tc.num_train_timesteps,
                                                      beta_schedule=tc.beta_schedule,
@@ -142,6 +154,10 @@ class TeacherTrainer(DistillationTrainer):
             u = self.rand(b, dtype=torch.float64)
             t = torch.sigmoid(torch.special.ndtri(u)) if tc.t_sampling == "logit_normal" else u
             k = None  # the network's time is s T
+        elif tc.noise == "edm":  # ln sigma ~ N(P_mean, P_std); log-SNR = -2 ln sigma
+            z = torch.randn(b, generator=self.rng, device=self.rng.device, dtype=torch.float64)
+            t = self.schedule.t_from_logsnr(-2 * (tc.p_mean + tc.p_std * z)).clamp(0, 1).to(self.device)
+            k = None  # the network's time is c_noise
         else:
             lo, hi = self._index_range()
             k = torch.randint(lo, hi, (b,), generator=self.rng, device=self.rng.device).to(self.device)
@@ -174,7 +190,9 @@ class TeacherTrainer(DistillationTrainer):
 
     def card_info(self) -> dict:
         tc = self.config.teacher_train
-        noise = ({"noise": "flow (rectified flow)", "flow_shift": tc.flow_shift, "t_sampling": tc.t_sampling}
-                 if tc.noise == "flow" else {"beta_schedule": tc.beta_schedule})
+        noise = {"vp": {"beta_schedule": tc.beta_schedule},
+                 "edm": {"noise": "edm (Karras et al. 2022)", "p_mean": tc.p_mean, "p_std": tc.p_std},
+                 "flow": {"noise": "flow (rectified flow)", "flow_shift": tc.flow_shift,
+                          "t_sampling": tc.t_sampling}}[tc.noise]
         return {"method": "teacher (denoising score matching)", "data": self.config.data.spec,
                 "prediction_type": self.pred, **noise, "num_classes": self.num_classes}
