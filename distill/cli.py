@@ -89,24 +89,72 @@ def _call(pipe, **kwargs):
         raise ConfigError(str(err)) from None
 
 
+def _class_labels(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--class-labels {text!r}: give integers separated by commas, e.g. 0,1,2."
+                          ) from None
+
+
+# Stock teacher layouts that ``distill sample`` runs with distill's own teacher sampler (the scheduler stepped
+# as the stock pipeline steps it), at the stock pipeline's default steps and guidance.
+TEACHER_LAYOUTS = ("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def _sample_teacher(args, folder, layout: str):
+    """Images in [0, 1] of a stock teacher folder through :meth:`distill.Teacher.sample_stock`: the images of
+    the stock ``layout`` pipeline at the same steps, seed, labels / prompts and guidance scale."""
+    import inspect
+
+    import diffusers
+    import torch
+
+    from . import backbones
+    from .teachers import Teacher
+
+    defaults = inspect.signature(getattr(diffusers, layout).__call__).parameters
+    steps = args.steps or defaults["num_inference_steps"].default
+    teacher = Teacher.from_pretrained(folder)
+    if args.resolution is not None:
+        teacher.set_resolution(args.resolution)
+    scale = args.guidance_scale
+    if scale is None and (layout != "FluxPipeline" or backbones.embeds_guidance(teacher.model)):
+        scale = defaults["guidance_scale"].default  # FLUX.1-schnell takes none: its stock call is unguided
+    if teacher.is_text:
+        if not args.prompt:
+            raise ConfigError(f"{args.pipeline} is a text-to-image teacher ({layout}): pass --prompt TEXT "
+                              "(repeatable).")
+        cond = teacher.condition(prompts=(args.prompt * args.num_images)[: args.num_images])
+    else:
+        labels = _class_labels(args.class_labels) if args.class_labels else list(range(teacher.num_classes))
+        cond = teacher.condition(class_labels=(labels * args.num_images)[: args.num_images])
+    x = teacher.sample(args.num_images, steps, torch.Generator().manual_seed(args.seed), cond,
+                       guidance_scale=scale, stock=True)
+    return (teacher.decode(x).float() / 2 + 0.5).clamp(0, 1), steps, scale
+
+
 def cmd_sample(args) -> int:
     import torch
 
     from .eval.report import save_grid
-    from .export import load_pipeline
+    from .export import load_pipeline, read_model_index, resolve_pretrained
 
-    pipe = load_pipeline(args.pipeline)
+    folder = resolve_pretrained(args.pipeline)
+    layout = read_model_index(folder).get("_class_name")
+    if layout in TEACHER_LAYOUTS:
+        x, steps, scale = _sample_teacher(args, folder, layout)
+        out = save_grid(x, args.out)
+        print(f"Wrote {args.num_images} samples of the {layout} teacher ({steps} steps, guidance scale "
+              f"{scale}) to {out}")
+        return 0
+    pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {}
     if args.steps is not None:
         kwargs["num_inference_steps"] = args.steps
     if args.class_labels:
-        try:
-            labels = [int(v) for v in args.class_labels.split(",")]
-        except ValueError:
-            raise ConfigError(f"--class-labels {args.class_labels!r}: give integers separated by commas, "
-                              "e.g. 0,1,2.") from None
-        kwargs["class_labels"] = (labels * args.num_images)[: args.num_images]
+        kwargs["class_labels"] = (_class_labels(args.class_labels) * args.num_images)[: args.num_images]
     if args.guidance_scale is not None:
         import inspect
 
@@ -295,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--resolution", type=int, default=None,
+                   help="SD3 / FLUX.1 teacher folders: image height and width (default: the stock "
+                   "pipeline's)")
     s.add_argument("--trajectory", action="store_true", help="hybrid pipelines: a grid of every step's clean "
                    "prediction (rows = samples, columns = steps)")
     s.add_argument("--num-base-steps", type=int, default=None, help="hybrid pipelines: base-model steps")

@@ -11,7 +11,9 @@ scaling (EDM's c_in), the backbone's call convention
 with the unconditional half evaluated on the condition's null (null class, or the empty / negative
 prompt), in one batched pass of both halves. Guidance mixes the raw outputs: every parameterisation is
 affine in the output at fixed (x_t, t), so the result is the same in epsilon, x0 or v. A network that takes
-the guidance weight as an input (guided distillation, Meng et al. 2023) gets it as ``w``.
+the guidance weight as an input (guided distillation, Meng et al. 2023) gets it as ``w``. A
+guidance-distilled network (FLUX.1-dev) takes the scale itself as an input: one pass with ``guidance=scale``
+(FluxPipeline's 3.5 when none is bound), no unconditional half.
 
 The frozen teacher, the fake score, the one-step generator, the round teacher and every student of a
 trainer are Denoisers; a trained network changes (Accelerate's wrapper, sharding, EMA weights), so a
@@ -78,6 +80,11 @@ class Denoiser:
         x_in = self.schedule.scale_input(x_t, t)  # EDM's c_in; x_t itself on vp and flow
         x_in, cond = self.prepare(x_in, cond) if self.prepare is not None else (x_in, cond)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if backbones.embeds_guidance(self.network):  # FLUX.1-dev: the scale is an input, one pass
+            g = backbones.default_embedded_guidance() if scale is None else scale
+            g = torch.as_tensor(g, dtype=torch.float32, device=x_t.device).expand(b)
+            with self.autocast():
+                return backbones.call(self.network, x_in, timestep, cond, w, guidance=g)
         guided = scale is not None and cond is not None and cond.kind != "none" and (
             torch.as_tensor(scale).numel() > 1 or float(scale) != 1.0)
         with self.autocast():

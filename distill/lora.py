@@ -32,7 +32,14 @@ import torch
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                 "time_emb_proj"]
-DEFAULT_TARGETS = {"UNet2DConditionModel": UNET_TARGETS, "UNet2DModel": UNET_TARGETS}
+# transformers: the attention and feed-forward projections (DiT's blocks; SD3's and FLUX.1's joint blocks with
+# their text-stream projections, as diffusers' examples/dreambooth/train_dreambooth_lora_{sd3,flux}.py target)
+DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+JOINT_TARGETS = DIT_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                               "ff_context.net.0.proj", "ff_context.net.2"]
+DEFAULT_TARGETS = {"UNet2DConditionModel": UNET_TARGETS, "UNet2DModel": UNET_TARGETS,
+                   "DiTTransformer2DModel": DIT_TARGETS, "SD3Transformer2DModel": JOINT_TARGETS,
+                   "FluxTransformer2DModel": JOINT_TARGETS + ["proj_mlp"]}
 
 
 def default_targets(net) -> list[str] | None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import backbones
 from .config import Config
 from .errors import ConfigError
 from .lora import adapter_on, add_adapters, default_targets, tuner_layers
@@ -122,7 +123,7 @@ def _teacher_folder(path: str) -> Path:
 
 
 def _meta_component(folder: Path, name: str, spec):
-    from .teachers import component_class
+    from .teacher_folder import component_class
 
     lib, cls_name = spec
     with torch.device("meta"):
@@ -147,7 +148,7 @@ def meta_teacher(path: str) -> dict:
     if net_name is None:
         raise ConfigError(f"Teacher folder {str(folder)!r} has no unet: nothing to estimate.")
     parts = {"net": _meta_component(folder, net_name, index[net_name]), "frozen": {}}
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if name in index and index[name][0] is not None:
             parts["frozen"][name] = _meta_component(folder, name, index[name])
     return parts
@@ -175,7 +176,7 @@ def saved_bytes(net, args: tuple, kwargs: dict, trained: list, input_grad: bool,
     args = tuple(a.detach().requires_grad_(input_grad) if torch.is_tensor(a) and a.is_floating_point() else a
                  for a in args)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention():
-        net(*args, **kwargs)
+        backbones.forward(net, *args, **kwargs)
     total = 0
     for t in seen.values():
         size = torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size()
@@ -204,7 +205,11 @@ class _FlashAttention(torch.autograd.Function):
 @contextmanager
 def _fused_attention():
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: _FlashAttention.apply(q, k, v)
+    def fused(*args, **kwargs):  # diffusers' attention dispatch passes query= / key= / value= by keyword
+        q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+        return _FlashAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = fused
     try:
         yield
     finally:
@@ -212,18 +217,29 @@ def _fused_attention():
 
 
 def _forward_inputs(net, batch: int, sample_shape, dtype, text_encoder):
+    """Meta inputs of one forward pass: the noisy sample, the time and the condition the backbone takes
+    (SD / SDXL: 77 CLIP tokens; SD3: 77 CLIP + 256 T5 tokens and the pooled CLIP-L / -G; FLUX.1: 512 T5
+    tokens, CLIP-L pooled and the embedded guidance; class labels for UNet2DModel and DiT)."""
     x = torch.empty(batch, *sample_shape, device="meta", dtype=dtype)
     t = torch.zeros(batch, device="meta", dtype=torch.long)
     kw = {}
     cfg = net.config
-    if text_encoder is not None:  # SD-format: 77 prompt tokens
-        kw["encoder_hidden_states"] = torch.empty(batch, 77, cfg.cross_attention_dim, device="meta",
-                                                  dtype=dtype)
+    style = backbones.text_encoding(net)
+
+    def empty(*shape):
+        return torch.empty(batch, *shape, device="meta", dtype=dtype)
+
+    if text_encoder is not None and style in ("sd3", "flux"):
+        kw["encoder_hidden_states"] = empty(77 + 256 if style == "sd3" else 512, cfg.joint_attention_dim)
+        kw["pooled_projections"] = empty(cfg.pooled_projection_dim)
+        if backbones.embeds_guidance(net):
+            kw["guidance"] = torch.empty(batch, device="meta", dtype=torch.float32)
+    elif text_encoder is not None:  # SD-format: 77 prompt tokens
+        kw["encoder_hidden_states"] = empty(77, cfg.cross_attention_dim)
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kw["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
-                                       "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype)}
-    elif getattr(cfg, "num_class_embeds", None):
+            kw["added_cond_kwargs"] = {"text_embeds": empty(pooled), "time_ids": empty(6)}
+    elif getattr(cfg, "num_class_embeds", None) or getattr(cfg, "norm_type", None) == "ada_norm_zero":
         kw["class_labels"] = torch.zeros(batch, device="meta", dtype=torch.long)
     return (x, t), kw
 
@@ -241,12 +257,11 @@ def estimate(cfg: Config, device: str = "cuda") -> MemoryEstimate:
     low_bytes = 2 if bf16 else 4
     n_params = sum(p.numel() for p in net.parameters())
     text = parts["frozen"].get("text_encoder")
-    size = net.config.sample_size
-    size = size if isinstance(size, int) else size[0]
+    channels, size, _ = backbones.latent_shape(net)
     if cfg.data.resolution and "vae" in parts["frozen"]:
         factor = 2 ** (len(parts["frozen"]["vae"].config.block_out_channels) - 1)
         size = cfg.data.resolution // factor
-    sample_shape = [net.config.in_channels, size, size]
+    sample_shape = [channels, size, size]
     b = cfg.train.batch_size
     one_step = cfg.method in ("sim", "uni_instruct")
     section = getattr(cfg, cfg.method)

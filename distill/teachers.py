@@ -18,18 +18,26 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
 import torch
 
+from . import backbones
 from .conditioning import Condition, as_condition
 from .denoiser import Denoiser
 from .errors import ConfigError
 from .export import read_model_index, resolve_pretrained
-from .models import EXPORT_NAMES, GaussianMixtureTeacher
+from .models import GaussianMixtureTeacher
 from .noise import NoiseSchedule
+from .teacher_folder import (
+    component_class,
+    damaged,
+    image_tokens,
+    infer_classes,
+    infer_shape,
+    load_latent_parts,
+)
 
 BUILTIN = {"builtin:digits": "digits_teacher", "builtin:digits-cond": "digits_teacher_cond",
            "builtin:digits-flow": "digits_teacher_flow"}
@@ -59,7 +67,7 @@ class Teacher:
         self.model = model.eval().requires_grad_(False)
         self.schedule = schedule
         self.num_classes = int(num_classes)
-        self.sample_shape = list(sample_shape) if sample_shape is not None else _infer_shape(model)
+        self.sample_shape = list(sample_shape) if sample_shape is not None else infer_shape(model)
         self.scheduler = scheduler
         self.source = source
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
@@ -75,8 +83,8 @@ class Teacher:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model, scheduler, **kwargs) -> Teacher:
-        return cls(model, NoiseSchedule.from_scheduler(scheduler), num_classes=_infer_classes(model),
-                   scheduler=scheduler, **kwargs)
+        return cls(model, NoiseSchedule.from_scheduler(scheduler, image_seq_len=image_tokens(model)),
+                   num_classes=infer_classes(model), scheduler=scheduler, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu",
@@ -101,15 +109,15 @@ class Teacher:
         if net_name is None or "scheduler" not in index:
             raise ConfigError(f"Teacher folder {str(folder)!r} needs a 'unet' (or 'transformer') and a "
                               f"'scheduler'; it has {sorted(k for k in index if not k.startswith('_'))}.")
-        with _damaged(folder, net_name):
+        with damaged(folder, net_name):
             model = (component_class(index[net_name])
                      .from_pretrained(folder / net_name, dtype=dtype).to(device))
-        with _damaged(folder, "scheduler"):
+        with damaged(folder, "scheduler"):
             scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
         text = {}
-        if "text_encoder" in index or "vae" in index:
-            with _damaged(folder, "vae / text encoder / tokenizer"):
-                text = _load_text_parts(folder, index, device, dtype)
+        if any((index.get(k) or [None])[0] is not None for k in ("vae", "text_encoder")):
+            with damaged(folder, "vae / text encoder / tokenizer"):
+                text = load_latent_parts(folder, index, device, dtype)
         return cls.from_model(model, scheduler, source=src, folder=folder, network_subfolder=net_name, **text)
 
     # ------------------------------------------------------------------ space
@@ -131,6 +139,34 @@ class Teacher:
             fresh.load_state_dict({k.replace(".base_layer.", "."): v for k, v in net.state_dict().items()
                                    if "lora_" not in k})
         return fresh.float().to(self.device).requires_grad_(True).train()
+
+    def set_resolution(self, resolution: int) -> None:
+        """Sample ``resolution`` x ``resolution`` images: the latent size of a teacher that samples any size
+        (SD3, FLUX.1: a multiple of the VAE factor times the 2x2 patch), and the dynamic shift's mu of its
+        token count, as their stock pipelines do for ``height`` / ``width``."""
+        step = self.vae_scale_factor * 2
+        if not backbones.any_size(self.model) or not self.is_latent:
+            raise ConfigError(f"data.resolution={resolution}: {type(self.model).__name__} samples one size "
+                              f"({self.image_shape[-1]} px); remove data.resolution.")
+        if resolution % step:
+            raise ConfigError(f"data.resolution={resolution} must be a multiple of {step} (the VAE factor x "
+                              "the 2x2 patch) for this teacher.")
+        self.sample_shape = [self.sample_shape[0], resolution // self.vae_scale_factor,
+                             resolution // self.vae_scale_factor]
+        self.schedule = NoiseSchedule.from_scheduler(self.scheduler, image_seq_len=image_tokens(self.model,
+                                                                                              self.sample_shape))
+        self.denoiser.schedule = self.schedule
+
+    @property
+    def export_size(self) -> dict:
+        """The latent size a text-to-image export samples at, for networks that sample any size (SD3,
+        FLUX.1); empty for the others (their own ``sample_size``)."""
+        return {"sample_size": self.sample_shape[-1]} if backbones.any_size(self.model) else {}
+
+    @property
+    def network_name(self) -> str:
+        """The network's component name in a pipeline: ``unet``, or ``transformer`` (DiT, SD3)."""
+        return self.network_subfolder if self.network_subfolder in ("unet", "transformer") else "unet"
 
     @property
     def weights(self) -> torch.nn.Module:
@@ -250,11 +286,18 @@ class Teacher:
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> Condition:
         """Encode ``prompts`` (each distinct prompt once, repeated prompts from the LRU cache)."""
-        from .text_encoding import encode_prompt, sdxl_time_ids
+        from .text_encoding import encode_prompt, encode_prompt_flux, encode_prompt_sd3, sdxl_time_ids
 
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            embeds, pooled = encode_prompt(self.tokenizers, self.text_encoders, missing, self.device)
+            style = backbones.text_encoding(self.model)
+            if style == "sd3":
+                embeds, pooled = encode_prompt_sd3(self.tokenizers, self.text_encoders, missing, self.device,
+                                                   self.model.config.joint_attention_dim)
+            elif style == "flux":
+                embeds, pooled = encode_prompt_flux(self.tokenizers, self.text_encoders, missing, self.device)
+            else:
+                embeds, pooled = encode_prompt(self.tokenizers, self.text_encoders, missing, self.device)
             for i, p in enumerate(missing):
                 self._cache[p] = (embeds[i], None if pooled is None else pooled[i])
         for p in prompts:
@@ -299,18 +342,24 @@ class Teacher:
     @torch.no_grad()
     def sample(self, n: int, num_steps: int = 50, generator: torch.Generator | None = None,
                cond: Condition | None = None, guidance_scale=None, stochastic: bool = False,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, stock: bool | None = None) -> torch.Tensor:
         """DDIM samples in training space (the baseline every student is compared with; for latent teachers,
         also the clean latents of prompts-only training data): vp teachers on diffusers' trailing grid; edm
         and flow teachers on their own scheduler's grid, where DDIM is EDM's / the flow's Euler step.
         ``noise``: the starting z (default: drawn from ``generator``): x_T = z on vp, sigma_max z on edm,
-        pure noise z at s = 1 on flow."""
+        pure noise z at s = 1 on flow. ``stock``: instead, the teacher's own diffusers scheduler stepped as
+        its stock pipeline steps it (:meth:`sample_stock`); None: so for the transformer teachers that have a
+        stock pipeline (DiT, SD3, FLUX.1), unless ``stochastic``."""
         from .sampling import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
         gen_device = generator.device if generator is not None else "cpu"
         x = (torch.randn(shape, generator=generator, device=gen_device) if noise is None
              else noise).to(self.device)
+        if stock is None:
+            stock = backbones.stock_pipeline(self.model) is not None and not stochastic
+        if stock:
+            return self.sample_stock(x, num_steps, cond, guidance_scale, generator)
         sched = self.schedule
         sampler = sample_meng_stochastic if stochastic else sample_ddim
         if sched.kind == "vp":
@@ -332,89 +381,52 @@ class Teacher:
         x = x * float(sched.sigma(ts[0]) / scale[0])  # sigma(t_0) z, in vp coordinates
         return sampler(denoise_vp, x, times, generator=generator)
 
+    @torch.no_grad()
+    def sample_stock(self, x: torch.Tensor, num_steps: int, cond: Condition | None = None,
+                     guidance_scale=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The loop of diffusers' own pipelines (DiTPipeline, StableDiffusion3Pipeline, ...) from the noise
+        ``x``: the teacher's scheduler after ``set_timesteps(num_steps)`` (with the dynamic shift's mu of its
+        image token count), the network's raw output at each of its timesteps, classifier-free guided, and
+        the scheduler's ``step``."""
+        sched = copy.deepcopy(self.scheduler)
+        mu = (self.schedule.scheduler_config or {}).get("mu")
+        kwargs = {"mu": mu} if mu is not None else {}
+        grid = backbones.stock_sigmas(self.model, num_steps)
+        if grid is not None:
+            kwargs["sigmas"] = grid
+        sched.set_timesteps(num_steps, device=x.device, **kwargs)
+        x = x * getattr(sched, "init_noise_sigma", 1.0)
+        b = x.shape[0]
+        sigmas = getattr(sched, "sigmas", None)
+        for i, t in enumerate(sched.timesteps):
+            if self.schedule.kind == "vp":
+                tc = self.schedule.t_from_timestep(t.item())
+            else:  # the step's own noise level; the Denoiser applies EDM's c_in itself
+                s = sigmas[i].double()
+                tc = self.schedule.t_from_sigma(1 - s if self.schedule.invert_sigmas else s)
+            out = self.denoiser.output(x, tc, cond, guidance_scale, timestep=t.expand(b).to(x.device))
+            x = sched.step(out.to(x.dtype), t, x, generator=generator).prev_sample
+        return x
+
     def frozen_components(self, reload: bool = True) -> dict:
-        """The VAE, text encoder(s) and tokenizer(s) as pipeline components; with ``reload`` re-read
-        from the teacher folder in their stored precision (an export should not keep bf16 copies)."""
+        """The VAE, text encoder(s) and tokenizer(s) as pipeline components (a class-conditional latent
+        teacher's: the VAE alone); with ``reload`` re-read from the teacher folder in their stored precision
+        (an export should not keep bf16 copies)."""
         if not self.is_latent:
             return {}
         if reload and self.folder is not None:
             index = json.loads((self.folder / "model_index.json").read_text())
-            parts = _load_text_parts(self.folder, index, "cpu", None)
+            parts = load_latent_parts(self.folder, index, "cpu", None)
         else:
             parts = {"vae": self.vae, "text_encoders": self.text_encoders, "tokenizers": self.tokenizers}
         encs, toks = parts["text_encoders"], parts["tokenizers"]
-        return {"vae": parts["vae"], "text_encoder": encs[0], "tokenizer": toks[0],
-                "text_encoder_2": encs[1] if len(encs) > 1 else None,
-                "tokenizer_2": toks[1] if len(toks) > 1 else None}
-
-
-def _load_text_parts(folder: Path, index: dict, device, dtype) -> dict:
-    """VAE, text encoder(s) and tokenizer(s) of a Stable-Diffusion-format folder, frozen, in ``dtype``
-    (None: as stored)."""
-    import transformers
-
-    missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in index or index[k][0] is None]
-    if missing:
-        raise ConfigError(f"Teacher folder {str(folder)!r} looks like a text-to-image pipeline but has no "
-                          f"{missing}; a Stable-Diffusion-format folder has unet, vae, text_encoder, "
-                          "tokenizer and scheduler.")
-    kw = {} if dtype is None else {"dtype": dtype}
-    vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
-    encs, toks = [], []
-    for suffix in ("", "_2"):
-        enc_spec, tok_spec = index.get(f"text_encoder{suffix}"), index.get(f"tokenizer{suffix}")
-        if not enc_spec or enc_spec[0] is None:
-            continue
-        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(folder / f"text_encoder{suffix}", **kw)
-                    .to(device).eval().requires_grad_(False))
-        toks.append(getattr(transformers, tok_spec[1]).from_pretrained(folder / f"tokenizer{suffix}"))
-    force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
-    return {"vae": vae.eval().requires_grad_(False), "text_encoders": encs, "tokenizers": toks,
-            "force_zeros_for_empty_prompt": force_zeros}
-
-
-@contextmanager
-def _damaged(folder: Path, part: str):
-    """A component that fails to load (truncated safetensors, bad config.json) is named with its folder."""
-    try:
-        yield
-    except (ConfigError, FileNotFoundError):
-        raise
-    except Exception as err:  # safetensors, json, diffusers / transformers loading errors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ConfigError(f"Could not load the teacher's {part} from {str(folder)!r} ({type(err).__name__}: "
-                          f"{first[:300]}): a file there is damaged or incomplete; download or export the "
-                          "folder again.") from err
-
-
-def component_class(spec):
-    """The class a ``model_index.json`` entry ``[library, class name]`` names (diffusers' or distill's)."""
-    lib, name = spec
-    if lib in ("diffusers",):
-        return getattr(diffusers, name)
-    for module, export_name in EXPORT_NAMES.items():
-        if lib == export_name or lib == module.__name__:
-            return getattr(module, name)
-    raise ConfigError(f"Teacher network class {spec} is neither a diffusers class nor a distill model.")
-
-
-def _infer_shape(model) -> list[int]:
-    cfg = model.config
-    if isinstance(model, GaussianMixtureTeacher):
-        return list(model.sample_shape)
-    if hasattr(cfg, "in_channels") and hasattr(cfg, "sample_size"):
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return [cfg.in_channels, size, size]
-    if hasattr(cfg, "data_dim"):
-        return list(cfg.sample_shape) if getattr(cfg, "sample_shape", None) else [cfg.data_dim]
-    raise ConfigError(f"Cannot infer the sample shape of {type(model).__name__}; pass sample_shape.")
-
-
-def _infer_classes(model) -> int:
-    if isinstance(model, GaussianMixtureTeacher):
-        return model.num_classes
-    n = getattr(model.config, "num_class_embeds", None)
-    return int(n) - 1 if n else 0
+        if not encs:
+            return {"vae": parts["vae"]}
+        out = {"vae": parts["vae"], "text_encoder": encs[0], "tokenizer": toks[0]}
+        for i, suffix in ((1, "_2"), (2, "_3")):
+            out[f"text_encoder{suffix}"] = encs[i] if len(encs) > i else None
+            out[f"tokenizer{suffix}"] = toks[i] if len(toks) > i else None
+        return out
 
 
 def analytic_teacher(name: str, prediction_type: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",

@@ -3,6 +3,8 @@
 * :func:`encode_prompt`: as diffusers' StableDiffusionPipeline (last hidden state of CLIPTextModel) and
   StableDiffusionXLPipeline (penultimate hidden states of both encoders concatenated, pooled output of
   the second; Podell et al. 2023, sec. 2.1);
+* :func:`encode_prompt_sd3`: as diffusers' StableDiffusion3Pipeline (CLIP-L, CLIP-G and T5, Esser et al.
+  2024, sec. 5.1); :func:`encode_prompt_flux`: as diffusers' FluxPipeline (CLIP-L pooled, T5);
 * :func:`sdxl_time_ids`: SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2);
 * :func:`latents_to_images`: the VAE decoder of latent diffusion (Rombach et al. 2022, sec. 3);
 * :func:`guidance_embedding`: the guidance weight w of guided distillation (Meng et al. 2023) as a
@@ -44,6 +46,45 @@ def encode_prompt(tokenizers, text_encoders, prompts: list[str],
         else:
             embeds.append(out[0])
     return torch.cat(embeds, dim=-1), pooled
+
+
+def encode_prompt_sd3(tokenizers, text_encoders, prompts: list[str], device, joint_attention_dim: int,
+                      max_sequence_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, 77 + L_T5, D), pooled (B, D_L + D_G)) of ``prompts`` as diffusers'
+    StableDiffusion3Pipeline encodes them (Esser et al. 2024, sec. 5.1): the penultimate hidden states of
+    CLIP-L and CLIP-G concatenated on features and zero-padded to the T5 width, followed on the sequence
+    axis by T5-XXL's last hidden state (``max_sequence_length`` tokens; zeros of ``joint_attention_dim``
+    when the folder has no T5); pooled: both CLIP projections concatenated."""
+    clip_embeds, pooled = [], []
+    for tok, enc in zip(tokenizers[:2], text_encoders[:2]):
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        clip_embeds.append(out.hidden_states[-2].to(text_encoders[0].dtype))
+    clip = torch.cat(clip_embeds, dim=-1)
+    if len(text_encoders) > 2:
+        ids = tokenizers[2](list(prompts), padding="max_length", max_length=max_sequence_length,
+                            truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        t5 = text_encoders[2](ids.to(device))[0]
+    else:
+        t5 = torch.zeros(len(prompts), max_sequence_length, joint_attention_dim, device=device,
+                         dtype=clip.dtype)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def encode_prompt_flux(tokenizers, text_encoders, prompts: list[str], device,
+                       max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, L_T5, D), pooled (B, D_L)) of ``prompts`` as diffusers' FluxPipeline encodes them: T5's
+    last hidden state (``max_sequence_length`` tokens) and CLIP-L's pooled output."""
+    tok, enc = tokenizers[0], text_encoders[0]
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    pooled = enc(ids.to(device), output_hidden_states=False).pooler_output.to(enc.dtype)
+    ids = tokenizers[1](list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
+                        return_tensors="pt").input_ids
+    return text_encoders[1](ids.to(device), output_hidden_states=False)[0], pooled
 
 
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:

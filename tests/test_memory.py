@@ -93,3 +93,57 @@ def test_estimate_memory_command(mid_sd, capsys):
     assert data["peak_bytes"] > 0 and {n["name"] for n in data["networks"]} >= {"teacher", "student", "fake"}
     assert main(["estimate-memory", "configs/mar_digits.yaml"]) == 2
     assert "covers methods" in capsys.readouterr().err
+
+
+MODEL_CONFIGS = Path(__file__).parent.parent / "benchmarks" / "model_configs"
+
+
+def _params(config: str, cls: str, buffers: bool = False) -> int:
+    import diffusers
+
+    with torch.device("meta"):
+        net = getattr(diffusers, cls).from_config(json.loads((MODEL_CONFIGS / config).read_text()))
+    extra = sum(b.numel() for b in net.buffers()) if buffers else 0
+    return sum(p.numel() for p in net.parameters()) + extra
+
+
+def test_the_shipped_transformer_configs_have_the_published_parameter_counts():
+    """The memory table's architectures are the published ones. DiT-XL/2: 675M (Peebles & Xie 2023,
+    Table 1 / 4); diffusers' DiT keeps a copy of the timestep + class embedder in each of its 28 blocks (the
+    conversion copies the one embedder), so 27 copies are counted once. SD3.5-medium: 2.5B (Stability AI's
+    model card), with the 384 x 384 position-embedding table the reference code holds as a parameter
+    (diffusers: a buffer). FLUX.1-dev: 12B ("a 12 billion parameter rectified flow transformer", its model
+    card; 11.9B exactly)."""
+    dit = _params("dit_xl2_256.json", "DiTTransformer2DModel")
+    hidden = 16 * 72
+    embedder = 1001 * hidden + (256 * hidden + hidden) + (hidden * hidden + hidden)  # labels + timestep MLP
+    assert abs(dit - 27 * embedder - 675e6) / 675e6 < 0.005
+    sd35 = _params("sd35_medium_transformer.json", "SD3Transformer2DModel", buffers=True)
+    assert abs(sd35 - 2.5e9) / 2.5e9 < 0.02
+    flux = _params("flux1_dev_transformer.json", "FluxTransformer2DModel")
+    assert abs(flux - 11.9e9) / 11.9e9 < 0.005
+
+
+@pytest.mark.parametrize("config", ["sim_dit", "sim_sd3", "sim_flux"])
+def test_estimate_memory_covers_the_transformer_teachers(config, tmp_path):
+    """estimate-memory on DiT-XL/2, SD3.5-medium and FLUX.1-dev config folders: a LoRA student needs less
+    than a full one, a LoRA step with checkpointing less than without, and the teacher row holds the
+    transformer's parameters."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from memory_table import MODELS, config_folder
+
+    name = next(k for k, v in MODELS.items() if v[0] == config)
+    _, network, vae, encoders, sizes = MODELS[name]
+    folder = config_folder(tmp_path, name, network, vae, encoders)
+    peaks = {}
+    for lora in (False, True):
+        cfg = load_config(f"configs/{config}.yaml", [f"teacher.path={folder}", f"data.resolution={sizes[0]}",
+                                                     "train.batch_size=1"]
+                          + (["student.lora_rank=64"] if lora else []))
+        est = estimate(cfg)
+        assert est.networks[0].params == _params(network[1], network[2])
+        peaks[lora] = (replace(est, checkpointing=True).peak, replace(est, checkpointing=False).peak)
+    assert peaks[True][0] < peaks[False][0] and peaks[True][0] < peaks[True][1]
+    assert peaks[False][0] <= peaks[False][1]  # full: the gradients may outweigh the saved activations

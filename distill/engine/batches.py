@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backbones
 from ..config import Config
 from ..data import StreamedImages, cache_images
 from ..errors import ConfigError
@@ -30,6 +31,8 @@ def load_teacher(cfg: Config, device) -> Teacher:
     else:
         dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
         teacher = Teacher.from_pretrained(path, device=device, dtype=dtype)
+        if cfg.data.resolution is not None and backbones.any_size(teacher.model):
+            teacher.set_resolution(cfg.data.resolution)  # SD3 / FLUX.1 sample the size the config asks for
     if cfg.teacher.guidance_scale is not None and not (teacher.num_classes or teacher.is_text):
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale} needs a class-conditional "
                           f"teacher with a null class or a text-to-image teacher; {path!r} is unconditional. "

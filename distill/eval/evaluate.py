@@ -109,16 +109,20 @@ def report_after_training(cfg, teacher, data, pipeline_path) -> dict:
 
             from ..pipelines import TextToImagePipeline
 
-            sched = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
-                                                        clip_sample=False, set_alpha_to_one=True)
+            sched = teacher.scheduler
+            if teacher.schedule.kind == "vp":
+                sched = diffusers.DDIMScheduler.from_config(sched.config, timestep_spacing="trailing",
+                                                            clip_sample=False, set_alpha_to_one=True)
             models["teacher"] = TextToImagePipeline(
-                teacher.weights, scheduler=sched, num_inference_steps=50,
-                force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt,
+                **{"unet": None, teacher.network_name: teacher.weights}, scheduler=sched,
+                num_inference_steps=50,
+                force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt, **teacher.export_size,
                 **teacher.frozen_components(reload=False))
         elif teacher.schedule.kind == "vp":
             models["teacher"] = FewStepPipeline(teacher.weights, teacher.scheduler, num_inference_steps=50,
                                                 sample_shape=teacher.sample_shape,
-                                                num_classes=teacher.num_classes)
+                                                num_classes=teacher.num_classes,
+                                                **teacher.frozen_components(reload=False))
         else:  # a flow teacher with its own Euler loop; others are not evaluated yet
             import diffusers
 

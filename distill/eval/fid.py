@@ -138,6 +138,9 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
     state = PartialState()
     pipe.set_progress_bar_config(disable=True)
     num_classes = int(getattr(pipe.config, "num_classes", 0) or 0)
+    stock_dit = type(pipe).__name__ == "DiTPipeline"  # the stock class-conditional pipeline: labels only
+    if stock_dit:
+        num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
     n_batches = math.ceil(num_samples / batch_size)
     mine = list(range(state.process_index, n_batches, state.num_processes))
     kwargs = dict(call_kwargs)
@@ -161,6 +164,8 @@ def generate(pipe, num_samples: int, batch_size: int = 250, seed: int = 0, steps
         if text:
             batch_prompts = [prompts[i % len(prompts)] for i in range(b * batch_size, b * batch_size + n)]
             x = pipe(prompt=batch_prompts, generator=gen, output_type="pt", **kwargs).images
+        elif stock_dit:
+            x = pipe(generator=gen, output_type="pt", **kwargs).images
         else:
             x = pipe(batch_size=n, generator=gen, output_type="pt", **kwargs).images
         if not isinstance(x, torch.Tensor):  # stock DDPMPipeline: "pt" gives a NHWC array in [0, 1]

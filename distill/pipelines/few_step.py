@@ -28,13 +28,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from .one_step import (
     ExportedPipelineMixin,
     classifier_free_guidance,
+    decode_output,
     default_labels,
     device_dtype,
     family_rows,
     family_x0,
+    forward,
     noise_family,
     scheduler_sigmas,
-    to_output,
     x0_from_output,
 )
 from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
@@ -64,16 +65,18 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         guidance_scale: the default ``guidance_scale`` of a guidance-conditioned student.
         guidance_range: the [min, max] ``guidance_scale`` range it was trained on (a warning is
             logged outside it).
+        vae: as in ``OneStepPipeline`` (latent students, DiT's).
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
     def __init__(self, unet, scheduler, num_inference_steps: int = 4, timesteps: list | None = None,
                  sample_shape: list | None = None, num_classes: int = 0, guidance_conditioned: bool = False,
                  guidance_scale: float = 1.0, guidance_range: list | None = None, sigmas: list | None = None,
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         if sample_shape is None:
             cfg = unet.config
             sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
@@ -156,10 +159,10 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
         def network(x_in, t):
             if cfg_scale is None:
-                return self.unet(x_in, torch.full((batch_size,), t, device=device), **kwargs).sample
+                return forward(self.unet, x_in, torch.full((batch_size,), t, device=device), **kwargs)
             # out_uncond + s (out_cond - out_uncond), the diffusers convention
-            cond, uncond = self.unet(torch.cat([x_in, x_in]), torch.full((2 * batch_size,), t, device=device),
-                                     **kwargs).sample.chunk(2)
+            cond, uncond = forward(self.unet, torch.cat([x_in, x_in]),
+                                   torch.full((2 * batch_size,), t, device=device), **kwargs).chunk(2)
             return classifier_free_guidance(cond, uncond, cfg_scale)
 
         def denoise(x_t, i, t):
@@ -171,7 +174,7 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         sampler = sample_meng_stochastic if stochastic else sample_ddim
         x = sampler(denoise, x, times, callback=lambda _: bar.update(), generator=generator)
         bar.close()
-        images = to_output(x, output_type)
+        images = decode_output(self.vae, x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -73,6 +73,7 @@ from .one_step import (
     family_rows,
     family_timestep,
     family_x0,
+    forward,
     noise_family,
     scheduler_sigmas,
     to_output,
@@ -388,10 +389,10 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
         def base_net(x_in, tb):
             if not cfg:
-                return self.base_unet(x_in, torch.full((batch_size,), tb, device=device), **b_kw).sample
+                return forward(self.base_unet, x_in, torch.full((batch_size,), tb, device=device), **b_kw)
             # out_uncond + s (out_cond - out_uncond)
-            c, u = self.base_unet(torch.cat([x_in, x_in]), torch.full((2 * batch_size,), tb, device=device),
-                                  **b_kw).sample.chunk(2)
+            c, u = forward(self.base_unet, torch.cat([x_in, x_in]),
+                           torch.full((2 * batch_size,), tb, device=device), **b_kw).chunk(2)
             return classifier_free_guidance(c, u, float(base_guidance_scale))
 
         def model_fn(x_t, i, t):
@@ -401,8 +402,9 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 tb = family_timestep(self.base_scheduler, family_alpha_sigma(b_family, ab_b)[1])
                 return family_x0(self.base_scheduler, lambda x_in: base_net(x_in, tb), x_t, ab_b, b_pred)
             if i >= k and s_family != "vp":  # the student at its own (time input, noise level)
-                return family_x0(self.student_scheduler, lambda x_in: self.student_unet(
-                    x_in, torch.full((batch_size,), t, device=device), **s_kw).sample, x_t, ab, s_pred)
+                return family_x0(self.student_scheduler, lambda x_in: forward(
+                    self.student_unet, x_in, torch.full((batch_size,), t, device=device), **s_kw),
+                    x_t, ab, s_pred)
             a, sig = ab**0.5, (1 - ab) ** 0.5
             if i < k:  # a VP base, at the timestep of its own table with this noise level
                 tb = timestep_for(base_ac, ab)
@@ -411,7 +413,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                     ab_b = self._base_alpha_bar(ab)
                     a, sig = ab_b**0.5, (1 - ab_b) ** 0.5
                 return x0_from_output(base_net(x_t, tb), x_t, a, sig, b_pred)
-            out = self.student_unet(x_t, torch.full((batch_size,), int(t), device=device), **s_kw).sample
+            out = forward(self.student_unet, x_t, torch.full((batch_size,), int(t), device=device), **s_kw)
             return x0_from_output(out, x_t, a, sig, s_pred)
 
         trajectory = []

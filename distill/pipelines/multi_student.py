@@ -21,9 +21,16 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .one_step import ExportedPipelineMixin, default_labels, device_dtype, one_step_input, to_output
+from .one_step import (
+    ExportedPipelineMixin,
+    decode_output,
+    default_labels,
+    device_dtype,
+    forward,
+    one_step_input,
+)
 from .samplers import sample_ddim  # noqa: F401  (text_to_image's import; diffusers copies direct imports only)
-from .text_to_image import encode_prompt, latents_to_images, sdxl_time_ids, unet_text_kwargs
+from .text_to_image import encode_prompt, encode_prompt_sd3, is_sd3, sdxl_time_ids, unet_text_kwargs
 
 
 # Copied from distill.partition.prompt_feature
@@ -55,16 +62,19 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             ``OneStepPipeline``'s.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->students->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->students->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                            "text_encoder_3", "tokenizer_3"]
 
     def __init__(self, students, scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, generator_timestep: int = 625, sample_shape: list | None = None,
                  num_classes: int = 0, routing: dict | None = None, generator_sigma: float | None = None,
-                 generator_time: float | None = None, prediction_type: str | None = None):
+                 generator_time: float | None = None, prediction_type: str | None = None, text_encoder_3=None,
+                 tokenizer_3=None):
         super().__init__()
         self.register_modules(students=students, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                              text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         routing = dict(routing or {})
         kind = routing.get("kind")
         if kind == "classes":
@@ -89,8 +99,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
         return len(self.students)
 
     def _encoders(self):
-        toks = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
-        encs = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        toks = [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
+        encs = [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
         return toks, encs
 
     def route(self, class_labels: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
@@ -127,7 +137,12 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 if prompt is None:
                     raise ValueError("Pass prompt=... (a string or a list of strings) or prompt_embeds=...")
                 prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-                prompt_embeds, pooled_prompt_embeds = encode_prompt(*self._encoders(), prompt, device)
+                net = self.students.students[0]
+                if is_sd3(net):
+                    prompt_embeds, pooled_prompt_embeds = encode_prompt_sd3(
+                        *self._encoders(), prompt, device, net.config.joint_attention_dim)
+                else:
+                    prompt_embeds, pooled_prompt_embeds = encode_prompt(*self._encoders(), prompt, device)
             embeds, pooled = (None if v is None
                               else v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
                               for v in (prompt_embeds, pooled_prompt_embeds))
@@ -156,12 +171,10 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             rows = (routes == k).nonzero().flatten()
             if len(rows):
                 sub = {key: _rows(v, rows) for key, v in kwargs.items()}
-                out[rows] = self.students(net_in[rows], torch.full((len(rows),), t, device=device), student=k,
-                                          **sub).sample.to(out.dtype)
+                out[rows] = forward(self.students, net_in[rows], torch.full((len(rows),), t, device=device),
+                                    student=k, **sub).to(out.dtype)
         x0 = to_x0(out)
-        if text and output_type != "latent":
-            x0 = latents_to_images(self.vae, x0).float()
-        images = x0 if output_type == "latent" else to_output(x0, output_type)
+        images = decode_output(self.vae, x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

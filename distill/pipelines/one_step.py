@@ -12,6 +12,8 @@ and Diff-Instruct/SIM on diffusers teachers.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -24,6 +26,47 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale) ->
     outputs of one parameterisation at the same (x_t, t); ``scale``: a number or a tensor broadcastable to
     them."""
     return uncond + scale * (cond - uncond)
+
+
+# Copied from distill.text_encoding.latents_to_images
+def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) ->
+    [-1, 1]."""
+    cfg = vae.config
+    z = latents.to(vae.dtype)
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        z = z * std / cfg.scaling_factor + mean
+    else:
+        z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    return vae.decode(z).sample
+
+
+# Copied from distill.backbones.forward
+def forward(net, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``net``'s prediction at (x, timestep): the time input second, or by keyword where ``forward`` names
+    it later (SD3's and PixArt's second input is the text condition), and of a learned-variance output (2C
+    channels) the first C. FLUX.1: the latents in 2x2 patches with their position ids, the time / 1000, the
+    output unpacked."""
+    inner = getattr(getattr(net, "module", net), "_orig_mod", getattr(net, "module", net))
+    if type(inner).__name__ == "FluxTransformer2DModel":
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        txt = kwargs["encoder_hidden_states"]
+        txt_ids = torch.zeros(txt.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = net(hidden_states=tokens, timestep=timestep.to(x.dtype) / 1000, img_ids=img_ids.reshape(-1, 3),
+                  txt_ids=txt_ids, **kwargs).sample
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    names = list(inspect.signature(inner.forward).parameters)
+    if "timestep" in names and names.index("timestep") != 1:
+        out = net(x, timestep=timestep, **kwargs).sample
+    else:
+        out = net(x, timestep, **kwargs).sample
+    return out[:, : x.shape[1]] if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] else out
 
 
 def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
@@ -152,6 +195,14 @@ def family_x0(scheduler, call, x_vp: torch.Tensor, alpha_bar: float, prediction_
     return x0_from_output(out, x_t, alpha, sigma, prediction_type)
 
 
+def decode_output(vae, x: torch.Tensor, output_type: str):
+    """Samples in model space -> the output: latents as they are (``output_type="latent"``), else decoded
+    by ``vae`` when there is one and mapped by :func:`to_output`."""
+    if output_type == "latent":
+        return x
+    return to_output(latents_to_images(vae, x).float() if vae is not None else x, output_type)
+
+
 def to_output(x: torch.Tensor, output_type: str):
     """Samples in model space -> pil / np / pt. Images are mapped from [-1, 1]; vectors are returned as is."""
     if output_type not in ("pil", "np", "pt"):
@@ -257,15 +308,18 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             own ("sample": x0 itself); None: the scheduler's (flow: the velocity).
         sample_shape: shape of one sample, e.g. [1, 16, 16] or [2].
         num_classes: number of classes of a class-conditional generator (0 = unconditional).
+        vae: the teacher's ``AutoencoderKL`` when the generator works in its latent space (DiT students):
+            samples are decoded with its scaling (and shift) factors; ``output_type="latent"`` skips it.
     """
 
-    model_cpu_offload_seq = "generator"
+    model_cpu_offload_seq = "generator->vae"
+    _optional_components = ["vae"]
 
     def __init__(self, generator, scheduler, generator_timestep: int = 999, sample_shape: list | None = None,
                  num_classes: int = 0, generator_sigma: float | None = None,
-                 generator_time: float | None = None, prediction_type: str | None = None):
+                 generator_time: float | None = None, prediction_type: str | None = None, vae=None):
         super().__init__()
-        self.register_modules(generator=generator, scheduler=scheduler)
+        self.register_modules(generator=generator, scheduler=scheduler, vae=vae)
         if sample_shape is None:
             cfg = generator.config
             sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
@@ -289,9 +343,9 @@ class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
         x_in, net_in, t, to_x0 = one_step_input(self.scheduler, self.config, z)
         for _ in self.progress_bar(range(1)):
             kwargs = {"class_labels": labels} if labels is not None else {}
-            out = self.generator(net_in, torch.full((batch_size,), t, device=device), **kwargs).sample
+            out = forward(self.generator, net_in, torch.full((batch_size,), t, device=device), **kwargs)
         x0 = to_x0(out)
-        images = to_output(x0, output_type)
+        images = decode_output(self.vae, x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -39,6 +39,8 @@ from .one_step import (
     classifier_free_guidance,
     family_rows,
     family_x0,
+    forward,
+    latents_to_images,
     noise_family,
     one_step_input,
     scheduler_sigmas,
@@ -82,6 +84,47 @@ def encode_prompt(tokenizers, text_encoders, prompts: list[str],
     return torch.cat(embeds, dim=-1), pooled
 
 
+# Copied from distill.text_encoding.encode_prompt_sd3
+def encode_prompt_sd3(tokenizers, text_encoders, prompts: list[str], device, joint_attention_dim: int,
+                      max_sequence_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, 77 + L_T5, D), pooled (B, D_L + D_G)) of ``prompts`` as diffusers'
+    StableDiffusion3Pipeline encodes them (Esser et al. 2024, sec. 5.1): the penultimate hidden states of
+    CLIP-L and CLIP-G concatenated on features and zero-padded to the T5 width, followed on the sequence
+    axis by T5-XXL's last hidden state (``max_sequence_length`` tokens; zeros of ``joint_attention_dim``
+    when the folder has no T5); pooled: both CLIP projections concatenated."""
+    clip_embeds, pooled = [], []
+    for tok, enc in zip(tokenizers[:2], text_encoders[:2]):
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        clip_embeds.append(out.hidden_states[-2].to(text_encoders[0].dtype))
+    clip = torch.cat(clip_embeds, dim=-1)
+    if len(text_encoders) > 2:
+        ids = tokenizers[2](list(prompts), padding="max_length", max_length=max_sequence_length,
+                            truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        t5 = text_encoders[2](ids.to(device))[0]
+    else:
+        t5 = torch.zeros(len(prompts), max_sequence_length, joint_attention_dim, device=device,
+                         dtype=clip.dtype)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+# Copied from distill.text_encoding.encode_prompt_flux
+def encode_prompt_flux(tokenizers, text_encoders, prompts: list[str], device,
+                       max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, L_T5, D), pooled (B, D_L)) of ``prompts`` as diffusers' FluxPipeline encodes them: T5's
+    last hidden state (``max_sequence_length`` tokens) and CLIP-L's pooled output."""
+    tok, enc = tokenizers[0], text_encoders[0]
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    pooled = enc(ids.to(device), output_hidden_states=False).pooler_output.to(enc.dtype)
+    ids = tokenizers[1](list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
+                        return_tensors="pt").input_ids
+    return text_encoders[1](ids.to(device), output_hidden_states=False)[0], pooled
+
+
 # Copied from distill.text_encoding.sdxl_time_ids
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's added time ids (original size, crop top-left, target size) for unconditioned crops."""
@@ -89,35 +132,37 @@ def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
                         device=device).expand(batch, 6)
 
 
+def is_sd3(net) -> bool:
+    """An SD3-class transformer (text from CLIP-L, CLIP-G and T5; the pooled CLIP embeddings as
+    ``pooled_projections``)."""
+    return type(net).__name__ == "SD3Transformer2DModel"
+
+
+def is_flux(net) -> bool:
+    """A FLUX.1 transformer (text from CLIP-L pooled and T5; 2x2-patch tokens of 4C channels)."""
+    return type(net).__name__ == "FluxTransformer2DModel"
+
+
 def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
     kw = {"encoder_hidden_states": embeds}
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+    if is_sd3(unet) or is_flux(unet):
+        kw["pooled_projections"] = pooled
+    elif getattr(unet.config, "addition_embed_type", None) == "text_time":
         kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return kw
-
-
-# Copied from distill.text_encoding.latents_to_images
-def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) ->
-    [-1, 1]."""
-    cfg = vae.config
-    z = latents.to(vae.dtype)
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        z = z * std / cfg.scaling_factor + mean
-    else:
-        z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return vae.decode(z).sample
 
 
 class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
     """Sample a distilled text-to-image student (one step, or few DDIM steps).
 
     Args:
-        unet: the student ``UNet2DConditionModel``.
+        unet: the student ``UNet2DConditionModel`` (or None with ``transformer``).
         vae, text_encoder, tokenizer, scheduler: the teacher's components.
-        text_encoder_2, tokenizer_2: SDXL's second text encoder (optional).
+        text_encoder_2, tokenizer_2: SDXL's / SD3's second text encoder (optional).
+        transformer: the student ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` of an SD3 / SD3.5 /
+            FLUX.1 teacher, in place of ``unet``.
+        text_encoder_3, tokenizer_3: SD3's T5 encoder (optional, as in diffusers: without it the T5 part of
+            the text embedding is zeros).
         generator_timestep: one-step students: the training index t* of the generator; None for
             few-step students.
         num_inference_steps, timesteps: few-step students: the trained step count and grid (VP tables).
@@ -129,21 +174,32 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         guidance_scale: default guidance scale (guided students; CFG of few-step models).
         guidance_range: the [min, max] guidance-scale range a guided student was trained on.
         force_zeros_for_empty_prompt: the null prompt is zeros (SDXL) instead of the encoded "".
+        sample_size: the latent height and width the student was trained at (SD3 / FLUX.1 sample any size);
+            None: the network's own ``sample_size`` (FLUX.1: 128).
+        embedded_guidance: a FLUX.1-dev student's ``guidance`` input (the value it was trained with); None:
+            FluxPipeline's default, 3.5.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                            "tokenizer_3"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 generator_timestep: int | None = None, num_inference_steps: int = 1,
-                 timesteps: list | None = None, guidance_conditioned: bool = False,
-                 guidance_scale: float = 1.0, guidance_range: list | None = None,
-                 force_zeros_for_empty_prompt: bool = False, sigmas: list | None = None,
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler,
+                 text_encoder_2=None, tokenizer_2=None, generator_timestep: int | None = None,
+                 num_inference_steps: int = 1, timesteps: list | None = None,
+                 guidance_conditioned: bool = False, guidance_scale: float = 1.0,
+                 guidance_range: list | None = None, force_zeros_for_empty_prompt: bool = False,
+                 sigmas: list | None = None,
                  generator_sigma: float | None = None, generator_time: float | None = None,
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, transformer=None, text_encoder_3=None, tokenizer_3=None,
+                 sample_size: int | None = None, embedded_guidance: float | None = None):
         super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("Pass the student network as unet= (a UNet2DConditionModel) or transformer= (an "
+                             "SD3Transformer2DModel, with unet=None), exactly one of them.")
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                              transformer=transformer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(generator_timestep=(None if generator_timestep is None
                                                     else int(generator_timestep)),
                                 num_inference_steps=int(num_inference_steps),
@@ -154,15 +210,26 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                                 force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt),
                                 sigmas=[float(v) for v in sigmas] if sigmas is not None else None,
                                 generator_sigma=generator_sigma, generator_time=generator_time,
-                                prediction_type=prediction_type)
+                                prediction_type=prediction_type, sample_size=sample_size,
+                                embedded_guidance=embedded_guidance)
+
+    @property
+    def latent_size(self) -> int:
+        """The latent height and width sampled."""
+        return self.config.get("sample_size") or getattr(self.network.config, "sample_size", None) or 128
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def network(self):
+        """The student: ``unet`` or ``transformer``."""
+        return self.unet if self.unet is not None else self.transformer
+
     def _encoders(self):
-        toks = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
-        encs = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        toks = [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
+        encs = [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
         return toks, encs
 
     @torch.no_grad()
@@ -170,7 +237,13 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         """(embeds, pooled) of a list of prompts; for the default null prompt of an SDXL-class model,
         zeros."""
         toks, encs = self._encoders()
-        embeds, pooled = encode_prompt(toks, encs, prompt, device)
+        if is_sd3(self.network):
+            embeds, pooled = encode_prompt_sd3(toks, encs, prompt, device,
+                                               self.network.config.joint_attention_dim)
+        elif is_flux(self.network):
+            embeds, pooled = encode_prompt_flux(toks, encs, prompt, device)
+        else:
+            embeds, pooled = encode_prompt(toks, encs, prompt, device)
         if negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt):
             embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None
                                                         else None)
@@ -200,7 +273,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, stochastic: bool = False,
                  output_type: str = "pil", return_dict: bool = True):
-        unet = self.unet
+        unet = self.network
         device = self._execution_device
         dtype = unet.dtype
         one_step = self.config.generator_timestep is not None
@@ -233,7 +306,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             return None if x is None else x.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
         embeds, pooled = rep(prompt_embeds), rep(pooled_prompt_embeds)
-        height = unet.config.sample_size * self.vae_scale_factor
+        height = self.latent_size * self.vae_scale_factor
         time_ids = sdxl_time_ids(height, height, batch, device).to(dtype) if sdxl else None
         kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids)
         if cfg:
@@ -249,7 +322,11 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             w = torch.full((batch,), s - 1.0, device=device)  # Meng et al.'s w = guidance_scale - 1
             kwargs["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
         # ---- latents
-        shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the guidance scale as an input
+            g = self.config.get("embedded_guidance") or 3.5  # FluxPipeline's default
+            kwargs["guidance"] = torch.full((2 * batch if cfg else batch,), float(g), device=device)
+        channels = unet.config.in_channels // 4 if is_flux(unet) else unet.config.in_channels
+        shape = (batch, channels, self.latent_size, self.latent_size)
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,
                                                                                 device=device, dtype=dtype)
         family = noise_family(self.scheduler)
@@ -258,7 +335,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         if one_step:
             _, x_in, t, to_x0 = one_step_input(self.scheduler, self.config, x)
             for _ in self.progress_bar(range(1)):
-                out = unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
+                out = forward(unet, x_in, torch.full((batch,), t, device=device), **kwargs)
             x = to_x0(out)
         else:
             times = self.rows(num_inference_steps)
@@ -268,9 +345,9 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
 
             def network(x_in, t):
                 if not cfg:
-                    return unet(x_in, torch.full((batch,), t, device=device), **kwargs).sample
-                cond, uncond = unet(torch.cat([x_in, x_in]), torch.full((2 * batch,), t, device=device),
-                                    **kwargs).sample.chunk(2)
+                    return forward(unet, x_in, torch.full((batch,), t, device=device), **kwargs)
+                cond, uncond = forward(unet, torch.cat([x_in, x_in]),
+                                       torch.full((2 * batch,), t, device=device), **kwargs).chunk(2)
                 return classifier_free_guidance(cond, uncond, s)
 
             def denoise(x_t, i, t):

@@ -347,7 +347,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     def export(self, for_samples: bool = False):
         t = self.teacher
         bank = StudentBank.from_students([self.unwrap(g.generator) for g in self.groups])
-        parts = t.frozen_components(reload=not for_samples) if t.is_text else {}
+        parts = t.frozen_components(reload=not for_samples)  # latent teachers: VAE (and text parts)
         return MultiStudentPipeline(bank, self.export_scheduler(),
                                     generator_timestep=self.section.generator_timestep,
                                     sample_shape=t.sample_shape, num_classes=t.num_classes,

@@ -233,15 +233,17 @@ class HalvingRounds:
     def export(self, r: int | None = None, for_samples: bool = False):
         r = self.round_of(self.step - 1) if r is None else r
         n = self.plan[r][0]
+        frozen = self.teacher.frozen_components(reload=not for_samples)  # latent teachers: VAE, text parts
         if self.teacher.is_text:
-            return TextToImagePipeline(self.export_network("student"), scheduler=self.export_scheduler(),
+            net = self.export_network("student")
+            return TextToImagePipeline(**{"unet": None, self.teacher.network_name: net},
+                                       scheduler=self.export_scheduler(),
                                        num_inference_steps=n, **self.student_grid(r),
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
-                                       **self.teacher.frozen_components(reload=not for_samples),
-                                       **self.pipeline_kwargs())
+                                       **frozen, **self.teacher.export_size, **self.pipeline_kwargs())
         return FewStepPipeline(self.export_network("student"), self.export_scheduler(), num_inference_steps=n,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes,
-                               **self.student_grid(r), **self.pipeline_kwargs())
+                               **self.student_grid(r), **frozen, **self.pipeline_kwargs())
 
     def pipeline_kwargs(self) -> dict:
         return {}

@@ -278,17 +278,18 @@ class OneStepScoreHelpers:
                 "prediction_type": self.pred}
 
     def export(self, for_samples: bool = False):
+        frozen = self.teacher.frozen_components(reload=not for_samples)  # latent teachers: VAE, text parts
         if self.teacher.is_text:
-            return TextToImagePipeline(self.export_network(self.group.generator),
+            net = self.export_network(self.group.generator)
+            return TextToImagePipeline(**{"unet": None, self.teacher.network_name: net},
                                        scheduler=self.export_scheduler(),
                                        generator_timestep=self.section.generator_timestep,
                                        force_zeros_for_empty_prompt=self.teacher.force_zeros_for_empty_prompt,
-                                       **self.teacher.frozen_components(reload=not for_samples),
-                                       **self.generator_noise())
+                                       **frozen, **self.teacher.export_size, **self.generator_noise())
         return OneStepPipeline(self.export_network(self.group.generator), self.export_scheduler(),
                                generator_timestep=self.section.generator_timestep,
                                sample_shape=self.teacher.sample_shape, num_classes=self.num_classes,
-                               **self.generator_noise())
+                               **frozen, **self.generator_noise())
 
     def lora_inference(self) -> tuple:
         """One Euler step at t*: the teacher pipeline's input (z times the scheduler's init_noise_sigma,

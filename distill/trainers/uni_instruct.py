@@ -107,7 +107,8 @@ class UniInstructConfig:
 
 
 class DiscriminatorHead(nn.Module):
-    """Logit from captured fake-score features: spatial maps are pooled, vectors used as they are."""
+    """Logit from captured fake-score features: spatial maps (a UNet's mid block) and token sequences (a
+    transformer's last block) are pooled after the head, vectors (distill's MLP) used as they are."""
 
     def __init__(self, channels: int, spatial: bool):
         super().__init__()
@@ -117,14 +118,22 @@ class DiscriminatorHead(nn.Module):
                     if spatial else nn.Sequential(nn.SiLU(), nn.Linear(channels, channels), nn.SiLU(),
                                                   nn.Linear(channels, 1)))
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats) -> torch.Tensor:
+        feats = feats[-1] if isinstance(feats, tuple) else feats  # SD3's joint block: (text, image) tokens
         out = self.net(feats)
-        return out.mean(dim=(1, 2, 3)) if self.spatial else out.squeeze(1)
+        if self.spatial:
+            return out.mean(dim=(1, 2, 3))
+        return out.mean(dim=1).squeeze(1) if out.ndim == 3 else out.squeeze(1)  # (B, tokens, 1): token mean
 
 
 def feature_module(net):
+    """(module whose output the head reads, its feature width, spatial?): a UNet's mid block, a transformer's
+    last block (DiT, SD3: image tokens), distill's MLP's last block."""
     if hasattr(net, "mid_block") and net.mid_block is not None:
         return net.mid_block, net.config.block_out_channels[-1], True
+    if hasattr(net, "transformer_blocks"):
+        cfg = net.config
+        return net.transformer_blocks[-1], cfg.num_attention_heads * cfg.attention_head_dim, False
     if hasattr(net, "blocks"):
         return net.blocks[-1], net.config.hidden, False
     raise ValueError(f"No discriminator feature layer known for {type(net).__name__}.")

@@ -1,0 +1,275 @@
+"""Transformer teachers in their stock diffusers layouts (DiT, SD3, FLUX.1): loading, the backbone's call
+convention, teacher sampling equal to the stock pipelines (DiTPipeline, StableDiffusion3Pipeline,
+FluxPipeline) at the same steps, seed, condition and guidance scale, and every method's 2-update run and
+export."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_dit, make_tiny_flux, make_tiny_sd3
+from PIL import Image
+
+from distill.cli import main
+from distill.teachers import Teacher
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transformer_teachers")
+    dpm = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    return {"dit": make_tiny_dit(root / "dit"), "dit_dpm": make_tiny_dit(root / "dit_dpm", scheduler=dpm),
+            "sd3": make_tiny_sd3(root / "sd3"), "sd3_no_t5": make_tiny_sd3(root / "sd3_no_t5", t5=False),
+            "sd3_dynamic": make_tiny_sd3(root / "sd3_dynamic", use_dynamic_shifting=True,
+                                         base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5,
+                                         max_shift=1.15),
+            "flux": make_tiny_flux(root / "flux"), "flux_schnell": make_tiny_flux(root / "flux_schnell",
+                                                                               guidance_embeds=False)}
+
+
+def _ours(folder, n, steps, seed, guidance_scale, stock=True, resolution=None, **cond):
+    teacher = Teacher.from_pretrained(folder)
+    if resolution is not None:
+        teacher.set_resolution(resolution)
+    x = teacher.sample(n, steps, torch.Generator().manual_seed(seed), teacher.condition(**cond),
+                       guidance_scale=guidance_scale, stock=stock)
+    return (teacher.decode(x) / 2 + 0.5).clamp(0, 1)
+
+
+def test_dit_folder_loads_as_a_class_conditional_latent_teacher(folders):
+    teacher = Teacher.from_pretrained(folders["dit"])  # model_index names Transformer2DModel, as on the Hub
+    assert type(teacher.model).__name__ == "DiTTransformer2DModel"
+    assert teacher.num_classes == 1000 and teacher.is_latent and not teacher.is_text
+    assert teacher.sample_shape == [4, 8, 8] and teacher.image_shape == [3, 16, 16]
+    assert teacher.schedule.kind == "vp"
+    # learned sigma: the network's 8 channels are read as the 4 epsilon channels, the first half
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = teacher.condition(class_labels=[3, 5])
+    out = teacher.network_output(x, 0.5, cond)
+    raw = teacher.model(x, timestep=torch.full((2,), 499.5), class_labels=cond.class_labels).sample
+    assert raw.shape[1] == 8 and torch.equal(out, raw[:, :4])
+    # the null class is num_classes: a guided output mixes the label's and class 1000's
+    null = teacher.model(x, timestep=torch.full((2,), 499.5), class_labels=torch.tensor([1000, 1000])).sample
+    guided = teacher.network_output(x, 0.5, cond, guidance_scale=3.0)
+    torch.testing.assert_close(guided, null[:, :4] + 3.0 * (raw[:, :4] - null[:, :4]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("folder", ["dit", "dit_dpm"])
+@pytest.mark.parametrize("steps,scale", [(3, 4.0), (7, 1.0)])
+def test_dit_teacher_sampling_equals_dit_pipeline(folders, folder, steps, scale):
+    pipe = diffusers.DiTPipeline.from_pretrained(folders[folder])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(class_labels=[1, 7, 999], num_inference_steps=steps, guidance_scale=scale,
+               generator=torch.Generator().manual_seed(3), output_type="pt").images
+    ours = _ours(folders[folder], 3, steps, 3, scale, class_labels=[1, 7, 999])
+    assert ref.shape == ours.shape == (3, 3, 16, 16)
+    assert (ours - ref).abs().max() <= 1 / 255 and ref.std() > 0.05
+    # a different seed gives different images (the comparison is not vacuous)
+    assert (_ours(folders[folder], 3, steps, 4, scale, class_labels=[1, 7, 999]) - ref).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("folder", ["sd3", "sd3_no_t5", "sd3_dynamic"])
+@pytest.mark.parametrize("steps,scale,negative", [(3, 7.0, None), (4, 1.0, None), (2, 5.0, "blurry")])
+def test_sd3_teacher_sampling_equals_sd3_pipeline(folders, folder, steps, scale, negative):
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if folder == "sd3_no_t5" else {}
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folders[folder], **no_t5)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "dog"]
+    ref = pipe(prompt=prompts, negative_prompt=None if negative is None else [negative] * 2,
+               num_inference_steps=steps, guidance_scale=scale, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
+    neg = {} if negative is None else {"negative_prompts": [negative] * 2}
+    for stock in (True, False):  # the scheduler's own loop, and DDIM on the same grid (the flow Euler step)
+        ours = _ours(folders[folder], 2, steps, 0, scale, stock=stock, prompts=prompts, **neg)
+        assert (ours - ref).abs().max() <= 1 / 255, (stock, (ours - ref).abs().max())
+    assert ref.std() > 0.05
+
+
+def test_sd3_dynamic_shift_reads_the_image_token_count(folders):
+    teacher = Teacher.from_pretrained(folders["sd3_dynamic"])
+    # 8x8 latents in 2x2 patches: 16 tokens; mu linear between (4, 0.5) and (64, 1.15), shift e^mu
+    mu = 0.5 + (16 - 4) * (1.15 - 0.5) / (64 - 4)
+    assert teacher.schedule.shift == pytest.approx(np.exp(mu))
+    assert teacher.schedule.shift != Teacher.from_pretrained(folders["sd3"]).schedule.shift
+
+
+@pytest.mark.parametrize("folder,steps,scale,true_cfg", [
+    ("flux", 3, 3.5, None), ("flux", 2, 5.0, None),  # FLUX.1-dev: the embedded guidance, one pass
+    ("flux_schnell", 3, None, None), ("flux_schnell", 2, None, 4.0)])  # schnell: none, or true CFG on ""
+def test_flux_teacher_sampling_equals_flux_pipeline(folders, folder, steps, scale, true_cfg):
+    pipe = diffusers.FluxPipeline.from_pretrained(folders[folder])
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "dog"]
+    kw = {} if true_cfg is None else {"true_cfg_scale": true_cfg, "negative_prompt": ["", ""]}
+    ref = pipe(prompt=prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=scale or 3.5,
+               generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
+    ours = _ours(folders[folder], 2, steps, 0, scale or true_cfg, resolution=16, prompts=prompts)
+    assert ref.shape == ours.shape == (2, 3, 16, 16) and ref.std() > 0.05
+    assert (ours - ref).abs().max() <= 1 / 255
+    # the 2x2 packing, position ids and the dynamic shift of 16 tokens: mu linear between (4, 0.5), (64, 1.15)
+    teacher = Teacher.from_pretrained(folders[folder])
+    teacher.set_resolution(16)
+    assert teacher.sample_shape == [4, 8, 8]
+    assert teacher.schedule.shift == pytest.approx(np.exp(0.5 + (16 - 4) * 0.65 / 60))
+
+
+def _png(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_distill_sample_on_teacher_folders_equals_the_stock_pipelines(folders, tmp_path, capsys):
+    from distill.eval.report import save_grid
+
+    # DiT, no guidance argument: the stock default (4.0), its labels, 3 steps
+    pipe = diffusers.DiTPipeline.from_pretrained(folders["dit"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(class_labels=[5, 9], num_inference_steps=3, generator=torch.Generator().manual_seed(2),
+               output_type="pt").images
+    save_grid(ref, tmp_path / "ref_dit.png")
+    assert main(["sample", str(folders["dit"]), "--steps", "3", "--seed", "2", "--num-images", "2",
+                 "--class-labels", "5,9", "--out", str(tmp_path / "dit.png")]) == 0
+    assert "guidance scale 4.0" in capsys.readouterr().out
+    assert np.abs(_png(tmp_path / "dit.png") - _png(tmp_path / "ref_dit.png")).max() <= 1
+    # SD3 with a prompt, guidance 7.0 (its default) and the stock default step count is slow; 2 steps here
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folders["sd3"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=["a red cat"] * 2, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    save_grid(ref, tmp_path / "ref_sd3.png")
+    assert main(["sample", str(folders["sd3"]), "--steps", "2", "--seed", "1", "--num-images", "2",
+                 "--prompt", "a red cat", "--out", str(tmp_path / "sd3.png")]) == 0
+    assert "guidance scale 7.0" in capsys.readouterr().out
+    assert np.abs(_png(tmp_path / "sd3.png") - _png(tmp_path / "ref_sd3.png")).max() <= 1
+    # FLUX.1-dev at 16 px: its embedded guidance 3.5 by default
+    pipe = diffusers.FluxPipeline.from_pretrained(folders["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=["a red cat"] * 2, height=16, width=16, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(1), output_type="pt").images
+    save_grid(ref, tmp_path / "ref_flux.png")
+    assert main(["sample", str(folders["flux"]), "--steps", "2", "--seed", "1", "--num-images", "2",
+                 "--prompt", "a red cat", "--resolution", "16", "--out", str(tmp_path / "flux.png")]) == 0
+    assert "guidance scale 3.5" in capsys.readouterr().out
+    assert np.abs(_png(tmp_path / "flux.png") - _png(tmp_path / "ref_flux.png")).max() <= 1
+    # a text teacher without --prompt: one line naming the fix
+    assert main(["sample", str(folders["sd3"]), "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prompt" in capsys.readouterr().err
+
+
+TRANSFORMER_METHODS = {  # method: overrides for a 2-update run
+    "sim": ["train.max_steps=2"], "uni_instruct": ["train.max_steps=2", "uni_instruct.ratio_warmup_steps=0"],
+    "msd": ["train.max_steps=2", "msd.num_students=2", "msd.tsm_steps=0"],
+    "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
+                    "progressive.steps_per_round=1"]}
+FAMILY_METHODS = [("dit", m) for m in ("sim", "uni_instruct", "msd", "progressive")] + [
+    (f, m) for f in ("sd3", "flux") for m in ("sim", "uni_instruct", "progressive")]
+
+PLAIN_LOAD = """
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+text = getattr(pipe, "text_encoder", None) is not None
+kw = {"prompt": ["a red cat", "a blue dog"]} if text else {"batch_size": 2, "class_labels": [1, 0]}
+x = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+assert "distill" not in sys.modules
+np.save(sys.argv[2], x)
+print(type(pipe.scheduler).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import random_png_folder
+
+    root = tmp_path_factory.mktemp("transformer_data")
+    for label in range(2):  # an imagefolder: class sub-folders become labels
+        random_png_folder(root / "images" / str(label), 4, seed=label)
+    (root / "prompts.txt").write_text("a red cat\na blue dog\na small house\na green tree\n")
+    prompts = f"prompts:{root / 'prompts.txt'}"
+    return {"dit": [f"data.spec={root / 'images'}"], "sd3": [f"data.spec={prompts}"],
+            "flux": [f"data.spec={prompts}", "data.resolution=16"]}
+
+
+@pytest.mark.parametrize("family,method", [pytest.param(f, m, marks=() if m == "sim" else pytest.mark.slow)
+                                           for f, m in FAMILY_METHODS])
+def test_a_transformer_teacher_distils_and_exports(folders, data, family, method, tmp_path):
+    """``distill train configs/<method>_<family>.yaml`` on a tiny DiT / SD3 folder: 2 updates, the export
+    samples the same images in plain diffusers (no distill) as in distill."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from distill import load_pipeline
+
+    out = tmp_path / "run"
+    extra = list(TRANSFORMER_METHODS[method])
+    if (family, method) == ("dit", "msd"):  # the data hold classes 0 and 1 only: one student each
+        (tmp_path / "part.json").write_text(json.dumps([0, 1] + [0] * 998))
+        extra += ["msd.partition=file", f"msd.partition_file={tmp_path / 'part.json'}"]
+    rc = main(["train", f"configs/{method}_{family}.yaml", f"teacher.path={folders[family]}",
+               f"output_dir={out}", *data[family], "train.batch_size=2",
+               "data.teacher_sample_steps=2", "train.mixed_precision=no", "train.report_to=none",
+               "train.progress_bar=false", "eval.enabled=false", *extra])
+    assert rc == 0
+    pipe = load_pipeline(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    kw = ({"prompt": ["a red cat", "a blue dog"]} if family != "dit"
+          else {"batch_size": 2, "class_labels": [1, 0]})
+    mine = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+    res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "pipeline"), str(tmp_path / "p.npy")],
+                         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    family_of = {"DDPMScheduler": "vp", "DDIMScheduler": "vp", "FlowMatchEulerDiscreteScheduler": "flow"}
+    assert family_of[res.stdout.strip()] == Teacher.from_pretrained(folders[family]).schedule.kind
+    plain = np.load(tmp_path / "p.npy")
+    assert plain.shape == (2, 16, 16, 3) and np.isfinite(plain).all() and plain.std() > 0.01
+    np.testing.assert_array_equal(mine, plain)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_stock_pipeline_runs_a_one_step_flow_student(folders, data, family, tmp_path):
+    """A one-step SIM student of a flow teacher is evaluated at s = 1 on pure noise, so the family's stock
+    pipeline at one Euler step (x0 = z - v) gives its images: StableDiffusion3Pipeline without CFG,
+    FluxPipeline with the student's embedded guidance."""
+    from distill import load_pipeline
+
+    out = tmp_path / "run"
+    assert main(["train", f"configs/sim_{family}.yaml", f"teacher.path={folders[family]}",
+                 f"output_dir={out}", *data[family], "train.batch_size=2", "train.max_steps=2",
+                 "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false",
+                 "eval.enabled=false"]) == 0
+    ours = load_pipeline(str(out / "pipeline"))
+    ours.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "a blue dog"]
+    mine = ours(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    parts = {k: v for k, v in ours.components.items() if k != "unet"}
+    if family == "sd3":
+        stock = diffusers.StableDiffusion3Pipeline(**{k: parts[k] for k in (
+            "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+            "text_encoder_3", "tokenizer_3", "scheduler")})
+        kw = {"guidance_scale": 1.0}
+    else:
+        stock = diffusers.FluxPipeline(**{k: parts[k] for k in (
+            "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")})
+        kw = {"height": 16, "width": 16}
+    stock.set_progress_bar_config(disable=True)
+    theirs = stock(prompt=prompts, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                   output_type="pt", **kw).images
+    assert mine.shape == theirs.shape == (2, 3, 16, 16) and theirs.std() > 0.01
+    assert (mine - theirs).abs().max() <= 1 / 255
+
+
+def test_fid_generates_from_a_stock_dit_teacher_with_balanced_labels(folders):
+    """`distill fid --compare DiT_FOLDER`'s teacher rows: the stock DiTPipeline at its default guidance,
+    labels 0, 1, 2, ... (the pipeline has no batch_size), batch b seeded with seed + b."""
+    from distill.eval.fid import generate, to_uint8
+
+    pipe = diffusers.DiTPipeline.from_pretrained(folders["dit"])
+    x = generate(pipe, 3, batch_size=3, seed=5, steps=2)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(class_labels=[0, 1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+               output_type="pt").images
+    assert torch.equal(x, to_uint8(ref))
+    assert torch.equal(x, to_uint8(_ours(folders["dit"], 3, 2, 5, 4.0, class_labels=[0, 1, 2])))
