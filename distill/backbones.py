@@ -35,7 +35,8 @@ from .text_encoding import guidance_embedding
 
 def _unwrap(net):
     net = getattr(net, "module", net)  # DistributedDataParallel
-    return getattr(net, "_orig_mod", net)  # torch.compile
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return getattr(net, "shared_base", net)  # a LoRA view (distill.lora.AdapterView) of a shared base
 
 
 def _accepts(net, name: str) -> bool:
@@ -137,7 +138,9 @@ def forward(net, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Ten
     it later (SD3's and PixArt's second input is the text condition), and of a learned-variance output (2C
     channels) the first C. FLUX.1: the latents in 2x2 patches with their position ids, the time / 1000, the
     output unpacked."""
-    inner = getattr(getattr(net, "module", net), "_orig_mod", getattr(net, "module", net))
+    inner = getattr(net, "module", net)  # DistributedDataParallel
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    inner = getattr(inner, "shared_base", inner)  # a LoRA view of a shared base
     if type(inner).__name__ == "FluxTransformer2DModel":
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)

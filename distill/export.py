@@ -168,12 +168,14 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, call_kwargs: dict, info: dict,
-                        sdxl: bool | None) -> Path:
+                        pipeline: str | None) -> Path:
     """An adapter folder for the teacher's own pipeline (LCM-LoRA style).
 
-    ``sdxl`` True / False: a Stable-Diffusion(-XL) teacher; the adapter is written in diffusers' LoRA format
-    (``pipe.load_lora_weights(folder)``). None: a pixel ``UNet2DModel`` teacher; the adapter is written in
-    peft's format (``adapter_config.json`` + ``adapter_model.safetensors``). Either way ``scheduler/`` holds
+    ``pipeline``: the teacher's stock pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline, FluxPipeline, DiTPipeline); the adapter is written in diffusers' LoRA format
+    (``pipe.load_lora_weights(folder)``; DiT has no LoRA loader: peft's format). None: a pixel
+    ``UNet2DModel`` teacher; the adapter is written in peft's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``). Either way ``scheduler/`` holds
     the scheduler the student samples with, ``distill_lora.json`` the call arguments, ``README.md`` both.
     The folder is written next to its destination and renamed into place.
     """
@@ -183,18 +185,20 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if sdxl is None:
+    if pipeline in (None, "DiTPipeline"):
         safetensors.torch.save_file(state_dict, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **lora_config}, indent=2))
-        load = ["import json, peft, safetensors.torch", "unet = ...  # the teacher's UNet2DModel",
+        load = ["import json, peft, safetensors.torch", "unet = ...  # the teacher's network",
                 "peft.inject_adapter_in_model(peft.LoraConfig(**{k: v for k, v in "
                 "json.load(open('PATH/adapter_config.json')).items() if k != 'peft_type'}), unet)",
                 "peft.set_peft_model_state_dict(unet, "
                 "safetensors.torch.load_file('PATH/adapter_model.safetensors'))"]
     else:
-        cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-        cls.save_lora_weights(tmp, unet_lora_layers=state_dict, weight_name=LORA_FILE,
-                              safe_serialization=True, unet_lora_adapter_metadata=dict(lora_config))
+        unets = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+        part = "unet" if pipeline in unets else "transformer"
+        getattr(diffusers, pipeline).save_lora_weights(
+            tmp, weight_name=LORA_FILE, safe_serialization=True,
+            **{f"{part}_lora_layers": state_dict, f"{part}_lora_adapter_metadata": dict(lora_config)})
         args = ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items())
         load = [f"from diffusers import DiffusionPipeline, {type(scheduler).__name__}",
                 f"pipe = DiffusionPipeline.from_pretrained({info.get('teacher', 'TEACHER')!r})",

@@ -3,6 +3,8 @@ convention, teacher sampling equal to the stock pipelines (DiTPipeline, StableDi
 FluxPipeline) at the same steps, seed, condition and guidance scale, and every method's 2-update run and
 export."""
 
+import json
+
 import diffusers
 import numpy as np
 import pytest
@@ -273,3 +275,43 @@ def test_fid_generates_from_a_stock_dit_teacher_with_balanced_labels(folders):
                output_type="pt").images
     assert torch.equal(x, to_uint8(ref))
     assert torch.equal(x, to_uint8(_ours(folders["dit"], 3, 2, 5, 4.0, class_labels=[0, 1, 2])))
+
+
+@pytest.mark.parametrize("family,method", [("sd3", "sim"), ("flux", "sim"),
+                                           pytest.param("sd3", "progressive", marks=pytest.mark.slow)])
+def test_a_lora_student_of_sd3_or_flux_loads_into_the_teachers_own_pipeline(folders, data, family, method,
+                                                                             tmp_path):
+    """student.lora_rank on a flow transformer teacher: the adapter folder loads with ``load_lora_weights``
+    into the teacher's own StableDiffusion3Pipeline / FluxPipeline, and that pipeline with the scheduler and
+    call arguments the folder names samples what the merged student export samples."""
+    from distill import load_pipeline
+
+    out = tmp_path / "run"
+    extra = (["train.max_steps=2", "sim.lr_fake=0.01"] if method == "sim" else
+             ["progressive.start_steps=2", "progressive.target_steps=1", "progressive.steps_per_round=2"])
+    assert main(["train", f"configs/{method}_{family}.yaml", f"teacher.path={folders[family]}",
+                 f"output_dir={out}", *data[family], "train.batch_size=2", "data.teacher_sample_steps=2",
+                 "student.lora_rank=4", "optim.lr=0.01", "train.mixed_precision=no", "train.report_to=none",
+                 "train.progress_bar=false", "eval.enabled=false", *extra]) == 0
+    lora = out / "lora"
+    info = json.loads((lora / "distill_lora.json").read_text())
+    assert info["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    stock = cls.from_pretrained(folders[family])
+    stock.set_progress_bar_config(disable=True)
+    stock.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(lora, subfolder="scheduler")
+    size = {"height": 16, "width": 16}
+    prompts = ["a red cat", "a blue dog"]
+
+    def run():
+        return stock(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **size,
+                     **info["call_kwargs"]).images
+
+    before = run()
+    stock.load_lora_weights(lora)
+    after = run()
+    student = load_pipeline(str(out / "pipeline"))
+    student.set_progress_bar_config(disable=True)
+    mine = student(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (after - before).abs().max() > 1e-3
+    assert (after - mine).abs().max() < 2e-5

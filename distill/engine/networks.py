@@ -15,6 +15,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from .. import backbones
 from ..config import Config
 from ..denoiser import Denoiser
 from ..ema import ForeachEMA
@@ -323,12 +324,19 @@ class NetworkRegistry:
         :mod:`distill.lora`)."""
         s, base = self.config.student, self.teacher.weights
         kind = self.teacher.schedule.kind
-        if kind != "vp":  # the adapter's export names a stock VP scheduler for the teacher's own pipeline
+        flow_stock = backbones.stock_pipeline(base) in ("StableDiffusion3Pipeline", "FluxPipeline")
+        if kind != "vp" and not flow_stock:  # the adapter's export names the teacher pipeline's scheduler
             name = type(self.teacher.scheduler).__name__
             raise ConfigError(f"student.lora_rank={s.lora_rank} with a {name} teacher ({kind} noise "
                               "schedule): LoRA students are exported for the teacher's own pipeline with a "
-                              "VP scheduler only; remove student.lora_rank (a full student trains on every "
-                              "family).")
+                              "VP scheduler, or for SD3 / FLUX.1 with their flow scheduler, only; remove "
+                              "student.lora_rank (a full student trains on every family).")
+        t_star = getattr(getattr(self, "section", None), "generator_timestep", None)
+        if flow_stock and t_star is not None and t_star != self.teacher.schedule.num_train_timesteps - 1:
+            raise ConfigError(f"student.lora_rank with generator_timestep={t_star} on a flow teacher: "
+                              "the teacher's own pipeline starts from pure noise, so a LoRA one-step student "
+                              f"must be the generator at s = 1; set {self.method}.generator_timestep="
+                              f"{self.teacher.schedule.num_train_timesteps - 1} or train a full student.")
         targets = s.lora_target_modules or default_targets(base)
         if not targets:
             raise ConfigError("student.lora_rank needs student.lora_target_modules for a "
@@ -355,11 +363,13 @@ class NetworkRegistry:
         """``output_dir/lora``: the student adapter for the teacher's own pipeline (see
         export_lora_adapter)."""
         t = self.teacher
-        sdxl = None if not t.is_text else len(t.text_encoders) > 1
+        pipeline = backbones.stock_pipeline(t.weights) if t.is_text or t.is_latent else None
+        if t.is_text and pipeline is None:
+            pipeline = "StableDiffusionXLPipeline" if len(t.text_encoders) > 1 else "StableDiffusionPipeline"
         scheduler, kwargs = self.lora_inference()
         view = self.unwrap("student")
         return export_lora_adapter(adapter_state_dict(view), view.shared_base.distill_lora_config,
-                                   self.out / "lora", scheduler, kwargs, self.card_info(), sdxl)
+                                   self.out / "lora", scheduler, kwargs, self.card_info(), pipeline)
 
     def choose_attention(self) -> str | None:
         """PyTorch SDPA (diffusers' default processor), or xformers' memory-efficient attention when

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import diffusers
 import torch
 
+from .. import backbones
 from ..engine import Update
 from ..errors import ConfigError, require
 from ..export import export_pipeline
@@ -250,8 +251,17 @@ class HalvingRounds:
 
     def lora_inference(self) -> tuple:
         """DDIM on the trailing grid of the last round's step count (= the student's own grid), no
-        guidance."""
-        return self.export_scheduler(), {"num_inference_steps": self.plan[-1][0], "guidance_scale": 1.0}
+        guidance. SD3 / FLUX.1 teachers: their own flow scheduler on the student's grid, passed as the
+        unshifted ``sigmas`` their pipelines shift (Euler = DDIM on it)."""
+        n = self.plan[-1][0]
+        if self.teacher.schedule.kind == "flow":
+            sched = self.teacher.schedule
+            times = sched.t_from_timestep(torch.tensor(self.grids(len(self.plan) - 1)[1]))
+            cfg = backbones.stock_pipeline(self.teacher.weights) == "StableDiffusion3Pipeline"
+            return copy.deepcopy(self.teacher.scheduler), {
+                "num_inference_steps": n, "sigmas": [float(t) for t in times],
+                **({"guidance_scale": 1.0} if cfg else {})}
+        return self.export_scheduler(), {"num_inference_steps": n, "guidance_scale": 1.0}
 
     def export_round(self, r: int):
         return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 
+from .. import backbones
 from ..engine import Update, build_network, frozen
 from ..errors import ConfigError
 from ..noise import NoiseSchedule
@@ -294,7 +295,12 @@ class OneStepScoreHelpers:
     def lora_inference(self) -> tuple:
         """One Euler step at t*: the teacher pipeline's input (z times the scheduler's init_noise_sigma,
         divided by sqrt(sigma_VE^2 + 1)) is then sigma(t*) z, and one Euler step to sigma = 0 returns the
-        denoised x0 = G(z)."""
+        denoised x0 = G(z). SD3 / FLUX.1 teachers: their own flow scheduler at one step from s = 1 (x0 = z -
+        v), SD3 without CFG, FLUX.1-dev at the embedded guidance the student was trained with."""
+        if self.teacher.schedule.kind == "flow":
+            cfg = backbones.stock_pipeline(self.teacher.weights) == "StableDiffusion3Pipeline"
+            return copy.deepcopy(self.teacher.scheduler), {"num_inference_steps": 1,
+                                                           **({"guidance_scale": 1.0} if cfg else {})}
         sched = diffusers.EulerDiscreteScheduler.from_config(self.teacher.scheduler.config,
                                                              prediction_type=self.pred,
                                                              timestep_spacing="trailing")
