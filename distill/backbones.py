@@ -60,6 +60,10 @@ def network_kwargs(net, cond: Condition | None) -> dict:
     if cond.kind == "class":
         return {"class_labels": cond.class_labels}
     kw = {"encoder_hidden_states": cond.embeds}
+    if cond.mask is not None:
+        kw["encoder_attention_mask"] = cond.mask
+    if type(_unwrap(net)).__name__ == "PixArtTransformer2DModel":  # PixArt-Sigma's size conditioning: none
+        kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     if cond.pooled is not None:
         if _accepts(net, "pooled_projections"):
             kw["pooled_projections"] = cond.pooled
@@ -81,9 +85,9 @@ def guidance_kwargs(net, w: torch.Tensor | None) -> dict:
 def text_encoding(net) -> str:
     """How a text teacher's prompts are encoded for ``net``: 'sd3' (CLIP-L + CLIP-G + T5,
     ``SD3Transformer2DModel``), 'flux' (CLIP-L pooled + T5, ``FluxTransformer2DModel``) or 'clip' (Stable
-    Diffusion's / SDXL's CLIP encoders, the UNets)."""
-    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(_unwrap(net)).__name__,
-                                                                                  "clip")
+    Diffusion's / SDXL's CLIP encoders, the UNets) or 't5' (T5 with its attention mask, PixArt)."""
+    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+            "PixArtTransformer2DModel": "t5"}.get(type(_unwrap(net)).__name__, "clip")
 
 
 def embeds_guidance(net) -> bool:
@@ -102,7 +106,8 @@ def default_embedded_guidance() -> float:
 def stock_pipeline(net) -> str | None:
     """The stock diffusers pipeline of a transformer teacher (its sampling loop is the reference), or None."""
     return {"DiTTransformer2DModel": "DiTPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-            "FluxTransformer2DModel": "FluxPipeline"}.get(type(_unwrap(net)).__name__)
+            "FluxTransformer2DModel": "FluxPipeline",
+            "PixArtTransformer2DModel": "PixArtSigmaPipeline"}.get(type(_unwrap(net)).__name__)
 
 
 def any_size(net) -> bool:

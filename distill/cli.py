@@ -99,7 +99,7 @@ def _class_labels(text: str) -> list[int]:
 
 # Stock teacher layouts that ``distill sample`` runs with distill's own teacher sampler (the scheduler stepped
 # as the stock pipeline steps it), at the stock pipeline's default steps and guidance.
-TEACHER_LAYOUTS = ("DiTPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+TEACHER_LAYOUTS = ("DiTPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def _sample_teacher(args, folder, layout: str):

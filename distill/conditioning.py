@@ -6,7 +6,8 @@ A :class:`Condition` is what a denoiser is conditioned on, for a batch:
 * class labels (``class_labels``, shape (B,)), with the null class ``num_classes`` as null condition;
 * text: ``embeds`` (B, L, D), the text encoder's hidden states (``encoder_hidden_states``), plus for
   SDXL-class teachers ``pooled`` (B, D') (``text_embeds``) and ``time_ids`` (B, 6)
-  (original size, crop corner, target size); the null condition is the encoded empty (or negative)
+  (original size, crop corner, target size), for PixArt-class teachers the T5 tokens' attention ``mask``
+  (B, L); the null condition is the encoded empty (or negative)
   prompt, or zeros where the teacher says so (SDXL's ``force_zeros_for_empty_prompt``).
 
 It carries its own null condition (``null``, batch 1 or B) so classifier-free guidance
@@ -21,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-_TENSORS = ("class_labels", "embeds", "pooled", "time_ids")
+_TENSORS = ("class_labels", "embeds", "pooled", "time_ids", "mask")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Condition:
     embeds: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # the text tokens' attention mask (B, L) of a T5-conditioned teacher
     null: Condition | None = None
 
     # ------------------------------------------------------------------ what it is

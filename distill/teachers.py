@@ -286,20 +286,30 @@ class Teacher:
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> Condition:
         """Encode ``prompts`` (each distinct prompt once, repeated prompts from the LRU cache)."""
-        from .text_encoding import encode_prompt, encode_prompt_flux, encode_prompt_sd3, sdxl_time_ids
+        from .text_encoding import (
+            encode_prompt,
+            encode_prompt_flux,
+            encode_prompt_sd3,
+            encode_prompt_t5,
+            sdxl_time_ids,
+        )
 
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            style = backbones.text_encoding(self.model)
+            style, mask = backbones.text_encoding(self.model), None
             if style == "sd3":
                 embeds, pooled = encode_prompt_sd3(self.tokenizers, self.text_encoders, missing, self.device,
                                                    self.model.config.joint_attention_dim)
             elif style == "flux":
                 embeds, pooled = encode_prompt_flux(self.tokenizers, self.text_encoders, missing, self.device)
+            elif style == "t5":
+                (embeds, mask), pooled = encode_prompt_t5(self.tokenizers, self.text_encoders, missing,
+                                                          self.device), None
             else:
                 embeds, pooled = encode_prompt(self.tokenizers, self.text_encoders, missing, self.device)
             for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i], None if pooled is None else pooled[i])
+                self._cache[p] = (embeds[i], None if pooled is None else pooled[i],
+                                  None if mask is None else mask[i])
         for p in prompts:
             self._cache.move_to_end(p)
         rows = [self._cache[p] for p in prompts]
@@ -307,11 +317,12 @@ class Teacher:
             self._cache.popitem(last=False)
         embeds = torch.stack([r[0] for r in rows])
         pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
+        mask = torch.stack([r[2] for r in rows]) if rows[0][2] is not None else None
         time_ids = None
         if getattr(self.model.config, "addition_embed_type", None) == "text_time":
             h, w = self.image_shape[1:]
             time_ids = sdxl_time_ids(h, w, len(prompts), self.device).to(embeds.dtype)
-        return Condition(embeds=embeds, pooled=pooled, time_ids=time_ids)
+        return Condition(embeds=embeds, pooled=pooled, time_ids=time_ids, mask=mask)
 
     # ------------------------------------------------------------------ evaluation
     def _prepare(self, x_t: torch.Tensor, cond: Condition | None):
@@ -399,12 +410,13 @@ class Teacher:
         b = x.shape[0]
         sigmas = getattr(sched, "sigmas", None)
         for i, t in enumerate(sched.timesteps):
-            if self.schedule.kind == "vp":
-                tc = self.schedule.t_from_timestep(t.item())
+            x_in = x
+            if self.schedule.kind == "vp":  # (a VP Euler-type scheduler's input scaling; identity for DDIM)
+                tc, x_in = self.schedule.t_from_timestep(t.item()), sched.scale_model_input(x, t)
             else:  # the step's own noise level; the Denoiser applies EDM's c_in itself
                 s = sigmas[i].double()
                 tc = self.schedule.t_from_sigma(1 - s if self.schedule.invert_sigmas else s)
-            out = self.denoiser.output(x, tc, cond, guidance_scale, timestep=t.expand(b).to(x.device))
+            out = self.denoiser.output(x_in, tc, cond, guidance_scale, timestep=t.expand(b).to(x.device))
             x = sched.step(out.to(x.dtype), t, x, generator=generator).prev_sample
         return x
 

@@ -5,6 +5,7 @@
   the second; Podell et al. 2023, sec. 2.1);
 * :func:`encode_prompt_sd3`: as diffusers' StableDiffusion3Pipeline (CLIP-L, CLIP-G and T5, Esser et al.
   2024, sec. 5.1); :func:`encode_prompt_flux`: as diffusers' FluxPipeline (CLIP-L pooled, T5);
+  :func:`encode_prompt_t5`: as diffusers' PixArtSigmaPipeline (T5 with its attention mask);
 * :func:`sdxl_time_ids`: SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2);
 * :func:`latents_to_images`: the VAE decoder of latent diffusion (Rombach et al. 2022, sec. 3);
 * :func:`guidance_embedding`: the guidance weight w of guided distillation (Meng et al. 2023) as a
@@ -85,6 +86,17 @@ def encode_prompt_flux(tokenizers, text_encoders, prompts: list[str], device,
     ids = tokenizers[1](list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
                         return_tensors="pt").input_ids
     return text_encoders[1](ids.to(device), output_hidden_states=False)[0], pooled
+
+
+def encode_prompt_t5(tokenizers, text_encoders, prompts: list[str], device,
+                     max_sequence_length: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, L, D), attention mask (B, L)) of ``prompts`` as diffusers' PixArtSigmaPipeline encodes
+    them (without its optional caption cleaning): T5's last hidden state over ``max_sequence_length`` padded
+    tokens, with the mask the transformer's cross-attention uses."""
+    tok = tokenizers[0](list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+    mask = tok.attention_mask.to(device)
+    return text_encoders[0](tok.input_ids.to(device), attention_mask=mask)[0], mask
 
 
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:

@@ -233,3 +233,26 @@ def make_tiny_flux(folder, guidance_embeds: bool = True, seed: int = 0):
                            text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
                            scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_pixart(folder, seed: int = 0):
+    """A tiny random PixArtSigmaPipeline folder: PixArtTransformer2DModel over 8x8x4 latents with learned
+    sigma, T5 text (width 32 = caption_channels) with its attention mask, an AutoencoderKL and
+    PixArt's DPMSolverMultistepScheduler."""
+    from pathlib import Path
+
+    import transformers
+
+    folder = Path(folder)
+    t5_tok = t5_tokenizer(folder.parent / (folder.name + "-t5-src"))
+    torch.manual_seed(seed)
+    net = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                             out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                             cross_attention_dim=16, caption_channels=32,
+                                             use_additional_conditions=False)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8,
+                                                           d_ff=37, num_layers=2, num_heads=4))
+    diffusers.PixArtSigmaPipeline(tokenizer=t5_tok, text_encoder=t5, vae=tiny_latent_vae(scaling_factor=0.5),
+                                  transformer=net, scheduler=diffusers.DPMSolverMultistepScheduler()
+                                  ).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -9,7 +9,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_dit, make_tiny_flux, make_tiny_sd3
+from conftest import make_tiny_dit, make_tiny_flux, make_tiny_pixart, make_tiny_sd3
 from PIL import Image
 
 from distill.cli import main
@@ -26,7 +26,8 @@ def folders(tmp_path_factory):
                                          base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5,
                                          max_shift=1.15),
             "flux": make_tiny_flux(root / "flux"), "flux_schnell": make_tiny_flux(root / "flux_schnell",
-                                                                               guidance_embeds=False)}
+                                                                               guidance_embeds=False),
+            "pixart": make_tiny_pixart(root / "pixart")}
 
 
 def _ours(folder, n, steps, seed, guidance_scale, stock=True, resolution=None, **cond):
@@ -163,7 +164,7 @@ TRANSFORMER_METHODS = {  # method: overrides for a 2-update run
     "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
                     "progressive.steps_per_round=1"]}
 FAMILY_METHODS = [("dit", m) for m in ("sim", "uni_instruct", "msd", "progressive")] + [
-    (f, m) for f in ("sd3", "flux") for m in ("sim", "uni_instruct", "progressive")]
+    (f, m) for f in ("sd3", "flux", "pixart") for m in ("sim", "uni_instruct", "progressive")]
 
 PLAIN_LOAD = """
 import sys, numpy as np, torch
@@ -189,7 +190,7 @@ def data(tmp_path_factory):
     (root / "prompts.txt").write_text("a red cat\na blue dog\na small house\na green tree\n")
     prompts = f"prompts:{root / 'prompts.txt'}"
     return {"dit": [f"data.spec={root / 'images'}"], "sd3": [f"data.spec={prompts}"],
-            "flux": [f"data.spec={prompts}", "data.resolution=16"]}
+            "flux": [f"data.spec={prompts}", "data.resolution=16"], "pixart": [f"data.spec={prompts}"]}
 
 
 @pytest.mark.parametrize("family,method", [pytest.param(f, m, marks=() if m == "sim" else pytest.mark.slow)
@@ -315,3 +316,18 @@ def test_a_lora_student_of_sd3_or_flux_loads_into_the_teachers_own_pipeline(fold
     mine = student(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert (after - before).abs().max() > 1e-3
     assert (after - mine).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("steps,scale,negative", [(3, 4.5, None), (4, 1.0, None), (2, 3.0, "blurry")])
+def test_pixart_teacher_sampling_equals_pixart_sigma_pipeline(folders, steps, scale, negative):
+    """PixArt-Sigma: T5 with its attention mask (the negative prompt's too), DPM-Solver++, learned sigma."""
+    pipe = diffusers.PixArtSigmaPipeline.from_pretrained(folders["pixart"])
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "dog"]
+    ref = pipe(prompt=prompts, negative_prompt=negative or "", num_inference_steps=steps,
+               guidance_scale=scale, clean_caption=False, use_resolution_binning=False,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    neg = {} if negative is None else {"negative_prompts": [negative] * 2}
+    ours = _ours(folders["pixart"], 2, steps, 0, scale, prompts=prompts, **neg)
+    assert ref.shape == ours.shape == (2, 3, 16, 16) and ref.std() > 0.05
+    assert (ours - ref).abs().max() <= 1 / 255

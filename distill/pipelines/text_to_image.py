@@ -125,6 +125,18 @@ def encode_prompt_flux(tokenizers, text_encoders, prompts: list[str], device,
     return text_encoders[1](ids.to(device), output_hidden_states=False)[0], pooled
 
 
+# Copied from distill.text_encoding.encode_prompt_t5
+def encode_prompt_t5(tokenizers, text_encoders, prompts: list[str], device,
+                     max_sequence_length: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (B, L, D), attention mask (B, L)) of ``prompts`` as diffusers' PixArtSigmaPipeline encodes
+    them (without its optional caption cleaning): T5's last hidden state over ``max_sequence_length`` padded
+    tokens, with the mask the transformer's cross-attention uses."""
+    tok = tokenizers[0](list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+    mask = tok.attention_mask.to(device)
+    return text_encoders[0](tok.input_ids.to(device), attention_mask=mask)[0], mask
+
+
 # Copied from distill.text_encoding.sdxl_time_ids
 def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
     """SDXL's added time ids (original size, crop top-left, target size) for unconditioned crops."""
@@ -143,9 +155,16 @@ def is_flux(net) -> bool:
     return type(net).__name__ == "FluxTransformer2DModel"
 
 
-def unet_text_kwargs(unet, embeds, pooled, time_ids) -> dict:
+def is_pixart(net) -> bool:
+    """A PixArt transformer (T5 text with its attention mask, no size conditioning: PixArt-Sigma's)."""
+    return type(net).__name__ == "PixArtTransformer2DModel"
+
+
+def unet_text_kwargs(unet, embeds, pooled, time_ids, mask=None) -> dict:
     kw = {"encoder_hidden_states": embeds}
-    if is_sd3(unet) or is_flux(unet):
+    if is_pixart(unet):
+        kw.update(encoder_attention_mask=mask, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    elif is_sd3(unet) or is_flux(unet):
         kw["pooled_projections"] = pooled
     elif getattr(unet.config, "addition_embed_type", None) == "text_time":
         kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
@@ -159,8 +178,9 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         unet: the student ``UNet2DConditionModel`` (or None with ``transformer``).
         vae, text_encoder, tokenizer, scheduler: the teacher's components.
         text_encoder_2, tokenizer_2: SDXL's / SD3's second text encoder (optional).
-        transformer: the student ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` of an SD3 / SD3.5 /
-            FLUX.1 teacher, in place of ``unet``.
+        transformer: the student ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` /
+            ``PixArtTransformer2DModel`` of an SD3 / SD3.5 / FLUX.1 / PixArt-Sigma teacher, in place of
+            ``unet``.
         text_encoder_3, tokenizer_3: SD3's T5 encoder (optional, as in diffusers: without it the T5 part of
             the text embedding is zeros).
         generator_timestep: one-step students: the training index t* of the generator; None for
@@ -234,9 +254,12 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt, device, negative: bool = False):
-        """(embeds, pooled) of a list of prompts; for the default null prompt of an SDXL-class model,
-        zeros."""
+        """(embeds, pooled, attention mask) of a list of prompts (pooled: SDXL, SD3, FLUX; mask: PixArt);
+        for the default null prompt of an SDXL-class model, zeros."""
         toks, encs = self._encoders()
+        if is_pixart(self.network):
+            embeds, mask = encode_prompt_t5(toks, encs, prompt, device)
+            return embeds, None, mask
         if is_sd3(self.network):
             embeds, pooled = encode_prompt_sd3(toks, encs, prompt, device,
                                                self.network.config.joint_attention_dim)
@@ -247,7 +270,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         if negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt):
             embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None
                                                         else None)
-        return embeds, pooled
+        return embeds, pooled, None
 
     def rows(self, num_inference_steps: int | None) -> torch.Tensor:
         """The sampler rows (network time input, alpha_bar): the stored or trailing grid on a VP table, the
@@ -281,11 +304,12 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             raise ValueError(f"This is a one-step student; num_inference_steps={num_inference_steps} is not "
                              "possible.")
         # ---- prompts
+        mask = neg_mask = None  # PixArt's T5 attention masks (given embeddings attend to every token)
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("Pass prompt=... (a string or a list of strings) or prompt_embeds=...")
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompt, device)
+            prompt_embeds, pooled_prompt_embeds, mask = self.encode_prompt(prompt, device)
         batch = prompt_embeds.shape[0] * num_images_per_prompt
         sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
         if sdxl and pooled_prompt_embeds is None:
@@ -299,7 +323,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         if cfg and negative_prompt_embeds is None:
             neg = negative_prompt if negative_prompt is not None else ""
             neg = [neg] * prompt_embeds.shape[0] if isinstance(neg, str) else list(neg)
-            negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            negative_prompt_embeds, negative_pooled_prompt_embeds, neg_mask = self.encode_prompt(
                 neg, device, negative=negative_prompt is None)
 
         def rep(x):
@@ -308,12 +332,15 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         embeds, pooled = rep(prompt_embeds), rep(pooled_prompt_embeds)
         height = self.latent_size * self.vae_scale_factor
         time_ids = sdxl_time_ids(height, height, batch, device).to(dtype) if sdxl else None
-        kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids)
+        mask = None if mask is None else mask.repeat_interleave(num_images_per_prompt, dim=0)
+        kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids, mask)
         if cfg:
             n_emb, n_pool = rep(negative_prompt_embeds), rep(negative_pooled_prompt_embeds)
+            both_masks = None if mask is None or neg_mask is None else torch.cat(
+                [mask, neg_mask.repeat_interleave(num_images_per_prompt, dim=0)])
             kwargs = unet_text_kwargs(unet, torch.cat([embeds, n_emb]), None if pooled is None else
                                       torch.cat([pooled, n_pool]),
-                                      None if time_ids is None else time_ids.repeat(2, 1))
+                                      None if time_ids is None else time_ids.repeat(2, 1), both_masks)
         if self.config.guidance_conditioned:
             lo_hi = self.config.guidance_range
             if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
