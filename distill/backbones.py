@@ -39,6 +39,14 @@ def _unwrap(net):
     return getattr(net, "shared_base", net)  # a LoRA view (distill.lora.AdapterView) of a shared base
 
 
+def _kind(net) -> str:
+    """The diffusers class a network is (FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Class>``)."""
+    for cls in type(_unwrap(net)).__mro__:
+        if cls.__module__.startswith("diffusers") or cls.__module__.startswith("distill"):
+            return cls.__name__
+    return type(_unwrap(net)).__name__
+
+
 def _accepts(net, name: str) -> bool:
     net = _unwrap(net)
     try:
@@ -62,7 +70,7 @@ def network_kwargs(net, cond: Condition | None) -> dict:
     kw = {"encoder_hidden_states": cond.embeds}
     if cond.mask is not None:
         kw["encoder_attention_mask"] = cond.mask
-    if type(_unwrap(net)).__name__ == "PixArtTransformer2DModel":  # PixArt-Sigma's size conditioning: none
+    if _kind(net) == "PixArtTransformer2DModel":  # PixArt-Sigma's size conditioning: none
         kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     if cond.pooled is not None:
         if _accepts(net, "pooled_projections"):
@@ -87,7 +95,7 @@ def text_encoding(net) -> str:
     ``SD3Transformer2DModel``), 'flux' (CLIP-L pooled + T5, ``FluxTransformer2DModel``) or 'clip' (Stable
     Diffusion's / SDXL's CLIP encoders, the UNets) or 't5' (T5 with its attention mask, PixArt)."""
     return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
-            "PixArtTransformer2DModel": "t5"}.get(type(_unwrap(net)).__name__, "clip")
+            "PixArtTransformer2DModel": "t5"}.get(_kind(net), "clip")
 
 
 def embeds_guidance(net) -> bool:
@@ -107,7 +115,7 @@ def stock_pipeline(net) -> str | None:
     """The stock diffusers pipeline of a transformer teacher (its sampling loop is the reference), or None."""
     return {"DiTTransformer2DModel": "DiTPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
             "FluxTransformer2DModel": "FluxPipeline",
-            "PixArtTransformer2DModel": "PixArtSigmaPipeline"}.get(type(_unwrap(net)).__name__)
+            "PixArtTransformer2DModel": "PixArtSigmaPipeline"}.get(_kind(net))
 
 
 def any_size(net) -> bool:
@@ -130,7 +138,7 @@ def latent_shape(net) -> list[int] | None:
     ``sample_size``^2; FLUX.1 (no ``sample_size``; 2x2-patch tokens of ``in_channels`` = 4C): C = in / 4 at
     FluxPipeline's default 128 x 128 latents. None for other networks."""
     cfg = getattr(_unwrap(net), "config", None)
-    if type(_unwrap(net)).__name__ == "FluxTransformer2DModel":
+    if _kind(net) == "FluxTransformer2DModel":
         return [cfg.in_channels // 4, 128, 128]
     if hasattr(cfg, "in_channels") and getattr(cfg, "sample_size", None) is not None:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
@@ -146,7 +154,7 @@ def forward(net, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Ten
     inner = getattr(net, "module", net)  # DistributedDataParallel
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     inner = getattr(inner, "shared_base", inner)  # a LoRA view of a shared base
-    if type(inner).__name__ == "FluxTransformer2DModel":
+    if any(c.__name__ == "FluxTransformer2DModel" for c in type(inner).__mro__):  # (FSDP2: a subclass)
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)

@@ -24,12 +24,13 @@ def _dtensor():
 
     return DTensor
 
-BLOCK_LISTS = ("down_blocks", "up_blocks", "blocks", "transformer_blocks")
+BLOCK_LISTS = ("down_blocks", "up_blocks", "blocks", "transformer_blocks", "single_transformer_blocks")
 
 
 def shard_network(net: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over the default process group: each block of the network's block lists (diffusers UNets:
-    down_blocks, up_blocks and mid_block) is its own unit, the root holds the rest. In place; returns
+    down_blocks, up_blocks and mid_block; transformers: transformer_blocks, FLUX's single_transformer_blocks)
+    is its own unit, the root holds the rest. In place; returns
     ``net``."""
     from torch.distributed.fsdp import fully_shard
 

@@ -126,3 +126,23 @@ def test_fsdp_refusals(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="uses DeepSpeed.*one model per engine"):
         make_accelerator(load_config("configs/sim_digits.yaml", [f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fsdp_shards_transformer_blocks_and_matches_data_parallel(tmp_path, family):
+    """A tiny SD3 / FLUX.1 teacher's full SIM student, sharded block by block (transformer_blocks and FLUX's
+    single_transformer_blocks) over 2 processes: the same weights after 2 updates as unsharded data
+    parallel."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import make_tiny_flux, make_tiny_sd3
+
+    teacher = (make_tiny_sd3 if family == "sd3" else make_tiny_flux)(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\na small house\na green tree\n")
+    extra = [f"teacher.path={teacher}", f"data.spec=prompts:{tmp_path / 'prompts.txt'}", "train.max_steps=2",
+             "train.mixed_precision=no", "student.lora_rank=null", "sim.gradient_checkpointing=false",
+             *(["data.resolution=16"] if family == "flux" else [])]
+    out = run(f"configs/sim_{family}.yaml", tmp_path / "fsdp", 2, "train.fsdp=true", *extra)
+    assert "sharding: FSDP2 over 2 process(es)" in out
+    run(f"configs/sim_{family}.yaml", tmp_path / "ddp", 2, *extra)
+    assert max_difference(tmp_path / "ddp" / "pipeline", tmp_path / "fsdp" / "pipeline") < TOL

@@ -164,7 +164,8 @@ TRANSFORMER_METHODS = {  # method: overrides for a 2-update run
     "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
                     "progressive.steps_per_round=1"]}
 FAMILY_METHODS = [("dit", m) for m in ("sim", "uni_instruct", "msd", "progressive")] + [
-    (f, m) for f in ("sd3", "flux", "pixart") for m in ("sim", "uni_instruct", "progressive")]
+    (f, m) for f in ("sd3", "flux", "pixart") for m in ("sim", "uni_instruct", "progressive")] + [
+    ("sd3", "msd"), ("pixart", "msd")]
 
 PLAIN_LOAD = """
 import sys, numpy as np, torch
@@ -331,3 +332,10 @@ def test_pixart_teacher_sampling_equals_pixart_sigma_pipeline(folders, steps, sc
     ours = _ours(folders["pixart"], 2, steps, 0, scale, prompts=prompts, **neg)
     assert ref.shape == ours.shape == (2, 3, 16, 16) and ref.std() > 0.05
     assert (ours - ref).abs().max() <= 1 / 255
+
+
+def test_msd_on_a_flux_teacher_is_refused_with_a_message(folders, data, tmp_path, capsys):
+    assert main(["train", "configs/msd_sd3.yaml", f"teacher.path={folders['flux']}", f"output_dir={tmp_path}",
+                 *data["flux"], "train.max_steps=1", "train.batch_size=4", "train.mixed_precision=no",
+                 "eval.enabled=false"]) == 2
+    assert "FLUX.1" in capsys.readouterr().err

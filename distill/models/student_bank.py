@@ -44,4 +44,4 @@ class StudentBank(ModelMixin, ConfigMixin):
         return len(self.students)
 
     def forward(self, sample, timestep, student: int, **kwargs):
-        return self.students[student](sample, timestep, **kwargs)
+        return self.students[student](sample, timestep=timestep, **kwargs)  # by keyword: SD3 / PixArt

@@ -30,7 +30,15 @@ from .one_step import (
     one_step_input,
 )
 from .samplers import sample_ddim  # noqa: F401  (text_to_image's import; diffusers copies direct imports only)
-from .text_to_image import encode_prompt, encode_prompt_sd3, is_sd3, sdxl_time_ids, unet_text_kwargs
+from .text_to_image import (
+    encode_prompt,
+    encode_prompt_sd3,
+    encode_prompt_t5,
+    is_pixart,
+    is_sd3,
+    sdxl_time_ids,
+    unet_text_kwargs,
+)
 
 
 # Copied from distill.partition.prompt_feature
@@ -131,7 +139,7 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                              f"{num_inference_steps}.")
         text = self.config.routing["kind"] == "prompt_clusters"
         device, dtype = device_dtype(self, self.students)
-        kwargs = {}
+        kwargs, mask = {}, None
         if text:
             if prompt_embeds is None:
                 if prompt is None:
@@ -141,6 +149,9 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 if is_sd3(net):
                     prompt_embeds, pooled_prompt_embeds = encode_prompt_sd3(
                         *self._encoders(), prompt, device, net.config.joint_attention_dim)
+                elif is_pixart(net):
+                    prompt_embeds, mask = encode_prompt_t5(*self._encoders(), prompt, device)
+                    mask = mask.repeat_interleave(num_images_per_prompt, 0)
                 else:
                     prompt_embeds, pooled_prompt_embeds = encode_prompt(*self._encoders(), prompt, device)
             embeds, pooled = (None if v is None
@@ -152,7 +163,7 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
             size = unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
             time_ids = sdxl_time_ids(size, size, n, device).to(dtype) if sdxl else None
-            kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids)
+            kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids, mask)
             shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         else:
             if prompt is not None:

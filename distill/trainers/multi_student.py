@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .. import backbones
 from ..conditioning import Condition
 from ..engine import DistillationTrainer, Update, build_network
 from ..errors import ConfigError, require
@@ -256,6 +257,10 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, sec, t = self.config, self.section, self.teacher
+        if backbones.stock_pipeline(t.weights) == "FluxPipeline":
+            raise ConfigError(f"method msd with the FLUX.1 teacher {cfg.teacher.path!r}: multi-student "
+                              "distillation does not support FLUX.1 yet (its student bank does not pack the "
+                              "latents into tokens); use sim or uni_instruct (configs/sim_flux.yaml).")
         k = sec.num_students
         self.routing, rows = self.partition()
         self.parts = [(rows == j).nonzero().flatten() for j in range(k)]
