@@ -339,3 +339,44 @@ def test_msd_on_a_flux_teacher_is_refused_with_a_message(folders, data, tmp_path
                  *data["flux"], "train.max_steps=1", "train.batch_size=4", "train.mixed_precision=no",
                  "eval.enabled=false"]) == 2
     assert "FLUX.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path):
+    """HybridPipeline.from_pipelines(stock DiT / SD3 teacher pipeline, its 2-step progressive student): with
+    no base step it is the student; with every step on the base it is the teacher on the student's grid, no
+    CFG (DiT: distill's DDIM on the trailing grid; SD3: the stock StableDiffusion3Pipeline given the grid's
+    unshifted sigmas)."""
+    from distill import load_pipeline
+    from distill.pipelines import HybridPipeline
+
+    out = tmp_path / "run"
+    assert main(["train", f"configs/progressive_{family}.yaml", f"teacher.path={folders[family]}",
+                 f"output_dir={out}", *data[family], "train.batch_size=2", "data.teacher_sample_steps=2",
+                 "progressive.start_steps=4", "progressive.target_steps=2", "progressive.steps_per_round=1",
+                 "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false",
+                 "eval.enabled=false"]) == 0
+    student = load_pipeline(str(out / "pipeline"))
+    cls = diffusers.DiTPipeline if family == "dit" else diffusers.StableDiffusion3Pipeline
+    stock = cls.from_pretrained(folders[family])
+    for p in (student, stock):
+        p.set_progress_bar_config(disable=True)
+    hybrid = HybridPipeline.from_pipelines(stock, student)
+    hybrid.set_progress_bar_config(disable=True)
+    kw = {"prompt": ["a red cat", "dog"]} if family == "sd3" else {"batch_size": 2, "class_labels": [1, 0]}
+
+    def run(pipe, **more):
+        return pipe(generator=torch.Generator().manual_seed(0), output_type="pt", **kw, **more).images
+
+    only_student = run(student)
+    assert (run(hybrid, num_base_steps=0) - only_student).abs().max() < 1e-5
+    assert run(hybrid, num_base_steps=1).shape == only_student.shape
+    if family == "sd3":
+        shift = stock.scheduler.config.shift
+        unshifted = [s / (shift - (shift - 1) * s) for s in student.config.sigmas]
+        ref = stock(prompt=kw["prompt"], sigmas=unshifted, num_inference_steps=2, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+    else:
+        ref = _ours(folders["dit"], 2, 2, 0, None, stock=False, class_labels=[1, 0])
+    base_only = run(hybrid, num_base_steps=2)
+    assert (base_only - ref).abs().max() < 1e-4 and (base_only - only_student).abs().max() > 0

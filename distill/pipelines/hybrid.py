@@ -81,12 +81,28 @@ from .one_step import (
 )
 from .samplers import sample_ddim, timestep_for, trailing_timesteps, vp_grid
 from .text_to_image import (
-    encode_prompt,
+    encode_for,
     guidance_embedding,
     latents_to_images,
     sdxl_time_ids,
     unet_text_kwargs,
 )
+
+
+def _network(pipe):
+    """A pipeline's denoiser: a one-step ``generator``, a ``unet`` or a ``transformer`` (DiT, PixArt, SD3)."""
+    for name in ("generator", "unet", "transformer"):
+        net = getattr(pipe, name, None)
+        if net is not None:
+            return net
+    return None
+
+
+def _latent_shape(pipe) -> list[int]:
+    """(C, H, W) of a text-to-image pipeline's latents: its stored size (SD3 / FLUX) or its network's."""
+    cfg = _network(pipe).config
+    size = pipe.config.get("sample_size") or cfg.sample_size
+    return [cfg.in_channels, size, size]
 
 
 @dataclass
@@ -117,12 +133,15 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         student_guidance_conditioned, student_guidance_scale: a guided-distillation student and its
             default guidance scale (it takes w = s - 1 as ``guidance_weight``, or as the embedded
             ``timestep_cond`` of a UNet2DConditionModel).
-        vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2: text-to-image models' shared parts.
+        vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2: text-to-image models' shared parts (a
+            class-conditional latent model, DiT's: the VAE alone).
+        text_encoder_3, tokenizer_3: SD3's T5 encoder (optional).
         force_zeros_for_empty_prompt: the null prompt is zeros (SDXL) instead of the encoded "".
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->base_unet->student_unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->base_unet->student_unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                            "text_encoder_3", "tokenizer_3"]
 
     def __init__(self, base_unet, base_scheduler, student_unet, student_scheduler,
                  student_generator_timestep: int | None = None, student_num_inference_steps: int = 4,
@@ -132,11 +151,13 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = False, student_sigmas: list | None = None,
                  student_generator_sigma: float | None = None, student_generator_time: float | None = None,
-                 student_prediction_type: str | None = None, base_prediction_type: str | None = None):
+                 student_prediction_type: str | None = None, base_prediction_type: str | None = None,
+                 text_encoder_3=None, tokenizer_3=None):
         super().__init__()
         self.register_modules(base_unet=base_unet, base_scheduler=base_scheduler, student_unet=student_unet,
                               student_scheduler=student_scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                              text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         if sample_shape is None:
             cfg = student_unet.config
             sample_shape = ([cfg.in_channels, cfg.sample_size, cfg.sample_size] if hasattr(cfg, "in_channels")
@@ -173,19 +194,24 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 raise ValueError(f"The {name} pipeline needs a variance-preserving (alphas_cumprod: DDPM / "
                                  "DDIM), EDM or flow-matching scheduler; "
                                  f"{type(p).__name__} has {type(sched).__name__}.") from None
-            if getattr(p, "unet", None) is None and not (name == "student" and hasattr(p, "generator")):
-                raise ValueError(f"The {name} pipeline needs a denoiser (unet); {type(p).__name__} has none.")
+            if _network(p) is None:
+                raise ValueError(f"The {name} pipeline needs a denoiser (unet or transformer); "
+                                 f"{type(p).__name__} has none.")
+            if type(_network(p)).__name__ == "FluxTransformer2DModel":
+                raise ValueError("Hybrid sampling with FLUX.1 models is not supported yet (their embedded "
+                                 "guidance input); use an SD3, PixArt, DiT or UNet base and student.")
         s_cfg = student.config
         text = getattr(student, "text_encoder", None) is not None
         one_step = hasattr(student, "generator") or getattr(s_cfg, "generator_timestep", None) is not None
-        s_net = student.generator if hasattr(student, "generator") else student.unet
-        text_parts = {}
+        s_net = _network(student)
+        text_parts = {"vae": student.vae} if getattr(student, "vae", None) is not None else {}
         if text:
             if getattr(base, "text_encoder", None) is None:
                 raise ValueError("A text-to-image student needs a text-to-image base (a "
                                  f"Stable-Diffusion-format pipeline); got {type(base).__name__}.")
-            text_parts = {k: getattr(student, k, None)
-                          for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+            text_parts = {k: getattr(student, k, None) for k in (
+                "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                "tokenizer_3")}
             text_parts["force_zeros_for_empty_prompt"] = bool(
                 getattr(s_cfg, "force_zeros_for_empty_prompt", False))
         sigmas = gen_sigma = gen_time = None
@@ -205,18 +231,22 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                      "(use_dynamic_shifting=true) and the student stores no sigmas: its grid "
                                      "depends on the image size; give the student its grid (sigmas=).")
         b_classes = int(getattr(base.config, "num_classes", 0) or 0)
-        if not b_classes and getattr(base.unet.config, "num_class_embeds", None):
-            b_classes = base.unet.config.num_class_embeds - 1
+        b_cfg = _network(base).config
+        if not b_classes and getattr(b_cfg, "num_class_embeds", None):
+            b_classes = b_cfg.num_class_embeds - 1
+        if not b_classes and getattr(b_cfg, "norm_type", None) == "ada_norm_zero":  # DiT: null = num_embeds
+            b_classes = int(b_cfg.num_embeds_ada_norm)
         s_classes = int(getattr(s_cfg, "num_classes", 0) or 0)
         if b_classes != s_classes:
             raise ValueError(f"The base has {b_classes} classes and the student {s_classes}: a hybrid needs "
                              "both conditioned on the same classes (or both unconditional).")
-        return cls(base.unet, base.scheduler, s_net, student.scheduler,
+        return cls(_network(base), base.scheduler, s_net, student.scheduler,
                    student_generator_timestep=s_cfg.generator_timestep if one_step else None,
                    student_num_inference_steps=getattr(s_cfg, "num_inference_steps", 1),
                    student_timesteps=getattr(s_cfg, "timesteps", None), num_base_steps=num_base_steps,
                    num_base_substeps=num_base_substeps,
-                   sample_shape=list(s_cfg.sample_shape) if not text else None, num_classes=s_classes,
+                   sample_shape=list(s_cfg.sample_shape) if not text else _latent_shape(student),
+                   num_classes=s_classes,
                    student_guidance_conditioned=bool(getattr(s_cfg, "guidance_conditioned", False)),
                    student_guidance_scale=float(getattr(s_cfg, "guidance_scale", 1.0)),
                    student_sigmas=sigmas, student_generator_sigma=gen_sigma, student_generator_time=gen_time,
@@ -427,7 +457,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         bar.close()
 
         def out(v):
-            return to_output(latents_to_images(self.vae, v).float() if text else v, output_type)
+            decoded = latents_to_images(self.vae, v).float() if self.vae is not None else v
+            return to_output(decoded, output_type)
 
         images = out(x)
         traj = [out(d) for d in trajectory] if return_trajectory else None
@@ -439,24 +470,24 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
     def _text_kwargs(self, prompt: list[str], negative_prompt, cfg: bool, device, dtype) -> tuple[dict, dict]:
         """(student, base) keyword arguments of a text-to-image hybrid; the base's carry [cond; null] with
         CFG."""
-        toks = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
-        encs = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        emb, pooled = encode_prompt(toks, encs, prompt, device)
+        toks = [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
+        encs = [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
+        emb, pooled, mask = encode_for(self.student_unet, toks, encs, prompt, device)
         emb, pooled = emb.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.student_unet.config.sample_size * f
+        size = self.config.sample_shape[-1] * f
         sdxl = getattr(self.student_unet.config, "addition_embed_type", None) == "text_time"
         ids = sdxl_time_ids(size, size, len(prompt), device).to(dtype) if sdxl else None
-        s_kw = unet_text_kwargs(self.student_unet, emb, pooled, ids)
+        s_kw = unet_text_kwargs(self.student_unet, emb, pooled, ids, mask)
         if not cfg:
-            return s_kw, unet_text_kwargs(self.base_unet, emb, pooled, ids)
+            return s_kw, unet_text_kwargs(self.base_unet, emb, pooled, ids, mask)
         neg = negative_prompt if negative_prompt is not None else ""
         neg = [neg] * len(prompt) if isinstance(neg, str) else list(neg)
-        n_emb, n_pool = encode_prompt(toks, encs, neg, device)
-        if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
-            n_emb, n_pool = torch.zeros_like(n_emb), None if n_pool is None else torch.zeros_like(n_pool)
+        zeros = negative_prompt is None and self.config.force_zeros_for_empty_prompt
+        n_emb, n_pool, n_mask = encode_for(self.student_unet, toks, encs, neg, device, zeros)
         n_emb, n_pool = n_emb.to(device, dtype), None if n_pool is None else n_pool.to(device, dtype)
         b_kw = unet_text_kwargs(self.base_unet, torch.cat([emb, n_emb]),
                                 None if pooled is None else torch.cat([pooled, n_pool]),
-                                None if ids is None else ids.repeat(2, 1))
+                                None if ids is None else ids.repeat(2, 1),
+                                None if mask is None else torch.cat([mask, n_mask]))
         return s_kw, b_kw

@@ -160,6 +160,25 @@ def is_pixart(net) -> bool:
     return type(net).__name__ == "PixArtTransformer2DModel"
 
 
+def encode_for(net, tokenizers, text_encoders, prompts: list[str], device, zeros: bool = False):
+    """(embeds, pooled, attention mask) of ``prompts`` as the stock pipeline of ``net``'s family encodes them
+    (PixArt: T5 with its mask; SD3: CLIP-L + CLIP-G + T5; FLUX.1: T5 + CLIP-L pooled; else SD / SDXL's CLIP);
+    ``zeros``: SDXL's zero null prompt."""
+    if is_pixart(net):
+        embeds, mask = encode_prompt_t5(tokenizers, text_encoders, prompts, device)
+        return embeds, None, mask
+    if is_sd3(net):
+        embeds, pooled = encode_prompt_sd3(tokenizers, text_encoders, prompts, device,
+                                           net.config.joint_attention_dim)
+    elif is_flux(net):
+        embeds, pooled = encode_prompt_flux(tokenizers, text_encoders, prompts, device)
+    else:
+        embeds, pooled = encode_prompt(tokenizers, text_encoders, prompts, device)
+    if zeros:
+        embeds, pooled = torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled)
+    return embeds, pooled, None
+
+
 def unet_text_kwargs(unet, embeds, pooled, time_ids, mask=None) -> dict:
     kw = {"encoder_hidden_states": embeds}
     if is_pixart(unet):
@@ -256,21 +275,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
     def encode_prompt(self, prompt, device, negative: bool = False):
         """(embeds, pooled, attention mask) of a list of prompts (pooled: SDXL, SD3, FLUX; mask: PixArt);
         for the default null prompt of an SDXL-class model, zeros."""
-        toks, encs = self._encoders()
-        if is_pixart(self.network):
-            embeds, mask = encode_prompt_t5(toks, encs, prompt, device)
-            return embeds, None, mask
-        if is_sd3(self.network):
-            embeds, pooled = encode_prompt_sd3(toks, encs, prompt, device,
-                                               self.network.config.joint_attention_dim)
-        elif is_flux(self.network):
-            embeds, pooled = encode_prompt_flux(toks, encs, prompt, device)
-        else:
-            embeds, pooled = encode_prompt(toks, encs, prompt, device)
-        if negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt):
-            embeds, pooled = torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None
-                                                        else None)
-        return embeds, pooled, None
+        zeros = negative and self.config.force_zeros_for_empty_prompt and all(p == "" for p in prompt)
+        return encode_for(self.network, *self._encoders(), prompt, device, zeros)
 
     def rows(self, num_inference_steps: int | None) -> torch.Tensor:
         """The sampler rows (network time input, alpha_bar): the stored or trailing grid on a VP table, the
