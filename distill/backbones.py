@@ -36,7 +36,8 @@ from .text_encoding import guidance_embedding
 def _unwrap(net):
     net = getattr(net, "module", net)  # DistributedDataParallel
     net = getattr(net, "_orig_mod", net)  # torch.compile
-    return getattr(net, "shared_base", net)  # a LoRA view (distill.lora.AdapterView) of a shared base
+    net = getattr(net, "shared_base", net)  # a LoRA view (distill.lora.AdapterView) of a shared base
+    return getattr(net, "wrapped_network", net)  # a guidance-input wrapper (GuidedTransformer2DModel)
 
 
 def _kind(net) -> str:
@@ -154,6 +155,7 @@ def forward(net, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Ten
     inner = getattr(net, "module", net)  # DistributedDataParallel
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     inner = getattr(inner, "shared_base", inner)  # a LoRA view of a shared base
+    inner = getattr(inner, "wrapped_network", inner)  # a guidance-input wrapper
     if any(c.__name__ == "FluxTransformer2DModel" for c in type(inner).__mro__):  # (FSDP2: a subclass)
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)

@@ -176,7 +176,10 @@ def saved_bytes(net, args: tuple, kwargs: dict, trained: list, input_grad: bool,
     args = tuple(a.detach().requires_grad_(input_grad) if torch.is_tensor(a) and a.is_floating_point() else a
                  for a in args)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention():
-        backbones.forward(net, *args, **kwargs)
+        if len(args) == 2:  # a denoiser's (x, t): the backbone's call (FLUX's packing, keyword times)
+            backbones.forward(net, *args, **kwargs)
+        else:
+            net(*args, **kwargs)
     total = 0
     for t in seen.values():
         size = torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size()

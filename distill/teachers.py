@@ -128,7 +128,8 @@ class Teacher:
     def stored_network(self) -> torch.nn.Module:
         """A trainable fp32 copy of the network as stored (re-read from the teacher's folder, so a teacher
         held in bf16 gives the unrounded weights; a teacher built in memory is copied), without any LoRA
-        layer."""
+        layer, and without DiT's built-in class-label dropout in training mode (distill drops conditions
+        itself, ``Condition.drop``)."""
         net = self.weights
         if self.folder is not None and self.network_subfolder is not None:
             fresh = type(net).from_pretrained(self.folder / self.network_subfolder, dtype=torch.float32)
@@ -138,6 +139,9 @@ class Teacher:
             fresh = type(net).from_config(net.config)
             fresh.load_state_dict({k.replace(".base_layer.", "."): v for k, v in net.state_dict().items()
                                    if "lora_" not in k})
+        for m in fresh.modules():  # DiT's own label dropout (its CFG training) would drop a student's classes
+            if type(m).__name__ == "LabelEmbedding":
+                m.dropout_prob = 0.0
         return fresh.float().to(self.device).requires_grad_(True).train()
 
     def set_resolution(self, resolution: int) -> None:

@@ -162,10 +162,12 @@ TRANSFORMER_METHODS = {  # method: overrides for a 2-update run
     "sim": ["train.max_steps=2"], "uni_instruct": ["train.max_steps=2", "uni_instruct.ratio_warmup_steps=0"],
     "msd": ["train.max_steps=2", "msd.num_students=2", "msd.tsm_steps=0"],
     "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
-                    "progressive.steps_per_round=1"]}
+                    "progressive.steps_per_round=1"],
+    "guided": ["guided.start_steps=2", "guided.target_steps=1", "guided.steps_per_round=1",
+               "guided.stage_one_steps=1"]}
 FAMILY_METHODS = [("dit", m) for m in ("sim", "uni_instruct", "msd", "progressive")] + [
     (f, m) for f in ("sd3", "flux", "pixart") for m in ("sim", "uni_instruct", "progressive")] + [
-    ("sd3", "msd"), ("pixart", "msd")]
+    ("sd3", "msd"), ("pixart", "msd")] + [(f, "guided") for f in ("dit", "sd3", "pixart")]
 
 PLAIN_LOAD = """
 import sys, numpy as np, torch
@@ -380,3 +382,31 @@ def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path
         ref = _ours(folders["dit"], 2, 2, 0, None, stock=False, class_labels=[1, 0])
     base_only = run(hybrid, num_base_steps=2)
     assert (base_only - ref).abs().max() < 1e-4 and (base_only - only_student).abs().max() > 0
+
+
+@pytest.mark.parametrize("folder", ["dit", "pixart", "sd3"])
+def test_the_guidance_input_of_a_transformer_starts_at_the_teacher(folders, folder):
+    """GuidedTransformer2DModel: zero-initialised, it equals the wrapped transformer at every w; once its last
+    layer is not zero, w moves the output (it reaches every time embedding: DiT's per-block embedders)."""
+    from distill import backbones
+    from distill.models import GuidedTransformer2DModel
+
+    teacher = Teacher.from_pretrained(folders[folder])
+    net = teacher.stored_network()  # a student's copy, in training mode
+    assert all(m.dropout_prob == 0 for m in net.modules() if type(m).__name__ == "LabelEmbedding")
+    guided = GuidedTransformer2DModel.from_transformer(net, 16)
+    assert all(m.dropout_prob == 0 for m in guided.modules() if type(m).__name__ == "LabelEmbedding")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = (teacher.condition(class_labels=[1, 2]) if folder == "dit"
+            else teacher.condition(prompts=["a red cat", "dog"]))
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        plain = backbones.call(net, x, t, cond)
+        for w in (0.0, 3.0):
+            assert torch.equal(backbones.call(guided, x, t, cond, w=torch.full((2,), w)), plain)
+        torch.nn.init.normal_(guided.guidance_embedding[-1].weight, std=0.1)
+        moved = backbones.call(guided, x, t, cond, w=torch.full((2,), 3.0))
+        assert (moved - plain).abs().max() > 1e-3
+        # deterministic in training mode: DiT's own 10% label dropout is off in a student's copy
+        assert torch.equal(backbones.call(guided, x, t, cond, w=torch.zeros(2)),
+                           backbones.call(guided, x, t, cond, w=torch.zeros(2)))

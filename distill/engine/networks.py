@@ -22,7 +22,7 @@ from ..ema import ForeachEMA
 from ..errors import ConfigError
 from ..export import export_lora_adapter
 from ..lora import AdapterView, adapter_state_dict, add_adapters, default_targets, matches, merged_copy
-from ..models import GuidedUNet2DModel, MLPDenoiser
+from ..models import GuidedTransformer2DModel, GuidedUNet2DModel, MLPDenoiser
 from ..objectives.regression import teacher_regression_loss
 from ..sharding import gather, reshard
 from ..teachers import Teacher
@@ -116,8 +116,11 @@ def _with_guidance_input(net, dim: int):
         assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
         torch.nn.init.zeros_(out.time_embedding.cond_proj.weight)
         return out.to(net.device)
-    raise ConfigError(f"A guidance input can be added to MLPDenoiser, UNet2DModel and UNet2DConditionModel "
-                      f"networks, not to {type(net).__name__}; use student.arch=mlp or student.arch=unet.")
+    if type(net).__name__ in ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"):
+        return GuidedTransformer2DModel.from_transformer(net, dim)  # w added to the time embedding
+    raise ConfigError(f"A guidance input can be added to MLPDenoiser, UNet2DModel, UNet2DConditionModel "
+                      f"and the DiT / PixArt / SD3 transformers, not to {type(net).__name__}; use "
+                      "student.arch=mlp or student.arch=unet.")
 
 
 

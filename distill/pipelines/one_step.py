@@ -52,6 +52,7 @@ def forward(net, x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Ten
     inner = getattr(net, "module", net)  # DistributedDataParallel
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     inner = getattr(inner, "shared_base", inner)  # a LoRA view of a shared base
+    inner = getattr(inner, "wrapped_network", inner)  # a guidance-input wrapper
     if any(c.__name__ == "FluxTransformer2DModel" for c in type(inner).__mro__):  # (FSDP2: a subclass)
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)

@@ -147,23 +147,24 @@ def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
 def is_sd3(net) -> bool:
     """An SD3-class transformer (text from CLIP-L, CLIP-G and T5; the pooled CLIP embeddings as
     ``pooled_projections``)."""
-    return type(net).__name__ == "SD3Transformer2DModel"
+    return type(getattr(net, "wrapped_network", net)).__name__ == "SD3Transformer2DModel"
 
 
 def is_flux(net) -> bool:
     """A FLUX.1 transformer (text from CLIP-L pooled and T5; 2x2-patch tokens of 4C channels)."""
-    return type(net).__name__ == "FluxTransformer2DModel"
+    return type(getattr(net, "wrapped_network", net)).__name__ == "FluxTransformer2DModel"
 
 
 def is_pixart(net) -> bool:
     """A PixArt transformer (T5 text with its attention mask, no size conditioning: PixArt-Sigma's)."""
-    return type(net).__name__ == "PixArtTransformer2DModel"
+    return type(getattr(net, "wrapped_network", net)).__name__ == "PixArtTransformer2DModel"
 
 
 def encode_for(net, tokenizers, text_encoders, prompts: list[str], device, zeros: bool = False):
     """(embeds, pooled, attention mask) of ``prompts`` as the stock pipeline of ``net``'s family encodes them
     (PixArt: T5 with its mask; SD3: CLIP-L + CLIP-G + T5; FLUX.1: T5 + CLIP-L pooled; else SD / SDXL's CLIP);
     ``zeros``: SDXL's zero null prompt."""
+    net = getattr(net, "wrapped_network", net)  # a guidance-input wrapper encodes as its transformer
     if is_pixart(net):
         embeds, mask = encode_prompt_t5(tokenizers, text_encoders, prompts, device)
         return embeds, None, mask
@@ -209,7 +210,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         generator_sigma, generator_time: one-step students of EDM and flow teachers: sigma(t*) and the
             network's time input at t*.
         prediction_type: the student's output when it is not the scheduler's own; None: the scheduler's.
-        guidance_conditioned: the UNet takes w through ``timestep_cond`` (guided distillation).
+        guidance_conditioned: the network takes w (guided distillation): a UNet through ``timestep_cond``,
+            a transformer wrapper as ``guidance_weight``.
         guidance_scale: default guidance scale (guided students; CFG of few-step models).
         guidance_range: the [min, max] guidance-scale range a guided student was trained on.
         force_zeros_for_empty_prompt: the null prompt is zeros (SDXL) instead of the encoded "".
@@ -353,7 +355,11 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
                 logger.warning(f"guidance_scale={s} is outside the range {lo_hi} this student was "
                                "trained on.")
             w = torch.full((batch,), s - 1.0, device=device)  # Meng et al.'s w = guidance_scale - 1
-            kwargs["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
+            dim = getattr(unet.config, "time_cond_proj_dim", None)
+            if dim:
+                kwargs["timestep_cond"] = guidance_embedding(w, dim).to(device, dtype)
+            else:  # a guidance-input wrapper (transformers)
+                kwargs["guidance_weight"] = w
         # ---- latents
         if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the guidance scale as an input
             g = self.config.get("embedded_guidance") or 3.5  # FluxPipeline's default
