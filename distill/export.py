@@ -172,10 +172,10 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
     """An adapter folder for the teacher's own pipeline (LCM-LoRA style).
 
     ``pipeline``: the teacher's stock pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline,
-    StableDiffusion3Pipeline, FluxPipeline, DiTPipeline); the adapter is written in diffusers' LoRA format
-    (``pipe.load_lora_weights(folder)``; DiT has no LoRA loader: peft's format). None: a pixel
-    ``UNet2DModel`` teacher; the adapter is written in peft's format (``adapter_config.json`` +
-    ``adapter_model.safetensors``). Either way ``scheduler/`` holds
+    StableDiffusion3Pipeline, FluxPipeline, DiTPipeline, PixArtSigmaPipeline); the adapter is written in
+    diffusers' LoRA format (``pipe.load_lora_weights(folder)``; DiT and PixArt have no LoRA loader: peft's).
+    None: a pixel ``UNet2DModel`` teacher; the adapter is written in peft's format (``adapter_config.json``
+    + ``adapter_model.safetensors``). Either way ``scheduler/`` holds
     the scheduler the student samples with, ``distill_lora.json`` the call arguments, ``README.md`` both.
     The folder is written next to its destination and renamed into place.
     """
@@ -185,7 +185,7 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if pipeline in (None, "DiTPipeline"):
+    if pipeline is None or not hasattr(getattr(diffusers, pipeline), "load_lora_weights"):  # DiT, PixArt
         safetensors.torch.save_file(state_dict, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **lora_config}, indent=2))
         load = ["import json, peft, safetensors.torch", "unet = ...  # the teacher's network",

@@ -38,7 +38,8 @@ DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 JOINT_TARGETS = DIT_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                                "ff_context.net.0.proj", "ff_context.net.2"]
 DEFAULT_TARGETS = {"UNet2DConditionModel": UNET_TARGETS, "UNet2DModel": UNET_TARGETS,
-                   "DiTTransformer2DModel": DIT_TARGETS, "SD3Transformer2DModel": JOINT_TARGETS,
+                   "DiTTransformer2DModel": DIT_TARGETS, "PixArtTransformer2DModel": DIT_TARGETS,
+                   "SD3Transformer2DModel": JOINT_TARGETS,
                    "FluxTransformer2DModel": JOINT_TARGETS + ["proj_mlp"]}
 
 

@@ -410,3 +410,39 @@ def test_the_guidance_input_of_a_transformer_starts_at_the_teacher(folders, fold
         # deterministic in training mode: DiT's own 10% label dropout is off in a student's copy
         assert torch.equal(backbones.call(guided, x, t, cond, w=torch.zeros(2)),
                            backbones.call(guided, x, t, cond, w=torch.zeros(2)))
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_a_lora_student_of_dit_or_pixart_writes_a_peft_adapter(folders, data, family, tmp_path):
+    """DiTPipeline and PixArtSigmaPipeline have no LoRA loader: the adapter is peft's; injected into the
+    teacher's own transformer it gives the merged student's output."""
+    import peft
+    import safetensors.torch
+
+    from distill import load_pipeline
+
+    out = tmp_path / "run"
+    assert main(["train", f"configs/sim_{family}.yaml", f"teacher.path={folders[family]}",
+                 f"output_dir={out}", *data[family], "train.batch_size=2", "train.max_steps=2",
+                 "student.lora_rank=4", "optim.lr=0.01", "sim.lr_fake=0.01", "train.mixed_precision=no",
+                 "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"]) == 0
+    lora = out / "lora"
+    config = {k: v for k, v in json.loads((lora / "adapter_config.json").read_text()).items()
+              if k != "peft_type"}
+    teacher = Teacher.from_pretrained(folders[family])
+    net = teacher.stored_network().eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = (teacher.condition(class_labels=[1, 0]) if family == "dit"
+            else teacher.condition(prompts=["a red cat", "dog"]))
+    from distill import backbones
+
+    with torch.no_grad():
+        before = backbones.call(net, x, torch.full((2,), 999.0), cond)
+        peft.inject_adapter_in_model(peft.LoraConfig(**config), net)
+        peft.set_peft_model_state_dict(net, safetensors.torch.load_file(lora / "adapter_model.safetensors"))
+        after = backbones.call(net, x, torch.full((2,), 999.0), cond)
+        merged = load_pipeline(str(out / "pipeline"))
+        student = merged.generator if family == "dit" else merged.transformer
+        mine = backbones.call(student, x, torch.full((2,), 999.0), cond)
+    assert (after - before).abs().max() > 1e-3
+    assert (after - mine).abs().max() < 1e-4
