@@ -446,3 +446,26 @@ def test_a_lora_student_of_dit_or_pixart_writes_a_peft_adapter(folders, data, fa
         mine = backbones.call(student, x, torch.full((2,), 999.0), cond)
     assert (after - before).abs().max() > 1e-3
     assert (after - mine).abs().max() < 1e-4
+
+
+def test_the_stock_dit_pipeline_runs_a_few_step_dit_student(folders, data, tmp_path):
+    """A progressive DiT student exports DDIM on the trailing grid (set_alpha_to_one, no clipping): the stock
+    DiTPipeline given the student's transformer, VAE and scheduler samples its images at its step count
+    (guidance_scale=1: the student has the teacher's guidance distilled in)."""
+    from distill import load_pipeline
+
+    out = tmp_path / "run"
+    assert main(["train", "configs/progressive_dit.yaml", f"teacher.path={folders['dit']}",
+                 f"output_dir={out}", *data["dit"], "train.batch_size=2", "progressive.start_steps=4",
+                 "progressive.target_steps=2", "progressive.steps_per_round=1", "train.mixed_precision=no",
+                 "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"]) == 0
+    student = load_pipeline(str(out / "pipeline"))
+    student.set_progress_bar_config(disable=True)
+    assert student.config.timesteps == [999, 499]
+    mine = student(batch_size=2, class_labels=[1, 0], generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images
+    stock = diffusers.DiTPipeline(transformer=student.unet, vae=student.vae, scheduler=student.scheduler)
+    stock.set_progress_bar_config(disable=True)
+    theirs = stock(class_labels=[1, 0], num_inference_steps=2, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert theirs.std() > 0.05 and (mine - theirs).abs().max() <= 1 / 255
