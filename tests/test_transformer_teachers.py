@@ -167,7 +167,7 @@ TRANSFORMER_METHODS = {  # method: overrides for a 2-update run
                "guided.stage_one_steps=1"]}
 FAMILY_METHODS = [("dit", m) for m in ("sim", "uni_instruct", "msd", "progressive")] + [
     (f, m) for f in ("sd3", "flux", "pixart") for m in ("sim", "uni_instruct", "progressive")] + [
-    ("sd3", "msd"), ("pixart", "msd")] + [(f, "guided") for f in ("dit", "sd3", "pixart")]
+    ("sd3", "msd"), ("pixart", "msd")] + [(f, "guided") for f in ("dit", "sd3", "pixart", "flux_schnell")]
 
 PLAIN_LOAD = """
 import sys, numpy as np, torch
@@ -193,7 +193,8 @@ def data(tmp_path_factory):
     (root / "prompts.txt").write_text("a red cat\na blue dog\na small house\na green tree\n")
     prompts = f"prompts:{root / 'prompts.txt'}"
     return {"dit": [f"data.spec={root / 'images'}"], "sd3": [f"data.spec={prompts}"],
-            "flux": [f"data.spec={prompts}", "data.resolution=16"], "pixart": [f"data.spec={prompts}"]}
+            "flux": [f"data.spec={prompts}", "data.resolution=16"], "pixart": [f"data.spec={prompts}"],
+            "flux_schnell": [f"data.spec={prompts}", "data.resolution=16"]}
 
 
 @pytest.mark.parametrize("family,method", [pytest.param(f, m, marks=() if m == "sim" else pytest.mark.slow)
@@ -213,7 +214,8 @@ def test_a_transformer_teacher_distils_and_exports(folders, data, family, method
     if (family, method) == ("dit", "msd"):  # the data hold classes 0 and 1 only: one student each
         (tmp_path / "part.json").write_text(json.dumps([0, 1] + [0] * 998))
         extra += ["msd.partition=file", f"msd.partition_file={tmp_path / 'part.json'}"]
-    rc = main(["train", f"configs/{method}_{family}.yaml", f"teacher.path={folders[family]}",
+    config = f"configs/{method}_{family}.yaml" if family != "flux_schnell" else "configs/guided_sd3.yaml"
+    rc = main(["train", config, f"teacher.path={folders[family]}",
                f"output_dir={out}", *data[family], "train.batch_size=2",
                "data.teacher_sample_steps=2", "train.mixed_precision=no", "train.report_to=none",
                "train.progress_bar=false", "eval.enabled=false", *extra])
@@ -469,3 +471,10 @@ def test_the_stock_dit_pipeline_runs_a_few_step_dit_student(folders, data, tmp_p
     theirs = stock(class_labels=[1, 0], num_inference_steps=2, guidance_scale=1.0,
                    generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert theirs.std() > 0.05 and (mine - theirs).abs().max() <= 1 / 255
+
+
+def test_guided_distillation_of_flux_dev_is_refused_with_a_message(folders, data, tmp_path, capsys):
+    assert main(["train", "configs/guided_sd3.yaml", f"teacher.path={folders['flux']}",
+                 f"output_dir={tmp_path}", *data["flux"], "train.batch_size=2", "train.mixed_precision=no",
+                 "eval.enabled=false"]) == 2
+    assert "guidance-distilled" in capsys.readouterr().err

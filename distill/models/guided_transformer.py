@@ -8,7 +8,8 @@ transformers have no such input, so this wrapper holds the diffusers transformer
 ``transformer.*``), embeds ``1000 w`` sinusoidally (diffusers' ``get_timestep_embedding``, as LCM's
 guidance-scale embedding), maps it with a two-layer MLP whose last layer is zero-initialised, and adds it,
 for the duration of one call, to the output of each of the transformer's time-embedding modules (DiT: every
-block's timestep + class embedder; PixArt: ``adaln_single.emb``; SD3: ``time_text_embed``). A fresh
+block's timestep + class embedder; PixArt: ``adaln_single.emb``; SD3 and FLUX.1-schnell:
+``time_text_embed``). A fresh
 wrapper around a teacher's weights therefore equals the conditional teacher (w = 0 means "no guidance";
 diffusers' ``guidance_scale`` is ``1 + w``).
 """
@@ -30,8 +31,8 @@ class GuidedTransformer2DModel(ModelMixin, ConfigMixin):
     """A diffusers transformer plus a guidance-weight embedding.
 
     Args:
-        transformer_class: the wrapped class (``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or
-            ``SD3Transformer2DModel``).
+        transformer_class: the wrapped class (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+            ``SD3Transformer2DModel`` or a ``FluxTransformer2DModel`` without guidance input).
         transformer_config: its config (a dict).
         guidance_embed_dim: width of the sinusoidal embedding of ``1000 w``.
         in_channels, sample_size: the wrapped transformer's (read by pipelines).
