@@ -134,6 +134,11 @@ def stock_sigmas(net, num_steps: int):
     return np.linspace(1.0, 1 / num_steps, num_steps)
 
 
+def token_patch(net) -> int:
+    """The latent patch one image token covers: the config's ``patch_size``, FLUX's 2x2 packing."""
+    return 2 if _kind(net) == "FluxTransformer2DModel" else _unwrap(net).config.patch_size
+
+
 def latent_shape(net) -> list[int] | None:
     """(C, H, W) of what a diffusers transformer / UNet denoises at its default size: ``in_channels`` x
     ``sample_size``^2; FLUX.1 (no ``sample_size``; 2x2-patch tokens of ``in_channels`` = 4C): C = in / 4 at

@@ -99,5 +99,5 @@ def image_tokens(model, shape=None) -> int | None:
     shape = shape or backbones.latent_shape(model)
     if not getattr(cfg, "patch_size", None) or shape is None:
         return None
-    patch = 2 if type(model).__name__ == "FluxTransformer2DModel" else cfg.patch_size  # Flux: 2x2 packing
+    patch = backbones.token_patch(model)
     return (shape[1] // patch) * (shape[2] // patch)
