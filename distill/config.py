@@ -409,7 +409,7 @@ def validate(cfg: Config) -> None:
                           "output_dir.")
 
 
-LORA_METHODS = ("sim", "uni_instruct", "progressive")
+LORA_METHODS = ("sim", "uni_instruct", "progressive", "msd", "guided")
 FSDP_METHODS = ("sim", "uni_instruct")
 
 

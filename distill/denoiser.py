@@ -81,10 +81,13 @@ class Denoiser:
         x_in, cond = self.prepare(x_in, cond) if self.prepare is not None else (x_in, cond)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if backbones.embeds_guidance(self.network):  # FLUX.1-dev: the scale is an input, one pass
-            g = backbones.default_embedded_guidance() if scale is None else scale
+            if w is not None:  # a guided student's weight w: the input is the scale 1 + w
+                g = 1.0 + w
+            else:
+                g = backbones.default_embedded_guidance() if scale is None else scale
             g = torch.as_tensor(g, dtype=torch.float32, device=x_t.device).expand(b)
             with self.autocast():
-                return backbones.call(self.network, x_in, timestep, cond, w, guidance=g)
+                return backbones.call(self.network, x_in, timestep, cond, guidance=g)
         guided = scale is not None and cond is not None and cond.kind != "none" and (
             torch.as_tensor(scale).numel() > 1 or float(scale) != 1.0)
         with self.autocast():

@@ -123,6 +123,8 @@ def _train(method, folder, prompts_file, out, extra=()):
         "uni_instruct": ["train.max_steps=2", "uni_instruct.lr_fake=0.01"],
         "progressive": ["progressive.start_steps=2", "progressive.target_steps=1",
                         "progressive.steps_per_round=2"],
+        "msd": ["train.max_steps=2", "msd.num_students=2", "msd.lr_fake=0.01"],
+        "guided": ["guided.start_steps=2", "guided.target_steps=1", "guided.steps_per_round=1"],
     }[method]
     cfg = load_config(REPO / "configs" / f"{method}_sd15.yaml", [
         f"teacher.path={folder}", f"data.spec=prompts:{prompts_file}", "train.batch_size=2",
@@ -196,6 +198,32 @@ def test_lora_students_train_and_export_an_adapter_for_the_teachers_own_pipeline
     assert unet["_class_name"] == "UNet2DConditionModel"
 
 
+def test_msd_lora_students_are_adapters_on_one_base_and_export_merged_each(tiny_sd_folder, tmp_path):
+    """msd with student.lora_rank: K student adapters and the shared fake score's on the teacher's own frozen
+    network (each the closed-form adapter size); the exported bank holds each student merged, its own
+    adapter's delta added to the stored weights (under the EMA, as exported)."""
+    sd, out = tiny_sd_folder / "sd", tmp_path / "run"
+    trainer = _train("msd", sd, tiny_sd_folder / "prompts.txt", out, ["student.lora_rank=4"])
+    plain = diffusers.UNet2DConditionModel.from_pretrained(sd / "unet")
+    expected = lora_rank_count(plain, 4, UNET_TARGETS)
+    trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                 for n, m in trainer.modules.items()}
+    assert trainable == {"student_0": expected, "student_1": expected, "fake": expected}
+    assert all(trainer.unwrap(n).shared_base is trainer.teacher.weights for n in trainable)
+    bank = load_pipeline(str(out / "pipeline")).students
+    assert len(bank) == 2 and type(bank.students[0]).__name__ == "UNet2DConditionModel"
+    deltas = []
+    with trainer.ema_weights():
+        for j in range(2):
+            view = trainer.unwrap(f"student_{j}")
+            layer = next(m for m in view._layers)
+            path = next(p for p, m in view.shared_base.named_modules() if m is layer)
+            deltas.append(layer.get_delta_weight(f"student_{j}"))
+            torch.testing.assert_close(bank.students[j].get_submodule(path).weight,
+                                       plain.get_submodule(path).weight + deltas[j], rtol=1e-5, atol=1e-6)
+    assert (deltas[0] - deltas[1]).abs().max() > 0  # two students, two adapters
+
+
 def test_lora_resume_is_exact_and_bf16_keeps_the_merged_export_on_the_stored_weights(
         tiny_sd_folder, tmp_path):
     sd, prompts = tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt"
@@ -223,7 +251,10 @@ def test_lora_resume_is_exact_and_bf16_keeps_the_merged_export_on_the_stored_wei
 
 def test_lora_refusals(tiny_sd_folder, tmp_path):
     with pytest.raises(ConfigError, match="student.lora_rank=4 is supported by methods"):
-        load_config(REPO / "configs" / "guided_sd15.yaml", ["student.lora_rank=4"])
+        load_config(REPO / "configs" / "mar_digits.yaml", ["student.lora_rank=4"])
+    with pytest.raises(ConfigError, match="new guidance embedding, which a LoRA adapter cannot hold"):
+        _train("guided", tiny_sd_folder / "sd", tiny_sd_folder / "prompts.txt", tmp_path / "g",
+               ["student.lora_rank=4"])
     with pytest.raises(ConfigError, match="needs student.arch=copy"):
         load_config(REPO / "configs" / "sim_digits.yaml", ["student.lora_rank=4", "student.arch=mlp"])
     with pytest.raises(ConfigError, match="student.lora_rank: 0 is impossible"):

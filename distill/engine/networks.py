@@ -116,10 +116,6 @@ def _with_guidance_input(net, dim: int):
         assert not unexpected and set(missing) == {"time_embedding.cond_proj.weight"}, (missing, unexpected)
         torch.nn.init.zeros_(out.time_embedding.cond_proj.weight)
         return out.to(net.device)
-    if getattr(net.config, "guidance_embeds", False):
-        raise ConfigError("guided distillation of FLUX.1-dev: the teacher is guidance-distilled already (its "
-                          "guidance scale is a network input, teacher.guidance_scale); distil it with sim, "
-                          "uni_instruct or progressive, or guide FLUX.1-schnell.")
     if type(net).__name__ in ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
                               "FluxTransformer2DModel"):
         return GuidedTransformer2DModel.from_transformer(net, dim)  # w added to the time embedding

@@ -30,15 +30,7 @@ from .one_step import (
     one_step_input,
 )
 from .samplers import sample_ddim  # noqa: F401  (text_to_image's import; diffusers copies direct imports only)
-from .text_to_image import (
-    encode_prompt,
-    encode_prompt_sd3,
-    encode_prompt_t5,
-    is_pixart,
-    is_sd3,
-    sdxl_time_ids,
-    unet_text_kwargs,
-)
+from .text_to_image import encode_for, sdxl_time_ids, unet_text_kwargs
 
 
 # Copied from distill.partition.prompt_feature
@@ -145,15 +137,10 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 if prompt is None:
                     raise ValueError("Pass prompt=... (a string or a list of strings) or prompt_embeds=...")
                 prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-                net = self.students.students[0]
-                if is_sd3(net):
-                    prompt_embeds, pooled_prompt_embeds = encode_prompt_sd3(
-                        *self._encoders(), prompt, device, net.config.joint_attention_dim)
-                elif is_pixart(net):
-                    prompt_embeds, mask = encode_prompt_t5(*self._encoders(), prompt, device)
+                prompt_embeds, pooled_prompt_embeds, mask = encode_for(self.students.students[0],
+                                                                       *self._encoders(), prompt, device)
+                if mask is not None:  # PixArt's T5 attention mask
                     mask = mask.repeat_interleave(num_images_per_prompt, 0)
-                else:
-                    prompt_embeds, pooled_prompt_embeds = encode_prompt(*self._encoders(), prompt, device)
             embeds, pooled = (None if v is None
                               else v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
                               for v in (prompt_embeds, pooled_prompt_embeds))
@@ -161,10 +148,12 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             routes = self.route(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
             unet = self.students.students[0]
             sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-            size = unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+            size = self.config.sample_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
             time_ids = sdxl_time_ids(size, size, n, device).to(dtype) if sdxl else None
             kwargs = unet_text_kwargs(unet, embeds, pooled, time_ids, mask)
-            shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: trained at FluxPipeline's 3.5
+                kwargs["guidance"] = torch.full((n,), 3.5, device=device)
+            shape = (n, *self.config.sample_shape)
         else:
             if prompt is not None:
                 raise ValueError("This pipeline is class-conditional: pass class_labels, not prompt.")
@@ -182,8 +171,8 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
             rows = (routes == k).nonzero().flatten()
             if len(rows):
                 sub = {key: _rows(v, rows) for key, v in kwargs.items()}
-                out[rows] = forward(self.students, net_in[rows], torch.full((len(rows),), t, device=device),
-                                    student=k, **sub).to(out.dtype)
+                out[rows] = forward(self.students.students[k], net_in[rows],
+                                    torch.full((len(rows),), t, device=device), **sub).to(out.dtype)
         x0 = to_x0(out)
         images = decode_output(self.vae, x0, output_type)
         self.maybe_free_model_hooks()

@@ -211,7 +211,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             network's time input at t*.
         prediction_type: the student's output when it is not the scheduler's own; None: the scheduler's.
         guidance_conditioned: the network takes w (guided distillation): a UNet through ``timestep_cond``,
-            a transformer wrapper as ``guidance_weight``.
+            a transformer wrapper as ``guidance_weight``; FLUX.1-dev's own ``guidance`` input takes the scale
+            s = 1 + w.
         guidance_scale: default guidance scale (guided students; CFG of few-step models).
         guidance_range: the [min, max] guidance-scale range a guided student was trained on.
         force_zeros_for_empty_prompt: the null prompt is zeros (SDXL) instead of the encoded "".
@@ -349,6 +350,7 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             kwargs = unet_text_kwargs(unet, torch.cat([embeds, n_emb]), None if pooled is None else
                                       torch.cat([pooled, n_pool]),
                                       None if time_ids is None else time_ids.repeat(2, 1), both_masks)
+        embedded = getattr(unet.config, "guidance_embeds", False)  # FLUX.1-dev: the scale is an input
         if self.config.guidance_conditioned:
             lo_hi = self.config.guidance_range
             if lo_hi and not lo_hi[0] <= s <= lo_hi[1]:
@@ -358,12 +360,12 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             dim = getattr(unet.config, "time_cond_proj_dim", None)
             if dim:
                 kwargs["timestep_cond"] = guidance_embedding(w, dim).to(device, dtype)
-            else:  # a guidance-input wrapper (transformers)
+            elif not embedded:  # a guidance-input wrapper (transformers)
                 kwargs["guidance_weight"] = w
-        # ---- latents
-        if getattr(unet.config, "guidance_embeds", False):  # FLUX.1-dev: the guidance scale as an input
-            g = self.config.get("embedded_guidance") or 3.5  # FluxPipeline's default
+        if embedded:  # a guided student's scale s, else the scale it was trained with (FluxPipeline's 3.5)
+            g = s if self.config.guidance_conditioned else self.config.get("embedded_guidance") or 3.5
             kwargs["guidance"] = torch.full((2 * batch if cfg else batch,), float(g), device=device)
+        # ---- latents
         channels = unet.config.in_channels // 4 if is_flux(unet) else unet.config.in_channels
         shape = (batch, channels, self.latent_size, self.latent_size)
         x = latents.to(device, dtype) if latents is not None else randn_tensor(shape, generator=generator,

@@ -14,6 +14,9 @@ with ``guidance_embed_dim``), so it starts as the conditional teacher.
 Stage two: progressive distillation (Salimans & Ho 2022) of the stage-one model from
 ``start_steps`` down to ``target_steps``, the same w in round teacher and student.
 
+FLUX.1-dev takes the guidance scale as a network input already (its authors distilled the guidance in): it
+is stage one's model, so stage one is skipped and the rounds feed s = 1 + w to that input.
+
 Convention: the config and the pipeline speak diffusers' ``guidance_scale`` s = 1 + w; the networks
 take Meng's w (``guidance_weight=``). Exports: ``rounds/steps-<start_steps>`` is the stage-one model,
 then one folder per round, the last also as ``pipeline``; each is a ``FewStepPipeline`` whose
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import backbones
 from ..engine import DistillationTrainer, Update, build_network
 from ..errors import ConfigError, require
 from ..objectives.progressive import progressive_loss
@@ -76,9 +80,26 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
     def section(self):
         return self.config.guided
 
+    @property
+    def embedded(self) -> bool:
+        """The teacher takes the guidance scale as an input already (FLUX.1-dev, guidance-distilled by its
+        authors): it is stage one's w-conditioned model, so stage one is skipped and the rounds feed the scale
+        s = 1 + w to that input, in round teacher and student alike."""
+        return backbones.embeds_guidance(self.teacher.weights)
+
+    def build(self) -> None:
+        if self.lora and not self.embedded:
+            raise ConfigError(f"student.lora_rank={self.config.student.lora_rank} with guided distillation "
+                              f"of {self.config.teacher.path!r}: the student learns a new guidance "
+                              "embedding, which a LoRA adapter cannot hold; remove student.lora_rank "
+                              "(LoRA guided students exist for teachers that take the guidance scale as an "
+                              "input: FLUX.1-dev).")
+        super().build()
+
     def make_plan(self) -> list[tuple[int, int]]:
         sec = self.section
-        return [(sec.start_steps, sec.stage_one_steps)] + round_plan(
+        stage_one = [] if self.embedded else [(sec.start_steps, sec.stage_one_steps)]
+        return stage_one + round_plan(
             sec.start_steps, sec.target_steps, sec.steps_per_round, sec.final_rounds_multiplier)
 
     def make_student(self):
@@ -91,7 +112,8 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
                               "teacher.path=analytic:gaussians8 with teacher.conditional=true.")
         if cfg.student.arch == "copy":
             self.pred = t.prediction_type
-            return build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
+            return build_network(cfg, t, t.sample_shape, t.num_classes,
+                                 None if self.embedded else sec.guidance_embed_dim)
         net = build_network(cfg, t, t.sample_shape, t.num_classes, sec.guidance_embed_dim)
         self.pred = self.student_prediction()
         self.fit_to_teacher(net, sec.init_denoiser_steps, self.pred)  # w = 0: the conditional teacher
@@ -113,7 +135,7 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
         """Stage one (Meng et al. 2023, eq. 6): the w-conditioned student regresses the CFG teacher; then
         the progressive rounds."""
         r = self.enter_round(step)
-        if r > 0:
+        if r > 0 or self.embedded:
             return (yield from super().objective(batch, step))
         # stage one: regress the CFG teacher at every noise level
         sched = self.teacher.schedule
@@ -136,6 +158,14 @@ class GuidedDistillationTrainer(HalvingRounds, DistillationTrainer):
         sec = self.section
         return {"guidance_conditioned": True, "guidance_scale": sec.default_guidance_scale,
                 "guidance_range": [sec.guidance_min, sec.guidance_max]}
+
+    def lora_inference(self) -> tuple:
+        """The rounds' scheduler and arguments, at the default guidance scale where the network takes the
+        scale as an input (FLUX.1-dev; FluxPipeline's ``guidance_scale``)."""
+        scheduler, kwargs = super().lora_inference()
+        if self.embedded:
+            kwargs["guidance_scale"] = self.section.default_guidance_scale
+        return scheduler, kwargs
 
     def card_info(self) -> dict:
         sec = self.section

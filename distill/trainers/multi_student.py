@@ -33,6 +33,9 @@ DMD's regression term (``msd.regression_weight``, L2 between G(z) and the teache
 same z, Yin et al. 2024 sec. 3.3) uses pairs of ALL conditions for every student: the paper found that
 filtering the paired set by partition collapses the students. The pairs are made once at start-up.
 
+LoRA (``student.lora_rank``): the K students and the fake score(s) are adapters on the teacher's own frozen
+network (K + 1 or 2K adapters, one base); the export merges each student into its own copy.
+
 Accelerate: every process holds all K students (and their fake scores and optimizer states) and trains
 them all on its shard of each batch (plain data parallel); memory is K times a single-student run
 (2K networks with Adam states, or K + 1 with ``shared_fake``).
@@ -48,7 +51,6 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .. import backbones
 from ..conditioning import Condition
 from ..engine import DistillationTrainer, Update, build_network
 from ..errors import ConfigError, require
@@ -257,10 +259,6 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, sec, t = self.config, self.section, self.teacher
-        if backbones.stock_pipeline(t.weights) == "FluxPipeline":
-            raise ConfigError(f"method msd with the FLUX.1 teacher {cfg.teacher.path!r}: multi-student "
-                              "distillation does not support FLUX.1 yet (its student bank does not pack the "
-                              "latents into tokens); use sim or uni_instruct (configs/sim_flux.yaml).")
         k = sec.num_students
         self.routing, rows = self.partition()
         self.parts = [(rows == j).nonzero().flatten() for j in range(k)]
@@ -276,21 +274,30 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
                                                                               or t.prediction_type)
         check_student_prediction(t, self.pred)
         lr_fake = sec.lr_fake or cfg.optim.lr
-        gens = []
-        for j in range(k):
-            gen = build_network(cfg, t, shape, ncls)
-            if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
-                self.fit_to_teacher(gen, sec.tsm_steps, self.pred, indices=self.parts[j])
-            gens.append(gen)
-        # one conditional fake score: a teacher copy, or a small network fitted on all data
-        if sec.shared_fake:
-            fake = build_network(cfg, t, shape, ncls)
-            if sec.tsm_steps and cfg.student.arch != "copy":
-                self.fit_to_teacher(fake, sec.tsm_steps, self.pred)
-            fakes = {"fake": fake}
+        fake_names = ["fake"] if sec.shared_fake else [f"fake_{j}" for j in range(k)]
+        if self.lora:  # students and fake scores: LoRA adapters on the teacher's own (shared, frozen) network
+            if sec.tsm_steps:
+                raise ConfigError(f"msd.tsm_steps={sec.tsm_steps} with student.lora_rank: LoRA students "
+                                  "start as the teacher, so there is nothing to fit; set msd.tsm_steps=0.")
+            names = [f"student_{j}" for j in range(k)] + fake_names
+            views = self.lora_views(names, sec.gradient_checkpointing)
+            gens, fakes = views[:k], dict(zip(fake_names, views[k:]))
         else:
-            fakes = {f"fake_{j}": copy.deepcopy(g) for j, g in enumerate(gens)}
-        if sec.gradient_checkpointing:
+            gens = []
+            for j in range(k):
+                gen = build_network(cfg, t, shape, ncls)
+                if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
+                    self.fit_to_teacher(gen, sec.tsm_steps, self.pred, indices=self.parts[j])
+                gens.append(gen)
+            # one conditional fake score: a teacher copy, or a small network fitted on all data
+            if sec.shared_fake:
+                fake = build_network(cfg, t, shape, ncls)
+                if sec.tsm_steps and cfg.student.arch != "copy":
+                    self.fit_to_teacher(fake, sec.tsm_steps, self.pred)
+                fakes = {"fake": fake}
+            else:
+                fakes = {f"fake_{j}": copy.deepcopy(g) for j, g in enumerate(gens)}
+        if sec.gradient_checkpointing and not self.lora:
             for net in (t.model, *gens, *fakes.values()):
                 if hasattr(net, "enable_gradient_checkpointing"):
                     net.enable_gradient_checkpointing()
@@ -351,7 +358,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
     # ------------------------------------------------------------------ export
     def export(self, for_samples: bool = False):
         t = self.teacher
-        bank = StudentBank.from_students([self.unwrap(g.generator) for g in self.groups])
+        bank = StudentBank.from_students([self.export_network(g.generator) for g in self.groups])
         parts = t.frozen_components(reload=not for_samples)  # latent teachers: VAE (and text parts)
         return MultiStudentPipeline(bank, self.export_scheduler(),
                                     generator_timestep=self.section.generator_timestep,

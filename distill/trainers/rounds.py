@@ -164,7 +164,7 @@ class HalvingRounds:
         previous round's student."""
         if r == 0:
             with self.accelerator.autocast():
-                return self.teacher.denoiser.x0(z, t, cond).float()
+                return self.teacher.denoiser.x0(z, t, cond, w=w).float()
         return self.as_denoiser(self.unwrap("round_teacher")).x0(z, t, cond, w=w)
 
     def guidance_weight(self, batch_size: int):
