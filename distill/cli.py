@@ -121,12 +121,21 @@ def _sample_teacher(args, folder, layout: str):
     scale = args.guidance_scale
     if scale is None and (layout != "FluxPipeline" or backbones.embeds_guidance(teacher.model)):
         scale = defaults["guidance_scale"].default  # FLUX.1-schnell takes none: its stock call is unguided
+    if args.true_cfg_scale is not None:
+        if not backbones.embeds_guidance(teacher.model):
+            raise ConfigError(f"--true-cfg-scale {args.true_cfg_scale}: {args.pipeline} has no embedded "
+                              f"guidance input (FLUX.1-dev has); use --guidance-scale {args.true_cfg_scale}.")
+        teacher.denoiser.true_cfg_scale = args.true_cfg_scale
     if teacher.is_text:
         if not args.prompt:
             raise ConfigError(f"{args.pipeline} is a text-to-image teacher ({layout}): pass --prompt TEXT "
                               "(repeatable).")
-        cond = teacher.condition(prompts=(args.prompt * args.num_images)[: args.num_images])
+        neg = None if args.negative_prompt is None else [args.negative_prompt] * args.num_images
+        cond = teacher.condition(prompts=(args.prompt * args.num_images)[: args.num_images],
+                                 negative_prompts=neg)
     else:
+        if args.negative_prompt is not None:
+            raise ConfigError(f"--negative-prompt: {args.pipeline} is class-conditional ({layout}); drop it.")
         labels = _class_labels(args.class_labels) if args.class_labels else list(range(teacher.num_classes))
         cond = teacher.condition(class_labels=(labels * args.num_images)[: args.num_images])
     x = teacher.sample(args.num_images, steps, torch.Generator().manual_seed(args.seed), cond,
@@ -148,9 +157,19 @@ def cmd_sample(args) -> int:
         print(f"Wrote {args.num_images} samples of the {layout} teacher ({steps} steps, guidance scale "
               f"{scale}) to {out}")
         return 0
+    if args.true_cfg_scale is not None:
+        raise ConfigError(f"--true-cfg-scale is for FLUX.1-dev teacher folders; {args.pipeline} is a "
+                          f"{layout}: drop it (--guidance-scale guides few-step students).")
     pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {}
+    if args.negative_prompt is not None:
+        import inspect
+
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ConfigError(f"--negative-prompt: a {type(pipe).__name__} takes no negative prompt; drop "
+                              "--negative-prompt.")
+        kwargs["negative_prompt"] = [args.negative_prompt] * args.num_images
     if args.steps is not None:
         kwargs["num_inference_steps"] = args.steps
     if args.class_labels:
@@ -343,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-labels", default=None, help="comma-separated labels, repeated to fill the grid")
     s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--negative-prompt", default=None,
+                   help="text teacher folders: the prompt classifier-free guidance pushes away from")
+    s.add_argument("--true-cfg-scale", type=float, default=None,
+                   help="FLUX.1-dev teacher folders: two-pass CFG on top of the embedded guidance scale "
+                   "(FluxPipeline's true_cfg_scale)")
     s.add_argument("--resolution", type=int, default=None,
                    help="SD3 / FLUX.1 teacher folders: image height and width (default: the stock "
                    "pipeline's)")

@@ -35,6 +35,9 @@ class TeacherConfig:
 
     path: str = "builtin:digits"
     guidance_scale: float | None = None  # CFG of the teacher (diffusers convention); None = no guidance
+    # FLUX.1-dev: two-pass CFG against the empty prompt on top of its embedded guidance_scale (FluxPipeline's
+    # true_cfg_scale); None = one pass
+    true_cfg_scale: float | None = None
     # analytic teachers only:
     noise: Literal["vp", "edm", "flow"] = "vp"  # the family the exact mixture is written in
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # vp (edm: epsilon / v)
@@ -364,6 +367,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0"),
         (cfg.eval.num_samples >= 2, "eval.num_samples", cfg.eval.num_samples, "an integer >= 2"),
         (cfg.teacher.flow_shift > 0, "teacher.flow_shift", cfg.teacher.flow_shift, "a positive number"),
+        (cfg.teacher.true_cfg_scale is None or cfg.teacher.true_cfg_scale >= 1, "teacher.true_cfg_scale",
+         cfg.teacher.true_cfg_scale, "null or a number >= 1 (FluxPipeline's true_cfg_scale; 1 = one pass)"),
     ])
     tc = cfg.teacher
     if not tc.path.startswith("analytic:") and (tc.noise != "vp" or tc.flow_shift != 1.0):

@@ -13,7 +13,8 @@ prompt), in one batched pass of both halves. Guidance mixes the raw outputs: eve
 affine in the output at fixed (x_t, t), so the result is the same in epsilon, x0 or v. A network that takes
 the guidance weight as an input (guided distillation, Meng et al. 2023) gets it as ``w``. A
 guidance-distilled network (FLUX.1-dev) takes the scale itself as an input: one pass with ``guidance=scale``
-(FluxPipeline's 3.5 when none is bound), no unconditional half.
+(FluxPipeline's 3.5 when none is bound), no unconditional half unless a ``true_cfg_scale`` is bound
+(FluxPipeline's option: both halves at the embedded scale, then the CFG formula above with that scale).
 
 The frozen teacher, the fake score, the one-step generator, the round teacher and every student of a
 trainer are Denoisers; a trained network changes (Accelerate's wrapper, sharding, EMA weights), so a
@@ -54,11 +55,12 @@ class Denoiser:
 
     def __init__(self, network, schedule: NoiseSchedule, prediction_type: str | None = None,
                  guidance_scale=None, prepare: Callable | None = None,
-                 autocast: Callable = contextlib.nullcontext):
+                 autocast: Callable = contextlib.nullcontext, true_cfg_scale: float | None = None):
         self.network = network
         self.schedule = schedule
         self.prediction_type = prediction_type or schedule.prediction_type
         self.guidance_scale = guidance_scale
+        self.true_cfg_scale = true_cfg_scale
         self.prepare = prepare
         self.autocast = autocast
 
@@ -86,8 +88,16 @@ class Denoiser:
             else:
                 g = backbones.default_embedded_guidance() if scale is None else scale
             g = torch.as_tensor(g, dtype=torch.float32, device=x_t.device).expand(b)
+            true = self.true_cfg_scale
+            if true is None or true == 1.0 or cond is None or cond.kind == "none":
+                with self.autocast():
+                    return backbones.call(self.network, x_in, timestep, cond, guidance=g)
+            # FluxPipeline's true_cfg_scale: both passes at the embedded scale, then CFG against the null
             with self.autocast():
-                return backbones.call(self.network, x_in, timestep, cond, guidance=g)
+                out = backbones.call(self.network, torch.cat([x_in, x_in]), torch.cat([timestep, timestep]),
+                                     cond.with_cfg_pair(), guidance=torch.cat([g, g]))
+            c, u = out.chunk(2)
+            return classifier_free_guidance(c, u, true)
         guided = scale is not None and cond is not None and cond.kind != "none" and (
             torch.as_tensor(scale).numel() > 1 or float(scale) != 1.0)
         with self.autocast():

@@ -116,6 +116,35 @@ def test_flux_teacher_sampling_equals_flux_pipeline(folders, folder, steps, scal
     assert teacher.schedule.shift == pytest.approx(np.exp(0.5 + (16 - 4) * 0.65 / 60))
 
 
+def test_flux_dev_true_cfg_on_its_embedded_guidance_equals_flux_pipeline(folders, data, tmp_path, capsys):
+    """FluxPipeline's true_cfg_scale with a negative prompt on FLUX.1-dev: both passes at the embedded scale,
+    then CFG; `distill sample --true-cfg-scale` gives its images, and training binds teacher.true_cfg_scale
+    (refused, with the fix, on a teacher without a guidance input)."""
+    pipe = diffusers.FluxPipeline.from_pretrained(folders["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=["a red cat"] * 2, negative_prompt=["blurry"] * 2, true_cfg_scale=2.5, guidance_scale=3.5,
+               height=16, width=16, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    one_pass = pipe(prompt=["a red cat"] * 2, guidance_scale=3.5, height=16, width=16, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(1), output_type="pt").images
+    from distill.eval.report import save_grid
+
+    save_grid(ref, tmp_path / "ref.png")
+    assert main(["sample", str(folders["flux"]), "--steps", "2", "--seed", "1", "--num-images", "2",
+                 "--prompt", "a red cat", "--negative-prompt", "blurry", "--true-cfg-scale", "2.5",
+                 "--resolution", "16", "--out", str(tmp_path / "ours.png")]) == 0
+    assert np.abs(_png(tmp_path / "ours.png") - _png(tmp_path / "ref.png")).max() <= 1
+    assert (ref - one_pass).abs().max() > 4 / 255  # the second pass shows beyond the tolerance
+    assert main(["sample", str(folders["sd3"]), "--prompt", "x", "--true-cfg-scale", "2",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "use --guidance-scale 2.0" in capsys.readouterr().err
+    common = [*data["flux"], "train.max_steps=1", "train.batch_size=2", "train.mixed_precision=no",
+              "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"]
+    assert main(["train", "configs/sim_sd3.yaml", f"teacher.path={folders['sd3']}", "teacher.true_cfg_scale=2",
+                 f"output_dir={tmp_path / 'a'}", *common]) == 2
+    assert "teacher.true_cfg_scale=2.0 is CFG on top of an embedded guidance input" in capsys.readouterr().err
+
+
 def _png(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 

@@ -37,7 +37,12 @@ def load_teacher(cfg: Config, device) -> Teacher:
         raise ConfigError(f"teacher.guidance_scale={cfg.teacher.guidance_scale} needs a class-conditional "
                           f"teacher with a null class or a text-to-image teacher; {path!r} is unconditional. "
                           "Remove teacher.guidance_scale.")
+    true_cfg = cfg.teacher.true_cfg_scale
+    if true_cfg is not None and not backbones.embeds_guidance(teacher.model):
+        raise ConfigError(f"teacher.true_cfg_scale={true_cfg} is CFG on top of an embedded guidance input "
+                          f"(FLUX.1-dev); {path!r} has none: use teacher.guidance_scale={true_cfg} instead.")
     teacher.denoiser.guidance_scale = cfg.teacher.guidance_scale  # bound once: every teacher pass is guided
+    teacher.denoiser.true_cfg_scale = true_cfg
     return teacher
 
 
