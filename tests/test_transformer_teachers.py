@@ -415,12 +415,12 @@ def test_a_guided_flux_dev_student_runs_in_the_stock_flux_pipeline_at_any_scale(
     assert (images[2.0] - images[4.0]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["dit", "sd3"])
+@pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
 def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path):
-    """HybridPipeline.from_pipelines(stock DiT / SD3 teacher pipeline, its 2-step progressive student): with
-    no base step it is the student; with every step on the base it is the teacher on the student's grid, no
-    CFG (DiT: distill's DDIM on the trailing grid; SD3: the stock StableDiffusion3Pipeline given the grid's
-    unshifted sigmas)."""
+    """HybridPipeline.from_pipelines(stock DiT / SD3 / FLUX.1-dev teacher pipeline, its 2-step progressive
+    student): with no base step it is the student; with every step on the base it is the teacher on the
+    student's grid, no CFG (DiT: distill's DDIM on the trailing grid; SD3 / FLUX: the stock pipeline given the
+    grid's unshifted sigmas; FLUX.1-dev at its embedded 3.5 and at 5.0)."""
     from distill import load_pipeline
     from distill.pipelines import HybridPipeline
 
@@ -431,13 +431,14 @@ def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path
                  "train.mixed_precision=no", "train.report_to=none", "train.progress_bar=false",
                  "eval.enabled=false"]) == 0
     student = load_pipeline(str(out / "pipeline"))
-    cls = diffusers.DiTPipeline if family == "dit" else diffusers.StableDiffusion3Pipeline
+    cls = {"dit": diffusers.DiTPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+           "flux": diffusers.FluxPipeline}[family]
     stock = cls.from_pretrained(folders[family])
     for p in (student, stock):
         p.set_progress_bar_config(disable=True)
     hybrid = HybridPipeline.from_pipelines(stock, student)
     hybrid.set_progress_bar_config(disable=True)
-    kw = {"prompt": ["a red cat", "dog"]} if family == "sd3" else {"batch_size": 2, "class_labels": [1, 0]}
+    kw = {"prompt": ["a red cat", "dog"]} if family != "dit" else {"batch_size": 2, "class_labels": [1, 0]}
 
     def run(pipe, **more):
         return pipe(generator=torch.Generator().manual_seed(0), output_type="pt", **kw, **more).images
@@ -450,6 +451,15 @@ def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path
         unshifted = [s / (shift - (shift - 1) * s) for s in student.config.sigmas]
         ref = stock(prompt=kw["prompt"], sigmas=unshifted, num_inference_steps=2, guidance_scale=1.0,
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
+    elif family == "flux":  # the dynamic shift exp(mu) of the student's 8 x 8 latents (16 tokens)
+        teacher = Teacher.from_pretrained(folders["flux"])
+        teacher.set_resolution(16)
+        shift = teacher.schedule.shift
+        unshifted = [s / (shift - (shift - 1) * s) for s in student.config.sigmas]
+        for scale in (5.0, 3.5):  # (3.5 last: the default, compared below)
+            ref = stock(prompt=kw["prompt"], sigmas=unshifted, num_inference_steps=2, guidance_scale=scale,
+                        height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            assert (run(hybrid, num_base_steps=2, base_guidance_scale=scale) - ref).abs().max() < 1e-4
     else:
         ref = _ours(folders["dit"], 2, 2, 0, None, stock=False, class_labels=[1, 0])
     base_only = run(hybrid, num_base_steps=2)

@@ -31,7 +31,9 @@ takes z for x_{T-1}); rows beyond an EDM base's ``sigma_max`` at sigma_max (EDM'
 
 Pixel or latent samples of one shape. Text-to-image models (Stable-Diffusion format) share the student's
 ``vae`` / ``text_encoder(_2)`` / ``tokenizer(_2)``: ``pipe(prompt=...)``, the base optionally with
-classifier-free guidance against the negative (default: empty) prompt, samples decoded by the VAE.
+classifier-free guidance against the negative (default: empty) prompt, samples decoded by the VAE. A
+FLUX.1-dev network takes its guidance scale as an input instead (one pass): the base ``base_guidance_scale``
+(default 3.5, FluxPipeline's), the student the scale it was trained at (a guided student: ``guidance_scale``).
 
 Grids: a few-step student's own grid (VP: its stored timesteps or the trailing grid of
 ``num_inference_steps``; EDM / flow: its stored ``sigmas`` or its scheduler's own ``set_timesteps`` grid);
@@ -83,6 +85,7 @@ from .samplers import sample_ddim, timestep_for, trailing_timesteps, vp_grid
 from .text_to_image import (
     encode_for,
     guidance_embedding,
+    is_flux,
     latents_to_images,
     sdxl_time_ids,
     unet_text_kwargs,
@@ -99,10 +102,11 @@ def _network(pipe):
 
 
 def _latent_shape(pipe) -> list[int]:
-    """(C, H, W) of a text-to-image pipeline's latents: its stored size (SD3 / FLUX) or its network's."""
-    cfg = _network(pipe).config
-    size = pipe.config.get("sample_size") or cfg.sample_size
-    return [cfg.in_channels, size, size]
+    """(C, H, W) of a text-to-image pipeline's latents: its stored size (SD3 / FLUX) or its network's; FLUX's
+    tokens hold 2 x 2 patches of C = in_channels / 4."""
+    net = _network(pipe)
+    size = pipe.config.get("sample_size") or net.config.sample_size
+    return [net.config.in_channels // 4 if is_flux(net) else net.config.in_channels, size, size]
 
 
 @dataclass
@@ -197,9 +201,6 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             if _network(p) is None:
                 raise ValueError(f"The {name} pipeline needs a denoiser (unet or transformer); "
                                  f"{type(p).__name__} has none.")
-            if type(_network(p)).__name__ == "FluxTransformer2DModel":
-                raise ValueError("Hybrid sampling with FLUX.1 models is not supported yet (their embedded "
-                                 "guidance input); use an SD3, PixArt, DiT or UNet base and student.")
         s_cfg = student.config
         text = getattr(student, "text_encoder", None) is not None
         one_step = hasattr(student, "generator") or getattr(s_cfg, "generator_timestep", None) is not None
@@ -391,7 +392,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             x = z if float(times[0, 0]) == T - 1 else (1 - float(times[0, 1])) ** 0.5 * z
         else:  # x_t = sigma_0 z (EDM: sigma_max z; flow: z at s = 1), in VP coordinates
             x = (1 - float(times[0, 1])) ** 0.5 * z
-        cfg = base_guidance_scale is not None and float(base_guidance_scale) != 1.0
+        b_embedded = getattr(self.base_unet.config, "guidance_embeds", False)  # FLUX.1-dev: one pass
+        cfg = base_guidance_scale is not None and float(base_guidance_scale) != 1.0 and not b_embedded
         if text:
             s_kw, b_kw = self._text_kwargs(prompt, negative_prompt, cfg, device, dtype)
         else:
@@ -409,8 +411,15 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             dim = getattr(self.student_unet.config, "time_cond_proj_dim", None)
             if dim:
                 s_kw["timestep_cond"] = guidance_embedding(w, dim).to(device, dtype)
-            else:
+            elif not getattr(self.student_unet.config, "guidance_embeds", False):
                 s_kw["guidance_weight"] = w
+        if getattr(self.student_unet.config, "guidance_embeds", False):  # FLUX.1-dev: the scale is an input
+            g = (self.config.student_guidance_scale if guidance_scale is None else float(guidance_scale)) if (
+                self.config.student_guidance_conditioned) else 3.5  # (trained at FluxPipeline's 3.5)
+            s_kw["guidance"] = torch.full((batch_size,), float(g), device=device)
+        if b_embedded:
+            g = 3.5 if base_guidance_scale is None else float(base_guidance_scale)  # FluxPipeline's default
+            b_kw["guidance"] = torch.full((batch_size,), g, device=device)
         b_pred = (self.config.get("base_prediction_type") or self.base_scheduler.config.get("prediction_type")
                   or "flow")
         s_pred = (self.config.get("student_prediction_type")
