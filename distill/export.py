@@ -15,34 +15,15 @@ place, so an interrupted export never leaves a half-written pipeline behind.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import diffusers
 
-from . import models as _models
 from . import pipelines as _pipelines
 from .errors import ConfigError
-
-
-def _source_files(module) -> list[Path]:
-    """The module's file plus the sibling files it imports relatively (``from .x import``)."""
-    import re
-
-    path = Path(inspect.getfile(module))
-    files, todo = [], [path]
-    while todo:
-        f = todo.pop()
-        if f in files:
-            continue
-        files.append(f)
-        for rel in re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read_text(), flags=re.MULTILINE):
-            todo.append(f.with_name(rel + ".py"))
-    return files
 
 
 def model_card(info: dict, load: list[str] | None = None) -> str:
@@ -74,26 +55,10 @@ def export_pipeline(pipe, path, card: dict | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    index_file = tmp / "model_index.json"
-    index = json.loads(index_file.read_text())
-    pipe_module = sys.modules[type(pipe).__module__]
-    if pipe_module.__name__.startswith(_pipelines.__name__ + "."):
-        for f in _source_files(pipe_module):
-            shutil.copy(f, tmp / f.name)
-        index["_class_name"] = [Path(inspect.getfile(pipe_module)).stem, type(pipe).__name__]
-    for name, component in pipe.components.items():
-        module = sys.modules.get(type(component).__module__)
-        if module in _models.EXPORT_NAMES:
-            lib = _models.EXPORT_NAMES[module]
-            main, *siblings = _source_files(module)
-            shutil.copy(main, tmp / name / f"{lib}.py")
-            # relative imports keep their file names (diffusers copies them with remote code)
-            for f in siblings:
-                shutil.copy(f, tmp / name / f.name)
-            index[name] = [lib, type(component).__name__]
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (tmp / "README.md").write_text(model_card(card or {}))
+    pipe.save_pretrained(tmp, safe_serialization=True)  # distill's pipelines: sources included
+    card_text = model_card(card or {})
+    (tmp / "README.md").write_text(card_text)
+    pipe._distill_card = card_text  # a later save_pretrained / push_to_hub of this object keeps it
     for pickled in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")) + list(tmp.rglob("*.pkl")):
         raise RuntimeError(f"export wrote a pickle file {pickled}; only safetensors are allowed.")
     if path.exists():

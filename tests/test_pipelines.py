@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -139,3 +140,68 @@ def test_pil_output_for_grayscale(tiny_unet):
     assert len(imgs) == 2 and imgs[0].size == (8, 8) and imgs[0].mode == "RGB"
     tup = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np", return_dict=False)
     assert isinstance(tup, tuple) and tup[0].shape == (2, 8, 8, 1)
+
+
+def test_save_pretrained_and_push_to_hub_of_loaded_and_composed_pipelines_stay_self_contained(
+        tmp_path, tiny_unet, monkeypatch):
+    """diffusers' own save_pretrained of a loaded distill pipeline, and of a hybrid composed in memory
+    (HybridPipeline.from_pipelines, a distill model class as a component), writes what export_pipeline writes:
+    the folders load in a Python without distill (trust_remote_code) with the same images; push_to_hub uploads
+    that folder with the export's model card."""
+    from distill.models import GaussianMixtureTeacher
+
+    student = FewStepPipeline(tiny_unet(), _ddim("v_prediction"), num_inference_steps=2, timesteps=[999, 400])
+    export_pipeline(student, tmp_path / "export",
+                    {"method": "progressive", "teacher": "google/ddpm-cifar10-32"})
+    loaded = load_pipeline(str(tmp_path / "export"))
+    loaded.save_pretrained(tmp_path / "resaved")
+    gmm = GaussianMixtureTeacher([[-1.0, 0.5], [1.5, -0.5]], [0.3, 0.2])
+    base = FewStepPipeline(gmm, diffusers.DDPMScheduler(), num_inference_steps=4, sample_shape=[2])
+    one = OneStepPipeline(GaussianMixtureTeacher([[0.0, 1.0], [1.0, 0.0]], [0.1, 0.1]),
+                          diffusers.DDPMScheduler(), generator_timestep=625, sample_shape=[2])
+    hybrid = distill.HybridPipeline.from_pipelines(base, one, num_base_steps=1)
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    index = json.loads((tmp_path / "hybrid" / "model_index.json").read_text())
+    assert index["_class_name"] == ["hybrid", "HybridPipeline"] and index["base_unet"][0] == "distill_gmm"
+    assert (tmp_path / "hybrid" / "base_unet" / "distill_gmm.py").is_file()
+    refs = {}
+    for name, pipe in (("resaved", loaded), ("hybrid", hybrid)):
+        pipe.set_progress_bar_config(disable=True)
+        refs[name] = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), output_type="np").images
+        np.save(tmp_path / f"{name}.npy", refs[name])
+    out = _fresh_python(f"""
+        import sys, numpy as np, torch, diffusers
+        diffusers.utils.logging.disable_progress_bar()
+        for name in ("resaved", "hybrid"):
+            pipe = diffusers.DiffusionPipeline.from_pretrained({str(tmp_path)!r} + "/" + name,
+                                                               trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            img = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), output_type="np").images
+            ref = np.load({str(tmp_path)!r} + "/" + name + ".npy")
+            print("MAXDIFF", name, float(np.abs(img - ref).max()), type(pipe).__name__)
+            pipe.save_pretrained({str(tmp_path)!r} + "/" + name + "_again")  # no distill here either
+        assert not any(m.startswith("distill") for m in sys.modules), "distill was imported"
+    """, tmp_path)
+    lines = [ln.split() for ln in out.splitlines() if ln.startswith("MAXDIFF")]
+    assert [(ln[1], float(ln[2]), ln[3]) for ln in lines] == [("resaved", 0.0, "FewStepPipeline"),
+                                                              ("hybrid", 0.0, "HybridPipeline")]
+    again = load_pipeline(str(tmp_path / "hybrid_again"))  # saved by the plain-diffusers copy of the code
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(again(batch_size=3, generator=torch.Generator().manual_seed(7),
+                                        output_type="np").images, refs["hybrid"])
+    # push_to_hub: the Hub calls replaced by recorders; the uploaded folder is the self-contained one
+    import huggingface_hub
+
+    uploaded = {}
+
+    def upload(self, folder, repo_id, **kw):
+        folder = Path(folder)
+        uploaded.update(files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*")), repo=repo_id,
+                        card=(folder / "README.md").read_text())
+
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: type("R", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(type(loaded), "_upload_folder", upload)
+    loaded.push_to_hub("me/student")
+    assert uploaded["repo"] == "me/student" and "few_step.py" in uploaded["files"]
+    assert "progressive" in uploaded["card"] and "base_model: google/ddpm-cifar10-32" in uploaded["card"]

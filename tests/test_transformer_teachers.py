@@ -122,9 +122,9 @@ def test_flux_dev_true_cfg_on_its_embedded_guidance_equals_flux_pipeline(folders
     (refused, with the fix, on a teacher without a guidance input)."""
     pipe = diffusers.FluxPipeline.from_pretrained(folders["flux"])
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompt=["a red cat"] * 2, negative_prompt=["blurry"] * 2, true_cfg_scale=2.5, guidance_scale=3.5,
-               height=16, width=16, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
-               output_type="pt").images
+    ref = pipe(prompt=["a red cat"] * 2, negative_prompt=["blurry"] * 2, true_cfg_scale=2.5,
+               guidance_scale=3.5, height=16, width=16, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(1), output_type="pt").images
     one_pass = pipe(prompt=["a red cat"] * 2, guidance_scale=3.5, height=16, width=16, num_inference_steps=2,
                     generator=torch.Generator().manual_seed(1), output_type="pt").images
     from distill.eval.report import save_grid
@@ -140,8 +140,8 @@ def test_flux_dev_true_cfg_on_its_embedded_guidance_equals_flux_pipeline(folders
     assert "use --guidance-scale 2.0" in capsys.readouterr().err
     common = [*data["flux"], "train.max_steps=1", "train.batch_size=2", "train.mixed_precision=no",
               "train.report_to=none", "train.progress_bar=false", "eval.enabled=false"]
-    assert main(["train", "configs/sim_sd3.yaml", f"teacher.path={folders['sd3']}", "teacher.true_cfg_scale=2",
-                 f"output_dir={tmp_path / 'a'}", *common]) == 2
+    assert main(["train", "configs/sim_sd3.yaml", f"teacher.path={folders['sd3']}",
+                 "teacher.true_cfg_scale=2", f"output_dir={tmp_path / 'a'}", *common]) == 2
     assert "teacher.true_cfg_scale=2.0 is CFG on top of an embedded guidance input" in capsys.readouterr().err
 
 
@@ -458,7 +458,8 @@ def test_hybrid_sampling_with_a_transformer_base(folders, data, family, tmp_path
         unshifted = [s / (shift - (shift - 1) * s) for s in student.config.sigmas]
         for scale in (5.0, 3.5):  # (3.5 last: the default, compared below)
             ref = stock(prompt=kw["prompt"], sigmas=unshifted, num_inference_steps=2, guidance_scale=scale,
-                        height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+                        height=16, width=16, generator=torch.Generator().manual_seed(0),
+                        output_type="pt").images
             assert (run(hybrid, num_base_steps=2, base_guidance_scale=scale) - ref).abs().max() < 1e-4
     else:
         ref = _ours(folders["dit"], 2, 2, 0, None, stock=False, class_labels=[1, 0])

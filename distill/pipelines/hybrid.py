@@ -102,8 +102,7 @@ def _network(pipe):
 
 
 def _latent_shape(pipe) -> list[int]:
-    """(C, H, W) of a text-to-image pipeline's latents: its stored size (SD3 / FLUX) or its network's; FLUX's
-    tokens hold 2 x 2 patches of C = in_channels / 4."""
+    """(C, H, W) of a text-to-image pipeline's latents: stored size (SD3 / FLUX) or the network's."""
     net = _network(pipe)
     size = pipe.config.get("sample_size") or net.config.sample_size
     return [net.config.in_channels // 4 if is_flux(net) else net.config.in_channels, size, size]
@@ -405,21 +404,20 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             b_labels = (torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if cfg
                         else labels)
             b_kw = {"class_labels": b_labels} if b_labels is not None else {}
+        s_embedded = getattr(self.student_unet.config, "guidance_embeds", False)
+        s = 3.5  # FLUX.1-dev students without a guidance input of their own: FluxPipeline's 3.5
         if self.config.student_guidance_conditioned:
             s = self.config.student_guidance_scale if guidance_scale is None else float(guidance_scale)
             w = torch.full((batch_size,), s - 1.0, device=device)  # Meng's w = s - 1
             dim = getattr(self.student_unet.config, "time_cond_proj_dim", None)
             if dim:
                 s_kw["timestep_cond"] = guidance_embedding(w, dim).to(device, dtype)
-            elif not getattr(self.student_unet.config, "guidance_embeds", False):
+            elif not s_embedded:
                 s_kw["guidance_weight"] = w
-        if getattr(self.student_unet.config, "guidance_embeds", False):  # FLUX.1-dev: the scale is an input
-            g = (self.config.student_guidance_scale if guidance_scale is None else float(guidance_scale)) if (
-                self.config.student_guidance_conditioned) else 3.5  # (trained at FluxPipeline's 3.5)
-            s_kw["guidance"] = torch.full((batch_size,), float(g), device=device)
-        if b_embedded:
-            g = 3.5 if base_guidance_scale is None else float(base_guidance_scale)  # FluxPipeline's default
-            b_kw["guidance"] = torch.full((batch_size,), g, device=device)
+        if s_embedded:  # FLUX.1-dev: the scale itself is an input
+            s_kw["guidance"] = torch.full((batch_size,), float(s), device=device)
+        if b_embedded:  # (FluxPipeline's default 3.5)
+            b_kw["guidance"] = torch.full((batch_size,), float(base_guidance_scale or 3.5), device=device)
         b_pred = (self.config.get("base_prediction_type") or self.base_scheduler.config.get("prediction_type")
                   or "flow")
         s_pred = (self.config.get("student_prediction_type")

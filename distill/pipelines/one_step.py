@@ -284,7 +284,12 @@ class ExportedPipelineMixin:
                 component = getattr(sys.modules[spec[0]], spec[1]).from_pretrained(os.path.join(folder, name))
                 dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
                 kwargs[name] = component.to(dtype) if isinstance(dtype, torch.dtype) else component
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        card = os.path.join(folder, "README.md")
+        if os.path.isfile(card):  # the model card travels on with save_pretrained / push_to_hub
+            with open(card) as f:
+                pipe._distill_card = f.read()
+        return pipe
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -293,6 +298,85 @@ class ExportedPipelineMixin:
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][-1]
         return out
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
+                        **kwargs):
+        """diffusers' ``save_pretrained`` (safetensors), then the folder made self-contained, as distill's
+        exports are: this pipeline's source files at the root (``model_index.json`` names ``[module,
+        Class]``), each component of a non-library class with its source in its folder (``[distill_<file>,
+        Class]``), and a model card when the folder has none; so a loaded, modified or composed pipeline loads
+        again with ``trust_remote_code=True`` where distill is not installed. ``push_to_hub=True`` then
+        uploads that folder (``push_to_hub``'s keyword arguments)."""
+        import json
+        import os
+        import shutil
+
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr")
+               if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        index_file = os.path.join(save_directory, "model_index.json")
+        with open(index_file) as f:
+            index = json.load(f)
+        files = _source_files(type(self))
+        for path in files:
+            shutil.copy(path, os.path.join(save_directory, os.path.basename(path)))
+        index["_class_name"] = [os.path.splitext(os.path.basename(files[0]))[0], type(self).__name__]
+        for name, component in self.components.items():
+            top = type(component).__module__.split(".")[0]
+            if component is None or top in ("diffusers", "transformers", "torch", "builtins"):
+                continue
+            main, *siblings = _source_files(type(component))
+            stem = os.path.splitext(os.path.basename(main))[0]
+            lib = stem if stem.startswith("distill_") else "distill_" + stem
+            shutil.copy(main, os.path.join(save_directory, name, lib + ".py"))
+            for path in siblings:  # relative imports keep their file names (diffusers copies them along)
+                shutil.copy(path, os.path.join(save_directory, name, os.path.basename(path)))
+            index[name] = [lib, type(component).__name__]
+        with open(index_file, "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        card = getattr(self, "_distill_card", None) or (
+            f"---\nlibrary_name: diffusers\ntags:\n- diffusers\n- distill\n---\n\n# {type(self).__name__}\n\n"
+            "```python\nfrom diffusers import DiffusionPipeline\n"
+            "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)\n```\n")
+        with open(os.path.join(save_directory, "README.md"), "w") as f:
+            f.write(card)
+        if push_to_hub:
+            self.push_to_hub(hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                             safe_serialization=safe_serialization, **hub)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None):
+        """Upload the folder ``save_pretrained`` writes (sources and model card included) to the Hub repo
+        ``repo_id`` (created if needed)."""
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            return self._upload_folder(tmp, repo_id, token=token, commit_message=commit_message,
+                                       create_pr=create_pr)
+
+
+def _source_files(cls) -> list[str]:
+    """The file that defines ``cls`` and, recursively, the sibling files it imports relatively
+    (``from .x import``): what a folder needs to load ``cls`` as remote code."""
+    import os
+    import re
+
+    todo, files = [inspect.getfile(cls)], []
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        with open(path) as f:
+            text = f.read()
+        for rel in re.findall(r"^\s*from\s+\.(\w+)\s+import", text, flags=re.MULTILINE):
+            todo.append(os.path.join(os.path.dirname(path), rel + ".py"))
+    return files
 
 
 class OneStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
