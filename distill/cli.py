@@ -241,6 +241,19 @@ def cmd_fid(args) -> int:
     return fid_command(args)
 
 
+def cmd_fid_stats(args) -> int:
+    from .eval.fid import fid_stats, save_fid_stats
+
+    if not args.out.endswith(".npz"):
+        raise ConfigError(f"--out {args.out}: FID statistics are written as .npz; use a name ending in .npz.")
+    stats = fid_stats(args.data, args.feature_extractor, args.feature_extractor_weights, args.resolution,
+                      args.batch_size)
+    path = save_fid_stats(stats, args.out)
+    print(f"Wrote mu / sigma ({stats['mu'].shape[0]} features of {args.feature_extractor}, "
+          f"{stats['num_images']} images, data sha256 {stats['data_sha256'][:12]}) to {path}")
+    return 0
+
+
 def cmd_estimate_memory(args) -> int:
     """Memory of one training step of a config, per network (reads the teacher's config files only)."""
     from .config import load_config
@@ -400,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fid", help="FID/KID/precision-recall report of a pipeline or image folder.")
     f.add_argument("source", help="pipeline folder or image folder")
-    f.add_argument("--reference", required=True, help="data spec (e.g. sklearn:digits) or a saved stats file")
+    f.add_argument("--reference", required=True,
+                   help="data spec (e.g. sklearn:digits), a saved feature file, or FID statistics (.npz: "
+                   "distill fid-stats, EDM's or ADM's reference files; FID only)")
     f.add_argument("--num-samples", type=_positive_int, default=2000)
     f.add_argument("--steps", type=_step_counts, default=None, help="comma-separated step counts, e.g. 1,2,4")
     f.add_argument("--compare", default=None, help="a teacher pipeline folder to evaluate at the same steps")
@@ -410,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "guidance)")
     f.add_argument("--feature-extractor", default="digits", choices=["digits", "inception-v3-compat"])
     f.add_argument("--feature-extractor-weights", default=None)
-    f.add_argument("--metrics", default="fid,kid,prc")
+    f.add_argument("--metrics", default=None,
+                   help="comma-separated: fid, kid, prc, isc (default fid,kid,prc; a statistics file: fid)")
     f.add_argument("--batch-size", type=int, default=250)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--resolution", type=int, default=None,
@@ -424,12 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--clip-model", default=None, help="a local CLIP model folder: also report the CLIP score "
                    "(nothing is downloaded)")
     f.add_argument("--out", required=True, help="report folder")
+
+    st = sub.add_parser("fid-stats", help="FID reference statistics (mu, sigma) of a data spec or image "
+                        "folder, as an .npz for `distill fid --reference`.")
+    st.add_argument("data", help="data spec (e.g. sklearn:digits, an image folder, a datasets id)")
+    st.add_argument("--feature-extractor", default="digits", choices=["digits", "inception-v3-compat"])
+    st.add_argument("--feature-extractor-weights", default=None)
+    st.add_argument("--resolution", type=int, default=None, help="resize the images to this size first")
+    st.add_argument("--batch-size", type=int, default=250)
+    st.add_argument("--out", required=True, help=".npz file to write")
     return p
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch,
             "teacher": lambda a: cmd_train(a, force_method="teacher"), "quickstart": cmd_quickstart,
-            "sample": cmd_sample, "fid": cmd_fid, "hybrid": cmd_hybrid,
+            "sample": cmd_sample, "fid": cmd_fid, "fid-stats": cmd_fid_stats, "hybrid": cmd_hybrid,
             "estimate-memory": cmd_estimate_memory}
 # what a user's input causes (a bad value, a missing or damaged file, no network): one line, exit 2. Anything
 # else is a bug in distill and keeps its traceback. DISTILL_DEBUG=1 shows the traceback of these too.

@@ -197,3 +197,42 @@ def test_fid_refuses_guidance_scales_for_an_unconditional_model(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "--guidance-scales 1,3: no model here takes a guidance scale" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_fid_against_precomputed_statistics_equals_fid_against_the_images(tmp_path, monkeypatch, capsys):
+    """`distill fid-stats` writes mu / sigma; `distill fid --reference FILE.npz` with it, and with the same
+    mu / sigma re-saved in EDM's layout (mu, sigma) and ADM's (arr_0 next to them), gives the FID against the
+    image folder itself (torch-fidelity's statistics both ways); the report names the file and its hash."""
+    import hashlib
+    import json
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    save_image_folder(_noised_digits(0.0, 1)[:500], tmp_path / "ref")
+    save_image_folder(_noised_digits(0.1, 2)[:300], tmp_path / "gen")
+    assert main(["fid-stats", str(tmp_path / "ref"), "--out", str(tmp_path / "stats.npz")]) == 0
+    assert "500 images" in capsys.readouterr().out
+    with np.load(tmp_path / "stats.npz", allow_pickle=False) as f:
+        mu, sigma = f["mu"], f["sigma"]
+        assert str(f["feature_extractor"]) == "digits" and int(f["num_images"]) == 500
+    assert mu.shape == (64,) and sigma.shape == (64, 64)
+    np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu, sigma=sigma)
+    direct = compute_metrics(str(tmp_path / "gen"), str(tmp_path / "ref"), ("fid",))["fid"]
+    assert direct > 1.0
+    for name in ("stats", "edm", "adm"):
+        out = tmp_path / f"rep_{name}"
+        assert main(["fid", str(tmp_path / "gen"), "--reference", str(tmp_path / f"{name}.npz"),
+                     "--out", str(out)]) == 0
+        rep = json.loads((out / "fid_report.json").read_text())
+        assert rep["results"][0]["fid"] == pytest.approx(direct, rel=1e-4)
+        sha = hashlib.sha256((tmp_path / f"{name}.npz").read_bytes()).hexdigest()
+        assert rep["reference_stats_sha256"] == sha and sha[:12] in (out / "fid_report.md").read_text()
+    capsys.readouterr()
+    # a statistics file gives FID only; a file of another extractor's dimension is named with the fix
+    assert main(["fid", str(tmp_path / "gen"), "--reference", str(tmp_path / "edm.npz"), "--metrics",
+                 "fid,kid", "--out", str(tmp_path / "x")]) == 2
+    assert "pass --metrics fid" in capsys.readouterr().err
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    assert main(["fid", str(tmp_path / "gen"), "--reference", str(tmp_path / "inception.npz"),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "dimension 2048" in capsys.readouterr().err

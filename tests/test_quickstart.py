@@ -88,7 +88,8 @@ def test_every_readme_command_runs(tmp_path):
         args = (cmd.replace("outputs/quickstart", str(out))
                 .replace("outputs/msd_demo", str(tmp_path / "msd_demo")).split())
         args = [str(tmp_path / a)
-                if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/")
+                if a in ("grid.png", "report/", "teacher_report/", "trajectory.png", "hybrid_report/",
+                         "digits_stats.npz", "stats_report/", "cifar10_report/")
                 else a for a in args]
         if "--num-samples" in args:
             args[args.index("--num-samples") + 1] = "100"
@@ -114,6 +115,11 @@ def test_every_readme_command_runs(tmp_path):
             _run(args + ["train.max_steps=3", "train.sample_every=0", "eval.enabled=false",
                          f"output_dir={tmp_path / ('family_' + str(len(ran)))}"], ROOT)
             continue
+        # the CIFAR-10 protocol: no CIFAR-10 student or EDM statistics here, a one-line message
+        if "cifar10-32x32.npz" in args:
+            res = _run(args, ROOT, expect_ok=False)
+            assert res.returncode == 2 and res.stderr.startswith("distill: error:"), res.stderr[-2000:]
+            continue
         # reads the Hub teacher's config files: offline, a message
         if args[:2] == ["distill", "estimate-memory"]:
             res = _run(args, ROOT, expect_ok=False)
@@ -135,6 +141,7 @@ def test_every_readme_command_runs(tmp_path):
         _run(args, ROOT)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "teacher_report" / "fid_report.md").is_file()
     assert (tmp_path / "sd_report" / "fid_report.md").is_file()
+    assert "FID statistics, sha256" in (tmp_path / "stats_report" / "fid_report.md").read_text()
     assert ((tmp_path / "trajectory.png").is_file()
             and "Vendi" in (tmp_path / "hybrid_report" / "fid_report.md").read_text())
     # the Python block of the hybrid-sampling section

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .fid import (
     compute_metrics,
     is_one_step,
+    is_stats_file,
     is_text_pipeline,
     load_image_folder,
     pipeline_nfe,
@@ -52,7 +53,8 @@ def evaluate_models(models: dict, reference, steps: dict, out_dir, num_samples: 
                                                                    if k2 == "guidance_scale"}, **r})
     common = ("feature_extractor", "torch_fidelity_feature_extractor", "feature_layer_fid",
               "feature_extractor_weights", "feature_extractor_sha256", "torch_fidelity_version", "reference",
-              "seed", "reference_num_images", "reference_sha256", "reference_resolution", "clip_model")
+              "seed", "reference_num_images", "reference_sha256", "reference_resolution", "clip_model",
+              "reference_stats_sha256", "reference_data")
     report = {k: results[0].get(k) for k in common}
     report.update(meta or {})
     report["results"] = [{k: v for k, v in r.items() if k not in common and k != "reference_cached"}
@@ -154,9 +156,13 @@ def fid_command(args) -> int:
     """``distill fid SOURCE --reference SPEC ...``"""
     from ..export import load_pipeline
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    chosen = args.metrics or ("fid" if is_stats_file(args.reference) else "fid,kid,prc")
+    metrics = tuple(m.strip() for m in chosen.split(",") if m.strip())
     steps = list(args.steps) if args.steps else [None]
     src = Path(args.source)
+    if not src.is_dir():
+        raise ConfigError(f"{args.source!r} does not exist: pass a pipeline folder (an export's pipeline/) "
+                          "or a folder of PNG images to evaluate.")
     if (src / "model_index.json").is_file():
         models = {"model": teacher_as_sampler(load_pipeline(str(src)))}
         step_map = {"model": steps}

@@ -9,7 +9,8 @@ distill feeds torch-fidelity; the metric arithmetic is torch-fidelity's own
 * sources: a pipeline (generated in seeded batches, sharded over Accelerate processes and gathered,
   class labels balanced over classes), a folder of images, or a tensor; images are quantised to
   uint8 exactly as saved PNGs are (``round(255 x)``), grayscale repeated to RGB;
-* references: a data spec (same syntax as training data) or a saved feature file;
+* references: a data spec (same syntax as training data), a saved feature file, or FID statistics (an .npz
+  of mu and sigma: ``distill fid-stats``, EDM's or ADM's reference files; FID only);
 * a reference cache keyed by a hash of the reference pixels, the extractor and its weights
   (torch-fidelity keys its cache by name only), stored as safetensors;
 * ``cuda`` only when CUDA exists; KID subset size capped by the sample counts. FID is torch-fidelity's
@@ -262,6 +263,64 @@ def reference_features(reference, extractor, ext_name: str, weights_path, resolu
     return feats, {**info, "reference_cached": False}
 
 
+def is_stats_file(reference) -> bool:
+    return isinstance(reference, (str, Path)) and str(reference).endswith(".npz")
+
+
+def fid_stats(reference, feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
+              resolution: int | None = None, batch_size: int = 250) -> dict:
+    """mu and sigma (Heusel et al. 2017, eq. 2's Gaussian of the extractor's features; torch-fidelity's
+    ``fid_features_to_statistics``) of a reference data spec or image folder, with what made them: the
+    extractor, its layer and weights hash, the images' hash and count."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    extractor, ext_name, weights = make_extractor(feature_extractor, feature_extractor_weights)
+    layer = fid_layer(feature_extractor)
+    images = to_uint8(reference_images(str(reference), resolution))
+    stats = fid_features_to_statistics(extract_features(images, extractor, batch_size)[layer])
+    return {"mu": stats["mu"], "sigma": stats["sigma"], "feature_extractor": feature_extractor,
+            "torch_fidelity_feature_extractor": ext_name, "feature_layer_fid": layer,
+            "feature_extractor_sha256": file_sha256(weights),
+            "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(), "num_images": len(images),
+            "data": str(reference)}
+
+
+def save_fid_stats(stats: dict, path) -> Path:
+    """An .npz of mu, sigma (EDM's and ADM's key names) and the text fields as 0-d string arrays
+    (no pickles), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in stats.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_fid_stats(path) -> tuple[dict, dict]:
+    """(mu / sigma, description) of a statistics file: distill's ``fid-stats`` output, EDM's reference
+    statistics (``mu``, ``sigma``) or ADM's reference batch (``mu``, ``sigma`` next to ``arr_0``); read with
+    ``allow_pickle=False``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--reference {str(path)!r}: no such statistics file; write one with `distill "
+                          "fid-stats DATA --out FILE.npz` or pass a data spec.")
+    with np.load(path, allow_pickle=False) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ConfigError(f"{str(path)!r} holds {sorted(f.files)}, not FID statistics: it needs 'mu' and "
+                              "'sigma' (distill fid-stats, EDM's and ADM's reference files have them).")
+        stats = {"mu": f["mu"], "sigma": f["sigma"]}
+        info = {k: f[k].item() for k in ("feature_extractor", "feature_layer_fid", "data", "num_images",
+                                          "data_sha256") if k in f}
+    d = stats["mu"].shape
+    if len(d) != 1 or stats["sigma"].shape != (d[0], d[0]):
+        raise ConfigError(f"{str(path)!r}: mu has shape {stats['mu'].shape} and sigma "
+                          f"{stats['sigma'].shape}; FID statistics are a vector and its square covariance.")
+    return stats, {"reference": str(path), "reference_stats_sha256": file_sha256(path),
+                   "reference_num_images": info.get("num_images"),
+                   "reference_stats_extractor": info.get("feature_extractor"),
+                   **({"reference_data": info["data"]} if "data" in info else {})}
+
+
 def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000,
                     feature_extractor: str = "digits", feature_extractor_weights: str | None = None,
                     batch_size: int = 250, seed: int = 0, steps: int | None = None,
@@ -303,10 +362,28 @@ def compute_metrics(source, reference, metrics=("fid",), num_samples: int = 1000
         if gs is not None and float(gs) != 1.0 and not getattr(cfg, "guidance_conditioned", False):
             nfe *= 2  # classifier-free guidance: conditional and unconditional evaluation per step
     gen_seconds = time.time() - start
-    ref_feats, ref_info = reference_features(reference, extractor, ext_name, weights,
-                                             resolution or images.shape[-1], batch_size, use_cache)
     gen_feats = extract_features(images, extractor, batch_size)
-    result = metrics_from_features(gen_feats, ref_feats, metrics, layer, seed)
+    if is_stats_file(reference):  # precomputed mu / sigma: FID only
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+        if set(metrics) != {"fid"}:
+            raise ConfigError(f"--reference {reference}: a statistics file holds mu and sigma only, which "
+                              f"give FID but not {', '.join(sorted(set(metrics) - {'fid'}))}; pass "
+                              "--metrics fid, or a data spec as the reference.")
+        ref_stats, ref_info = load_fid_stats(reference)
+        stored = ref_info.get("reference_stats_extractor")
+        gen_stats = fid_features_to_statistics(gen_feats[layer])
+        if stored not in (None, feature_extractor) or gen_stats["mu"].shape != ref_stats["mu"].shape:
+            raise ConfigError(f"{reference} holds statistics of {stored or 'unknown'} features of "
+                              f"dimension {ref_stats['mu'].shape[0]}; --feature-extractor "
+                              f"{feature_extractor} gives {gen_stats['mu'].shape[0]}. Use the extractor the "
+                              "statistics were made with (EDM's and ADM's files: inception-v3-compat).")
+        ref_stats = {k: v.astype(gen_stats[k].dtype) for k, v in ref_stats.items()}  # torch-fidelity's dtype
+        result = {"fid": fid_statistics_to_metric(gen_stats, ref_stats, False)["frechet_inception_distance"]}
+    else:
+        ref_feats, ref_info = reference_features(reference, extractor, ext_name, weights,
+                                                 resolution or images.shape[-1], batch_size, use_cache)
+        result = metrics_from_features(gen_feats, ref_feats, metrics, layer, seed)
     if diversity:
         from .diversity import diversity_by_condition
 

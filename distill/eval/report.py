@@ -83,7 +83,9 @@ def write_report(report: dict, grids: dict, out_dir) -> dict:
             f"{str(report.get('feature_extractor_sha256'))[:12]}…)"
             + (" — NOT comparable with Inception FIDs" if report.get("feature_extractor") == "digits"
                else ""),
-            f"- reference: `{report.get('reference')}` ({report.get('reference_num_images')} images)",
+            f"- reference: `{report.get('reference')}` ({report.get('reference_num_images')} images)"
+            + (f", FID statistics, sha256 {report['reference_stats_sha256'][:12]}…"
+               if report.get("reference_stats_sha256") else ""),
             f"- torch-fidelity {report.get('torch_fidelity_version')}, seed {report.get('seed')}; the same "
             "FID from torch-fidelity on the same PNGs: `torch_fidelity.calculate_metrics(input1=..., "
             f"input2=..., fid=True, feature_extractor='{report.get('torch_fidelity_feature_extractor')}', "
