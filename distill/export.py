@@ -26,27 +26,56 @@ from . import pipelines as _pipelines
 from .errors import ConfigError
 
 
-def model_card(info: dict, load: list[str] | None = None) -> str:
-    """A Hub-style README: YAML metadata plus a table of what made the model, and how to load it (``load``:
-    the lines of the Python example; default: a distill pipeline folder)."""
+def model_card(info: dict, load: list[str] | None = None, index: dict | None = None) -> str:
+    """A Hub model card: YAML metadata (``library_name: diffusers``, the ``pipeline_tag``, the teacher as
+    ``base_model``, tags), a table of what made the model, how to load it (``load``: the lines of the Python
+    example; else from the folder's ``index``: the stock pipeline with its call arguments where one runs the
+    student, and distill's own pipeline with and without distill), the FID report and the training config."""
+    import yaml
+
+    index = index or {}
+    text = any(k in index for k in ("text_encoder", "tokenizer")) or "LoRA" in str(info.get("title", ""))
     tags = (["diffusers", "distill", "diffusion-distillation"]
-            + ([info["method"]] if info.get("method") else []))
-    lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
+            + ([info["method"]] if info.get("method") else [])
+            + ([f"{info['steps_to_sample']}-step"] if isinstance(info.get("steps_to_sample"), int) else []))
+    lines = ["---", "library_name: diffusers",
+             f"pipeline_tag: {'text-to-image' if text else 'unconditional-image-generation'}", "tags:"]
+    lines += [f"- {t}" for t in tags]
     if info.get("teacher") and not os.path.isdir(str(info["teacher"])) and "/" in str(info["teacher"]):
         lines.append(f"base_model: {info['teacher']}")
     lines += ["---", "", f"# {info.get('title', 'distill student')}", "",
               "Made with [distill](https://github.com/) (diffusion distillation on diffusers).", "",
               "| field | value |", "|---|---|"]
     for key, value in info.items():
-        if key in ("title", "fid_report_md"):
+        if key in ("title", "fid_report_md", "config"):
             continue
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, (dict, list)) else value} |")
-    load = load or ["import distill", "pipe = distill.load_pipeline('PATH')",
-                    "# or, without distill installed:", "from diffusers import DiffusionPipeline",
-                    "pipe = DiffusionPipeline.from_pretrained('PATH', trust_remote_code=True)"]
-    lines += ["", "## Load", "", "```python", *load, "```", ""]
+    if load is not None:
+        lines += ["", "## Load", "", "```python", *load, "```", ""]
+    else:
+        prompt = "'a photo of a cat'" if text else ""
+        if "_stock_call_kwargs" in index:
+            args = ", ".join(f"{k}={v!r}" for k, v in index["_stock_call_kwargs"].items())
+            lines += ["", "## Use with diffusers' own pipeline", "",
+                      f"The student runs in the stock `{index['_class_name']}` with the arguments below (its "
+                      "steps, no classifier-free guidance); no `trust_remote_code` needed.", "", "```python",
+                      f"from diffusers import {index['_class_name']}",
+                      f"pipe = {index['_class_name']}.from_pretrained('PATH')",
+                      f"image = pipe({prompt + ', ' if prompt else ''}{args}).images[0]", "```"]
+        module = (index.get("_distill_pipeline") or index.get("_class_name") or ["pipeline"])[0]
+        custom = (f", custom_pipeline='PATH/{module}.py'" if "_distill_pipeline" in index else "")
+        lines += ["", "## Use with distill's pipeline", "",
+                  "The richer way in (guided students' `guidance_scale`, multi-student routing, hybrids):",
+                  "",
+                  "```python", "import distill", "pipe = distill.load_pipeline('PATH')",
+                  "# or, without distill installed:", "from diffusers import DiffusionPipeline",
+                  f"pipe = DiffusionPipeline.from_pretrained('PATH'{custom}, trust_remote_code=True)",
+                  f"image = pipe({prompt}).images[0]", "```", ""]
     if info.get("fid_report_md"):
         lines += ["## FID report", "", info["fid_report_md"], ""]
+    if info.get("config"):
+        config = yaml.safe_dump(info["config"], sort_keys=False).rstrip()
+        lines += ["## Training config", "", "```yaml", config, "```", ""]
     return "\n".join(lines)
 
 
@@ -56,7 +85,7 @@ def export_pipeline(pipe, path, card: dict | None = None) -> Path:
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)  # distill's pipelines: sources included
-    card_text = model_card(card or {})
+    card_text = model_card(card or {}, index=json.loads((tmp / "model_index.json").read_text()))
     (tmp / "README.md").write_text(card_text)
     pipe._distill_card = card_text  # a later save_pretrained / push_to_hub of this object keeps it
     for pickled in list(tmp.rglob("*.bin")) + list(tmp.rglob("*.pt")) + list(tmp.rglob("*.pkl")):
@@ -120,7 +149,8 @@ def load_pipeline(path_or_id: str, **kwargs):
     """Load any folder exported by distill (or a stock diffusers pipeline folder)."""
     folder = resolve_pretrained(path_or_id)
     index_file = folder / "model_index.json"
-    name = read_model_index(folder).get("_class_name")
+    index = read_model_index(folder)
+    name = index.get("_distill_pipeline", index.get("_class_name"))  # a stock layout names distill's aside
     name = name[1] if isinstance(name, list) else name
     cls = getattr(_pipelines, name, None) or getattr(diffusers, name, None)
     if cls is None:

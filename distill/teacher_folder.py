@@ -13,6 +13,17 @@ from .errors import ConfigError
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 
 
+def dtype_kwargs(library, dtype) -> dict:
+    """``from_pretrained``'s dtype argument as the installed ``library`` (diffusers or transformers) names it:
+    ``dtype`` from diffusers 0.40 / transformers 4.56 on, ``torch_dtype`` before; nothing for None."""
+    if dtype is None:
+        return {}
+    from packaging.version import Version
+
+    since = (0, 40) if library.__name__ == "diffusers" else (4, 56)
+    return {"dtype" if Version(library.__version__).release >= since else "torch_dtype": dtype}
+
+
 def load_latent_parts(folder: Path, index: dict, device, dtype) -> dict:
     """VAE and the text encoder(s) and tokenizer(s) of a latent teacher's folder, frozen, in ``dtype``
     (None: as stored): Stable Diffusion (one CLIP encoder), SDXL (two), SD3 (two CLIP encoders and an
@@ -27,33 +38,73 @@ def load_latent_parts(folder: Path, index: dict, device, dtype) -> dict:
                           f"{missing}; a Stable-Diffusion-format folder has unet (or transformer), vae, "
                           "text_encoder, tokenizer and scheduler, a DiT folder transformer, vae and "
                           "scheduler.")
-    kw = {} if dtype is None else {"dtype": dtype}
-    vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
+    vae_cls = getattr(diffusers, index["vae"][1])
+    vae = vae_cls.from_pretrained(folder / "vae", **dtype_kwargs(diffusers, dtype)).to(device)
     encs, toks = [], []
     for suffix in ("", "_2", "_3"):
         enc_spec, tok_spec = index.get(f"text_encoder{suffix}"), index.get(f"tokenizer{suffix}")
         if not enc_spec or enc_spec[0] is None:
             continue
-        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(folder / f"text_encoder{suffix}", **kw)
-                    .to(device).eval().requires_grad_(False))
+        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(
+            folder / f"text_encoder{suffix}", **dtype_kwargs(transformers, dtype)).to(device).eval()
+                    .requires_grad_(False))
         toks.append(getattr(transformers, tok_spec[1]).from_pretrained(folder / f"tokenizer{suffix}"))
     force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
     return {"vae": vae.eval().requires_grad_(False), "text_encoders": encs, "tokenizers": toks,
             "force_zeros_for_empty_prompt": force_zeros}
 
 
+def version_mismatches() -> list[str]:
+    """'package installed X, distill needs SPEC' for each of distill's declared dependencies whose installed
+    version is outside its range (setup.cfg's ``install_requires``)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    out = []
+    try:
+        requires = metadata.requires("distill") or []
+    except metadata.PackageNotFoundError:  # a source tree that is not installed
+        return out
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is not None or not req.specifier:
+            continue
+        try:
+            have = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        if not req.specifier.contains(have, prereleases=True):
+            out.append(f"{req.name} {have} is installed, distill needs {req.name}{req.specifier}")
+    return out
+
+
 @contextmanager
 def damaged(folder: Path, part: str):
-    """A component that fails to load (truncated safetensors, bad config.json) is named with its folder."""
+    """A component that fails to load is named with its folder, and the cause with it: an installed library
+    outside distill's declared range, or one whose API does not take the call (a TypeError / AttributeError /
+    ImportError from inside diffusers or transformers: named with the installed versions), else a damaged
+    file (truncated safetensors, bad config.json)."""
     try:
         yield
     except (ConfigError, FileNotFoundError):
         raise
     except Exception as err:  # safetensors, json, diffusers / transformers loading errors
+        import transformers
+
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ConfigError(f"Could not load the teacher's {part} from {str(folder)!r} ({type(err).__name__}: "
-                          f"{first[:300]}): a file there is damaged or incomplete; download or export the "
-                          "folder again.") from err
+        what = (f"Could not load the teacher's {part} from {str(folder)!r} "
+                f"({type(err).__name__}: {first[:300]})")
+        wrong = version_mismatches()
+        if wrong:
+            raise ConfigError(f"{what}: {'; '.join(wrong)}. Install the versions it needs (pip install -e . "
+                              "or pip install -U the package).") from err
+        if isinstance(err, (TypeError, AttributeError, ImportError)):
+            raise ConfigError(f"{what}: the installed diffusers {diffusers.__version__} / transformers "
+                              f"{transformers.__version__} do not take this call; distill is tested with the "
+                              "versions setup.cfg names (pip install -U diffusers transformers).") from err
+        raise ConfigError(f"{what}: a file there is damaged or incomplete; download or export the folder "
+                          "again.") from err
 
 
 def component_class(spec):

@@ -141,9 +141,12 @@ def _train(method, folder, prompts_file, out, extra=()):
 
 
 PLAIN_LOAD = """
-import sys, numpy as np, torch
+import json, os, sys, numpy as np, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+index = json.load(open(os.path.join(sys.argv[1], "model_index.json")))
+extra = ({"custom_pipeline": os.path.join(sys.argv[1], index["_distill_pipeline"][0] + ".py")}
+         if "_distill_pipeline" in index else {})  # a stock layout: distill's pipeline as a custom pipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True, **extra)
 pipe.set_progress_bar_config(disable=True)
 lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 np.save(sys.argv[2], pipe(prompt=["a red cat", "a blue dog"], latents=lat, output_type="np").images)

@@ -171,6 +171,17 @@ def test_every_readme_command_runs(tmp_path):
     code = code.replace("runwayml/stable-diffusion-v1-5", str(teacher)).replace(
         "outputs/sim_sd15/lora", str(tmp_path / "lora_sd" / "run" / "lora"))
     _run([sys.executable, "-c", code + "\nassert image.size == (16, 16)"], ROOT)
+    # the Python block of "Use the student without distill", on the tiny SD student of the FID command
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "StableDiffusionPipeline.from_pretrained(path)" in c)
+    student = tmp_path / "sd" / "student" / "pipeline"
+    checks = ("\nimport numpy as np, sys"
+              "\nassert np.abs(np.asarray(image, float) - np.asarray(same, float)).max() <= 1"
+              "\nassert type(ours).__name__ == 'TextToImagePipeline' and 'distill' not in sys.modules")
+    code = code.replace("outputs/sim_sd15/pipeline", str(student)).replace(
+        '"my_student"', repr(str(tmp_path / "my_student")))
+    _run([sys.executable, "-c", code + checks], tmp_path)
+    assert (tmp_path / "my_student" / "text_to_image.py").is_file()
     # the Python block of the multi-student section, on the demo run's export
     code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
                 if "MultiStudentPipeline" in c)

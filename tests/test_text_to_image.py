@@ -245,9 +245,12 @@ METHOD_OVERRIDES = {
 }
 
 PLAIN_LOAD = """
-import sys, numpy as np, torch
+import json, os, sys, numpy as np, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+index = json.load(open(os.path.join(sys.argv[1], "model_index.json")))
+extra = ({"custom_pipeline": os.path.join(sys.argv[1], index["_distill_pipeline"][0] + ".py")}
+         if "_distill_pipeline" in index else {})  # a stock layout: distill's pipeline as a custom pipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True, **extra)
 pipe.set_progress_bar_config(disable=True)
 out = pipe(prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
            output_type="np").images
@@ -493,3 +496,48 @@ def test_text_hybrid_base_then_student(tiny_sd_folder, tmp_path):
     again = load_pipeline(str(path))
     again.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(again), mixed)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_the_stock_sd_pipelines_load_one_and_four_step_students_without_remote_code(
+        tiny_sd_folder, sdxl_folder, sdxl, tmp_path):
+    """A one-step SIM student and a 4-step progressive student of an SD / SDXL teacher export a folder that
+    the stock StableDiffusion(XL)Pipeline loads (no trust_remote_code) and, with the call arguments the folder
+    and its model card give, samples distill's images for the same seed; distill's own pipeline loads from the
+    same folder (and without distill, as a custom pipeline)."""
+    teacher = sdxl_folder if sdxl else tiny_sd_folder / "sd"
+    stock_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    common = [f"teacher.path={teacher}", f"data.spec=prompts:{tiny_sd_folder / 'prompts.txt'}",
+              "train.batch_size=2", "data.teacher_sample_steps=2", "train.mixed_precision=no",
+              "optim.lr=0.001"]
+    runs = {1: ["configs/sim_sd15.yaml", "train.max_steps=2", "sim.generator_timestep=800"],
+            4: ["configs/progressive_sd15.yaml", "progressive.start_steps=8", "progressive.target_steps=4",
+                "progressive.steps_per_round=2"]}
+    for steps, args in runs.items():
+        out = tmp_path / f"run{steps}"
+        _train([*args, *common, f"output_dir={out}"])
+        folder = out / "pipeline"
+        index = json.loads((folder / "model_index.json").read_text())
+        call = index["_stock_call_kwargs"]
+        assert index["_class_name"] == stock_cls.__name__
+        assert call == ({"timesteps": [800], "guidance_scale": 1.0} if steps == 1
+                        else {"num_inference_steps": 4, "guidance_scale": 1.0})
+        card = (folder / "README.md").read_text()
+        assert f"{stock_cls.__name__}.from_pretrained('PATH')" in card and "custom_pipeline=" in card
+        stock = stock_cls.from_pretrained(folder)
+        stock.set_progress_bar_config(disable=True)
+        theirs = stock(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np",
+                       **call).images
+        ours = load_pipeline(str(folder))
+        ours.set_progress_bar_config(disable=True)
+        assert type(ours).__name__ == "TextToImagePipeline"
+        mine = ours(prompt=PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert theirs.shape == mine.shape and theirs.std() > 0.01
+        assert np.abs(theirs - mine).max() < 1e-4, (steps, np.abs(theirs - mine).max())
+        res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "plain.npy")],
+                             cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0 and res.stdout.strip().endswith("TextToImagePipeline"), res.stderr[-3000:]
+        np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), ours(
+            prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
+            output_type="np").images)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main
+from distill.errors import ConfigError
 from distill.teachers import ASSETS
 
 COND = str(ASSETS / "digits_teacher_cond")
@@ -210,3 +211,29 @@ def test_distill_launch_ends_in_the_message_and_the_exit_code(argv, message, tmp
     assert res.returncode == 2, res.stderr[-3000:]
     assert (message in res.stderr and "Traceback" not in res.stderr
             and res.stderr.count("error:") == 1), res.stderr
+
+
+def test_a_library_version_or_api_mismatch_is_named_not_called_a_damaged_file(monkeypatch):
+    """The shipped teacher under a diffusers whose from_pretrained does not take distill's call: one line
+    naming the package and its installed version; with an installed version outside setup.cfg's range, the
+    package, that version and the range needed."""
+    from importlib import metadata
+
+    import diffusers
+
+    from distill.teachers import Teacher
+
+    def old_api(*args, **kwargs):
+        raise TypeError("__init__() got an unexpected keyword argument 'dtype'")
+
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", old_api)
+    with pytest.raises(ConfigError) as err:
+        Teacher.from_pretrained("builtin:digits")
+    msg = str(err.value)
+    assert f"diffusers {diffusers.__version__}" in msg and "damaged" not in msg and "\n" not in msg
+    needed = next(r for r in metadata.requires("distill") if r.startswith("diffusers"))
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.1.0" if name == "diffusers" else real(name))
+    with pytest.raises(ConfigError) as err:
+        Teacher.from_pretrained("builtin:digits")
+    assert f"diffusers 0.1.0 is installed, distill needs {needed.replace(' ', '')}" in str(err.value)

@@ -295,9 +295,27 @@ class ExportedPipelineMixin:
     def load_config(cls, *args, **kwargs):
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
+        cls._own_config(config)
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][-1]
         return out
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """(diffusers reads a custom pipeline's folder config with DiffusionPipeline's ``load_config``.)"""
+        return super().extract_init_dict(cls._own_config(dict(config_dict)), **kwargs)
+
+    @classmethod
+    def _own_config(cls, config: dict) -> dict:
+        """A stock-pipeline layout (``save_pretrained`` of a student the stock pipeline runs) read as this
+        class's: its class and config from the private keys, the stock pipeline's own entries dropped."""
+        if "_distill_pipeline" in config:
+            config["_class_name"] = config.pop("_distill_pipeline")
+            config.update(config.pop("_distill_config", {}))
+            params = inspect.signature(cls.__init__).parameters
+            for key in [k for k in config if not k.startswith("_") and k not in params]:
+                config.pop(key)  # safety checker, feature extractor, ...
+        return config
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
                         **kwargs):
@@ -332,6 +350,9 @@ class ExportedPipelineMixin:
             for path in siblings:  # relative imports keep their file names (diffusers copies them along)
                 shutil.copy(path, os.path.join(save_directory, name, os.path.basename(path)))
             index[name] = [lib, type(component).__name__]
+        layout = self.stock_layout() if hasattr(self, "stock_layout") else None
+        if layout is not None:  # the folder is the stock pipeline's, distill's class and config kept aside
+            index = _stock_index(self, index, *layout, save_directory)
         with open(index_file, "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
         card = getattr(self, "_distill_card", None) or (
@@ -358,6 +379,36 @@ class ExportedPipelineMixin:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
             return self._upload_folder(tmp, repo_id, token=token, commit_message=commit_message,
                                        create_pr=create_pr)
+
+
+def _stock_index(pipe, index: dict, name: str, scheduler, call_kwargs: dict, folder) -> dict:
+    """``model_index.json`` of the stock pipeline ``name`` (its components, the scheduler that samples the
+    student's steps, no safety checker) with distill's class and config under private keys (which diffusers
+    ignores; distill's ``load_config`` restores them) and the call arguments the model card gives."""
+    import os
+
+    import diffusers
+
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters
+    out = {"_class_name": name, "_diffusers_version": index["_diffusers_version"],
+           "_distill_pipeline": index["_class_name"], "_stock_call_kwargs": call_kwargs,
+           "scheduler": ["diffusers", type(scheduler).__name__]}
+    for key, spec in index.items():
+        if isinstance(spec, list) and len(spec) == 2 and key != "scheduler" and not key.startswith("_"):
+            if key in params and spec[0] is not None:
+                out[key] = spec
+    out.update({k: [None, None] for k in params if k not in out and k != "self"
+                and params[k].default is inspect.Parameter.empty})
+    out.update({k: [None, None] for k in ("feature_extractor", "image_encoder") if k in params})
+    if "requires_safety_checker" in params:
+        out["requires_safety_checker"] = False
+    if "force_zeros_for_empty_prompt" in params:
+        out["force_zeros_for_empty_prompt"] = pipe.config.force_zeros_for_empty_prompt
+    out["_distill_config"] = {k: v for k, v in index.items() if not k.startswith("_") and not (
+        isinstance(v, list) and len(v) == 2 and (v[0] is None or isinstance(v[0], str))
+        and (v[1] is None or isinstance(v[1], str)))}
+    return out
 
 
 def _source_files(cls) -> list[str]:

@@ -296,6 +296,32 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             ts = trailing_timesteps(n, self.scheduler.config.num_train_timesteps)
         return vp_grid(self.scheduler.alphas_cumprod, ts)
 
+    def stock_layout(self) -> tuple[str, object, dict] | None:
+        """(stock pipeline class, scheduler, call arguments) with which diffusers' own
+        StableDiffusionPipeline / StableDiffusionXLPipeline samples this student's images, without
+        classifier-free guidance: an SD / SDXL UNet on a VP table without a guidance input. One step: Euler
+        (trailing spacing) at ``timesteps=[t*]``, which starts from sigma(t*) z, the generator's input, and
+        takes x0 (Euler in sigma = sqrt((1 - abar) / abar) is the DDIM update). N steps: DDIM on the
+        trailing grid from z, as here, where that grid is the student's and N divides the table (diffusers'
+        DDIM steps to t - T // N). None for other students."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+        if self.unet is None or self.config.guidance_conditioned or noise_family(self.scheduler) != "vp":
+            return None
+        pred = self.config.get("prediction_type") or self.scheduler.config.prediction_type
+        name = "StableDiffusionXLPipeline" if self.text_encoder_2 is not None else "StableDiffusionPipeline"
+        if self.config.generator_timestep is not None:
+            scheduler = EulerDiscreteScheduler.from_config(self.scheduler.config, timestep_spacing="trailing",
+                                                           prediction_type=pred)
+            return name, scheduler, {"timesteps": [self.config.generator_timestep], "guidance_scale": 1.0}
+        n, T = self.config.num_inference_steps, self.scheduler.config.num_train_timesteps
+        grid = trailing_timesteps(n, T)
+        if T % n or [int(t) for t in (self.config.timesteps or grid)] != grid:
+            return None
+        scheduler = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing",
+                                              set_alpha_to_one=True, clip_sample=False, prediction_type=pred)
+        return name, scheduler, {"num_inference_steps": n, "guidance_scale": 1.0}
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,

@@ -265,7 +265,8 @@ class HalvingRounds:
 
     def export_round(self, r: int):
         return export_pipeline(self.export(r), self.out / "rounds" / f"steps-{self.plan[r][0]}",
-                               {**self.card_info(), "steps": self.plan[r][0]})
+                               {**self.card_info(), "steps": self.plan[r][0],
+                                "steps_to_sample": self.plan[r][0]})
 
     def finish(self, seconds: float):
         if self.accelerator.is_main_process:
@@ -275,5 +276,5 @@ class HalvingRounds:
     def card_info(self) -> dict:
         s = self.section
         return {"method": self.method, "teacher": self.config.teacher.path, "start_steps": s.start_steps,
-                "target_steps": s.target_steps, "loss_weighting": s.loss_weighting,
-                "prediction_type": self.pred}
+                "target_steps": s.target_steps, "steps_to_sample": self.plan[-1][0],
+                "loss_weighting": s.loss_weighting, "prediction_type": self.pred}
