@@ -163,10 +163,9 @@ def cmd_sample(args) -> int:
     pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {}
+    params = __import__("inspect").signature(pipe.__call__).parameters
     if args.negative_prompt is not None:
-        import inspect
-
-        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+        if "negative_prompt" not in params:
             raise ConfigError(f"--negative-prompt: a {type(pipe).__name__} takes no negative prompt; drop "
                               "--negative-prompt.")
         kwargs["negative_prompt"] = [args.negative_prompt] * args.num_images
@@ -175,9 +174,7 @@ def cmd_sample(args) -> int:
     if args.class_labels:
         kwargs["class_labels"] = (_class_labels(args.class_labels) * args.num_images)[: args.num_images]
     if args.guidance_scale is not None:
-        import inspect
-
-        if "guidance_scale" not in inspect.signature(pipe.__call__).parameters:
+        if "guidance_scale" not in params:
             raise ConfigError(f"--guidance-scale {args.guidance_scale}: a {type(pipe).__name__} takes no "
                               "guidance scale (an unconditional or one-step model); drop --guidance-scale.")
         kwargs["guidance_scale"] = args.guidance_scale

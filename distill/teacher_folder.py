@@ -13,17 +13,6 @@ from .errors import ConfigError
 from .models import EXPORT_NAMES, GaussianMixtureTeacher
 
 
-def dtype_kwargs(library, dtype) -> dict:
-    """``from_pretrained``'s dtype argument as the installed ``library`` (diffusers or transformers) names it:
-    ``dtype`` from diffusers 0.40 / transformers 4.56 on, ``torch_dtype`` before; nothing for None."""
-    if dtype is None:
-        return {}
-    from packaging.version import Version
-
-    since = (0, 40) if library.__name__ == "diffusers" else (4, 56)
-    return {"dtype" if Version(library.__version__).release >= since else "torch_dtype": dtype}
-
-
 def load_latent_parts(folder: Path, index: dict, device, dtype) -> dict:
     """VAE and the text encoder(s) and tokenizer(s) of a latent teacher's folder, frozen, in ``dtype``
     (None: as stored): Stable Diffusion (one CLIP encoder), SDXL (two), SD3 (two CLIP encoders and an
@@ -38,16 +27,15 @@ def load_latent_parts(folder: Path, index: dict, device, dtype) -> dict:
                           f"{missing}; a Stable-Diffusion-format folder has unet (or transformer), vae, "
                           "text_encoder, tokenizer and scheduler, a DiT folder transformer, vae and "
                           "scheduler.")
-    vae_cls = getattr(diffusers, index["vae"][1])
-    vae = vae_cls.from_pretrained(folder / "vae", **dtype_kwargs(diffusers, dtype)).to(device)
+    kw = {} if dtype is None else {"dtype": dtype}
+    vae = getattr(diffusers, index["vae"][1]).from_pretrained(folder / "vae", **kw).to(device)
     encs, toks = [], []
     for suffix in ("", "_2", "_3"):
         enc_spec, tok_spec = index.get(f"text_encoder{suffix}"), index.get(f"tokenizer{suffix}")
         if not enc_spec or enc_spec[0] is None:
             continue
-        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(
-            folder / f"text_encoder{suffix}", **dtype_kwargs(transformers, dtype)).to(device).eval()
-                    .requires_grad_(False))
+        encs.append(getattr(transformers, enc_spec[1]).from_pretrained(folder / f"text_encoder{suffix}", **kw)
+                    .to(device).eval().requires_grad_(False))
         toks.append(getattr(transformers, tok_spec[1]).from_pretrained(folder / f"tokenizer{suffix}"))
     force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
     return {"vae": vae.eval().requires_grad_(False), "text_encoders": encs, "tokenizers": toks,

@@ -33,7 +33,6 @@ from .noise import NoiseSchedule
 from .teacher_folder import (
     component_class,
     damaged,
-    dtype_kwargs,
     image_tokens,
     infer_classes,
     infer_shape,
@@ -112,7 +111,7 @@ class Teacher:
                               f"'scheduler'; it has {sorted(k for k in index if not k.startswith('_'))}.")
         with damaged(folder, net_name):
             model = (component_class(index[net_name])
-                     .from_pretrained(folder / net_name, **dtype_kwargs(diffusers, dtype)).to(device))
+                     .from_pretrained(folder / net_name, dtype=dtype).to(device))
         with damaged(folder, "scheduler"):
             scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder / "scheduler")
         text = {}
@@ -133,8 +132,7 @@ class Teacher:
         itself, ``Condition.drop``)."""
         net = self.weights
         if self.folder is not None and self.network_subfolder is not None:
-            fresh = type(net).from_pretrained(self.folder / self.network_subfolder,
-                                              **dtype_kwargs(diffusers, torch.float32))
+            fresh = type(net).from_pretrained(self.folder / self.network_subfolder, dtype=torch.float32)
         elif not any("lora_" in k for k in net.state_dict()):
             fresh = copy.deepcopy(net)
         else:  # a LoRA-carrying network: its own weights sit under ``base_layer``

@@ -97,3 +97,29 @@ def test_every_pipeline_file_imports_its_siblings_directly():
                 seen.add(name)
                 todo.extend(direct(name))
         assert seen <= direct(path.stem), f"{path.name} needs {sorted(seen - direct(path.stem))} imported"
+
+
+def test_every_lower_bound_in_setup_cfg_is_the_version_the_lowest_ci_job_installs():
+    """setup.cfg's ``>=`` bounds and ci/constraints-lowest.txt (what `make test-lowest` pins, .ci/run runs it)
+    name the same versions, so a declared lower bound is one a CI job tests."""
+    import configparser
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT.parent / "setup.cfg")
+    bounds = {}
+    for line in cfg["options"]["install_requires"].strip().splitlines():
+        req = Requirement(line.strip())
+        lows = [s.version for s in req.specifier if s.operator == ">="]
+        if lows:
+            bounds[req.name] = Version(lows[0])
+    pins = {}
+    for line in (ROOT.parent / "ci" / "constraints-lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = Version(version)
+    assert {"torch", "diffusers", "transformers", "accelerate", "peft"} <= set(bounds)
+    assert bounds == pins
+    assert "make test-lowest" in (ROOT.parent / ".ci" / "run").read_text()
