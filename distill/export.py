@@ -26,7 +26,8 @@ from . import pipelines as _pipelines
 from .errors import ConfigError
 
 
-def model_card(info: dict, load: list[str] | None = None, index: dict | None = None) -> str:
+def model_card(info: dict, load: list[str] | None = None, index: dict | None = None,
+               text: bool | None = None) -> str:
     """A Hub model card: YAML metadata (``library_name: diffusers``, the ``pipeline_tag``, the teacher as
     ``base_model``, tags), a table of what made the model, how to load it (``load``: the lines of the Python
     example; else from the folder's ``index``: the stock pipeline with its call arguments where one runs the
@@ -34,7 +35,7 @@ def model_card(info: dict, load: list[str] | None = None, index: dict | None = N
     import yaml
 
     index = index or {}
-    text = any(k in index for k in ("text_encoder", "tokenizer")) or "LoRA" in str(info.get("title", ""))
+    text = any(k in index for k in ("text_encoder", "tokenizer")) if text is None else text
     tags = (["diffusers", "distill", "diffusion-distillation"]
             + ([info["method"]] if info.get("method") else [])
             + ([f"{info['steps_to_sample']}-step"] if isinstance(info.get("steps_to_sample"), int) else []))
@@ -204,9 +205,10 @@ def export_lora_adapter(state_dict: dict, lora_config: dict, folder, scheduler, 
     (tmp / "distill_lora.json").write_text(json.dumps({"call_kwargs": call_kwargs, "lora": lora_config,
                                                        "scheduler": type(scheduler).__name__},
                                                       indent=2) + "\n")
+    text = pipeline not in (None, "DiTPipeline", "DDPMPipeline")
     (tmp / "README.md").write_text(model_card({"title": f"distill {info.get('method', '')} LoRA adapter",
                                                **info, "scheduler": type(scheduler).__name__,
-                                               "call": call_kwargs}, load))
+                                               "call": call_kwargs}, load, text=text))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
