@@ -113,6 +113,18 @@ def test_bad_routing_tables_are_refused():
         MultiStudentPipeline(bank, sched, sample_shape=[2], num_classes=3, routing={"kind": "hash"})
 
 
+def test_prompt_routing_with_embeddings_of_another_width_names_what_to_pass():
+    """An SDXL-class multi-student pipeline routes by the pooled embedding; prompt_embeds alone (whose token
+    mean has another width) gets a message naming the widths and the fix, not torch.cdist's error."""
+    _, bank = _bank(k=2, num_classes=3)
+    pipe = MultiStudentPipeline(bank, diffusers.DDPMScheduler(), sample_shape=[2],
+                                routing={"kind": "prompt_clusters", "centroids": [[1.0] * 4, [-1.0] * 4]})
+    pooled = torch.tensor([[1.0] * 4, [-2.0] * 4])
+    assert pipe.route(prompt_embeds=torch.randn(2, 5, 6), pooled_prompt_embeds=pooled).tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"width 6.*centroids of width 4.*pooled_prompt_embeds"):
+        pipe.route(prompt_embeds=torch.randn(2, 5, 6))
+
+
 PLAIN_LOAD = """
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline

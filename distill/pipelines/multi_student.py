@@ -118,7 +118,13 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
         if prompt_embeds is None:
             raise ValueError("This pipeline routes by prompt: pass prompt=... or prompt_embeds=...")
         feats = prompt_feature(prompt_embeds, pooled_prompt_embeds)
-        return nearest_centroid(feats, torch.tensor(routing["centroids"]))
+        centroids = torch.tensor(routing["centroids"])
+        if feats.shape[-1] != centroids.shape[-1]:
+            raise ValueError(f"The prompts' routing feature has width {feats.shape[-1]} but the routing "
+                             f"table has centroids of width {centroids.shape[-1]}: a teacher with pooled "
+                             "text embeddings (SDXL) routes by them, so pass pooled_prompt_embeds with "
+                             "prompt_embeds (or pass prompt=...).")
+        return nearest_centroid(feats, centroids)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, batch_size: int | None = None,
