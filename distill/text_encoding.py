@@ -107,8 +107,12 @@ def sdxl_time_ids(height: int, width: int, batch: int, device) -> torch.Tensor:
 
 def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode of model-space latents (undoing scaling_factor, shift_factor, latents_mean/std) ->
-    [-1, 1]."""
+    [-1, 1]. A VAE held in fp16 whose config asks for ``force_upcast`` (SDXL's, which overflows in fp16)
+    decodes in fp32, as diffusers' pipelines do, and goes back to fp16."""
     cfg = vae.config
+    upcast = vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
     z = latents.to(vae.dtype)
     if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
         mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
@@ -116,4 +120,7 @@ def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
         z = z * std / cfg.scaling_factor + mean
     else:
         z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return vae.decode(z).sample
+    images = vae.decode(z).sample
+    if upcast:
+        vae.to(torch.float16)
+    return images

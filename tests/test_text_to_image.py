@@ -541,3 +541,26 @@ def test_the_stock_sd_pipelines_load_one_and_four_step_students_without_remote_c
         np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), ours(
             prompt=["a red cat", "a blue dog"], generator=torch.Generator().manual_seed(0),
             output_type="np").images)
+
+
+def test_a_force_upcast_vae_held_in_fp16_decodes_in_fp32():
+    """SDXL's VAE overflows in fp16 and asks for ``force_upcast``: held in fp16 it decodes in fp32 (exactly
+    the images of its weights in fp32) and stays in fp16 afterwards; a VAE without the flag decodes in its
+    own dtype."""
+    import copy
+
+    from distill.pipelines.one_step import latents_to_images
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
+                                  force_upcast=True).eval()
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = latents_to_images(copy.deepcopy(vae).half().float(), z)  # the fp16 weights, in fp32
+        half = copy.deepcopy(vae).half()
+        out = latents_to_images(half, z)
+        assert out.dtype == torch.float32 and torch.equal(out, ref) and half.dtype == torch.float16
+        half.register_to_config(force_upcast=False)
+        low = latents_to_images(half, z)
+    assert low.dtype == torch.float16 and (low.float() - ref).abs().max() > 1e-4
