@@ -329,9 +329,10 @@ class ExportedPipelineMixin:
         """diffusers' ``save_pretrained`` (safetensors), then the folder made self-contained, as distill's
         exports are: this pipeline's source files at the root (``model_index.json`` names ``[module,
         Class]``), each component of a non-library class with its source in its folder (``[distill_<file>,
-        Class]``), and a model card when the folder has none; so a loaded, modified or composed pipeline loads
-        again with ``trust_remote_code=True`` where distill is not installed. ``push_to_hub=True`` then
-        uploads that folder (``push_to_hub``'s keyword arguments)."""
+        Class]``), and the model card it was exported or loaded with (else a short one); so a loaded, modified
+        or composed pipeline loads again with ``trust_remote_code=True`` where distill is not installed. A
+        student the stock pipeline runs (``stock_layout``) is written in that pipeline's layout.
+        ``push_to_hub=True`` then uploads that folder (``push_to_hub``'s keyword arguments)."""
         import json
         import os
         import shutil
