@@ -145,15 +145,3 @@ def fake_score_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Denoising score matching of the fake score on detached generator samples (Luo et al. 2023),
     per-sample mean squared error in the network's own parameterisation."""
     return _flat(pred.float() - target.float()).pow(2).mean(1)
-
-
-def discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy: noised data -> 1, noised generator samples -> 0 (per sample)."""
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    return bce(logit_real, torch.ones_like(logit_real), reduction="none") + bce(
-        logit_fake, torch.zeros_like(logit_fake), reduction="none")
-
-
-def generator_gan_loss(logit_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN generator term (DMD2 / SiDA): softplus(-logit)."""
-    return torch.nn.functional.softplus(-logit_fake)

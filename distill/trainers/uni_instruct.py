@@ -25,19 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import nn
 
 from ..engine import DistillationTrainer, Update, frozen
 from ..errors import require
 from ..lora import AdapterView
-from ..objectives.score import (
-    DiffInstructLoss,
-    UniInstructLoss,
-    discriminator_loss,
-    fake_score_loss,
-    generator_gan_loss,
-    h_of,
-)
+from ..objectives.adversarial import DiscriminatorHead, discriminator_loss, feature_module, generator_gan_loss
+from ..objectives.score import DiffInstructLoss, UniInstructLoss, fake_score_loss, h_of
 from .score_helpers import OneStepScoreHelpers, ScoreGroup, one_step_checks
 
 if TYPE_CHECKING:
@@ -104,39 +97,6 @@ class UniInstructConfig:
             (self.ratio_warmup_steps >= 0, "uni_instruct.ratio_warmup_steps", self.ratio_warmup_steps,
              "an integer >= 0")])
 
-
-
-class DiscriminatorHead(nn.Module):
-    """Logit from captured fake-score features: spatial maps (a UNet's mid block) and token sequences (a
-    transformer's last block) are pooled after the head, vectors (distill's MLP) used as they are."""
-
-    def __init__(self, channels: int, spatial: bool):
-        super().__init__()
-        self.spatial = spatial
-        self.net = (nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 1), nn.SiLU(),
-                                  nn.Conv2d(channels, 1, 1))
-                    if spatial else nn.Sequential(nn.SiLU(), nn.Linear(channels, channels), nn.SiLU(),
-                                                  nn.Linear(channels, 1)))
-
-    def forward(self, feats) -> torch.Tensor:
-        feats = feats[-1] if isinstance(feats, tuple) else feats  # SD3's joint block: (text, image) tokens
-        out = self.net(feats)
-        if self.spatial:
-            return out.mean(dim=(1, 2, 3))
-        return out.mean(dim=1).squeeze(1) if out.ndim == 3 else out.squeeze(1)  # (B, tokens, 1): token mean
-
-
-def feature_module(net):
-    """(module whose output the head reads, its feature width, spatial?): a UNet's mid block, a transformer's
-    last block (DiT, SD3: image tokens), distill's MLP's last block."""
-    if hasattr(net, "mid_block") and net.mid_block is not None:
-        return net.mid_block, net.config.block_out_channels[-1], True
-    if hasattr(net, "transformer_blocks"):
-        cfg = net.config
-        return net.transformer_blocks[-1], cfg.num_attention_heads * cfg.attention_head_dim, False
-    if hasattr(net, "blocks"):
-        return net.blocks[-1], net.config.hidden, False
-    raise ValueError(f"No discriminator feature layer known for {type(net).__name__}.")
 
 
 class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
