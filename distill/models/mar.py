@@ -15,6 +15,10 @@ Li et al. 2024, "Autoregressive Image Generation without Vector Quantization" (M
       L(z, x) = E_{eps, t} || eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t, z) ||^2.
 
 The head's residual blocks are modulated by t and z (adaptive layer norm, as MAR's SimpleMLPAdaLN).
+With ``learn_sigma=True`` (MAR's and DiSA's reference heads) it outputs 2 C p^2 values per token: eps and
+v_raw, the interpolation of Nichol & Dhariwal 2021, eq. 15, log Sigma = v log beta_t + (1 - v) log beta~_t
+with v = (v_raw + 1) / 2, trained with their hybrid loss (eq. 16). ``learn_sigma=False`` (the default of
+folders exported before it existed) is the epsilon-only head sampled with the fixed posterior variance.
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ class AdaLNBlock(nn.Module):
 
 
 class DiffusionHead(nn.Module):
-    """eps_theta(x_t, t, z): the per-token denoiser (MAR's diffusion head)."""
+    """eps_theta(x_t, t, z): the per-token denoiser (MAR's diffusion head); ``out_dim`` = 2 ``token_dim``
+    appends the variance interpolation v_raw."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, out_dim: int):
         super().__init__()
         self.width = width
         self.x_in = nn.Linear(token_dim, width)
@@ -63,7 +68,7 @@ class DiffusionHead(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, token_dim)
+        self.out = nn.Linear(width, out_dim)
         for layer in (self.ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -86,12 +91,13 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
         width, depth, num_heads, mlp_ratio: the transformer.
         num_classes: classes (label ``num_classes`` is the null class); 0 = unconditional.
         head_width, head_depth: the diffusion head.
+        learn_sigma: the head also outputs the variance interpolation v_raw (Nichol & Dhariwal 2021, eq. 15).
     """
 
     @register_to_config
     def __init__(self, sample_size: int = 16, in_channels: int = 1, patch_size: int = 2, width: int = 128,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10,
-                 head_width: int = 128, head_depth: int = 3):
+                 head_width: int = 128, head_depth: int = 3, learn_sigma: bool = False):
         super().__init__()
         if sample_size % patch_size:
             raise ValueError(f"sample_size={sample_size} is not a multiple of patch_size={patch_size}.")
@@ -103,7 +109,8 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.head = DiffusionHead(self.token_dim, width, head_width, head_depth)
+        self.head = DiffusionHead(self.token_dim, width, head_width, head_depth,
+                                  out_dim=self.token_dim * (2 if learn_sigma else 1))
 
     @property
     def token_dim(self) -> int:
@@ -140,5 +147,5 @@ class MaskedAutoregressiveModel(ModelMixin, ConfigMixin):
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The diffusion head: eps prediction for noisy tokens x_t (N, C p^2) at timesteps (N,) given z
-        (N, width)."""
+        (N, width); with ``learn_sigma`` (N, 2 C p^2): eps, then v_raw."""
         return self.head(x_t, timestep, z)

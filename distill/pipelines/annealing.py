@@ -61,11 +61,12 @@ def step_schedule(num_iter: int, upper: int, lower: int, schedule="linear") -> l
 
 
 def head_timesteps(num_steps: int, num_train_timesteps: int = 1000, max_timestep: int = 950) -> list[int]:
-    """The descending training indices a ``num_steps``-step head sampler visits, as DiSA's sampler builds
-    them: ADM's ``space_timesteps`` (an accumulated stride (T - 1) / (n - 1) from 0, Python ``round``),
-    then every index clipped to ``max_timestep`` (950, the reference's ``clip_timesteps`` default) and
-    duplicates merged, so near-1000 indices collapse and n = 50 visits 48 distinct indices. One step
-    samples at ``max_timestep`` (ADM's spacing would give index 0 alone)."""
+    """The descending training indices a ``num_steps``-step head sampler visits: ADM's ``space_timesteps``
+    (an accumulated stride (T - 1) / (n - 1) from 0, Python ``round``), then every index clipped to
+    ``max_timestep`` and duplicates merged. DiSA's sampler clips at 950 (its ``clip_timesteps`` default), so
+    near-1000 indices collapse and n = 50 visits 48 distinct indices; MAR's own sampler (and DiSA's
+    "default" one) does not clip: ``max_timestep = T - 1``. One step samples at ``max_timestep`` (ADM's
+    spacing would give index 0 alone)."""
     if num_steps < 1 or num_steps > num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}.")
     if num_steps == 1:

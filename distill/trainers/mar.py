@@ -10,7 +10,11 @@ step, per image:
 4. the transformer turns the known tokens into a conditioning vector z_i per token, and the diffusion
    head is trained on the masked tokens only, each repeated ``mar.diffusion_batch_mul`` times with its
    own (t, eps):  L = E || eps - eps_theta(sqrt(abar_t) x_i + sqrt(1 - abar_t) eps, t, z_i) ||^2
-   (MAR eq. 2; t uniform over 1,000 indices of the cosine schedule, as MAR).
+   (MAR eq. 2; t uniform over 1,000 indices of the cosine schedule, as MAR). With ``mar.learn_sigma``
+   (default, as MAR's and DiSA's reference heads) the head also learns its variance with the hybrid loss
+   L_simple + lambda L_vlb of Nichol & Dhariwal 2021 (eq. 15-16, lambda = 0.001), and the export samples
+   with that learned-range variance; ``false`` trains eps only and samples with the fixed posterior
+   variance.
 
 The export is a :class:`~distill.pipelines.MaskedAutoregressivePipeline`; sample it with DiSA step
 annealing (``pipe(step_schedule="cosine", diffusion_steps=50, min_diffusion_steps=5)``).
@@ -49,6 +53,7 @@ class MARConfig:
     mask_ratio_min: float = 0.7  # masking ratio ~ normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)
     label_dropout: float = 0.1  # null class for classifier-free guidance (MAR: 0.1)
     diffusion_batch_mul: int = 4  # head samples (t, noise) per token per step (MAR: 4)
+    learn_sigma: bool = True  # head variance learned, hybrid loss (MAR / DiSA reference); false: eps only
     num_iter: int = 16  # sampling defaults written into the exported pipeline's card and sample grids
     diffusion_steps: int = 50
 
@@ -86,7 +91,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         self.num_classes = self.data.num_classes
         net = MaskedAutoregressiveModel(sample_size=s, in_channels=c, patch_size=m.patch_size, width=m.width,
                                         depth=m.depth, num_heads=m.num_heads, num_classes=self.num_classes,
-                                        head_width=m.head_width, head_depth=m.head_depth)
+                                        head_width=m.head_width, head_depth=m.head_depth,
+                                        learn_sigma=m.learn_sigma)
         self.add("mar", net, lr=self.config.optim.lr, ema=True)
 
     def mask_ratio(self) -> float:
@@ -98,7 +104,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
         return float(1.0 + 0.25 * torch.special.ndtri(phi[0] + u * (phi[1] - phi[0])))
 
     def objective(self, batch: dict, step: int):
-        """MAR's diffusion-head loss (Li et al. 2024, eq. 2) on the masked tokens of a random order."""
+        """MAR's diffusion-head loss (Li et al. 2024, eq. 2; with ``learn_sigma`` Nichol & Dhariwal's hybrid
+        loss, eq. 16) on the masked tokens of a random order."""
         m, net = self.config.mar, self.modules["mar"]
         model = self.unwrap("mar")
         tokens = model.patchify(batch["x"])
@@ -117,7 +124,8 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
             z = model.encode(tokens, mask, labels)
             target = _rows(tokens, where).repeat(m.diffusion_batch_mul, 1)
             cond = _rows(z, where).repeat(m.diffusion_batch_mul, 1)
-            per_token = diffusion_head_loss(net, target, cond, self.alphas_cumprod, self.rng)
+            per_token = diffusion_head_loss(net, target, cond, self.alphas_cumprod, self.rng,
+                                            learn_sigma=m.learn_sigma)
         loss = self.finite_mean(per_token)
         norms = yield Update(loss, "mar")
         return {"loss": loss.detach(), "grad_norm": norms["mar"], "mask_ratio": n / length}
