@@ -5,7 +5,9 @@
 * ``times``: a float64 tensor of shape (N, 2) from :func:`vp_grid` on integer timesteps (such as
   :func:`trailing_timesteps`): one row ``(timestep, alpha_bar)`` per network evaluation, in order of
   decreasing noise; sampling ends at the data (alpha_bar = 1). ``alpha_bar`` is the variance-preserving
-  noise level, x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4).
+  noise level, x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4). Or shape
+  (N, 3) from :func:`ddim_rows`: a third column, the alpha_bar each step goes to (diffusers' DDIMScheduler
+  at any N, with either ``set_alpha_to_one``).
 * ``model_fn(x, i, timestep) -> denoised``: the clean-sample prediction x0 at row i.
 * ``callback({"i", "t", "x", "denoised"})`` after every step (x: the state after the step).
 * ``generator``: the torch.Generator of the stochastic sampler's fresh noise.
@@ -16,17 +18,19 @@ Meng et al. 2023 (sec. 4.2).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
 def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """diffusers' trailing spacing: 1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
+    """diffusers' trailing spacing, computed as its schedulers compute it (``np.arange``'s rounding included):
+    1 -> [999], 2 -> [999, 499], 4 -> [999, 749, 499, 249]."""
     if num_inference_steps < 1 or num_inference_steps > num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got "
                          f"{num_inference_steps}.")
-    step = num_train_timesteps / num_inference_steps
-    return [round(num_train_timesteps - i * step) - 1 for i in range(num_inference_steps)]
+    grid = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps))
+    return [int(t) - 1 for t in grid]
 
 
 def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
@@ -36,6 +40,19 @@ def vp_grid(alphas_cumprod: torch.Tensor, timesteps) -> torch.Tensor:
         raise ValueError(f"timesteps must be strictly descending, got {ts}.")
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
     return torch.tensor([[float(t), float(ac[t])] for t in ts], dtype=torch.float64)
+
+
+def ddim_rows(alphas_cumprod: torch.Tensor, num_inference_steps: int,
+              final_alpha_cumprod: float = 1.0) -> torch.Tensor:
+    """diffusers' ``DDIMScheduler`` on trailing spacing as sampler rows (timestep, alpha_bar, alpha_bar of the
+    step's target): the network is called at the trailing timesteps t_i and each step goes to
+    t_i - T // N (diffusers' ``prev_timestep``; the next row's timestep only when N divides T), the last one
+    to ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``, else alpha_bar_0: the image keeps that noise)."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    stride = len(ac) // num_inference_steps
+    ts = trailing_timesteps(num_inference_steps, len(ac))
+    target = [float(ac[t - stride]) if t >= stride else float(final_alpha_cumprod) for t in ts]
+    return torch.tensor([[float(t), float(ac[t]), a] for t, a in zip(ts, target)], dtype=torch.float64)
 
 
 def ddim_step(x, denoised, alpha, sigma, alpha_next, sigma_next):
@@ -50,13 +67,21 @@ def _coefficients(times: torch.Tensor, i: int):
     return ab, ab**0.5, (1 - ab) ** 0.5
 
 
+def _target(times: torch.Tensor, i: int):
+    """The coefficients the step from row i goes to: the third column's alpha_bar when given (diffusers'
+    DDIM targets, :func:`ddim_rows`), else the next row's."""
+    ab = float(times[i, 2]) if times.shape[1] == 3 else float(times[i + 1, 1])
+    return ab, ab**0.5, (1 - ab) ** 0.5
+
+
 def _chain(model_fn, x, times, callback, step):
     """The loop every sampler shares: evaluate the model at row i, move with ``step(x, denoised, i)`` (the
-    last row returns the clean prediction), report to the callback."""
+    last row returns the clean prediction, or steps to its target with a third column), report to the
+    callback."""
     n = len(times)
     for i in range(n):
         denoised = model_fn(x, i, times[i, 0].item())
-        x = denoised if i + 1 == n else step(x, denoised, i)
+        x = denoised if i + 1 == n and times.shape[1] == 2 else step(x, denoised, i)
         if callback is not None:
             callback({"i": i, "t": times[i, 0].item(), "x": x, "denoised": denoised})
     return x
@@ -67,7 +92,7 @@ def sample_ddim(model_fn, x, times, callback=None, generator=None):
 
     def step(x, denoised, i):
         _, a, s = _coefficients(times, i)
-        _, a_next, s_next = _coefficients(times, i + 1)
+        _, a_next, s_next = _target(times, i)
         return ddim_step(x, denoised, a, s, a_next, s_next)
 
     return _chain(model_fn, x, times, callback, step)
@@ -77,7 +102,10 @@ def sample_meng_stochastic(model_fn, x, times, callback=None, generator=None):
     """Meng et al. 2023, sec. 4.2: from t_i one DDIM step of twice the nominal length, to t_{i+2} (the data
     when t_{i+1} is the last grid time), then forward to t_{i+1} with the forward marginal,
     z_{i+1} = sqrt(abar_{i+1} / abar_{i+2}) z_{i+2} + sqrt(1 - abar_{i+1} / abar_{i+2}) xi.
-    The last interval is deterministic, so it also costs N network evaluations."""
+    The last interval is deterministic, so it also costs N network evaluations. Two-column rows only."""
+    if times.shape[1] != 2:
+        raise ValueError("sample_meng_stochastic steps between grid rows; it takes (timestep, alpha_bar) "
+                         "rows (vp_grid), not DDIM target rows (ddim_rows).")
 
     def step(x, denoised, i):
         _, a, s = _coefficients(times, i)

@@ -2,13 +2,17 @@
 (checked against diffusers' DDIMScheduler), callbacks with x0, and matched noise levels across tables."""
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 
 from distill.noise import NoiseSchedule
+from distill.pipelines import FewStepPipeline
 from distill.pipelines.samplers import (
+    ddim_rows,
     sample_ddim,
     sample_ddpm_ancestral,
+    sample_meng_stochastic,
     timestep_for,
     trailing_timesteps,
     vp_grid,
@@ -42,6 +46,71 @@ def test_samplers_equal_diffusers_ddim_with_eta(eta, sampler, steps):
     if eta:  # the fresh noise matters
         again = sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(6))
         assert (again - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta,sampler", [(0.0, sample_ddim), (1.0, sample_ddpm_ancestral)])
+@pytest.mark.parametrize("steps", [3, 6, 7, 48])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_rows_equal_diffusers_ddim_at_every_step_count(eta, sampler, steps, set_alpha_to_one):
+    """diffusers steps from t to t - T // N (not to the next trailing timestep when N does not divide T) and
+    ends at alpha_bar_0 without set_alpha_to_one: ddim_rows reproduces both, the plain trailing grid does not."""
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    timestep_spacing="trailing", clip_sample=False,
+                                    set_alpha_to_one=set_alpha_to_one)
+    sched.set_timesteps(steps)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    ref = x.clone()
+    for t in sched.timesteps:
+        ref = sched.step(_linear_model(ref, int(t)), t, ref, eta=eta, generator=g).prev_sample
+    ac = sched.alphas_cumprod.to(torch.float64)
+    times = ddim_rows(ac, steps, float(sched.final_alpha_cumprod))
+    assert times[:, 0].tolist() == sched.timesteps.tolist()
+
+    def model_fn(z, i, t):  # epsilon -> x0
+        ab = float(times[i, 1])
+        return (z - (1 - ab) ** 0.5 * _linear_model(z, int(t))) / ab**0.5
+
+    out = sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grid = vp_grid(ac, sched.timesteps.tolist())
+    rows_only = sampler(model_fn, x.clone(), grid, generator=torch.Generator().manual_seed(5))
+    assert (rows_only - ref).abs().max() > 1e-4  # N = 6 with set_alpha_to_one: 1000 % 6 = 4
+
+
+def test_trailing_timesteps_are_diffusers_at_every_step_count():
+    """diffusers' trailing grid rounds np.arange's values (937.4999... at N = 48 -> 936, where rounding
+    1000 - 3 T / N = 937.5 would give 937): equal to DDIMScheduler.set_timesteps for every N <= 1000."""
+    sched = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    for n in range(1, 1001):
+        sched.set_timesteps(n)
+        assert trailing_timesteps(n) == sched.timesteps.tolist(), n
+
+
+def test_teacher_ddim_baselines_are_diffusers_ddim_pipeline_at_any_step_count():
+    """A teacher's 'DDIM N steps' baseline (FewStepPipeline with the teacher's DDIMScheduler) equals diffusers'
+    own DDIMPipeline, at N = 7 (not a divisor of 1000) with either set_alpha_to_one; so does Teacher.sample."""
+    from distill.teachers import Teacher
+
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    torch.manual_seed(0)
+    for p in unet.parameters():  # an untrained UNet whose output depends on x and t
+        p.data.normal_(0, 0.1)
+    for flag in (True, False):
+        ddim = diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=flag)
+        ref = diffusers.DDIMPipeline(unet, ddim)(batch_size=2, num_inference_steps=7, output_type="np",
+                                                 generator=torch.Generator().manual_seed(3)).images
+        ours = FewStepPipeline(unet, ddim, num_inference_steps=7)(
+            batch_size=2, generator=torch.Generator().manual_seed(3), output_type="np").images
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+        teacher = Teacher.from_model(unet, diffusers.DDIMScheduler(set_alpha_to_one=flag), source="test")
+        x = teacher.sample(2, 7, torch.Generator().manual_seed(3))
+        np.testing.assert_allclose((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="vp_grid"):
+        sample_meng_stochastic(lambda z, i, t: z, x, ddim_rows(ddim.alphas_cumprod, 3))
 
 
 def test_callback_gets_step_time_state_and_x0():

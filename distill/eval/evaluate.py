@@ -114,14 +114,19 @@ def report_after_training(cfg, teacher, data, pipeline_path) -> dict:
             sched = teacher.scheduler
             if teacher.schedule.kind == "vp":
                 sched = diffusers.DDIMScheduler.from_config(sched.config, timestep_spacing="trailing",
-                                                            clip_sample=False, set_alpha_to_one=True)
+                                                            clip_sample=False)
             models["teacher"] = TextToImagePipeline(
                 **{"unet": None, teacher.network_name: teacher.weights}, scheduler=sched,
                 num_inference_steps=50,
                 force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt, **teacher.export_size,
                 **teacher.frozen_components(reload=False))
         elif teacher.schedule.kind == "vp":
-            models["teacher"] = FewStepPipeline(teacher.weights, teacher.scheduler, num_inference_steps=50,
+            import diffusers
+
+            # diffusers' DDIM with the teacher's own set_alpha_to_one, at every step count
+            ddim = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
+                                                       clip_sample=False)
+            models["teacher"] = FewStepPipeline(teacher.weights, ddim, num_inference_steps=50,
                                                 sample_shape=teacher.sample_shape,
                                                 num_classes=teacher.num_classes,
                                                 **teacher.frozen_components(reload=False))

@@ -4,8 +4,9 @@ STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``sa
 (exported folders carry them; diffusers copies relative imports of remote code).
 
 Samplers (``samplers.py``: pure functions of the denoiser's x0 prediction on a descending grid):
-* deterministic DDIM (Song et al. 2021, eq. 12, eta = 0), equal to diffusers' ``DDIMScheduler``
-  with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True``, ``clip_sample=False``;
+* deterministic DDIM (Song et al. 2021, eq. 12, eta = 0) on the stored or trailing grid; with a
+  ``DDIMScheduler`` and no stored grid, exactly diffusers' ``DDIMScheduler`` (``timestep_spacing="trailing"``,
+  ``clip_sample=False``, either ``set_alpha_to_one``) at any N (``samplers.ddim_rows``): a teacher's baseline;
 * the stochastic N-step sampler of Meng et al. 2023 ("On Distillation of Guided Diffusion Models",
   sec. 4.2, after the EDM stochastic sampler): from grid time t_i take one
   deterministic DDIM step of twice the nominal length, to t_{i+2} (the data when t_{i+1} is the
@@ -21,7 +22,7 @@ passes ``guidance_weight = guidance_scale - 1`` to the network.
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,7 +39,7 @@ from .one_step import (
     scheduler_sigmas,
     x0_from_output,
 )
-from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
+from .samplers import ddim_rows, sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
 
@@ -110,6 +111,11 @@ class FewStepPipeline(ExportedPipelineMixin, DiffusionPipeline):
             if sigmas is not None:
                 raise ValueError("sigmas= is the grid of an EDM or flow-matching scheduler; this pipeline's "
                                  f"{type(self.scheduler).__name__} takes timesteps=.")
+            n = num_inference_steps or self.config.num_inference_steps
+            stored = timesteps is not None or (num_inference_steps is None
+                                               and self.config.timesteps is not None)
+            if isinstance(self.scheduler, DDIMScheduler) and not stored:  # diffusers' DDIM, at any N
+                return ddim_rows(self.scheduler.alphas_cumprod, n, float(self.scheduler.final_alpha_cumprod))
             return vp_grid(self.scheduler.alphas_cumprod, self.grid(num_inference_steps, timesteps))
         if timesteps is not None:
             raise ValueError(f"timesteps= is the grid of a VP table; this pipeline's "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -47,7 +47,7 @@ from .one_step import (
     to_output,
     x0_from_output,
 )
-from .samplers import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
+from .samplers import ddim_rows, sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
 logger = logging.get_logger(__name__)
 
@@ -282,8 +282,9 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         return encode_for(self.network, *self._encoders(), prompt, device, zeros)
 
     def rows(self, num_inference_steps: int | None) -> torch.Tensor:
-        """The sampler rows (network time input, alpha_bar): the stored or trailing grid on a VP table, the
-        stored or the scheduler's own noise levels on EDM and flow."""
+        """The sampler rows (network time input, alpha_bar): the stored or trailing grid on a VP table (a
+        ``DDIMScheduler`` without a stored grid: diffusers' DDIM steps, ``ddim_rows``), the stored or the
+        scheduler's own noise levels on EDM and flow."""
         n = num_inference_steps or self.config.num_inference_steps
         if noise_family(self.scheduler) != "vp":
             stored = self.config.get("sigmas")
@@ -292,6 +293,8 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
             return family_rows(self.scheduler, sigmas)
         if num_inference_steps is None and self.config.timesteps is not None:
             ts = [int(t) for t in self.config.timesteps]
+        elif isinstance(self.scheduler, DDIMScheduler):  # diffusers' DDIM, at any N
+            return ddim_rows(self.scheduler.alphas_cumprod, n, float(self.scheduler.final_alpha_cumprod))
         else:
             ts = trailing_timesteps(n, self.scheduler.config.num_train_timesteps)
         return vp_grid(self.scheduler.alphas_cumprod, ts)
@@ -304,8 +307,6 @@ class TextToImagePipeline(ExportedPipelineMixin, DiffusionPipeline):
         takes x0 (Euler in sigma = sqrt((1 - abar) / abar) is the DDIM update). N steps: DDIM on the
         trailing grid from z, as here, where that grid is the student's and N divides the table (diffusers'
         DDIM steps to t - T // N). None for other students."""
-        from diffusers import DDIMScheduler, EulerDiscreteScheduler
-
         if self.unet is None or self.config.guidance_conditioned or noise_family(self.scheduler) != "vp":
             return None
         pred = self.config.get("prediction_type") or self.scheduler.config.prediction_type
