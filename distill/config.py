@@ -38,6 +38,9 @@ class TeacherConfig:
     # FLUX.1-dev: two-pass CFG against the empty prompt on top of its embedded guidance_scale (FluxPipeline's
     # true_cfg_scale); None = one pass
     true_cfg_scale: float | None = None
+    # a class-conditional UNet teacher whose folder does not say its class count: its classes, label
+    # num_classes being the null class (= num_class_embeds - 1); distill's own exports say it
+    num_classes: int | None = None
     # analytic teachers only:
     noise: Literal["vp", "edm", "flow"] = "vp"  # the family the exact mixture is written in
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"  # vp (edm: epsilon / v)

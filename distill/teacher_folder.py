@@ -117,17 +117,31 @@ def infer_shape(model) -> list[int]:
     raise ConfigError(f"Cannot infer the sample shape of {type(model).__name__}; pass sample_shape.")
 
 
-def infer_classes(model) -> int:
-    """Classes of a class-conditional network: ``num_class_embeds`` counts the null class of a UNet
-    trained for guidance; DiT's ``num_embeds_ada_norm`` (``ada_norm_zero``) does not (its table has one
-    row more, the null class ``num_classes``)."""
+def infer_classes(model, stated: int | None = None, source: str = "the teacher") -> int:
+    """Classes of a class-conditional network. DiT's ``num_embeds_ada_norm`` (``ada_norm_zero``) counts the
+    classes (its table has one row more, the null class ``num_classes``). A UNet's ``num_class_embeds`` may
+    or may not count a null class, so its class count must be ``stated`` (a distill folder's
+    ``model_index.json`` ``num_classes``, or ``teacher.num_classes``) and be ``num_class_embeds - 1``: label
+    ``num_classes`` is the null class of classifier-free guidance, as distill trains conditional teachers."""
     if isinstance(model, GaussianMixtureTeacher):
         return model.num_classes
     cfg = model.config
     if getattr(cfg, "norm_type", None) == "ada_norm_zero" and getattr(cfg, "num_embeds_ada_norm", None):
         return int(cfg.num_embeds_ada_norm)
     n = getattr(cfg, "num_class_embeds", None)
-    return int(n) - 1 if n else 0
+    if not n:
+        return 0
+    if stated is None:
+        raise ConfigError(f"{source}'s UNet has num_class_embeds={n} and nothing says how many of them "
+                          f"are classes ({n - 1} and a null class for classifier-free guidance, or {n} "
+                          f"without one). Set teacher.num_classes: {n - 1} in the config (or "
+                          f"\"num_classes\": {n - 1} in the folder's model_index.json) when label {n - 1} is "
+                          "the null class.")
+    if int(stated) != n - 1:
+        raise ConfigError(f"num_classes={stated} does not fit {source}'s UNet (num_class_embeds={n}): "
+                          f"distill needs the null class as the last label, so num_classes must be {n - 1}; "
+                          "a UNet without a null class row is not supported as a class-conditional teacher.")
+    return int(stated)
 
 
 def image_tokens(model, shape=None) -> int | None:

@@ -82,16 +82,20 @@ class Teacher:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model, scheduler, **kwargs) -> Teacher:
+    def from_model(cls, model, scheduler, num_classes: int | None = None, **kwargs) -> Teacher:
+        """``num_classes``: a class-conditional UNet's classes (label ``num_classes`` = its null class);
+        required there, since ``num_class_embeds`` may or may not count a null class."""
         return cls(model, NoiseSchedule.from_scheduler(scheduler, image_seq_len=image_tokens(model)),
-                   num_classes=infer_classes(model), scheduler=scheduler, **kwargs)
+                   num_classes=infer_classes(model, num_classes, repr(kwargs.get("source") or "the teacher")),
+                   scheduler=scheduler, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu",
-                        dtype=torch.float32) -> Teacher:
+                        dtype=torch.float32, num_classes: int | None = None) -> Teacher:
         """A diffusers pipeline folder or Hub id (``unet`` + ``scheduler``; for text-to-image also ``vae``,
         ``text_encoder`` and ``tokenizer``, SDXL's ``text_encoder_2`` / ``tokenizer_2``), or
-        ``builtin:digits``. Every part is loaded frozen in ``dtype``."""
+        ``builtin:digits``. Every part is loaded frozen in ``dtype``. ``num_classes``: a class-conditional
+        UNet's classes, when its folder's ``model_index.json`` does not say (distill's exports do)."""
         src = str(path_or_id)
         if src in BUILTIN:
             folder = ASSETS / BUILTIN[src]
@@ -118,7 +122,9 @@ class Teacher:
         if any((index.get(k) or [None])[0] is not None for k in ("vae", "text_encoder")):
             with damaged(folder, "vae / text encoder / tokenizer"):
                 text = load_latent_parts(folder, index, device, dtype)
-        return cls.from_model(model, scheduler, source=src, folder=folder, network_subfolder=net_name, **text)
+        stated = num_classes if num_classes is not None else index.get("num_classes")
+        return cls.from_model(model, scheduler, num_classes=stated, source=src, folder=folder,
+                              network_subfolder=net_name, **text)
 
     # ------------------------------------------------------------------ space
     @property
@@ -359,13 +365,14 @@ class Teacher:
                cond: Condition | None = None, guidance_scale=None, stochastic: bool = False,
                noise: torch.Tensor | None = None, stock: bool | None = None) -> torch.Tensor:
         """DDIM samples in training space (the baseline every student is compared with; for latent teachers,
-        also the clean latents of prompts-only training data): vp teachers on diffusers' trailing grid; edm
+        also the clean latents of prompts-only training data): vp teachers as diffusers' ``DDIMScheduler``
+        (trailing spacing, no clipping, the teacher config's ``set_alpha_to_one``) at any N; edm
         and flow teachers on their own scheduler's grid, where DDIM is EDM's / the flow's Euler step.
         ``noise``: the starting z (default: drawn from ``generator``): x_T = z on vp, sigma_max z on edm,
         pure noise z at s = 1 on flow. ``stock``: instead, the teacher's own diffusers scheduler stepped as
         its stock pipeline steps it (:meth:`sample_stock`); None: so for the transformer teachers that have a
         stock pipeline (DiT, SD3, FLUX.1), unless ``stochastic``."""
-        from .sampling import sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
+        from .sampling import ddim_rows, sample_ddim, sample_meng_stochastic, trailing_timesteps, vp_grid
 
         shape = (n, *self.sample_shape)
         gen_device = generator.device if generator is not None else "cpu"
@@ -379,7 +386,11 @@ class Teacher:
         sampler = sample_meng_stochastic if stochastic else sample_ddim
         if sched.kind == "vp":
             T = sched.num_train_timesteps
-            times = vp_grid(sched.alphas_cumprod, trailing_timesteps(num_steps, T))
+            if stochastic:
+                times = vp_grid(sched.alphas_cumprod, trailing_timesteps(num_steps, T))
+            else:  # diffusers' DDIMScheduler (trailing) with the teacher's own set_alpha_to_one, at any N
+                final = diffusers.DDIMScheduler.from_config(self.scheduler.config).final_alpha_cumprod
+                times = ddim_rows(sched.alphas_cumprod, num_steps, float(final))
 
             def denoise(x_t, i, k):
                 return self.predict_x0(x_t, torch.tensor(int(k) / (T - 1)), cond, guidance_scale)

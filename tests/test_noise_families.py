@@ -270,7 +270,8 @@ def test_a_pixel_edm_or_flow_teacher_folder_distils_and_exports(method, schedule
     out = tmp_path / "run"
     rc = main(["train", f"configs/{method}_digits.yaml", f"teacher.path={folder}", f"output_dir={out}",
                "train.max_steps=2", "train.batch_size=4", "train.mixed_precision=no", "train.report_to=none",
-               "train.progress_bar=false", "eval.enabled=false", *extra])
+               "train.progress_bar=false", "eval.enabled=false", *extra,
+               *(["teacher.num_classes=10"] if conditional else [])])
     assert rc == 0
     pipe = load_pipeline(str(out / "pipeline"))
     pipe.set_progress_bar_config(disable=True)

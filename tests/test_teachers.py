@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill.data import toy_mixture
+from distill.errors import ConfigError
 from distill.models import GaussianMixtureTeacher
 from distill.teachers import Teacher, analytic_teacher
 
@@ -91,7 +92,12 @@ def test_teacher_from_pretrained_folder_and_errors(tmp_path, tiny_unet):
     unet = tiny_unet(num_class_embeds=4)
     sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "t")
-    teacher = Teacher.from_pretrained(str(tmp_path / "t"))
+    # num_class_embeds=4 is 3 classes + a null class, or 4 classes: a stock folder does not say which
+    with pytest.raises(ConfigError, match=r"num_class_embeds=4.*teacher\.num_classes: 3"):
+        Teacher.from_pretrained(str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="num_classes must be 3"):
+        Teacher.from_pretrained(str(tmp_path / "t"), num_classes=4)
+    teacher = Teacher.from_pretrained(str(tmp_path / "t"), num_classes=3)
     assert teacher.num_classes == 3 and teacher.prediction_type == "v_prediction"
     assert teacher.sample_shape == [1, 8, 8]
     x = torch.randn(2, 1, 8, 8)
@@ -104,3 +110,21 @@ def test_teacher_from_pretrained_folder_and_errors(tmp_path, tiny_unet):
         Teacher.from_pretrained("google/ddpm-cifar10-32")
 
 
+
+
+def test_fid_teacher_wrapper_reads_the_class_count_or_refuses(tmp_path, tiny_unet):
+    """A stock DDPMPipeline with a class-conditional UNet: num_class_embeds=4 may be 3 classes + null or 4
+    classes; the FID wrapper refuses to guess, and takes the count its folder's model_index.json states."""
+    import json
+
+    from distill import load_pipeline
+    from distill.eval.fid import teacher_as_sampler
+
+    diffusers.DDPMPipeline(unet=tiny_unet(num_class_embeds=4),
+                           scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "t")
+    with pytest.raises(ConfigError, match="num_class_embeds=4"):
+        teacher_as_sampler(load_pipeline(str(tmp_path / "t")))
+    index = json.loads((tmp_path / "t" / "model_index.json").read_text())
+    (tmp_path / "t" / "model_index.json").write_text(json.dumps({**index, "num_classes": 3}))
+    few = teacher_as_sampler(load_pipeline(str(tmp_path / "t")))
+    assert few.config.num_classes == 3 and type(few.scheduler).__name__ == "DDIMScheduler"

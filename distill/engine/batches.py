@@ -30,7 +30,8 @@ def load_teacher(cfg: Config, device) -> Teacher:
         teacher.model.to(device)
     else:
         dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
-        teacher = Teacher.from_pretrained(path, device=device, dtype=dtype)
+        teacher = Teacher.from_pretrained(path, device=device, dtype=dtype,
+                                          num_classes=cfg.teacher.num_classes)
         if cfg.data.resolution is not None and backbones.any_size(teacher.model):
             teacher.set_resolution(cfg.data.resolution)  # SD3 / FLUX.1 sample the size the config asks for
     if cfg.teacher.guidance_scale is not None and not (teacher.num_classes or teacher.is_text):

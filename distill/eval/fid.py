@@ -25,6 +25,7 @@ distill feeds torch-fidelity; the metric arithmetic is torch-fidelity's own
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -441,23 +442,28 @@ def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_model: str, bat
 
 def teacher_as_sampler(pipe):
     """A stock DDPMPipeline teacher is evaluated with its family's deterministic sampler through distill's
-    FewStepPipeline: DDIM on the trailing grid of a VP table, the EDM / flow Euler sampler on the scheduler's
+    FewStepPipeline: diffusers' DDIM (trailing) on a VP table, the EDM / flow Euler sampler on the scheduler's
     own grid of an EDM / flow-matching one (the stock DDPMPipeline loop would skip EDM's input scaling); a
     stock Stable-Diffusion(-XL) pipeline likewise, through distill's TextToImagePipeline (CFG with
     guidance_scale)."""
     import diffusers
 
     from ..pipelines import FewStepPipeline, TextToImagePipeline
+    from ..teacher_folder import infer_classes
 
     if type(pipe).__name__ not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DDPMPipeline"):
         return pipe
     vp = hasattr(pipe.scheduler, "alphas_cumprod")
-    if type(pipe).__name__ == "DDPMPipeline":
-        n_embeds = getattr(pipe.unet.config, "num_class_embeds", None)  # CFG teachers: C classes + null
-        return FewStepPipeline(pipe.unet, pipe.scheduler, num_inference_steps=50,
-                               num_classes=n_embeds - 1 if n_embeds else 0)
+    # VP: diffusers' DDIM with the teacher's own set_alpha_to_one, at every step count
     sched = pipe.scheduler if not vp else diffusers.DDIMScheduler.from_config(
-        pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+        pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False)
+    if type(pipe).__name__ == "DDPMPipeline":
+        # a class-conditional UNet's class count must be stated (it may or may not have a null class): in
+        # its folder's model_index.json, which DDPMPipeline itself ignores
+        index = Path(str(getattr(pipe, "name_or_path", None) or "")) / "model_index.json"
+        stated = json.loads(index.read_text()).get("num_classes") if index.is_file() else None
+        classes = infer_classes(pipe.unet, stated, "the DDPMPipeline")
+        return FewStepPipeline(pipe.unet, sched, num_inference_steps=50, num_classes=classes)
     return TextToImagePipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched,
                                text_encoder_2=getattr(pipe, "text_encoder_2", None),
                                tokenizer_2=getattr(pipe, "tokenizer_2", None), num_inference_steps=50,
