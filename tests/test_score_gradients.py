@@ -207,3 +207,90 @@ def test_diff_instruct_gradient_is_ikl_gradient(dim):
     exact = fd(kl, THETA0) * S * S / (A * A)
     got = surrogate_grad(DiffInstructLoss(), dim=dim)
     torch.testing.assert_close(got, exact, rtol=0.03, atol=1e-2 * exact.abs().max())
+
+
+# ---------------------------------------------------------------------- the public code's forms
+def _batch(seed=0, b=6, shape=(3, 4, 4)):
+    """x0 carrying a gradient, x_t, and teacher / fake x0 predictions that depend on x_t (nonlinear)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, *shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    x_t = A * x0 + S * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    d_real, d_fake = torch.tanh(0.9 * x_t) + 0.1, 0.7 * torch.sin(x_t)
+    return x0, x_t, d_real, d_fake, g
+
+
+@pytest.mark.parametrize("divergence,weights", [("fkl", None), ("jeffreys", (0.4, 0.6)), ("jeffreys", (1, 2)),
+                                                ("rkl", None)])
+@pytest.mark.parametrize("alpha", [1.0, 1.2])
+def test_reference_estimator_is_the_public_codes_weighted_sid_loss(divergence, weights, alpha):
+    """The public Uni-Instruct code (fsim_loss.py, fsim_training_loop.py): per value
+    (y_real - y_fake)((y_real - y) - alpha (y_real - y_fake)) / sg(mean|y - y_real|), summed over values,
+    times sg(r) (forward KL), 0.4 sg(r) + 0.6 (Jeffrey-KL) or 1; ours takes the mean over values."""
+    from distill.objectives.score import ReferenceUniInstructLoss
+
+    x0, x_t, d_real, d_fake, g = _batch()
+    r = torch.rand(6, generator=g, dtype=torch.float64) * 3
+    kwargs = {"jeffreys_weights": weights} if weights else {}
+    ours = ReferenceUniInstructLoss(divergence, alpha, "sid", **kwargs)(x0, x_t, d_real, d_fake, None, r)
+    wf = (x0 - d_real).abs().mean(dim=(1, 2, 3), keepdim=True).detach()
+    ref = ((d_real - d_fake) * ((d_real - x0) - alpha * (d_real - d_fake)) / wf).sum(dim=(1, 2, 3))
+    w_f, w_r = weights or (0.4, 0.6)
+    h = {"fkl": r, "jeffreys": w_f * r + w_r, "rkl": torch.ones_like(r)}[divergence]
+    n = x0[0].numel()
+    torch.testing.assert_close(ours * n, h * ref)
+    (grad_ours,) = torch.autograd.grad(ours.sum() * n, x0, retain_graph=True)
+    (grad_ref,) = torch.autograd.grad((h * ref).sum(), x0)
+    torch.testing.assert_close(grad_ours, grad_ref)
+    # ... and it is not the exact expanded-divergence gradient (no h(r(x_t)) gradient, no -r h'/2 |d|^2)
+    if divergence != "rkl":
+        exact = UniInstructLoss(divergence, "fixed", "sid", **kwargs)(x0, x_t, d_real, d_fake, A / S**2, r)
+        assert (exact - ours).abs().max() > 1e-3
+
+
+def test_reference_density_ratio_is_the_public_codes():
+    """r = -L / (1 - L), L = BCEWithLogitsLoss()(clamp(logit, +-10), 1) (a batch mean) / sg(mean|y - y_real|)
+    times the values per sample (fsim_training_loop.py, Forward-KL branch)."""
+    from distill.objectives.score import reference_density_ratio
+
+    x0, _, d_real, _, g = _batch(1)
+    logit = torch.randn(6, generator=g, dtype=torch.float64) * 8  # some beyond the clamp
+    r = reference_density_ratio(logit, x0, d_real, x0[0].numel())
+    bce = torch.nn.BCEWithLogitsLoss()(logit.clamp(-10, 10).float(), torch.ones(6))
+    loss = bce * x0[0].numel() / (x0 - d_real).abs().mean(dim=(1, 2, 3)).detach().float()
+    torch.testing.assert_close(r, -loss / (1 - loss))
+    assert not r.requires_grad and len(set(r.tolist())) == 6  # one batch-mean BCE, per-sample normalisers
+
+
+def test_dmd_gradient_equals_dmd2_distribution_matching_loss():
+    """DiffInstructLoss(normalize=True) against DMD2's compute_distribution_matching_loss (Yin et al. 2024b,
+    the reference code): grad = (p_real - p_fake) / mean|p_real|, p = x - D, and
+    loss = 0.5 mse(x, sg(x - grad)) with a mean over every value of the batch."""
+    x0, x_t, d_real, d_fake, _ = _batch(2)
+    ours = DiffInstructLoss(normalize=True)(x0, x_t, d_real, d_fake).mean()
+    (g_ours,) = torch.autograd.grad(ours, x0, retain_graph=True)
+    p_real, p_fake = x0.detach() - d_real, x0.detach() - d_fake
+    grad = torch.nan_to_num((p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True))
+    dmd2 = 0.5 * torch.nn.functional.mse_loss(x0, (x0 - grad).detach(), reduction="mean")
+    (g_dmd2,) = torch.autograd.grad(dmd2, x0)
+    torch.testing.assert_close(g_ours, g_dmd2)
+    assert g_ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("gradient", ["exact", "reference"])
+def test_mean_h_normalisation_removes_the_ratio_scale_for_forward_kl_only(gradient):
+    """The trainers' variance reduction divides each sample's loss by the batch mean of h(r): for forward KL
+    (h = r, every term linear in r) the gradient no longer depends on the ratio's scale (an unnormalised
+    density ratio), for Jeffreys (h = 1 + r) it does."""
+    from distill.objectives.score import ReferenceUniInstructLoss
+
+    x0, x_t, d_real, d_fake, g = _batch(3)
+    r = torch.rand(6, generator=g, dtype=torch.float64) + 0.2
+
+    def grad(divergence, ratio):
+        loss_fn = (UniInstructLoss(divergence, "full") if gradient == "exact"
+                   else ReferenceUniInstructLoss(divergence))
+        per = loss_fn(x0, x_t, d_real, d_fake, A / S**2, ratio) / loss_fn.weight(ratio).mean()
+        return torch.autograd.grad(per.mean(), x0, retain_graph=True)[0]
+
+    torch.testing.assert_close(grad("fkl", r), grad("fkl", 7 * r))
+    assert (grad("jeffreys", r) - grad("jeffreys", 7 * r)).abs().max() > 1e-4

@@ -45,13 +45,50 @@ def test_trainer_generator_equals_exported_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "di", "dmd", "rkl"])
-def test_uni_instruct_runs_for_each_branch(tmp_path, divergence):
-    trainer, path = _run("configs/uni_instruct_gaussians8.yaml", tmp_path, "train.max_steps=6",
-                         "uni_instruct.init_denoiser_steps=5", f"uni_instruct.divergence={divergence}",
-                         "uni_instruct.ratio_warmup_steps=2", "train.log_every=1")
-    last = trainer.history[-1]
-    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
-    assert ("disc_loss" in last) == (divergence == "fkl")
+def test_uni_instruct_runs_each_branch_with_its_loss_and_schedule(tmp_path, divergence):
+    """Each branch trains with its own surrogate on its own schedule: forward KL uses the SIM-L2 warm-up
+    (rkl, fixed) before ratio_warmup_steps and the h(r)-weighted loss with a discriminator after; DMD takes
+    DMD2's 5 fake-score updates per generator update, the others 1; the generator's weights move."""
+    from distill.objectives.score import DiffInstructLoss, UniInstructLoss
+
+    cfg = load_config("configs/uni_instruct_gaussians8.yaml", FAST + [
+        f"output_dir={tmp_path}", "train.max_steps=6", "uni_instruct.init_denoiser_steps=5",
+        f"uni_instruct.divergence={divergence}", "uni_instruct.ratio_warmup_steps=2", "train.log_every=1"])
+    trainer = trainer_class(cfg.method)(cfg)
+    used, calls = [], {"fake": 0, "generator": 0}
+    pick, fake_step, gen_step = trainer.generator_loss, trainer.fake_step, trainer.generator_step
+
+    def generator_loss(step):
+        loss = pick(step)
+        used.append((step, type(loss).__name__, getattr(loss, "divergence", None)))
+        return loss
+
+    before = {}
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            if name == "generator" and not before:  # the weights the generator's updates start from
+                before.update({k: v.clone() for k, v in trainer.unwrap("student").state_dict().items()})
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.generator_loss = generator_loss
+    trainer.fake_step, trainer.generator_step = count("fake", fake_step), count("generator", gen_step)
+    path = trainer.train()
+    if divergence == "fkl":
+        assert [u[1:] for u in used if u[0] < 2] == [("UniInstructLoss", "rkl")] * 2
+        assert {u[1:] for u in used if u[0] >= 2} == {("UniInstructLoss", "fkl")}
+        assert trainer.generator_loss(5) is trainer.loss and trainer.loss.sampling == "full"
+    elif divergence in ("di", "dmd"):
+        assert {u[1] for u in used} == {"DiffInstructLoss"}
+        assert isinstance(trainer.loss, DiffInstructLoss) and trainer.loss.normalize == (divergence == "dmd")
+    elif divergence == "rkl":
+        assert isinstance(trainer.loss, UniInstructLoss) and trainer.loss.divergence == "rkl"
+    assert calls["fake"] == (5 if divergence == "dmd" else 1) * calls["generator"] > 0
+    assert ("disc_loss" in trainer.history[-1]) == (divergence == "fkl")
+    after = trainer.unwrap("student").state_dict()
+    assert max((after[k] - before[k]).abs().max() for k in before) > 0
     assert (path / "model_index.json").is_file()
 
 

@@ -30,6 +30,8 @@ independent of batch size and resolution.
   (grad log r = delta), so the ratio estimate itself is detached. Forms (a) (sampling distribution
   free) and (b) (held fixed, as in SIM) are derived from eq. 3.2 and checked against finite differences
   in tests/test_score_gradients.py.
+* The public Uni-Instruct code's estimator (:class:`ReferenceUniInstructLoss`): the SiD core weighted by
+  h(sg(r)) per sample, with its own ratio estimate (:func:`reference_density_ratio`).
 * Diff-Instruct / DMD (Luo et al. 2023; Yin et al. 2024, sec. 3.2): the IKL gradient
   <sg(D_psi - D_p), x0>; DMD adds the per-sample normaliser 1 / mean|x0 - D_p|.
 """
@@ -41,15 +43,17 @@ import torch
 DIVERGENCES = ("rkl", "fkl", "jeffreys", "js", "chi2")
 
 
-def h_of(divergence: str, r: torch.Tensor):
-    """h(r) = r^2 f''(r) (Wang et al. 2025, eq. 3.2) and its first two derivatives for the supported f."""
+def h_of(divergence: str, r: torch.Tensor, jeffreys_weights: tuple[float, float] = (1.0, 1.0)):
+    """h(r) = r^2 f''(r) (Wang et al. 2025, eq. 3.2) and its first two derivatives for the supported f;
+    Jeffreys as w_f KL(p||q) + w_r KL(q||p): h = w_f r + w_r (the paper's 1 + r at weights (1, 1))."""
     one, zero = torch.ones_like(r), torch.zeros_like(r)
     if divergence == "rkl":
         return one, zero, zero
     if divergence == "fkl":
         return r, one, zero
     if divergence == "jeffreys":
-        return 1 + r, one, zero
+        w_f, w_r = jeffreys_weights
+        return w_f * r + w_r, w_f * one, zero
     if divergence == "chi2":
         return 2 * r * r, 4 * r, 4 * one
     if divergence == "js":
@@ -93,19 +97,25 @@ class SIMLoss:
 class UniInstructLoss:
     """Uni-Instruct f-divergence surrogate, forms (a) ``full`` and (b) ``fixed`` of the module docstring."""
 
-    def __init__(self, divergence: str = "fkl", sampling: str = "full", sample_weight: str = "none"):
+    def __init__(self, divergence: str = "fkl", sampling: str = "full", sample_weight: str = "none",
+                 jeffreys_weights: tuple[float, float] = (1.0, 1.0)):
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence {divergence!r}: choose one of {DIVERGENCES} (or di / dmd).")
         if sampling not in ("full", "fixed"):
             raise ValueError(f"sampling {sampling!r} is not 'full' or 'fixed'.")
         self.divergence, self.sampling, self.sample_weight = divergence, sampling, sample_weight
+        self.jeffreys_weights = tuple(jeffreys_weights)
+
+    def weight(self, ratio: torch.Tensor) -> torch.Tensor:
+        """h(r)."""
+        return h_of(self.divergence, ratio, self.jeffreys_weights)[0]
 
     def __call__(self, x0, x_t, d_real, d_fake, coef, ratio) -> torch.Tensor:
         d, k = _flat(d_real - d_fake), _flat(d_fake - x0)
         n = d.shape[1]
         r = _per_sample(ratio, d).detach()
         c = _per_sample(coef, d)
-        h, h1, h2 = h_of(self.divergence, r)
+        h, h1, h2 = h_of(self.divergence, r, self.jeffreys_weights)
         dk, dd = (d * k).sum(1) / n, (d * d).sum(1) / n
         if self.sampling == "full":
             score_norm = (h - r * h1) / 2
@@ -118,6 +128,48 @@ class UniInstructLoss:
         di_branch = (c / 2) * kappa.detach() * (d.detach() * _flat(x_t)).sum(1)
         loss = h * dk + score_norm * dd + di_branch
         return loss / _sample_norm(self.sample_weight, x0, d_real)
+
+
+class ReferenceUniInstructLoss:
+    """The estimator of the public Uni-Instruct code (its ``Forward-KL`` / ``Jeffrey-KL`` branches): the SiD
+    core of the SiDA code, <d, k> + (1 - alpha) |d|^2 per value (Zhou et al. 2024, eq. 9; alpha = 1: the SIM
+    core), weighted per sample by h(sg(r)), with h(r) = r for forward KL, w_f r + w_r for Jeffreys (the code
+    mixes 0.4 forward + 0.6 reverse) and 1 for reverse KL. Unlike :class:`UniInstructLoss` it carries no
+    gradient of h(r(x_t)) through x_t and no -r h'/2 |d|^2 term: a weighted SiD, not the expanded divergence's
+    exact gradient."""
+
+    def __init__(self, divergence: str = "fkl", alpha: float = 1.2, sample_weight: str = "sid",
+                 jeffreys_weights: tuple[float, float] = (0.4, 0.6)):
+        if divergence not in ("fkl", "jeffreys", "rkl"):
+            raise ValueError(f"divergence {divergence!r}: the reference estimator has fkl, jeffreys and rkl.")
+        self.divergence, self.alpha, self.sample_weight = divergence, alpha, sample_weight
+        self.jeffreys_weights = tuple(jeffreys_weights)
+
+    def weight(self, ratio: torch.Tensor) -> torch.Tensor:
+        """h(r) of the reference's branch."""
+        if self.divergence == "fkl":
+            return ratio
+        if self.divergence == "jeffreys":
+            w_f, w_r = self.jeffreys_weights
+            return w_f * ratio + w_r
+        return torch.ones_like(ratio)
+
+    def __call__(self, x0, x_t, d_real, d_fake, coef, ratio) -> torch.Tensor:
+        d, k = _flat(d_real - d_fake), _flat(d_fake - x0)
+        core = (d * k).mean(1) + (1 - self.alpha) * (d * d).mean(1)
+        h = self.weight(_per_sample(ratio, d).detach())
+        return h * core / _sample_norm(self.sample_weight, x0, d_real)
+
+
+def reference_density_ratio(logit: torch.Tensor, x0, d_real, values: int) -> torch.Tensor:
+    """The public Uni-Instruct code's density ratio for its forward-KL / Jeffreys branches, r = -L / (1 - L)
+    with L the generator's GAN loss as that code computes it: the BATCH mean of softplus(-clamp(logit, +-10))
+    (torch's BCEWithLogitsLoss, mean reduction), divided by each sample's SiD normaliser sg(mean|x0 - D_p|)
+    and multiplied by the values per sample. Detached. (L > 1 makes r = L / (L - 1) slightly above 1.)"""
+    with torch.no_grad():
+        bce = torch.nn.functional.softplus(-logit.float().clamp(-10, 10)).mean()
+        loss = values * bce / _sample_norm("sid", x0, d_real).float()
+        return -loss / (1 - loss)
 
 
 class DiffInstructLoss:

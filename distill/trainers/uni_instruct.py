@@ -30,7 +30,13 @@ from ..engine import DistillationTrainer, Update, frozen
 from ..errors import require
 from ..lora import AdapterView
 from ..objectives.adversarial import DiscriminatorHead, discriminator_loss, feature_module, generator_gan_loss
-from ..objectives.score import DiffInstructLoss, UniInstructLoss, fake_score_loss, h_of
+from ..objectives.score import (
+    DiffInstructLoss,
+    ReferenceUniInstructLoss,
+    UniInstructLoss,
+    fake_score_loss,
+    reference_density_ratio,
+)
 from .score_helpers import OneStepScoreHelpers, ScoreGroup, one_step_checks
 
 if TYPE_CHECKING:
@@ -70,6 +76,16 @@ class UniInstructConfig:
     discriminator_weight: float = 1.0
     ratio_clip: float = 10.0  # clamp of the discriminator logit (log-ratio)
     normalize_ratio: bool = True  # divide h(r) by its batch mean (variance reduction)
+    # exact: the expanded divergence's gradient (UniInstructLoss); reference: the public code's estimator, the
+    # SiD core weighted by h(sg(r)) with the SiD normaliser (ReferenceUniInstructLoss; fkl, jeffreys, rkl)
+    gradient: Literal["exact", "reference"] = "exact"
+    reference_alpha: float = 1.2  # the reference's SiD alpha in its core (1 = the SIM core)
+    # Jeffreys = w_f KL(p||q) + w_r KL(q||p), h = w_f r + w_r; null: (1, 1) exact (the paper's 1 + r),
+    # (0.4, 0.6) reference (its code)
+    jeffreys_weights: list[float] | None = None
+    # logit: r = exp(clamped discriminator logit); reference: the public code's r = -L / (1 - L) from the
+    # generator's GAN loss value (objectives.score.reference_density_ratio)
+    ratio_estimator: Literal["logit", "reference"] = "logit"
     ratio_warmup_steps: int = 0  # f != rkl: pure SIM-L2 (rkl, sampling fixed) before this step
     # fake-score updates per generator update; null = the method's published default: 5 for dmd (DMD2's
     # two-time-scale rule, which replaces DMD's regression loss), 1 otherwise
@@ -95,7 +111,18 @@ class UniInstructConfig:
             (self.ratio_clip > 0, "uni_instruct.ratio_clip", self.ratio_clip, "a positive number"),
             (self.gan_weight >= 0, "uni_instruct.gan_weight", self.gan_weight, "a number >= 0"),
             (self.ratio_warmup_steps >= 0, "uni_instruct.ratio_warmup_steps", self.ratio_warmup_steps,
-             "an integer >= 0")])
+             "an integer >= 0"),
+            (self.gradient == "exact" or self.divergence in ("fkl", "jeffreys", "rkl"),
+             "uni_instruct.gradient", self.gradient,
+             "exact for this divergence (the reference estimator has fkl, jeffreys and rkl)"),
+            (self.jeffreys_weights is None or len(self.jeffreys_weights) == 2,
+             "uni_instruct.jeffreys_weights", self.jeffreys_weights, "two numbers [w_forward, w_reverse]")])
+
+    @property
+    def jeffreys(self) -> tuple[float, float]:
+        if self.jeffreys_weights is not None:
+            return tuple(float(w) for w in self.jeffreys_weights)
+        return (0.4, 0.6) if self.gradient == "reference" else (1.0, 1.0)
 
 
 
@@ -110,7 +137,9 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         s = self.section
         if s.divergence in ("di", "dmd"):
             return DiffInstructLoss(normalize=s.divergence == "dmd")
-        return UniInstructLoss(s.divergence, s.sampling, s.sample_weight)
+        if s.gradient == "reference":
+            return ReferenceUniInstructLoss(s.divergence, s.reference_alpha, "sid", s.jeffreys)
+        return UniInstructLoss(s.divergence, s.sampling, s.sample_weight, s.jeffreys)
 
     def generator_loss(self, step: int):
         """The generator's surrogate at ``step``: before ``ratio_warmup_steps`` an f-divergence run uses
@@ -137,7 +166,10 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
 
     def build(self) -> None:
         self.build_pair()
-        self.warmup_loss = UniInstructLoss("rkl", "fixed", self.section.sample_weight)
+        s = self.section
+        reference = s.gradient == "reference"
+        self.warmup_loss = (ReferenceUniInstructLoss("rkl", s.reference_alpha, "sid") if reference
+                            else UniInstructLoss("rkl", "fixed", s.sample_weight))
         self._features = {}
         if not self.uses_discriminator:
             return
@@ -201,16 +233,20 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         if self.uses_discriminator:
             # features of the fake network at x_t (input-differentiable)
             logit = self._logit(self.unwrap(g.disc))
-            log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
-            ratio = log_r.exp()
+            if sec.ratio_estimator == "reference":
+                ratio = reference_density_ratio(logit, x0, d_real, x0[0].numel())
+                log_r = ratio.clamp_min(1e-30).log()
+            else:
+                log_r = logit.detach().clamp(-sec.ratio_clip, sec.ratio_clip)
+                ratio = log_r.exp()
             logs["log_ratio_mean"] = log_r.mean()
             if sec.gan_weight > 0:
                 gan = generator_gan_loss(logit)
-        if isinstance(loss_fn, UniInstructLoss) and loss_fn.divergence != "rkl":
+        if self.needs_ratio and loss_fn is not self.warmup_loss:
             r = ratio if ratio is not None else torch.ones(b, device=x0.device)
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, r)
-            if sec.normalize_ratio:
-                per_sample = per_sample / h_of(sec.divergence, r)[0].mean().detach().clamp_min(1e-8)
+            if sec.normalize_ratio:  # h(r) / mean h(r): variance reduction
+                per_sample = per_sample / loss_fn.weight(r).mean().detach().clamp_min(1e-8)
         else:
             per_sample = loss_fn(x0, x_t, d_real, d_fake, coef, torch.ones(b, device=x0.device))
         # the divergence's time weight; the GAN term keeps its own weight gan_weight
@@ -227,4 +263,4 @@ class UniInstructTrainer(OneStepScoreHelpers, DistillationTrainer):
         s = self.section
         return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
                 "generator_timestep (t*)": s.generator_timestep, "divergence (f)": s.divergence,
-                "sampling": s.sampling, "gan_weight": s.gan_weight}
+                "sampling": s.sampling, "gradient": s.gradient, "gan_weight": s.gan_weight}
