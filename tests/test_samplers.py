@@ -52,8 +52,9 @@ def test_samplers_equal_diffusers_ddim_with_eta(eta, sampler, steps):
 @pytest.mark.parametrize("steps", [3, 6, 7, 48])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 def test_ddim_rows_equal_diffusers_ddim_at_every_step_count(eta, sampler, steps, set_alpha_to_one):
-    """diffusers steps from t to t - T // N (not to the next trailing timestep when N does not divide T) and
-    ends at alpha_bar_0 without set_alpha_to_one: ddim_rows reproduces both, the plain trailing grid does not."""
+    """diffusers steps from t to t - T // N (not to the next trailing timestep when N does not divide T)
+    and ends at alpha_bar_0 without set_alpha_to_one: ddim_rows reproduces both, the plain trailing grid
+    does not."""
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     timestep_spacing="trailing", clip_sample=False,
                                     set_alpha_to_one=set_alpha_to_one)
@@ -88,8 +89,9 @@ def test_trailing_timesteps_are_diffusers_at_every_step_count():
 
 
 def test_teacher_ddim_baselines_are_diffusers_ddim_pipeline_at_any_step_count():
-    """A teacher's 'DDIM N steps' baseline (FewStepPipeline with the teacher's DDIMScheduler) equals diffusers'
-    own DDIMPipeline, at N = 7 (not a divisor of 1000) with either set_alpha_to_one; so does Teacher.sample."""
+    """A teacher's 'DDIM N steps' baseline (FewStepPipeline with the teacher's DDIMScheduler) equals
+    diffusers' own DDIMPipeline, at N = 7 (not a divisor of 1000) with either set_alpha_to_one; so does
+    Teacher.sample."""
     from distill.teachers import Teacher
 
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
