@@ -63,9 +63,92 @@ def test_one_step_student_with_and_without_base_steps():
     hybrid.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_run(hybrid, num_base_steps=0), _run(student), rtol=0, atol=0)
     assert hybrid.grid(2)[0] == [999, 812, 625]
-    out = hybrid(batch_size=3, num_base_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
-                 return_trajectory=True)
-    assert len(out.trajectory) == 3
+    # two base steps: a hand-written loop of the base's DDIM (Song et al. 2021, eq. 12) from z at 999 to 812
+    # and on to t* = 625, where the generator takes over; each step's clean prediction is the trajectory
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    ac = base.scheduler.alphas_cumprod.to(torch.float64)
+    x, expected = z.double(), []
+    for t, t_next in ((999, 812), (812, 625)):
+        eps = base.unet(x, torch.tensor(t)).sample
+        x0 = (x - (1 - ac[t]).sqrt() * eps) / ac[t].sqrt()
+        x = ac[t_next].sqrt() * x0 + (1 - ac[t_next]).sqrt() * eps
+        expected.append(x0)
+    expected.append(gen_net(x, torch.tensor(625)).sample)
+    with pytest.warns(UserWarning, match="outside the hybrid paper's setting"):
+        out = hybrid(batch_size=3, num_base_steps=2, latents=z, output_type="pt", return_trajectory=True)
+    for got, want in zip(out.trajectory, expected, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.images, expected[-1].float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_stochastic_steps_are_lcm_schedulers_steps(k):
+    """student_sampler="stochastic" is the paper's setting (DMD2 with diffusers' LCMScheduler, the base
+    through the same scheduler): the outputs of k base steps and then the student's go through
+    ``LCMScheduler.step`` on the student's grid (LCM's own 4 steps, 999 759 499 259; SD's scaled-linear
+    table), one generator drawing z and then each step's fresh noise. k = 0: the student alone as diffusers
+    samples it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    table = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    base_net = GaussianMixtureTeacher(MEANS, [0.3, 0.2], **table)
+    st_net = GaussianMixtureTeacher([[0.0, 1.0], [1.0, 0.0]], [0.1, 0.1], **table)  # epsilon: one scheduler
+    sched = diffusers.DDPMScheduler(**table)
+    lcm = diffusers.LCMScheduler(**table)
+    lcm.set_timesteps(4)
+    grid = lcm.timesteps.tolist()
+    assert grid == [999, 759, 499, 259]
+    base = FewStepPipeline(base_net, sched, num_inference_steps=4, sample_shape=[2])
+    student = FewStepPipeline(st_net, sched, timesteps=grid, sample_shape=[2])
+    hybrid = HybridPipeline.from_pipelines(base, student, student_sampler="stochastic")
+    hybrid.set_progress_bar_config(disable=True)
+    out = hybrid(batch_size=64, num_base_steps=k, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", return_trajectory=True)
+    gen = torch.Generator().manual_seed(0)
+    x = randn_tensor((64, 2), generator=gen, dtype=hybrid.dtype)  # the mixtures': float64
+    for i, t in enumerate(lcm.timesteps):
+        step = lcm.step((base_net if i < k else st_net)(x, t).sample, t, x, generator=gen)
+        x = step.prev_sample
+        torch.testing.assert_close(out.trajectory[i], step.denoised.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.images, x.float(), rtol=0, atol=1e-5)
+    # the deterministic chain is another: same z, no fresh noise
+    ddim = hybrid(batch_size=64, num_base_steps=k, generator=torch.Generator().manual_seed(0),
+                  output_type="pt", student_sampler="ddim").images
+    assert (ddim - out.images).abs().max() > 0.1
+    with pytest.raises(ValueError, match="student_sampler='lcm'"):
+        hybrid(batch_size=2, student_sampler="lcm")
+
+
+def test_stochastic_one_step_student_and_base_substeps_in_closed_form():
+    """Stochastic with a one-step generator after 2 base steps: each step onto a grid row is
+    x' = sqrt(abar') x0 + sqrt(1 - abar') eps_new, eps_new the generator's draws after z; base sub-steps
+    (num_base_substeps = 2: 999 -> 906 inside the first base interval) stay DDIM and draw nothing."""
+    base, _ = _pipes()
+    gen_net, gen_sched = _gmm(stds=(0.1, 0.1), prediction_type="sample")
+    student = OneStepPipeline(gen_net, gen_sched, generator_timestep=625, sample_shape=[2])
+    hybrid = HybridPipeline.from_pipelines(base, student, student_sampler="stochastic")
+    hybrid.set_progress_bar_config(disable=True)
+    ac = base.scheduler.alphas_cumprod.to(torch.float64)
+
+    def x0_base(x, t):
+        return (x - (1 - ac[t]).sqrt() * base.unet(x, torch.tensor(t)).sample) / ac[t].sqrt()
+
+    for m, rows in ((1, [999, 812, 625]), (2, [999, 906, 812, 718, 625])):
+        assert hybrid.schedule(2, num_base_substeps=m)[0][:, 0].tolist() == rows
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(5, 2, generator=gen, dtype=torch.float64)  # the mixtures' dtype
+        x = z
+        for t, t_next in zip(rows, rows[1:]):
+            x0 = x0_base(x, t)
+            if rows.index(t_next) % m == 0:  # a grid row: fresh noise
+                eps = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+            else:  # a base sub-step: DDIM
+                eps = (x - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+            x = ac[t_next].sqrt() * x0 + (1 - ac[t_next]).sqrt() * eps
+        with pytest.warns(UserWarning, match="outside the hybrid paper's setting"):
+            out = hybrid(batch_size=5, num_base_steps=2, num_base_substeps=m,
+                         generator=torch.Generator().manual_seed(0), output_type="pt").images
+        torch.testing.assert_close(out, gen_net(x, torch.tensor(625)).sample.float(), rtol=0, atol=1e-5)
 
 
 def test_hand_over_is_at_the_students_noise_level_in_closed_form():

@@ -15,7 +15,7 @@ import torch
 from distill import FewStepPipeline, HybridPipeline, OneStepPipeline, export_pipeline, load_pipeline
 from distill.noise import NoiseSchedule
 from distill.pipelines import hybrid as hybrid_module
-from distill.pipelines.samplers import timestep_for
+from distill.pipelines.samplers import timestep_for, trailing_timesteps
 from distill.teachers import analytic_teacher
 
 N = 256
@@ -126,12 +126,13 @@ def test_state_handed_over_is_the_students_family_step(base_family, student_fami
     hybrid = _hybrid(base, student)
     z = _z()
     states = []
-    ddim = hybrid_module.sample_ddim
+    chain = hybrid_module.sample_hybrid
 
-    def recording(model_fn, x, times, callback=None, **kw):  # the chain's own states (VP coordinates)
-        return ddim(model_fn, x, times, callback=lambda st: (states.append(st["x"]), callback(st)), **kw)
+    def recording(model_fn, x, times, renoise, callback=None, **kw):  # the chain's states (VP coordinates)
+        return chain(model_fn, x, times, renoise, callback=lambda st: (states.append(st["x"]), callback(st)),
+                     **kw)
 
-    monkeypatch.setattr(hybrid_module, "sample_ddim", recording)
+    monkeypatch.setattr(hybrid_module, "sample_hybrid", recording)
     out = hybrid(batch_size=N, latents=z, num_base_steps=1, output_type="pt", return_trajectory=True)
     x_in, t_in = spy.calls[0]
     if student_family == "vp":
@@ -351,7 +352,10 @@ def test_text_to_image_hybrid_across_families(tiny_sd_folder):
     np.testing.assert_allclose(run(hybrid, num_base_steps=3),
                                run(TextToImagePipeline(sd.unet, scheduler=flow_sched, sigmas=s, **parts),
                                    latents=z / (1 - ab[0].item()) ** 0.5), rtol=0, atol=2e-4)
-    np.testing.assert_array_equal(run(hybrid, num_base_steps=0), run(vp))
+    # the chain steps row to row: the student on its trailing grid (alone, a DDIMScheduler without a stored
+    # grid steps to t - T // N as diffusers' DDIM does, 666 -> 333 where the grid's next row is 332)
+    on_grid = TextToImagePipeline(sd.unet, scheduler=vp_sched, timesteps=trailing_timesteps(3), **parts)
+    np.testing.assert_array_equal(run(hybrid, num_base_steps=0), run(on_grid))
     hybrid = HybridPipeline.from_pipelines(vp, flow)
     np.testing.assert_allclose(run(hybrid, num_base_steps=0), run(flow), rtol=0, atol=1e-5)
     out = hybrid(prompt=prompts, latents=z, output_type="np", num_base_steps=1, base_guidance_scale=2.0,

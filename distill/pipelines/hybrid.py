@@ -2,15 +2,25 @@
 Models", sec. 4: the base model takes the first, composition-setting step(s); the distilled model the rest).
 
 STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``samplers.py`` /
-``text_to_image.py`` only.
+``text_to_image.py`` / ``hybrid_steps.py`` only.
 
-The hybrid runs ONE deterministic DDIM chain (``samplers.sample_ddim``) over the student's grid: the first
-``num_base_steps`` rows are evaluated by the base model, the remaining rows by the student. A row carries
+The hybrid runs ONE chain (``hybrid_steps.sample_hybrid``) over the student's grid: the first
+``num_base_steps`` rows are evaluated by the base model, the remaining rows by the student. Its steps
+(``student_sampler``):
+
+* ``"ddim"``: deterministic DDIM between all rows (the noise implied by each clean prediction is kept);
+* ``"stochastic"``: the paper's setting. Its DMD2 students sample with diffusers' ``LCMScheduler`` and its
+  notebook runs the base through the same scheduler (``base_scheduler = distilled_scheduler``, base
+  guidance 0), so every step onto a grid row, the hand-over included, re-noises the clean prediction with
+  FRESH noise, x' = sqrt(abar') x0 + sqrt(1 - abar') eps_new (``LCMScheduler.step``; drawn from
+  ``generator`` after z). Base sub-steps (``num_base_substeps``) stay DDIM.
+
+A row carries
 its variance-preserving noise level alpha_bar = alpha^2 / (alpha^2 + sigma^2) (read from the student's
 table, or from its EDM / flow noise level); the base is evaluated at the same alpha_bar, i.e. at equal
-log-SNR, in its own family, never at a reused index. The hand-over is therefore the DDIM re-projection of
-the base's last clean prediction onto the student's first noise level,
-x = sqrt(abar_s) x0_base + sqrt(1 - abar_s) eps_base, at a matched noise level.
+log-SNR, in its own family, never at a reused index. The hand-over is therefore the re-projection of the
+base's last clean prediction onto the student's first noise level, x = sqrt(abar_s) x0_base +
+sqrt(1 - abar_s) eps, at a matched noise level (eps: the base's (ddim) or fresh noise (stochastic)).
 
 Noise families (``one_step.noise_family``): base and student may each be variance-preserving (an
 ``alphas_cumprod`` table), EDM (``EDMEulerScheduler``: its preconditioning) or flow matching
@@ -41,9 +51,11 @@ for a one-step generator (evaluated at index t*; on EDM / flow at its stored ``g
 ``generator_time``), ``num_base_steps`` base rows spaced evenly in the student's time input from the top of
 its range down to t* (VP: the table index from T - 1; EDM: c_noise = ln(sigma) / 4, i.e. evenly in log-SNR,
 from ``sigma_max``; flow: evenly in s from 1), then t* (the generator then sees the base's re-projected
-sample at t* instead of sigma(t*) z). A VP student's chain starts from z at the top of its table
-(diffusers' convention) and from sigma(t) z below it (the one-step generator's input); an EDM / flow
-student's from x_t = sigma_0 z (EDM: sigma_max z; flow: z at s = 1), as ``FewStepPipeline``.
+sample at t* instead of sigma(t*) z). A one-step generator with base steps is OUTSIDE the paper's setting
+(a few-step DMD2 student) and warns: trained on sigma(t*) z alone, it now sees signal plus noise. A VP
+student's chain starts from z at the top of its table (diffusers' convention) and from sigma(t) z below it
+(the one-step generator's input); an EDM / flow student's from x_t = sigma_0 z (EDM: sigma_max z; flow: z at
+s = 1), as ``FewStepPipeline``.
 
 ``num_base_substeps=m`` lets the base cover each of its intervals with m DDIM steps of its own, spaced
 evenly in the base's own time input between the two rows' noise levels: a VP base's table timesteps (as
@@ -59,6 +71,7 @@ paper's sec. 4.3), one image batch per step.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +79,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .hybrid_steps import STUDENT_SAMPLERS, base_alpha_bar, sample_hybrid, with_base_substeps
 from .one_step import (
     ExportedPipelineMixin,
     classifier_free_guidance,
@@ -81,7 +95,7 @@ from .one_step import (
     to_output,
     x0_from_output,
 )
-from .samplers import sample_ddim, timestep_for, trailing_timesteps, vp_grid
+from .samplers import timestep_for, trailing_timesteps, vp_grid
 from .text_to_image import (
     encode_for,
     guidance_embedding,
@@ -131,6 +145,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         student_prediction_type, base_prediction_type: a model's output when it is not its scheduler's own
             (e.g. "sample"); None: the scheduler's (flow: the velocity).
         num_base_steps: default number of base steps.
+        student_sampler: default steps of the chain: "ddim" (deterministic) or "stochastic" (LCMScheduler's
+            re-noising with fresh noise onto every grid row, the paper's setting).
         sample_shape: shape of one sample.
         num_classes: classes of class-conditional models (both; label ``num_classes`` is the null).
         student_guidance_conditioned, student_guidance_scale: a guided-distillation student and its
@@ -155,8 +171,9 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  force_zeros_for_empty_prompt: bool = False, student_sigmas: list | None = None,
                  student_generator_sigma: float | None = None, student_generator_time: float | None = None,
                  student_prediction_type: str | None = None, base_prediction_type: str | None = None,
-                 text_encoder_3=None, tokenizer_3=None):
+                 text_encoder_3=None, tokenizer_3=None, student_sampler: str = "ddim"):
         super().__init__()
+        _check_sampler(student_sampler)
         self.register_modules(base_unet=base_unet, base_scheduler=base_scheduler, student_unet=student_unet,
                               student_scheduler=student_scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
@@ -179,11 +196,12 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             student_generator_sigma=(None if student_generator_sigma is None
                                      else float(student_generator_sigma)),
             student_generator_time=None if student_generator_time is None else float(student_generator_time),
-            student_prediction_type=student_prediction_type, base_prediction_type=base_prediction_type)
+            student_prediction_type=student_prediction_type, base_prediction_type=base_prediction_type,
+            student_sampler=student_sampler)
 
     @classmethod
-    def from_pipelines(cls, base, student, num_base_steps: int = 1,
-                       num_base_substeps: int = 1) -> HybridPipeline:
+    def from_pipelines(cls, base, student, num_base_steps: int = 1, num_base_substeps: int = 1,
+                       student_sampler: str = "ddim") -> HybridPipeline:
         """Build from a loaded base pipeline (a FewStepPipeline or a DDPMPipeline: ``unet`` + ``scheduler``;
         for text-to-image a StableDiffusion(XL)Pipeline or TextToImagePipeline) and a loaded distill student
         (OneStepPipeline, FewStepPipeline or TextToImagePipeline, whose text parts the hybrid shares). Each
@@ -244,7 +262,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                    student_generator_timestep=s_cfg.generator_timestep if one_step else None,
                    student_num_inference_steps=getattr(s_cfg, "num_inference_steps", 1),
                    student_timesteps=getattr(s_cfg, "timesteps", None), num_base_steps=num_base_steps,
-                   num_base_substeps=num_base_substeps,
+                   num_base_substeps=num_base_substeps, student_sampler=student_sampler,
                    sample_shape=list(s_cfg.sample_shape) if not text else _latent_shape(student),
                    num_classes=s_classes,
                    student_guidance_conditioned=bool(getattr(s_cfg, "guidance_conditioned", False)),
@@ -296,7 +314,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
 
     def rows(self, num_base_steps: int, num_inference_steps: int | None = None) -> tuple[torch.Tensor, int]:
         """(the (student time input, alpha_bar) rows of the student's grid, how many of them the base
-        takes)."""
+        takes). Each step goes to the next row (a student holding a ``DDIMScheduler`` without a stored grid
+        samples alone to t - T // N, diffusers' DDIM: the same where N divides T)."""
         grid, k = self.grid(num_base_steps, num_inference_steps)
         if noise_family(self.student_scheduler) == "vp":
             return vp_grid(self.student_scheduler.alphas_cumprod, grid), k
@@ -304,42 +323,6 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         if self.config.student_generator_timestep is not None:  # t*'s network time as training wrote it
             rows[-1, 0] = float(self.config.student_generator_time)
         return rows, k
-
-    def _base_alpha_bar(self, alpha_bar: float) -> float:
-        """The noise level the base is evaluated at for a row at ``alpha_bar``: the row's own, except where
-        the base cannot reach it (alpha_bar = 0 on a VP table: its last entry; beyond an EDM base's
-        sigma_max: sigma_max)."""
-        family = noise_family(self.base_scheduler)
-        if family == "vp" and alpha_bar <= 0:
-            return float(self.base_scheduler.alphas_cumprod[-1])
-        if family == "edm":
-            s_max = float(self.base_scheduler.config.sigma_max)
-            return max(alpha_bar, 1.0 / (1.0 + s_max * s_max))
-        return alpha_bar
-
-    def _base_substeps(self, alpha_bar: float, alpha_bar_next: float | None, m: int) -> list[list[float]]:
-        """The m - 1 rows between a base row at ``alpha_bar`` and the next row (None: the data), spaced
-        evenly in the base's own time input: table index (VP), c_noise = ln(sigma) / 4 (EDM), s T (flow)."""
-        family = noise_family(self.base_scheduler)
-        if family == "vp":
-            b_ac = torch.as_tensor(self.base_scheduler.alphas_cumprod, dtype=torch.float64).cpu()
-            tb = timestep_for(b_ac, alpha_bar)
-            tb_next = timestep_for(b_ac, alpha_bar_next) if alpha_bar_next is not None else 0.0
-            rows = []
-            for j in range(1, m):
-                t = round(tb - j * (tb - tb_next) / m)
-                rows.append([float(t), float(b_ac[t])])
-            return rows
-        s0 = family_alpha_sigma(family, self._base_alpha_bar(alpha_bar))[1]
-        if alpha_bar_next is not None:
-            s1 = family_alpha_sigma(family, self._base_alpha_bar(alpha_bar_next))[1]
-        else:
-            s1 = float(self.base_scheduler.config.sigma_min) if family == "edm" else 0.0
-        if family == "edm":
-            sig = [math.exp(math.log(s0) - j * (math.log(s0) - math.log(s1)) / m) for j in range(1, m)]
-        else:
-            sig = [s0 - j * (s0 - s1) / m for j in range(1, m)]
-        return family_rows(self.base_scheduler, sig).tolist() if sig else []
 
     def schedule(self, num_base_steps: int, num_inference_steps: int | None = None,
                  num_base_substeps: int | None = None) -> tuple[torch.Tensor, int]:
@@ -351,17 +334,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             raise ValueError(f"num_base_substeps must be >= 1, got {m}.")
         if m == 1 or k == 0:
             return times, k
-        rows = []
-        for i in range(k):
-            rows.append(times[i].tolist())  # the row itself: the base meets it at the matched noise level
-            rows += self._base_substeps(float(times[i, 1]), float(times[i + 1, 1]) if i + 1 < len(times)
-                                        else None, m)
-        rows += times[k:].tolist()
-        out = torch.tensor(rows, dtype=torch.float64)
-        if (out[1:, 1] <= out[:-1, 1]).any():
-            raise ValueError(f"num_base_substeps={m} is too fine for the base's table between these grid "
-                             "points; use fewer substeps.")
-        return out, k * m
+        return with_base_substeps(self.base_scheduler, times, k, m), k * m
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_base_steps: int | None = None,
@@ -370,8 +343,10 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                  generator: torch.Generator | list | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, return_trajectory: bool = False,
                  prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 num_base_substeps: int | None = None):
+                 num_base_substeps: int | None = None, student_sampler: str | None = None):
         device, dtype = device_dtype(self, self.student_unet)
+        sampler = self.config.get("student_sampler", "ddim") if student_sampler is None else student_sampler
+        _check_sampler(sampler)
         text = self.text_encoder is not None
         if text:
             if prompt is None:
@@ -381,6 +356,13 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             batch_size = len(prompt)
         k = self.config.num_base_steps if num_base_steps is None else int(num_base_steps)
         times, k = self.schedule(k, num_inference_steps, num_base_substeps)
+        if k and self.config.student_generator_timestep is not None:
+            warnings.warn("A one-step student after base steps is outside the hybrid paper's setting (a "
+                          "few-step DMD2 student): the generator, trained on sigma(t*) z alone, now sees "
+                          "signal plus noise at t*.", stacklevel=3)
+        m = self.config.num_base_substeps if num_base_substeps is None else int(num_base_substeps)
+        # the step onto row r re-noises (stochastic) unless r is a base sub-step (rows i m + 1 .. i m + m - 1)
+        renoise = [sampler == "stochastic" and (r >= k or r % m == 0) for r in range(len(times))]
         b_family, s_family = noise_family(self.base_scheduler), noise_family(self.student_scheduler)
         base_ac = self.base_scheduler.alphas_cumprod if b_family == "vp" else None
         shape = (batch_size, *self.config.sample_shape)
@@ -435,7 +417,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
         def model_fn(x_t, i, t):
             ab = float(times[i, 1])
             if i < k and b_family != "vp":  # the base at this noise level in its own family
-                ab_b = self._base_alpha_bar(ab)
+                ab_b = base_alpha_bar(self.base_scheduler, ab)
                 tb = family_timestep(self.base_scheduler, family_alpha_sigma(b_family, ab_b)[1])
                 return family_x0(self.base_scheduler, lambda x_in: base_net(x_in, tb), x_t, ab_b, b_pred)
             if i >= k and s_family != "vp":  # the student at its own (time input, noise level)
@@ -447,7 +429,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                 tb = timestep_for(base_ac, ab)
                 tb = int(tb) if float(tb).is_integer() else tb
                 if ab <= 0:  # pure noise (a flow grid's s = 1): the table's noisiest entry
-                    ab_b = self._base_alpha_bar(ab)
+                    ab_b = base_alpha_bar(self.base_scheduler, ab)
                     a, sig = ab_b**0.5, (1 - ab_b) ** 0.5
                 return x0_from_output(base_net(x_t, tb), x_t, a, sig, b_pred)
             out = forward(self.student_unet, x_t, torch.full((batch_size,), int(t), device=device), **s_kw)
@@ -460,7 +442,7 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
             if return_trajectory:
                 trajectory.append(state["denoised"])
 
-        x = sample_ddim(model_fn, x, times, callback=callback)
+        x = sample_hybrid(model_fn, x, times, renoise, callback=callback, generator=generator)
         bar.close()
 
         def out(v):
@@ -498,3 +480,8 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                 None if ids is None else ids.repeat(2, 1),
                                 None if mask is None else torch.cat([mask, n_mask]))
         return s_kw, b_kw
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in STUDENT_SAMPLERS:
+        raise ValueError(f"student_sampler={sampler!r}: use one of {', '.join(STUDENT_SAMPLERS)}.")
