@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -97,22 +98,42 @@ def test_masking_generates_every_token_once(K, L):
     assert unknown == 0 and sum(made) == L and min(made) >= 1
 
 
-def _tiny(num_classes=3, seed=0):
+def _tiny(num_classes=3, seed=0, learn_sigma=False, in_channels=1):
     torch.manual_seed(seed)
-    model = MaskedAutoregressiveModel(sample_size=4, in_channels=1, patch_size=2, width=16, depth=1,
-                                      num_heads=2, num_classes=num_classes, head_width=16, head_depth=1)
+    model = MaskedAutoregressiveModel(sample_size=4, in_channels=in_channels, patch_size=2, width=16, depth=1,
+                                      num_heads=2, num_classes=num_classes, head_width=16, head_depth=1,
+                                      learn_sigma=learn_sigma)
     import diffusers
 
     sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     return MaskedAutoregressivePipeline(model, sched)
 
 
-def test_tokens_round_trip_and_masked_tokens_are_invisible():
-    model = _tiny().mar
-    x = torch.randn(3, 1, 4, 4)
+def _trained_looking(pipe, seed=0):
+    """Random (not zero-initialised) output layers, so the head's eps and v_raw depend on x_t, t and z."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in (pipe.mar.head.out, pipe.mar.head.ada[1]):
+        layer.weight.data = torch.randn(layer.weight.shape, generator=g) * 0.1
+        layer.bias.data = torch.randn(layer.bias.shape, generator=g) * 0.1
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_patchify_is_the_raster_index_formula_and_unpatchify_its_inverse():
+    model = _tiny(in_channels=2).mar  # 4x4 images of 2 channels, 2x2 patches: 4 tokens of 8 values
+    x = torch.randn(3, 2, 4, 4)
     tokens = model.patchify(x)
-    assert tokens.shape == (3, 4, 4) and torch.equal(model.unpatchify(tokens), x)
-    assert torch.equal(tokens[:, 1], x[:, 0, 0:2, 2:4].reshape(3, 4))  # raster order, 2x2 patches
+    assert tokens.shape == (3, 4, 8)
+    p, n = 2, 2  # patch side, patches per row
+    for b, c, h, w in np.ndindex(3, 2, 4, 4):
+        # token (h // p) n + w // p in raster order; inside it channel-major, then the patch's rows
+        assert tokens[b, (h // p) * n + w // p, c * p * p + (h % p) * p + w % p] == x[b, c, h, w]
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_masked_tokens_are_invisible():
+    model = _tiny().mar
+    tokens = model.patchify(torch.randn(3, 1, 4, 4))
     mask = torch.tensor([[True, False, True, False]] * 3)
     labels = torch.tensor([0, 1, 2])
     other = tokens.clone()
@@ -123,19 +144,157 @@ def test_tokens_round_trip_and_masked_tokens_are_invisible():
     assert not torch.allclose(model.encode(tokens, mask, labels), model.encode(changed, mask, labels))
 
 
-@pytest.mark.parametrize("schedule", [None, "linear", "cosine", "two-stage", "constant"])
-def test_pipeline_counts_head_evaluations_per_schedule(schedule):
-    pipe = _tiny()
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=2, num_iter=3, step_schedule=schedule, diffusion_steps=20, min_diffusion_steps=4,
+def _record_head(pipe):
+    """Wrap the head: the list of timestep tensors it was called with (one entry per evaluation)."""
+    calls, inner = [], pipe.mar.head.forward
+
+    def recorded(x_t, timestep, z):
+        calls.append(timestep)
+        return inner(x_t, timestep, z)
+
+    pipe.mar.head.forward = recorded
+    return calls
+
+
+# head evaluations of 3 AR iterations, 50 -> 4 head steps, by hand: ADM's spacing of n steps takes
+# round(j 999 / (n - 1)); DiSA clips at 950, so 50 steps keep 48 indices (961, 979, 999 -> 950) and 27 steps
+# keep 26 (j = 25, 26: 961, 999 -> 950); 4 steps keep 4. Cosine / linear: [50, 4 + int(23.0) = 27, 4];
+# two-stage: [50, 4, 4] (k = 1 is not < (K - 1) / 2 = 1); constant: [4, 4, 4]; MAR's sampler (None):
+# 50 unclipped indices at every iteration.
+@pytest.mark.parametrize("schedule, steps, evaluations", [
+    (None, [50, 50, 50], 150), ("linear", [50, 27, 4], 48 + 26 + 4), ("cosine", [50, 27, 4], 48 + 26 + 4),
+    ("two-stage", [50, 4, 4], 48 + 4 + 4), ("constant", [4, 4, 4], 12)])
+def test_pipeline_head_evaluations_are_the_schedules_sum(schedule, steps, evaluations):
+    pipe = _trained_looking(_tiny(learn_sigma=True))
+    calls = _record_head(pipe)
+    out = pipe(batch_size=2, num_iter=3, step_schedule=schedule, diffusion_steps=50, min_diffusion_steps=4,
                generator=torch.Generator().manual_seed(0), output_type="np", guidance_scale=2.0)
-    expected = [20] * 3 if schedule is None else step_schedule(3, 20, 4, schedule)
-    assert out.diffusion_steps == expected
-    assert out.head_evaluations == sum(len(head_timesteps(t)) for t in expected)
-    assert out.images.shape == (2, 4, 4, 1) and np.isfinite(out.images).all()
-    again = pipe(batch_size=2, num_iter=3, step_schedule=schedule, diffusion_steps=20, min_diffusion_steps=4,
+    assert out.diffusion_steps == steps and out.head_evaluations == evaluations == len(calls)
+    again = pipe(batch_size=2, num_iter=3, step_schedule=schedule, diffusion_steps=50, min_diffusion_steps=4,
                  generator=torch.Generator().manual_seed(0), output_type="np", guidance_scale=2.0)
     np.testing.assert_array_equal(out.images, again.images)
+
+
+def test_mar_sampler_uses_the_full_respaced_range_and_disa_clips_at_950():
+    pipe = _trained_looking(_tiny())
+    calls = _record_head(pipe)
+    pipe(batch_size=1, num_iter=2, diffusion_steps=10, generator=torch.Generator().manual_seed(0))
+    assert max(float(t.max()) for t in calls) == 999  # MAR's sampler (step_schedule=None): no clipping
+    calls.clear()
+    pipe(batch_size=1, num_iter=2, step_schedule="cosine", diffusion_steps=10, min_diffusion_steps=3,
+         generator=torch.Generator().manual_seed(0))
+    assert max(float(t.max()) for t in calls) == 950  # DiSA's sampler clips at 950
+
+
+def test_guidance_scale_of_each_iteration_is_mars_linear_schedule(monkeypatch):
+    import distill.pipelines.mar as mar_pipeline
+
+    scales, inner = [], mar_pipeline.classifier_free_guidance
+    monkeypatch.setattr(mar_pipeline, "classifier_free_guidance",
+                        lambda c, u, s: scales.append(s) or inner(c, u, s))
+    pipe = _trained_looking(_tiny())
+    pipe(batch_size=1, num_iter=3, diffusion_steps=2, guidance_scale=2.0,
+         generator=torch.Generator().manual_seed(0))
+    # L = 4 tokens; mask_len after iteration k: floor(4 cos(pi/6)) = 3, floor(4 cos(pi/3)) = 2, then at
+    # least 1 (MAR's sample_tokens); s_k = 1 + (s - 1)(L - mask_len) / L
+    assert sorted(set(scales)) == [1.25, 1.5, 1.75] and scales[-1] == 1.75
+
+
+def test_orders_are_drawn_on_the_generators_device(monkeypatch):
+    """No CUDA here: this proves that the pipeline asks for its draws on the generator's device (a CUDA
+    generator with a CPU draw raises in torch), not that a CUDA run works."""
+    requested, inner = [], torch.rand
+
+    def rand(*size, generator=None, device=None, **kw):
+        requested.append((generator.device if generator is not None else None, device))
+        return inner(*size, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "rand", rand)
+    _trained_looking(_tiny())(batch_size=2, num_iter=2, diffusion_steps=2,
+                              generator=torch.Generator().manual_seed(0))
+    assert requested and all(gen is not None and dev is not None and torch.device(dev) == gen
+                             for gen, dev in requested)
+    requested.clear()
+    from distill.pipelines.mar import random_orders
+
+    cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: requested.append(device)
+                        or inner(*size))
+    assert random_orders(2, 5, cuda, torch.device("cpu")).device.type == "cpu"
+    assert requested == [torch.device("cuda")]
+
+
+def _reference_mar_sample(model, labels, num_iter, schedule, hi, lo, cfg, temperature, generator):
+    """MAR's ``sample_tokens`` (LTH14/mar, models/mar.py) with DiSA's ``DiffLoss.sample`` and ADM's
+    ``p_sample_loop`` on a SpacedDiffusion (learned range, clip_denoised=False), restated in float64 numpy
+    coefficients. Random draws in the pipeline's order: the orders, then per iteration the start noise and
+    one draw per step above t = 0 for the conditional half only (the reference also draws noise for the
+    null-class half and at t = 0, and discards both)."""
+    def alpha_bar(t):  # ADM's "cosine" schedule (betas_for_alpha_bar, max_beta 0.999)
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    ac = np.cumprod([1 - min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999)
+                     for i in range(1000)])
+    bsz, length, dim = len(labels), model.seq_len, model.token_dim
+    orders = torch.argsort(torch.rand(bsz, length, generator=generator), dim=1)
+    mask, tokens = torch.ones(bsz, length), torch.zeros(bsz, length, dim)
+    null = torch.full((bsz,), model.config.num_classes)
+    for step in range(num_iter):
+        z = model.encode(tokens, mask.bool(), labels)
+        z_null = model.encode(tokens, mask.bool(), null)
+        mask_len = np.floor(length * np.cos(math.pi / 2.0 * (step + 1) / num_iter))
+        mask_len = int(max(1, min(mask[0].sum().item() - 1, mask_len)))
+        mask_next = torch.zeros(bsz, length).scatter(1, orders[:, :mask_len], 1.0)
+        to_pred = mask.bool() if step >= num_iter - 1 else mask.bool() ^ mask_next.bool()
+        mask = mask_next
+        cfg_iter = 1 + (cfg - 1) * (length - mask_len) / length
+        n_steps = hi if schedule is None else _reference(step, num_iter, hi, lo, schedule)
+        kept = sorted(_space_timesteps(1000, n_steps))
+        kept = sorted({min(t, 950) for t in kept}) if schedule is not None else kept  # DiSA: clip_timesteps
+        betas, last = [], 1.0
+        for i in range(1000):  # SpacedDiffusion.__init__
+            if i in kept:
+                betas.append(1 - ac[i] / last)
+                last = ac[i]
+        betas = np.array(betas)
+        acs = np.cumprod(1 - betas)
+        acs_prev = np.append(1.0, acs[:-1])
+        post_var = betas * (1 - acs_prev) / (1 - acs)
+        log_clipped = np.log(np.append(post_var[1], post_var[1:]))
+        coef1 = betas * np.sqrt(acs_prev) / (1 - acs)
+        coef2 = (1 - acs_prev) * np.sqrt(1 - betas) / (1 - acs)
+        n = int(to_pred.sum())
+        cond = torch.cat([z[to_pred], z_null[to_pred]])
+        x = torch.randn(n, dim, generator=generator)
+        for j in reversed(range(len(kept))):
+            out = model(torch.cat([x, x]), torch.full((2 * n,), kept[j]), cond)  # forward_with_cfg
+            eps_c, eps_u, v_raw = out[:n, :dim], out[n:, :dim], out[:n, dim:]
+            eps = eps_u + cfg_iter * (eps_c - eps_u)
+            x0 = math.sqrt(1 / acs[j]) * x - math.sqrt(1 / acs[j] - 1) * eps
+            mean = float(coef1[j]) * x0 + float(coef2[j]) * x
+            if j == 0:
+                x = mean
+                break
+            frac = (v_raw + 1) / 2
+            log_var = frac * math.log(betas[j]) + (1 - frac) * float(log_clipped[j])
+            x = mean + torch.exp(0.5 * log_var) * torch.randn(n, dim, generator=generator) * temperature
+        tokens[to_pred] = x
+    return model.unpatchify(tokens)
+
+
+@pytest.mark.parametrize("schedule, hi, lo", [(None, 12, 12), ("cosine", 12, 3), ("two-stage", 9, 2)])
+def test_pipeline_equals_mars_and_disas_reference_loop(schedule, hi, lo):
+    pipe = _trained_looking(_tiny(learn_sigma=True), seed=3)
+    made, unpatchify = [], pipe.mar.unpatchify
+    pipe.mar.unpatchify = lambda tokens: made.append(tokens.clone()) or unpatchify(tokens)  # before clamping
+    labels = torch.tensor([0, 2, 1])
+    pipe(batch_size=3, class_labels=labels, num_iter=3, step_schedule=schedule, diffusion_steps=hi,
+         min_diffusion_steps=lo, guidance_scale=2.5, temperature=0.8,
+         generator=torch.Generator().manual_seed(7), output_type="pt")
+    with torch.no_grad():
+        ref = _reference_mar_sample(pipe.mar, labels, 3, schedule, hi, lo, 2.5, 0.8,
+                                    torch.Generator().manual_seed(7))
+    torch.testing.assert_close(pipe.mar.unpatchify(made[0]), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_pipeline_refuses_bad_arguments():

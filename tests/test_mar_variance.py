@@ -4,6 +4,7 @@ stop-gradient of the hybrid loss, the learned range on ADM's respaced chain agai
 formula and diffusers' DDPMScheduler, and the sampler against diffusers' learned-range DDPM steps and the
 fixed-small sampler."""
 
+import json
 import math
 
 import diffusers
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from distill.models import MaskedAutoregressiveModel
 from distill.objectives.mar import (
     diffusion_head_loss,
     discretized_gaussian_log_likelihood,
@@ -18,6 +20,7 @@ from distill.objectives.mar import (
     posterior_coefficients,
     vlb_term,
 )
+from distill.pipelines import MaskedAutoregressivePipeline
 from distill.pipelines.annealing import head_timesteps
 from distill.pipelines.mar import sample_learned_range
 from distill.pipelines.samplers import sample_ddpm_ancestral, vp_grid
@@ -176,3 +179,39 @@ def test_sampler_with_v_zero_is_the_fixed_small_sampler_and_temperature_scales_i
         learned = sample_learned_range(lambda *a: (denoised(*a), -torch.ones(4, 3)), x, grid,
                                        generator=torch.Generator().manual_seed(5), temperature=temperature)
         torch.testing.assert_close(learned, fixed, rtol=1e-5, atol=1e-5)
+
+
+def _pipe(learn_sigma):
+    torch.manual_seed(0)
+    model = MaskedAutoregressiveModel(sample_size=4, in_channels=1, patch_size=2, width=16, depth=1,
+                                      num_heads=2, num_classes=3, head_width=16, head_depth=1,
+                                      learn_sigma=learn_sigma)
+    pipe = MaskedAutoregressivePipeline(model, _scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_folders_without_learn_sigma_load_the_epsilon_head_and_v_zero_samples_as_it(tmp_path):
+    fixed, learned = _pipe(False), _pipe(True)
+    g = torch.Generator().manual_seed(1)
+    for layer in (fixed.mar.head.out, fixed.mar.head.ada[1]):
+        layer.weight.data = torch.randn(layer.weight.shape, generator=g) * 0.1
+        layer.bias.data = layer.bias + 0.05
+    state = fixed.mar.state_dict()
+    out_w, out_b = state.pop("head.out.weight"), state.pop("head.out.bias")
+    learned.mar.load_state_dict(state, strict=False)
+    learned.mar.head.out.weight.data = torch.cat([out_w, torch.zeros_like(out_w)])
+    learned.mar.head.out.bias.data = torch.cat([out_b, -torch.ones_like(out_b)])  # v_raw = -1: v = 0
+    for schedule in (None, "cosine"):
+        kw = dict(batch_size=3, num_iter=3, step_schedule=schedule, diffusion_steps=8, min_diffusion_steps=3,
+                  guidance_scale=2.0, output_type="pt")
+        torch.testing.assert_close(learned(generator=torch.Generator().manual_seed(4), **kw).images,
+                                   fixed(generator=torch.Generator().manual_seed(4), **kw).images,
+                                   rtol=1e-5, atol=1e-5)
+    # a folder exported before learn_sigma existed has no such key: it loads as the epsilon-only head
+    fixed.mar.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("learn_sigma")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = MaskedAutoregressiveModel.from_pretrained(tmp_path)
+    assert not old.config.learn_sigma and old.head.out.out_features == old.token_dim
