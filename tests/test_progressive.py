@@ -66,6 +66,45 @@ def test_rounds_export_students_that_sample_with_their_stored_steps(tmp_path):
     assert json.loads((final / "model_index.json").read_text())["num_inference_steps"] == 1
 
 
+@pytest.mark.parametrize("round_ema", [False, True])
+def test_round_exports_are_the_next_rounds_teacher_with_and_without_the_round_ema(tmp_path, round_ema):
+    """progressive.round_ema: the EMA of the round's student (train.ema_decay), restarted each round, ends the
+    round: the round's export, the next round's frozen teacher and the EMA's shadow are the same weights;
+    without it the student's last weights are (no EMA tracked)."""
+    from diffusers.models.modeling_utils import load_state_dict
+
+    cfg = load_config("configs/progressive_gaussians8.yaml", [
+        f"output_dir={tmp_path}", "progressive.start_steps=4", "progressive.steps_per_round=4",
+        "progressive.init_denoiser_steps=20", "train.progress_bar=false", "train.report_to=none",
+        "train.checkpointing_steps=100", f"progressive.round_ema={round_ema}", "train.ema_decay=0.5"])
+    trainer = trainer_class("progressive")(cfg)
+    seen = {}
+    start = trainer._start_round
+
+    def start_round(r):
+        if r == 1:
+            student = trainer.unwrap("student")
+            seen["last"] = {k: v.clone() for k, v in student.state_dict().items()}
+            if "student" in trainer.emas:
+                names = [k for k, _ in student.named_parameters()]
+                seen["ema"] = dict(zip(names, (p.clone() for p in trainer.emas["student"].shadow_params)))
+        start(r)
+        if r == 1:
+            seen["teacher"] = {k: v.clone() for k, v in trainer.unwrap("round_teacher").state_dict().items()}
+
+    trainer._start_round = start_round
+    trainer.train()
+    assert ("student" in trainer.emas) == round_ema
+    folder = tmp_path / "rounds" / "steps-2" / "unet"
+    exported = load_state_dict(str(folder / "diffusion_pytorch_model.safetensors"))
+    ended = seen["ema"] if round_ema else seen["last"]
+    for k, v in ended.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(seen["teacher"][k], v, rtol=0, atol=0)
+    if round_ema:  # the EMA's weights are not the last update's
+        assert max((seen["ema"][k] - seen["last"][k]).abs().max() for k in seen["ema"]) > 1e-6
+
+
 @pytest.mark.slow
 def test_progressive_students_beat_ddim_at_every_step_count(tmp_path):
     cfg = load_config("configs/progressive_gaussians8.yaml", [

@@ -44,6 +44,9 @@ class RoundsConfig:
     loss_weighting: Literal["truncated_snr", "snr+1"] = "truncated_snr"
     init_denoiser_steps: int = 1000  # student.arch mlp/unet: fit the network to the teacher first
     gradient_checkpointing: bool = False  # recompute the student's activations in backward (large teachers)
+    # an EMA of the student within each round (decay train.ema_decay), started from the round's first weights;
+    # its weights end the round: the round's export and the next round's teacher (false: the paper's no EMA)
+    round_ema: bool = False
 
     def validate_rounds(self, cfg: Config, key: str, strict: bool) -> None:
         """``strict``: target_steps < start_steps (guided's stage one may already be at target_steps)."""
@@ -112,9 +115,10 @@ class HalvingRounds:
             if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
             round_teacher = copy.deepcopy(net).requires_grad_(False).eval()
-        # no EMA (Salimans & Ho use none for distillation): the linear decay of the learning rate to 0 ends
-        # every round on settled weights, and the exported student IS the next round's teacher
-        self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers())
+        # no EMA by default (Salimans & Ho use none for distillation): the linear decay of the learning rate to
+        # 0 ends every round on settled weights; with round_ema the EMA's weights end it. Either way the
+        # exported student IS the next round's teacher
+        self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers(), ema=sec.round_ema)
         self.add("round_teacher", round_teacher)
         self.round, self._round_started = 0, -1
         self.num_classes = t.num_classes
@@ -134,10 +138,17 @@ class HalvingRounds:
         teacher_grid = trailing_timesteps(2 * n_student, T) if 2 * n_student <= T else None
         return teacher_grid, trailing_timesteps(n_student, T)
 
+    def _settle_round(self) -> None:
+        """The end of a round with ``round_ema``: the student takes the EMA's weights (which then restarts
+        from them)."""
+        if "student" in self.emas:
+            self.emas["student"].copy_to(list(self.unwrap("student").parameters()))
+
     def _start_round(self, r: int) -> None:
         """New round: the finished student (as exported) becomes the frozen teacher; optimizer reset."""
         student = self.unwrap("student")
         if r > 0:
+            self._settle_round()
             if self.accelerator.is_main_process:
                 self.export_round(r - 1)
             self.unwrap("round_teacher").load_state_dict(student.state_dict())
@@ -269,6 +280,7 @@ class HalvingRounds:
                                 "steps_to_sample": self.plan[r][0]})
 
     def finish(self, seconds: float):
+        self._settle_round()
         if self.accelerator.is_main_process:
             self.export_round(len(self.plan) - 1)
         return super().finish(seconds)
