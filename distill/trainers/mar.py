@@ -138,8 +138,10 @@ class MaskedAutoregressiveTrainer(DistillationTrainer):
 
     def card_info(self) -> dict:
         return {"method": "mar (masked autoregressive, diffusion head)", "data": self.config.data.spec,
-                "num_classes": self.num_classes, "sampling": "pipe(num_iter=16, step_schedule='cosine', "
-                "diffusion_steps=50, min_diffusion_steps=5) for DiSA step annealing"}
+                "num_classes": self.num_classes, "learn_sigma": self.config.mar.learn_sigma,
+                "sampling": "pipe(num_iter=16, step_schedule='cosine', diffusion_steps=50, "
+                "min_diffusion_steps=5) for DiSA step annealing; step_schedule=None, diffusion_steps=100 for "
+                "MAR's own sampler"}
 
 
 def _rows(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
