@@ -8,7 +8,9 @@ STANDALONE FILE: imports torch, diffusers and the sibling ``one_step.py`` / ``te
 * ``{"kind": "classes", "student_of_class": [s_0, ..., s_{C-1}]}``: class c goes to student s_c
   (the paper's ImageNet split is consecutive blocks of classes);
 * ``{"kind": "prompt_clusters", "centroids": [[...], ...]}``: a prompt goes to the nearest centroid of
-  :func:`prompt_feature` (the split of the text-encoder's embedding space used for text-to-image).
+  :func:`prompt_feature` (the split of the text-encoder's embedding space used for text-to-image), in fp32
+  on the prompt embeddings as given (or as the text encoder returns them), before any cast to the
+  students' dtype.
 
 Every student is the denoiser evaluated once at training index ``generator_timestep`` on sigma(t*) z
 (SiD-LSG / Diff-Instruct generator parameterisation). Noise is drawn for the whole batch in the caller's
@@ -147,11 +149,12 @@ class MultiStudentPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                                                        *self._encoders(), prompt, device)
                 if mask is not None:  # PixArt's T5 attention mask
                     mask = mask.repeat_interleave(num_images_per_prompt, 0)
-            embeds, pooled = (None if v is None
-                              else v.to(device, dtype).repeat_interleave(num_images_per_prompt, 0)
+            embeds, pooled = (None if v is None else v.to(device).repeat_interleave(num_images_per_prompt, 0)
                               for v in (prompt_embeds, pooled_prompt_embeds))
             n = embeds.shape[0]
+            # routed in fp32 on the embeddings as given, before the students' dtype rounds them
             routes = self.route(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+            embeds, pooled = (None if v is None else v.to(dtype) for v in (embeds, pooled))
             unet = self.students.students[0]
             sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
             size = self.config.sample_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -10,7 +10,9 @@ capacity. Partitions (``msd.partition``):
   per student for K = 4; k-means on class embeddings was reported no better);
 * ``random``: a seeded balanced split of the classes; ``file``: a JSON list, the student of each class;
 * ``prompt_clusters`` (text teachers): seeded k-means on the normalised prompt embeddings of the training
-  prompts (the paper splits the text encoder's embedding space); the centroids route at inference.
+  prompts (the paper splits the text encoder's embedding space); the centroids route at inference. The
+features are fp32 at both ends: the centroids come from the text encoders as the export stores them, upcast
+to fp32 (not the bf16 copies a mixed-precision run trains with), and the pipeline routes in fp32.
 
 Per student, the one-step objective is a score-distillation method on the student's part only
 (``msd.objective``): ``dmd`` (the paper's choice: DMD's normalised distribution-matching gradient,
@@ -27,7 +29,23 @@ that student's.
 
 Students smaller than the teacher (``student.arch: mlp | unet``) cannot start as copies; the paper's
 teacher score matching (TSM) stage first regresses each on the teacher's output at noised real data
-of its part, L_TSM = E_t[lambda_t |mu_student(x_t, t) - mu_teacher(x_t, t)|^2] (``msd.tsm_steps``).
+of its part, L_TSM = E_t[lambda_t |mu_student(x_t, t) - mu_teacher(x_t, t)|^2] (``msd.tsm_steps``). The
+fake scores are fitted to the UNGUIDED teacher (a fake score models the student's samples, as a teacher copy
+does in DMD): fitted to the guided one it would equal the real score and the first DM gradient would vanish.
+
+Stages (the paper's sec. 3): DM, then ADM, "adversarial distribution matching" (``msd.gan_weight`` > 0):
+from ``msd.adm_start_step`` on, the run continues from the DM stage's networks (a run resumed from its
+checkpoints continues the schedule) with DMD2's GAN term (Yin et al. 2024b, sec. 4.2). A discriminator head
+on each fake score's features (a UNet's mid block) is trained with the fake score by BCE, noised REAL data
+of the student's own part (its classes, or its prompts' route) -> 1 against noised samples of that student
+-> 0, weighted ``discriminator_weight`` (DMD2: 1e-2); each student's generator loss adds ``gan_weight`` x
+softplus(-D(x_t)) (DMD2: 3e-3 on ImageNet-64; the paper's ADM weights are not published). Before
+``adm_start_step`` the heads stay untouched and the step is exactly the DM stage's. Prompts-only data: the
+teacher's samples at the batch's prompts stand in for real data.
+
+Update rule (``msd.fake_steps_per_generator_step``): DMD2's two-time-scale rule, 5 fake-score updates per
+generator update (DMD's 1:1 without regression is reported unstable, DMD2 sec. 4.1); 1 with
+``regression_weight`` > 0 is DMD's recipe.
 
 DMD's regression term (``msd.regression_weight``, L2 between G(z) and the teacher's DDIM sample from the
 same z, Yin et al. 2024 sec. 3.3) uses pairs of ALL conditions for every student: the paper found that
@@ -43,20 +61,21 @@ them all on its shard of each batch (plain data parallel); memory is K times a s
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..conditioning import Condition
-from ..engine import DistillationTrainer, Update, build_network
+from ..engine import DistillationTrainer, Update, build_network, frozen
 from ..errors import ConfigError, require
+from ..lora import AdapterView
 from ..models import StudentBank
+from ..objectives.adversarial import DiscriminatorHead, discriminator_loss, feature_module, generator_gan_loss
 from ..objectives.score import DiffInstructLoss, SIMLoss, fake_score_loss
-from ..partition import nearest_centroid, prompt_feature
+from ..partition import class_partition, kmeans, nearest_centroid, prompt_feature
 from ..pipelines import MultiStudentPipeline
 from .score_helpers import OneStepScoreHelpers, ScoreGroup, check_student_prediction, one_step_checks
 
@@ -81,7 +100,8 @@ class MSDConfig:
     # one fake score for all students (K + 1 networks) instead of one per student (2K)
     shared_fake: bool = False
     generator_timestep: int = 625  # t*: each student is the denoiser at this index on sigma(t*) z
-    fake_steps_per_generator_step: int = 1
+    # DMD2's two-time-scale rule (5); DMD's 1:1 is stable only with regression_weight > 0
+    fake_steps_per_generator_step: int = 5
     lr_fake: float | None = None  # default optim.lr
     t_min: float = 0.02
     t_max: float = 0.98
@@ -105,6 +125,11 @@ class MSDConfig:
     # (noise, teacher DDIM sample at data.teacher_sample_steps) pairs, drawn from ALL conditions, not filtered
     regression_weight: float = 0.0
     regression_pairs: int = 1024
+    # ADM stage (DMD2's GAN term; 0 = the DM stage only): generator weight of softplus(-D) (DMD2: 3e-3 on
+    # ImageNet-64), the head's BCE weight in the fake score's loss (DMD2: 1e-2), the step the stage starts at
+    gan_weight: float = 0.0
+    discriminator_weight: float = 1.0e-2
+    adm_start_step: int = 0
     gradient_checkpointing: bool = False
 
     def validate(self, cfg: Config) -> None:
@@ -113,7 +138,11 @@ class MSDConfig:
             (self.num_students >= 1, "msd.num_students", self.num_students, "an integer >= 1"),
             (self.tsm_steps >= 0, "msd.tsm_steps", self.tsm_steps, "an integer >= 0"),
             (self.regression_weight >= 0, "msd.regression_weight", self.regression_weight, "a number >= 0"),
-            (self.regression_pairs >= 1, "msd.regression_pairs", self.regression_pairs, "an integer >= 1")])
+            (self.regression_pairs >= 1, "msd.regression_pairs", self.regression_pairs, "an integer >= 1"),
+            (self.gan_weight >= 0, "msd.gan_weight", self.gan_weight, "a number >= 0 (0: no ADM stage)"),
+            (self.discriminator_weight > 0, "msd.discriminator_weight", self.discriminator_weight,
+             "a positive number"),
+            (self.adm_start_step >= 0, "msd.adm_start_step", self.adm_start_step, "an integer >= 0")])
         b = cfg.train.batch_size
         if cfg.method == "msd" and b % self.num_students:
             raise ConfigError(f"train.batch_size={b} is not a multiple of "
@@ -126,50 +155,14 @@ class MSDConfig:
 
 
 
-def class_partition(kind: str, num_classes: int, k: int, seed: int = 0, file: str | None = None) -> list[int]:
-    """The student of each class: consecutive blocks, a seeded balanced random split, or a JSON file."""
-    if k > num_classes:
-        raise ConfigError(f"msd.num_students={k} is more than the teacher's {num_classes} classes: every "
-                          f"student needs at least one class; use msd.num_students <= {num_classes}.")
-    if kind == "blocks":
-        return [c * k // num_classes for c in range(num_classes)]
-    if kind == "random":
-        perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
-        table = [0] * num_classes
-        for i, c in enumerate(perm):
-            table[c] = i % k
-        return table
-    if kind == "file":
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"msd.partition_file={file!r} does not exist; it should be a JSON list giving "
-                              f"the student (0..{k - 1}) of each of the {num_classes} classes.")
-        table = json.loads(path.read_text())
-        if (not isinstance(table, list) or len(table) != num_classes
-                or not all(isinstance(s, int) and 0 <= s < k for s in table)):
-            raise ConfigError(f"msd.partition_file={file!r} must hold a JSON list of {num_classes} integers "
-                              f"in [0, {k}) (the student of each class); it holds {str(table)[:200]}.")
-        return table
-    raise ConfigError(f"msd.partition={kind!r} is for text teachers; a class-conditional teacher takes "
-                      "blocks, random or file.")
-
-
-def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
-    """Centroids of k-means (k-means++ initialisation, Lloyd iterations), seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    x = x.float().cpu()
-    cents = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
-    for _ in range(1, k):
-        d2 = torch.cdist(x, torch.stack(cents)).min(dim=1).values.pow(2)
-        cents.append(x[torch.multinomial(d2 + 1e-12, 1, generator=gen)].squeeze(0))
-    c = torch.stack(cents)
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(dim=1)
-        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
-        if torch.allclose(new, c):
-            break
-        c = new
-    return c
+@contextlib.contextmanager
+def unguided(teacher):
+    """The teacher's denoiser without its bound classifier-free guidance inside the block."""
+    scale, teacher.denoiser.guidance_scale = teacher.denoiser.guidance_scale, None
+    try:
+        yield
+    finally:
+        teacher.denoiser.guidance_scale = scale
 
 
 class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
@@ -223,6 +216,22 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         x0 = self.generate(self.modules[g.generator], z[idx].to(self.device), self.rows_condition(rows[idx]))
         return self.section.regression_weight * (x0 - y[idx].to(self.device)).pow(2).mean()
 
+    @torch.no_grad()
+    def prompt_features(self, prompts: list[str]) -> torch.Tensor:
+        """fp32 routing features of ``prompts``, encoded by the text encoders the export ships (re-read as
+        stored) upcast to fp32, whatever precision the run holds the teacher's in."""
+        t = self.teacher
+        parts = t.frozen_components(reload=True)
+        fp32 = copy.copy(t)  # the teacher with fp32 text encoders and its own prompt cache
+        fp32.text_encoders = [copy.deepcopy(parts[k]).to(t.device, torch.float32)
+                              for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(k)]
+        fp32._cache = type(t._cache)()
+        feats = []
+        for i in range(0, len(prompts), 64):
+            c = fp32.condition(prompts=prompts[i:i + 64])
+            feats.append(prompt_feature(c.embeds, c.pooled).cpu())
+        return torch.cat(feats)
+
     def partition(self) -> tuple[dict, torch.Tensor]:
         """(routing table for the pipeline, student of every data row)."""
         sec, t, k = self.section, self.teacher, self.section.num_students
@@ -235,12 +244,7 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             if len(distinct) < k:
                 raise ConfigError(f"The data has {len(distinct)} distinct prompts for msd.num_students={k}: "
                                   f"use at most {len(distinct)} students or more prompts.")
-            feats = []
-            with torch.no_grad():
-                for i in range(0, len(distinct), 64):
-                    c = t.condition(prompts=distinct[i:i + 64])
-                    feats.append(prompt_feature(c.embeds, c.pooled).cpu())
-            feats = torch.cat(feats)
+            feats = self.prompt_features(distinct)
             cents = kmeans(feats, k, seed=self.config.train.seed)
             of_prompt = dict(zip(distinct, nearest_centroid(feats, cents).tolist()))
             rows = torch.tensor([of_prompt[p] for p in prompts])
@@ -283,20 +287,26 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             views = self.lora_views(names, sec.gradient_checkpointing)
             gens, fakes = views[:k], dict(zip(fake_names, views[k:]))
         else:
-            gens = []
+            # teacher score matching (Song et al. 2024): each student on its part, on the (guided) teacher it
+            # distils; each fake score on the UNGUIDED teacher (one conditional fake: on all data)
+            gens, fakes = [], {}
             for j in range(k):
                 gen = build_network(cfg, t, shape, ncls)
-                if sec.tsm_steps:  # teacher score matching on this student's part (Song et al. 2024)
+                if not sec.shared_fake:  # the student's start (a teacher copy, or the same fresh network)
+                    fakes[f"fake_{j}"] = copy.deepcopy(gen)
+                if sec.tsm_steps:
                     self.fit_to_teacher(gen, sec.tsm_steps, self.pred, indices=self.parts[j])
+                    if not sec.shared_fake:
+                        with unguided(t):
+                            self.fit_to_teacher(fakes[f"fake_{j}"], sec.tsm_steps, self.pred,
+                                                indices=self.parts[j])
                 gens.append(gen)
-            # one conditional fake score: a teacher copy, or a small network fitted on all data
-            if sec.shared_fake:
+            if sec.shared_fake:  # a teacher copy, or a small network fitted to the unguided teacher
                 fake = build_network(cfg, t, shape, ncls)
                 if sec.tsm_steps and cfg.student.arch != "copy":
-                    self.fit_to_teacher(fake, sec.tsm_steps, self.pred)
+                    with unguided(t):
+                        self.fit_to_teacher(fake, sec.tsm_steps, self.pred)
                 fakes = {"fake": fake}
-            else:
-                fakes = {f"fake_{j}": copy.deepcopy(g) for j, g in enumerate(gens)}
         if sec.gradient_checkpointing and not self.lora:
             for net in (t.model, *gens, *fakes.values()):
                 if hasattr(net, "enable_gradient_checkpointing"):
@@ -307,10 +317,44 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
             self.add(name, fake.requires_grad_(True).train(), lr=lr_fake)
         self.groups = [ScoreGroup(generator=f"student_{j}", fake="fake" if sec.shared_fake else f"fake_{j}")
                        for j in range(k)]
+        if sec.gan_weight > 0:
+            self.build_discriminators(fake_names)
         self.set_generator_timestep(sec.generator_timestep)
         self.pairs = self.regression_pairs() if sec.regression_weight > 0 else None
         self.loss = {"dmd": DiffInstructLoss(normalize=True), "di": DiffInstructLoss(normalize=False),
                      "sim": SIMLoss(distance=sec.distance, huber_c=sec.huber_c)}[sec.objective]
+
+    def build_discriminators(self, fake_names: list[str]) -> None:
+        """ADM: one discriminator head per fake score (DMD2: on its bottleneck), reading the features a
+        forward hook keeps (of this fake only, where LoRA fakes share their layers)."""
+        self._features = {}
+        for name in fake_names:
+            fake = self.modules[name]
+            module, channels, spatial = feature_module(getattr(fake, "shared_base", fake))
+            mine = fake.active if isinstance(fake, AdapterView) else (lambda: True)
+            module.register_forward_hook(lambda _m, _i, out, name=name, mine=mine:
+                                         self._features.__setitem__(name, out) if mine() else None)
+            self.add(name.replace("fake", "disc"), DiscriminatorHead(channels, spatial),
+                     lr=self.section.lr_fake or self.config.optim.lr)
+        for g in self.groups:
+            g.disc = g.fake.replace("fake", "disc")
+
+    @property
+    def needs_clean_samples(self) -> bool:
+        """ADM's discriminators see real samples: each batch's rows of data (or, for prompts-only data, the
+        teacher's samples), student by student."""
+        return self.section.gan_weight > 0
+
+    def adm(self, step: int) -> bool:
+        """Whether ``step`` is in the ADM stage."""
+        return self.section.gan_weight > 0 and step >= self.section.adm_start_step
+
+    def fake_and_logit(self, fake, head, name: str, x_t, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of the fake score ``name`` (the network ``fake``) at x_t and D(x_t), the head on its
+        features there."""
+        pred = self.as_denoiser(fake).output(x_t, t, cond)
+        with self.accelerator.autocast():
+            return pred, head(self._features.pop(name)).float()
 
     def batch_indices(self, gen: torch.Generator, b: int) -> torch.Tensor:
         """batch_size / K rows of every student's part, student by student."""
@@ -322,14 +366,49 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
                           for part in self._parts_on[1]])
 
     # ------------------------------------------------------------------ step
-    def shared_fake_step(self, cond, conds: list, per: int):
-        """One update of the shared fake score on every student's detached samples (rows in student order)."""
-        inputs = [self.fake_inputs(g, c, per) for g, c in zip(self.groups, conds)]
-        x_t, t, target = (torch.cat(v) for v in zip(*inputs))
-        pred = self.as_denoiser(self.modules["fake"]).output(x_t, t, cond)
-        loss = fake_score_loss(pred, target).mean()
-        norms = yield Update(loss, "fake")
-        return {"fake_loss": loss.detach(), "fake_grad_norm": norms["fake"]}
+    def fake_update(self, g: ScoreGroup, x_t, t, target, cond, x_real):
+        """One fake-score update by denoising score matching on detached student samples; in the ADM stage
+        (``x_real`` given) its head's BCE in the same backward, real = ``x_real`` noised at the same t:
+        L = DSM + discriminator_weight (softplus(-D(real)) + softplus(D(fake)))."""
+        fake = self.modules[g.fake]
+        if x_real is None:
+            pred = self.as_denoiser(fake).output(x_t, t, cond)
+            loss = fake_score_loss(pred, target).mean()
+            norms = yield Update(loss, g.fake)
+            return {"fake_loss": loss.detach(), "fake_grad_norm": norms[g.fake]}
+        head = self.modules[g.disc]
+        pred, logit_fake = self.fake_and_logit(fake, head, g.fake, x_t, t, cond)
+        x_real_t = self.teacher.schedule.add_noise(x_real, self.randn(*x_real.shape), t)
+        _, logit_real = self.fake_and_logit(fake, head, g.fake, x_real_t, t, cond)
+        dsm = fake_score_loss(pred, target).mean()
+        bce = discriminator_loss(logit_real, logit_fake).mean()
+        norms = yield Update(dsm + self.section.discriminator_weight * bce, g.fake, g.disc)
+        acc = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
+        return {"fake_loss": dsm.detach(), "disc_loss": bce.detach(), "disc_acc": acc,
+                "fake_grad_norm": norms[g.fake]}
+
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None):
+        """The DM stage's update (DMD's gradient, and DMD's regression term when set); in the ADM stage plus
+        ``gan_weight`` x softplus(-D(x_t)) at the generator's own noised samples, through the frozen fake
+        score and head (DMD2's generator loss)."""
+        if not self.adm(step):
+            return (yield from super().generator_step(g, cond, b, batch, step, extra_loss))
+        fake, head = self.unwrap(g.fake), self.unwrap(g.disc)
+        with frozen(fake, head):
+            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
+                g, cond, b, through_inputs=not isinstance(self.loss, DiffInstructLoss))
+            _, logit = self.fake_and_logit(fake, head, g.fake, x_t, t, cond)
+            per_sample = self.weight_generator_loss(self.loss(x0, x_t, d_real, d_fake, coef), t)
+            gan = generator_gan_loss(logit)
+            loss = self.finite_mean(per_sample + self.section.gan_weight * gan)
+            logs = {"gan_loss": gan.mean().detach()}
+            if extra_loss is not None:
+                extra = extra_loss()
+                logs["extra_loss"] = extra.detach()
+                loss = loss + extra
+            norms = yield Update(loss, g.generator)
+        return {"gen_loss": loss.detach(), "grad_norm": norms[g.generator],
+                "teacher_gap": (d_real - d_fake).detach().pow(2).mean().sqrt(), **logs}
 
     def objective(self, batch: dict, step: int):
         """``fake_steps_per_generator_step`` rounds of fake-score updates (each student's, or the shared
@@ -338,13 +417,18 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         cond: Condition = batch["cond"]
         per = batch["size"] // sec.num_students
         conds = [cond[j * per:(j + 1) * per] for j in range(sec.num_students)]  # each student's rows
+        # ADM: each student's discriminator sees the real rows of its own part (the shared one: all, in order)
+        x_real = batch["x"] if self.adm(step) else None
+        reals = [None if x_real is None else x_real[j * per:(j + 1) * per] for j in range(sec.num_students)]
         logs: list[dict] = []
         for _ in range(sec.fake_steps_per_generator_step):
-            if sec.shared_fake:
-                logs.append((yield from self.shared_fake_step(cond, conds, per)))
+            if sec.shared_fake:  # one update on every student's samples, rows in student order
+                inputs = [self.fake_inputs(g, c, per) for g, c in zip(self.groups, conds)]
+                x_t, t, target = (torch.cat(v) for v in zip(*inputs))
+                logs.append((yield from self.fake_update(self.groups[0], x_t, t, target, cond, x_real)))
             else:
-                for g, c in zip(self.groups, conds):
-                    logs.append((yield from self.fake_step(g, c, per, batch)))
+                for g, c, x in zip(self.groups, conds, reals):
+                    logs.append((yield from self.fake_update(g, *self.fake_inputs(g, c, per), c, x)))
         for g, c in zip(self.groups, conds):
             reg = (lambda g=g: self.regression_loss(g, per)) if self.pairs is not None else None
             logs.append((yield from self.generator_step(g, c, per, batch, step, extra_loss=reg)))
@@ -370,4 +454,6 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         return {"method": self.method, "teacher": self.config.teacher.path, "steps_to_sample": 1,
                 "num_students": s.num_students, "partition": s.partition, "objective": s.objective,
                 "shared_fake": s.shared_fake, "generator_timestep (t*)": s.generator_timestep,
-                "tsm_steps": s.tsm_steps, "regression_weight": s.regression_weight}
+                "tsm_steps": s.tsm_steps, "regression_weight": s.regression_weight,
+                "fake_steps_per_generator_step": s.fake_steps_per_generator_step,
+                "gan_weight (ADM)": s.gan_weight, "adm_start_step": s.adm_start_step}
