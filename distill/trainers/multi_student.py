@@ -224,7 +224,8 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         parts = t.frozen_components(reload=True)
         fp32 = copy.copy(t)  # the teacher with fp32 text encoders and its own prompt cache
         fp32.text_encoders = [copy.deepcopy(parts[k]).to(t.device, torch.float32)
-                              for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(k)]
+                              for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                              if parts.get(k) is not None]
         fp32._cache = type(t._cache)()
         feats = []
         for i in range(0, len(prompts), 64):
