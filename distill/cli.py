@@ -218,7 +218,8 @@ def cmd_hybrid(args) -> int:
     student = load_pipeline(args.student)
     try:
         hybrid = HybridPipeline.from_pipelines(base, student, num_base_steps=args.num_base_steps,
-                                               num_base_substeps=args.num_base_substeps)
+                                               num_base_substeps=args.num_base_substeps,
+                                               student_sampler=args.student_sampler)
         # a step count the student's grid cannot take fails here, not at sampling
         hybrid.schedule(args.num_base_steps)
     except ValueError as err:
@@ -227,7 +228,8 @@ def cmd_hybrid(args) -> int:
     path = export_pipeline(hybrid, args.out,
                            {"title": "distill hybrid base/student sampler", "method": "hybrid",
                             "base": args.base, "student": args.student, "num_base_steps": args.num_base_steps,
-                            "num_base_substeps": args.num_base_substeps})
+                            "num_base_substeps": args.num_base_substeps,
+                            "student_sampler": args.student_sampler})
     print(f"Hybrid pipeline ({args.num_base_steps} base step(s), then the student) written to {path}")
     return 0
 
@@ -395,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--num-base-steps", type=int, default=1)
     h.add_argument("--num-base-substeps", type=int, default=1,
                    help="DDIM steps of the base within each of its grid intervals (1: the paper's setting)")
+    h.add_argument("--student-sampler", choices=("ddim", "stochastic"), default="ddim",
+                   help="ddim: deterministic steps; stochastic: each clean prediction re-noised with fresh "
+                   "noise (LCMScheduler, the paper's DMD2 setting)")
     h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
     m = sub.add_parser("estimate-memory",

@@ -251,6 +251,10 @@ def test_hybrid_cli_trajectory_grid_and_fid_diversity(tmp_path):
     export_pipeline(few, tmp_path / "student")  # the teacher at 2 steps stands in for a few-step student
     assert main(["hybrid", digits, str(tmp_path / "student"), "--num-base-steps", "1", "--out",
                  str(tmp_path / "hybrid")]) == 0
+    assert main(["hybrid", digits, str(tmp_path / "student"), "--num-base-steps", "1", "--student-sampler",
+                 "stochastic", "--out", str(tmp_path / "lcm")]) == 0
+    assert load_pipeline(str(tmp_path / "lcm")).config.student_sampler == "stochastic"
+    assert load_pipeline(str(tmp_path / "hybrid")).config.student_sampler == "ddim"
     assert main(["hybrid", digits, str(tmp_path / "student"), "--num-base-steps", "3", "--out",
                  str(tmp_path / "bad")]) == 2  # more base steps than the student's grid has
     assert main(["sample", str(tmp_path / "hybrid"), "--trajectory", "--num-images", "3", "--out",
@@ -284,3 +288,18 @@ def test_base_substeps_refine_the_base_intervals():
                                _run(hybrid, num_base_steps=1))
     with pytest.raises(ValueError, match="too fine"):
         hybrid.schedule(1, num_base_substeps=400)
+
+
+def test_a_stock_class_conditional_base_takes_its_class_count_from_the_student(tiny_unet):
+    """A stock DDPMPipeline base whose UNet has num_class_embeds=4 (3 classes + null, or 4 classes): the
+    hybrid accepts it with a 3-class student (null last) and refuses a 4-class one, instead of assuming."""
+    base = diffusers.DDPMPipeline(unet=tiny_unet(num_class_embeds=4), scheduler=diffusers.DDPMScheduler())
+
+    def student(classes):
+        return FewStepPipeline(tiny_unet(num_class_embeds=classes + 1, seed=1), diffusers.DDPMScheduler(),
+                               num_inference_steps=2, num_classes=classes)
+
+    hybrid = HybridPipeline.from_pipelines(base, student(3))
+    assert hybrid.config.num_classes == 3
+    with pytest.raises(ValueError, match=r"num_class_embeds=4.*the student has 4"):
+        HybridPipeline.from_pipelines(base, student(4))

@@ -250,11 +250,18 @@ class HybridPipeline(ExportedPipelineMixin, DiffusionPipeline):
                                      "depends on the image size; give the student its grid (sigmas=).")
         b_classes = int(getattr(base.config, "num_classes", 0) or 0)
         b_cfg = _network(base).config
-        if not b_classes and getattr(b_cfg, "num_class_embeds", None):
-            b_classes = b_cfg.num_class_embeds - 1
+        s_classes = int(getattr(s_cfg, "num_classes", 0) or 0)
+        n_embeds = getattr(b_cfg, "num_class_embeds", None)
+        if not b_classes and n_embeds:  # a stock folder: the UNet's table may or may not hold a null row
+            if s_classes != n_embeds - 1:
+                raise ValueError(f"The base's UNet has num_class_embeds={n_embeds} and its pipeline does not "
+                                 f"say how many are classes; the student has {s_classes}. A hybrid needs the "
+                                 "base's null class as its last row: give the base pipeline "
+                                 f"num_classes={n_embeds - 1} (distill's FewStepPipeline) or use a student "
+                                 "of that many classes.")
+            b_classes = s_classes
         if not b_classes and getattr(b_cfg, "norm_type", None) == "ada_norm_zero":  # DiT: null = num_embeds
             b_classes = int(b_cfg.num_embeds_ada_norm)
-        s_classes = int(getattr(s_cfg, "num_classes", 0) or 0)
         if b_classes != s_classes:
             raise ValueError(f"The base has {b_classes} classes and the student {s_classes}: a hybrid needs "
                              "both conditioned on the same classes (or both unconditional).")
