@@ -225,11 +225,9 @@ def cmd_hybrid(args) -> int:
     except ValueError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
-    path = export_pipeline(hybrid, args.out,
-                           {"title": "distill hybrid base/student sampler", "method": "hybrid",
-                            "base": args.base, "student": args.student, "num_base_steps": args.num_base_steps,
-                            "num_base_substeps": args.num_base_substeps,
-                            "student_sampler": args.student_sampler})
+    keys = ("base", "student", "num_base_steps", "num_base_substeps", "student_sampler")
+    path = export_pipeline(hybrid, args.out, {"title": "distill hybrid base/student sampler",
+                                              "method": "hybrid", **{k: getattr(args, k) for k in keys}})
     print(f"Hybrid pipeline ({args.num_base_steps} base step(s), then the student) written to {path}")
     return 0
 
@@ -398,8 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--num-base-substeps", type=int, default=1,
                    help="DDIM steps of the base within each of its grid intervals (1: the paper's setting)")
     h.add_argument("--student-sampler", choices=("ddim", "stochastic"), default="ddim",
-                   help="ddim: deterministic steps; stochastic: each clean prediction re-noised with fresh "
-                   "noise (LCMScheduler, the paper's DMD2 setting)")
+                   help="stochastic: fresh noise at every step (LCMScheduler, the paper's DMD2 setting)")
     h.add_argument("--out", required=True, help="folder for the exported hybrid pipeline")
 
     m = sub.add_parser("estimate-memory",
