@@ -1,7 +1,8 @@
 """distill benchmarks: every figure is a ratio measured side by side in the same run.
 
     python benchmarks/run.py [--only sampling,training,fid,quality,progressive,guided,uni_instruct_digits,
-                                      hybrid,msd,msd_digits,disa,beat_teacher,families]
+                                      hybrid,msd,msd_digits,disa,beat_teacher,families,families_rounds,
+                                      score_forms]
                              [--quick]
     python benchmarks/gpu_check.py OUT   (on a GPU machine: bf16/CUDA smoke run of every trainer)
 
@@ -30,9 +31,10 @@ if str(HERE) not in sys.path:  # harness and sections/ sit next to this file
 import torch  # noqa: E402
 from harness import RESULTS  # noqa: E402
 
-# the sections, in results.md's order: the letters (a) ... (l), (n) and (o) are their headings' labels
+# the sections, in results.md's order: the letters (a) ... (l), (n), (o) and (p) are their headings' labels
 SECTIONS = ("sampling", "training", "fid", "quality", "progressive", "guided", "uni_instruct_digits",
-            "hybrid", "msd", "msd_digits", "disa", "beat_teacher", "families", "families_rounds")
+            "hybrid", "msd", "msd_digits", "disa", "beat_teacher", "families", "families_rounds",
+            "score_forms")
 
 
 # sections measured on a GPU machine by benchmarks/gpu_check.py (m): kept in results.md, never rerun here
