@@ -1,8 +1,8 @@
 """(j) Multi-student distillation on the class-conditional digits teacher (Song et al. 2025 at our scale).
 
 Two tables, every training run a ``distill train`` of ``configs/msd_digits.yaml`` (students = copies of the
-teacher, DMD per student, consecutive classes), three at a time, 3 seeds each; FID with the digits extractor on
-the exported pipelines, next to the teacher's DDIM measured in the same run.
+teacher, DMD per student, consecutive classes), three at a time, 3 seeds each; FID with the digits extractor
+on the exported pipelines, next to the teacher's DDIM measured in the same run.
 
 1. The update rule (DM stage, one student): DMD's 1 fake-score update per generator update without its
    regression term (the old default, which DMD2 reports unstable), DMD2's two-time-scale rule (5 fake updates

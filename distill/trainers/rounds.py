@@ -115,8 +115,8 @@ class HalvingRounds:
             if sec.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
             round_teacher = copy.deepcopy(net).requires_grad_(False).eval()
-        # no EMA by default (Salimans & Ho use none for distillation): the linear decay of the learning rate to
-        # 0 ends every round on settled weights; with round_ema the EMA's weights end it. Either way the
+        # no EMA by default (Salimans & Ho use none for distillation): the linear decay of the learning rate
+        # to 0 ends every round on settled weights; with round_ema the EMA's weights end it. Either way the
         # exported student IS the next round's teacher
         self.add("student", net, lr=cfg.optim.lr, lr_multipliers=self.lr_multipliers(), ema=sec.round_ema)
         self.add("round_teacher", round_teacher)
