@@ -12,6 +12,16 @@ diffusers.utils.logging.disable_progress_bar()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one state per process and refuses a second mixed precision in it; a test that runs
+    bf16 must not decide the precision of the tests after it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def tiny_unet():
     def make(sample_size=8, in_channels=1, num_class_embeds=None, seed=0):
