@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..conditioning import Condition
-from ..engine import DistillationTrainer, Update, build_network, frozen
+from ..engine import DistillationTrainer, Update, build_network
 from ..errors import ConfigError, require
 from ..lora import AdapterView
 from ..models import StudentBank
@@ -395,21 +395,14 @@ class MultiStudentTrainer(OneStepScoreHelpers, DistillationTrainer):
         if not self.adm(step):
             return (yield from super().generator_step(g, cond, b, batch, step, extra_loss))
         fake, head = self.unwrap(g.fake), self.unwrap(g.disc)
-        with frozen(fake, head):
-            x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
-                g, cond, b, through_inputs=not isinstance(self.loss, DiffInstructLoss))
+
+        def gan_term(x_t, t):
             _, logit = self.fake_and_logit(fake, head, g.fake, x_t, t, cond)
-            per_sample = self.weight_generator_loss(self.loss(x0, x_t, d_real, d_fake, coef), t)
             gan = generator_gan_loss(logit)
-            loss = self.finite_mean(per_sample + self.section.gan_weight * gan)
-            logs = {"gan_loss": gan.mean().detach()}
-            if extra_loss is not None:
-                extra = extra_loss()
-                logs["extra_loss"] = extra.detach()
-                loss = loss + extra
-            norms = yield Update(loss, g.generator)
-        return {"gen_loss": loss.detach(), "grad_norm": norms[g.generator],
-                "teacher_gap": (d_real - d_fake).detach().pow(2).mean().sqrt(), **logs}
+            return self.section.gan_weight * gan, {"gan_loss": gan.mean().detach()}
+
+        return (yield from super().generator_step(g, cond, b, batch, step, extra_loss,
+                                                  per_sample_term=gan_term, frozen_too=(head,)))
 
     def objective(self, batch: dict, step: int):
         """``fake_steps_per_generator_step`` rounds of fake-score updates (each student's, or the shared

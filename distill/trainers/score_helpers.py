@@ -197,16 +197,23 @@ class OneStepScoreHelpers:
         coef = (a / (s * s)).float()
         return x0, x_t, t, d_real, d_fake, coef
 
-    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None):
+    def generator_step(self, g: ScoreGroup, cond, b: int, batch: dict, step: int, extra_loss=None,
+                       per_sample_term=None, frozen_too=()):
         """One generator update on ``self.loss`` with gradients through the INPUT of the frozen teacher and
-        fake networks, plus ``extra_loss()`` (a scalar, e.g. DMD's regression term) when given. The fake
-        network stays frozen through the backward pass: toggling requires_grad between forward and backward
-        would make gradient-checkpoint recomputation differ from the forward."""
+        fake networks, plus ``per_sample_term(x_t, t)`` (a per-sample loss and its logs, added before the
+        mean, e.g. DMD2's GAN term through a frozen discriminator in ``frozen_too``) and ``extra_loss()`` (a
+        scalar, e.g. DMD's regression term) when given. The fake network stays frozen through the backward
+        pass: toggling requires_grad between forward and backward would make gradient-checkpoint
+        recomputation differ from the forward."""
         logs = {}
-        with frozen(self.unwrap(g.fake)):
+        with frozen(self.unwrap(g.fake), *frozen_too):
             x0, x_t, t, d_real, d_fake, coef = self.generator_terms(
                 g, cond, b, through_inputs=not isinstance(self.loss, DiffInstructLoss))
             per_sample = self.weight_generator_loss(self.loss(x0, x_t, d_real, d_fake, coef), t)
+            if per_sample_term is not None:
+                term, term_logs = per_sample_term(x_t, t)
+                per_sample = per_sample + term
+                logs.update(term_logs)
             loss = self.finite_mean(per_sample)
             if extra_loss is not None:
                 extra = extra_loss()
