@@ -23,38 +23,9 @@ def _linear_model(x, t):
     return torch.tanh(0.7 * x) + 0.002 * t  # a fixed, nonlinear stand-in for a network's epsilon output
 
 
-@pytest.mark.parametrize("eta,sampler", [(0.0, sample_ddim), (1.0, sample_ddpm_ancestral)])
-@pytest.mark.parametrize("steps", [4, 10])
-def test_samplers_equal_diffusers_ddim_with_eta(eta, sampler, steps):
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
-    sched.set_timesteps(steps)
-    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    g = torch.Generator().manual_seed(5)
-    ref = x.clone()
-    for t in sched.timesteps:
-        ref = sched.step(_linear_model(ref, int(t)), t, ref, eta=eta, generator=g).prev_sample
-    ac = sched.alphas_cumprod.to(torch.float64)
-    times = vp_grid(ac, sched.timesteps.tolist())
-
-    def model_fn(z, i, t):  # epsilon -> x0
-        ab = float(times[i, 1])
-        return (z - (1 - ab) ** 0.5 * _linear_model(z, int(t))) / ab**0.5
-
-    out = sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    if eta:  # the fresh noise matters
-        again = sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(6))
-        assert (again - out).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("eta,sampler", [(0.0, sample_ddim), (1.0, sample_ddpm_ancestral)])
-@pytest.mark.parametrize("steps", [3, 6, 7, 48])
-@pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_ddim_rows_equal_diffusers_ddim_at_every_step_count(eta, sampler, steps, set_alpha_to_one):
-    """diffusers steps from t to t - T // N (not to the next trailing timestep when N does not divide T)
-    and ends at alpha_bar_0 without set_alpha_to_one: ddim_rows reproduces both, the plain trailing grid
-    does not."""
+def _diffusers_ddim(steps: int, eta: float, set_alpha_to_one: bool = True):
+    """diffusers' DDIMScheduler (trailing, SD's betas) run on ``_linear_model`` from a fixed start: the
+    scheduler, the start and diffusers' result."""
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     timestep_spacing="trailing", clip_sample=False,
                                     set_alpha_to_one=set_alpha_to_one)
@@ -64,18 +35,42 @@ def test_ddim_rows_equal_diffusers_ddim_at_every_step_count(eta, sampler, steps,
     ref = x.clone()
     for t in sched.timesteps:
         ref = sched.step(_linear_model(ref, int(t)), t, ref, eta=eta, generator=g).prev_sample
-    ac = sched.alphas_cumprod.to(torch.float64)
-    times = ddim_rows(ac, steps, float(sched.final_alpha_cumprod))
-    assert times[:, 0].tolist() == sched.timesteps.tolist()
+    return sched, x, ref
 
-    def model_fn(z, i, t):  # epsilon -> x0
+
+def _ours(sampler, x, times, seed: int = 5):
+    """``sampler`` on ``_linear_model`` (epsilon, turned into x0 at each row's alpha_bar) over ``times``."""
+    def model_fn(z, i, t):
         ab = float(times[i, 1])
         return (z - (1 - ab) ** 0.5 * _linear_model(z, int(t))) / ab**0.5
 
-    out = sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(5))
+    return sampler(model_fn, x.clone(), times, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("eta,sampler", [(0.0, sample_ddim), (1.0, sample_ddpm_ancestral)])
+@pytest.mark.parametrize("steps", [4, 10])
+def test_samplers_equal_diffusers_ddim_with_eta(eta, sampler, steps):
+    sched, x, ref = _diffusers_ddim(steps, eta)
+    times = vp_grid(sched.alphas_cumprod.to(torch.float64), sched.timesteps.tolist())
+    out = _ours(sampler, x, times)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    grid = vp_grid(ac, sched.timesteps.tolist())
-    rows_only = sampler(model_fn, x.clone(), grid, generator=torch.Generator().manual_seed(5))
+    if eta:  # the fresh noise matters
+        assert (_ours(sampler, x, times, seed=6) - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta,sampler", [(0.0, sample_ddim), (1.0, sample_ddpm_ancestral)])
+@pytest.mark.parametrize("steps", [3, 6, 7, 48])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_rows_equal_diffusers_ddim_at_every_step_count(eta, sampler, steps, set_alpha_to_one):
+    """diffusers steps from t to t - T // N (not to the next trailing timestep when N does not divide T)
+    and ends at alpha_bar_0 without set_alpha_to_one: ddim_rows reproduces both, the plain trailing grid
+    does not."""
+    sched, x, ref = _diffusers_ddim(steps, eta, set_alpha_to_one)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    times = ddim_rows(ac, steps, float(sched.final_alpha_cumprod))
+    assert times[:, 0].tolist() == sched.timesteps.tolist()
+    torch.testing.assert_close(_ours(sampler, x, times), ref, rtol=1e-6, atol=1e-6)
+    rows_only = _ours(sampler, x, vp_grid(ac, sched.timesteps.tolist()))
     assert (rows_only - ref).abs().max() > 1e-4  # N = 6 with set_alpha_to_one: 1000 % 6 = 4
 
 
