@@ -40,6 +40,11 @@ FORMS = {"exact": (["uni_instruct.gradient=exact"], ("toy", "digits"), T_MINS),
 SID = {"none": [], "sid": ["sim.sample_weight=sid"]}
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std())
+
+
 def bench_score_forms(quick: bool) -> str:
     seeds = SEEDS[:1] if quick else SEEDS
     short = ["train.max_steps=20", "uni_instruct.init_denoiser_steps=5", "uni_instruct.ratio_warmup_steps=10"]
@@ -97,7 +102,20 @@ def bench_score_forms(quick: bool) -> str:
         def cell(values):
             return f"{spread(values)} [{len(values)}]" if values else "-"
 
-        rows = []
+        verdicts = []
+
+        def verdict(what, a, b, va, vb):
+            """Which of a, b has the lower mean, and whether the gap exceeds the sum of the two seed sds."""
+            if len(va) < 2 or len(vb) < 2:
+                return
+            (ma, sa), (mb, sb) = (_mean_sd(v) for v in (va, vb))
+            lo, hi = (a, b) if ma < mb else (b, a)
+            clear = abs(ma - mb) > sa + sb
+            verdicts.append(f"- {what}: `{lo}` lower than `{hi}` ({min(ma, mb):.3f} vs {max(ma, mb):.3f}; "
+                            + ("the gap exceeds the two seed sds together)" if clear else
+                               "within the seeds' spread)"))
+
+        rows, measured = [], {}
         for t_min in T_MINS:
             for form, (extra, _, t_mins) in FORMS.items():
                 if t_min not in t_mins:
@@ -105,8 +123,14 @@ def bench_score_forms(quick: bool) -> str:
                 toy = [swd(n, s) for n, s in names.get(("toy", form, t_min), [])]
                 dig = [fid(n) for n, _ in names.get(("digits", form, t_min), [])]
                 rows.append([form, t_min, f"`{' '.join(extra)}`", cell(toy), cell(dig)])
-        sid_rows = [[weight, f"`{' '.join(extra) or '(config)'}`",
-                     cell([fid(n) for n, _ in names[("sid", weight)]])] for weight, extra in SID.items()]
+                measured[(form, t_min)] = (toy, dig)
+            for i, where in enumerate(("toy", "digits")):
+                verdict(f"{where}, t_min {t_min}", "exact", "reference", measured[("exact", t_min)][i],
+                        measured[("reference", t_min)][i])
+        sid = {weight: [fid(n) for n, _ in names[("sid", weight)]] for weight in SID}
+        sid_rows = [[weight, f"`{' '.join(extra) or '(config)'}`", cell(sid[weight])]
+                    for weight, extra in SID.items()]
+        verdict("SiD's normaliser on the quickstart", "none", "sid", sid["none"], sid["sid"])
     return ("### (p) Uni-Instruct's exact gradient against the public code's estimator (forward KL; toy: "
             "`configs/uni_instruct_gaussians8.yaml`, 1,500 updates, sliced W2 to 8,000 exact samples; "
             "digits: "
@@ -117,4 +141,7 @@ def bench_score_forms(quick: bool) -> str:
             + table(["gradient", "t_min", "overrides", "toy sliced W2 [seeds]", "digits FID [seeds]"], rows)
             + "\n\nSiD's per-sample normaliser sg(mean|x0 - D_p|) on the quickstart (SIM pseudo-Huber, 400 "
               "updates; FID at 1,000 samples, same seeds)\n\n"
-            + table(["sim.sample_weight", "overrides", "digits FID [seeds]"], sid_rows) + "\n")
+            + table(["sim.sample_weight", "overrides", "digits FID [seeds]"], sid_rows)
+            + "\n\nLower is better in every column; rows with fewer than two seeds get no verdict. The "
+              "shipped defaults are `uni_instruct.gradient: exact` and `sim.sample_weight: none`.\n\n"
+            + "\n".join(verdicts) + "\n")
