@@ -71,11 +71,17 @@ def table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (float64; sd 0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
 def spread(values: list[float]) -> str:
     """``mean +- sd (v1 / v2 / ...)`` over seeds; the value alone for one seed."""
-    t = torch.tensor(values, dtype=torch.float64)
+    mean, sd = mean_sd(values)
     per = " / ".join(f"{v:.3f}" for v in values)
-    return f"{t.mean():.3f} +- {t.std():.3f} ({per})" if len(values) > 1 else f"{values[0]:.3f}"
+    return f"{mean:.3f} +- {sd:.3f} ({per})" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 # ---------------------------------------------------------------------- training in process

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from harness import QUIET, gaussians8_truth, open_pipeline, run_jobs, spread, table
+from harness import QUIET, gaussians8_truth, mean_sd, open_pipeline, run_jobs, spread, table
 
 from distill.eval.toy import toy_report
 
@@ -38,11 +38,6 @@ DIGITS_UPDATES = 400  # after a 100-update SIM warm-up (the config's 200 shorten
 FORMS = {"exact": (["uni_instruct.gradient=exact"], ("toy", "digits"), T_MINS),
          "reference": (["uni_instruct.gradient=reference"], ("toy", "digits"), T_MINS)}
 SID = {"none": [], "sid": ["sim.sample_weight=sid"]}
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std())
 
 
 def bench_score_forms(quick: bool) -> str:
@@ -108,7 +103,7 @@ def bench_score_forms(quick: bool) -> str:
             """Which of a, b has the lower mean, and whether the gap exceeds the sum of the two seed sds."""
             if len(va) < 2 or len(vb) < 2:
                 return
-            (ma, sa), (mb, sb) = (_mean_sd(v) for v in (va, vb))
+            (ma, sa), (mb, sb) = (mean_sd(v) for v in (va, vb))
             lo, hi = (a, b) if ma < mb else (b, a)
             clear = abs(ma - mb) > sa + sb
             verdicts.append(f"- {what}: `{lo}` lower than `{hi}` ({min(ma, mb):.3f} vs {max(ma, mb):.3f}; "
