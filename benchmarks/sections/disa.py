@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from harness import ROOT, load, open_pipeline, spread, table, train
+from harness import ROOT, load, mean_sd, open_pipeline, spread, table, train
 
 from distill.eval.fid import compute_metrics
 from distill.eval.report import save_grid
@@ -61,8 +61,8 @@ def _wrap_head(head) -> dict:
 
 def _mean_sd(values: list[float], fmt: str) -> str:
     """``mean +- sd`` over seeds in ``fmt`` (``mean`` alone for one seed)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return format(float(t.mean()), fmt) + ("" if len(values) == 1 else " +- " + format(float(t.std()), fmt))
+    mean, sd = mean_sd(values)
+    return format(mean, fmt) + ("" if len(values) == 1 else " +- " + format(sd, fmt))
 
 
 def bench_disa(quick: bool) -> str:
