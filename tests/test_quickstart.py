@@ -103,7 +103,7 @@ def test_every_readme_command_runs(tmp_path):
                     "mar.head_width=16", "mar.head_depth=1", "train.batch_size=8",
                     f"output_dir={tmp_path / 'mar_digits'}"], ROOT)
             continue
-        # 25 minutes as shipped: 3 updates here
+        # 30 minutes as shipped: 3 updates here
         if args[:3] == ["distill", "launch", "configs/best_digits.yaml"]:
             _run(args
                  + ["train.max_steps=3", "optim.lr_milestones=[2]", "eval.num_samples=100",
