@@ -62,9 +62,9 @@ def _wrap_head(head) -> dict:
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
-    """``mean +- sd`` over seeds in ``fmt`` (``mean`` alone for one seed)."""
+    """``mean +- sd`` over seeds in ``fmt`` (``mean`` alone for one seed; the sd without a sign)."""
     mean, sd = mean_sd(values)
-    return format(mean, fmt) + ("" if len(values) == 1 else " +- " + format(sd, fmt))
+    return format(mean, fmt) + ("" if len(values) == 1 else " +- " + format(sd, fmt.lstrip("+")))
 
 
 def bench_disa(quick: bool) -> str:
