@@ -71,6 +71,16 @@ def table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def flag(name: str, default: bool = False) -> bool:
+    """A section's on / off switch from the environment: ``NAME=1`` or ``NAME=0`` (unset: ``default``)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name}={value!r}: set it to 1 (on) or 0 (off).")
+    return value == "1"
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (float64; sd 0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)

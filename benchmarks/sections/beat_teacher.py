@@ -20,7 +20,18 @@ import time
 from pathlib import Path
 
 import torch
-from harness import QUIET, exact_floor, gaussians8_truth, load, open_pipeline, run_jobs, spread, table, train
+from harness import (
+    QUIET,
+    exact_floor,
+    flag,
+    gaussians8_truth,
+    load,
+    open_pipeline,
+    run_jobs,
+    spread,
+    table,
+    train,
+)
 
 from distill.eval.toy import toy_report
 from distill.teachers import ASSETS
@@ -48,7 +59,7 @@ def bench_beat_teacher(quick: bool) -> str:
     chosen = os.environ.get("BEAT_IDEAS")
     picked = [BEAT_IDEAS[int(k)] for k in chosen.split(",")] if chosen else BEAT_IDEAS
     ideas = [(i, c, o, 20 if quick else n) for i, c, o, n in picked]
-    with_toy = os.environ.get("BEAT_TOY", "1") != "0"
+    with_toy = flag("BEAT_TOY", default=True)
     with tempfile.TemporaryDirectory() as tmp:
         def fid_job(name, src, n, s, *extra):
             return (name,

@@ -11,11 +11,10 @@ classes), over 3 training seeds; ``MSD_ADM_ONLY=1`` measures that table alone.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import torch
-from harness import load, open_pipeline, spread, table, train
+from harness import flag, load, open_pipeline, spread, table, train
 
 from distill.eval.toy import sliced_wasserstein
 from distill.teachers import analytic_teacher
@@ -59,7 +58,7 @@ def bench_msd(quick: bool) -> str:
     teacher = analytic_teacher("gaussians8", conditional=True)
     n = 500 if quick else 2000
     adm = _adm_table(teacher, n, quick)
-    if os.environ.get("MSD_ADM_ONLY") == "1":
+    if flag("MSD_ADM_ONLY"):
         return adm
     steps = 300 if quick else MSD_TOY_STEPS
     runs = ([(f"K = 1, hidden {w}", [f"student.hidden={w}", "msd.num_students=1"]) for w in MSD_TOY_WIDTHS]

@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, open_pipeline, run_jobs, spread, table
+from harness import ROOT, flag, open_pipeline, run_jobs, spread, table
 
 from distill import load_pipeline
 from distill.eval.fid import compute_metrics, teacher_as_sampler
@@ -50,7 +50,7 @@ def bench_msd_digits(quick: bool) -> str:
     scale = 10 if quick else 1
     k_updates = os.environ.get("MSD_DIGITS_K_UPDATES")
     dm_steps, adm_steps = map(int, k_updates.split(",")) if k_updates else (DM_STEPS, ADM_STEPS)
-    k_only = os.environ.get("MSD_DIGITS_K_ONLY") == "1"
+    k_only = flag("MSD_DIGITS_K_ONLY")
     rule_steps, dm, adm = RULE_STEPS // scale, dm_steps // scale, adm_steps // scale
     jobs = {}
     for k in (4, 1):  # the longest first

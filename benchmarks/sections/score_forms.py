@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from harness import QUIET, gaussians8_truth, mean_sd, open_pipeline, run_jobs, spread, table
+from harness import QUIET, flag, gaussians8_truth, mean_sd, open_pipeline, run_jobs, spread, table
 
 from distill.eval.toy import toy_report
 
@@ -72,7 +72,7 @@ def bench_score_forms(quick: bool) -> str:
         def finished(name):
             return (Path(tmp) / name / "pipeline" / "model_index.json").is_file()
 
-        if not os.environ.get("SCORE_FORMS_EVALUATE_ONLY"):
+        if not flag("SCORE_FORMS_EVALUATE_ONLY"):
             # digits first (the costlier comparison), each seed of every form before the next seed
             jobs.sort(key=lambda job: (not job[0].startswith("digits"), job[0].rsplit("-", 1)[1]))
             run_jobs([job for job in jobs if not finished(job[0])], tmp, parallel=2)
